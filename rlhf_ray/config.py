@@ -1,0 +1,303 @@
+"""One typed config tree per run.
+
+Loaded from YAML (a packaged preset or a file), with dotted ``key=value`` overrides, validated
+once. The same object is what the CLI, ``ray job submit`` entrypoints and Tune trials receive.
+Errors name the field, the bad value and what is allowed; nothing is ever silently rewritten.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. ``str(err)`` is one line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+
+
+class EnvConfig(_Strict):
+    id: str = Field(description="gymnasium env id, e.g. Hopper-v5 or ALE/Pong-v5")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to gymnasium.make")
+    preprocessing: Literal["none", "atari"] = "none"
+    remove_termination: bool = Field(
+        False,
+        description="ignore `terminated` (the paper's fixed-length episodes); the episode then "
+        "ends only at the time limit, so termination cannot leak reward information",
+    )
+    max_episode_steps: int | None = Field(None, ge=1)
+    num_envs_per_env_runner: int = Field(1, ge=1)
+
+
+class PPOConfig(_Strict):
+    """RLlib PPO settings (names as RLlib and the PPO paper use them)."""
+
+    train_batch_size: int = Field(4096, ge=1)
+    minibatch_size: int = Field(128, ge=1)
+    num_epochs: int = Field(10, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1)
+    lambda_: float = Field(0.95, ge=0, le=1)
+    clip_param: float = Field(0.2, gt=0)
+    vf_clip_param: float = Field(10.0, gt=0)
+    vf_loss_coeff: float = Field(0.5, ge=0)
+    entropy_coeff: float = Field(0.0, ge=0)
+    use_kl_loss: bool = False
+    kl_coeff: float = Field(0.2, ge=0)
+    kl_target: float = Field(0.01, gt=0)
+    grad_clip: float | None = Field(0.5, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    activation: Literal["tanh", "relu"] = "tanh"
+    obs_filter: Literal["MeanStdFilter", "none"] = "MeanStdFilter"
+    vf_share_layers: bool = False
+
+
+class RewardModelConfig(_Strict):
+    """The reward-predictor ensemble of Christiano et al. 2017, section 2.2.3."""
+
+    net: Literal["auto", "mlp", "cnn"] = "auto"
+    ensemble_size: int = Field(3, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(32, ge=1, description="comparisons per gradient step")
+    steps_per_round: int = Field(200, ge=1, description="gradient steps per member per round")
+    pretrain_steps: int = Field(1000, ge=0, description="steps before RL starts")
+    l2: float = Field(1e-3, ge=0, description="initial L2 coefficient")
+    adapt_l2: bool = True
+    val_loss_ratio: tuple[float, float] = Field(
+        (1.1, 1.5), description="keep validation loss within this multiple of training loss"
+    )
+    random_response_prob: float = Field(
+        0.1, ge=0, le=1, description="the paper's 10% chance of a uniformly random label"
+    )
+    output_std: float = Field(1.0, gt=0, description="1 for MuJoCo, 0.05 for Atari")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class OracleConfig(_Strict):
+    """Synthetic teacher (B-Pref, Lee et al. 2021). Defaults: the perfectly rational oracle."""
+
+    beta: float | None = Field(
+        None, gt=0, description="Bradley-Terry rationality; null = deterministic (perfectly rational)"
+    )
+    gamma: float = Field(1.0, gt=0, le=1, description="myopic discount of earlier steps")
+    mistake_prob: float = Field(0.0, ge=0, le=1)
+    skip_threshold: float | None = Field(
+        None, description="answer `skip` when both segments' returns are below this"
+    )
+    equal_threshold: float = Field(0.0, ge=0, description="answer `equal` within this margin")
+
+
+class LabelsConfig(_Strict):
+    source: Literal["oracle", "human", "mixed"] = "oracle"
+    budget: int = Field(700, ge=1, description="total labels over the run")
+    initial_fraction: float = Field(0.25, ge=0, le=1, description="labels from the initial policy")
+    t0_steps: int = Field(200_000, ge=1, description="label rate is proportional to T0/(T+T0)")
+    query_selection: Literal["variance", "uniform"] = "variance"
+    oversampling: int = Field(10, ge=1, description="candidate pairs per query")
+    segment_length: int | None = Field(
+        None, ge=2, description="steps per segment; default round(segment_seconds / env dt)"
+    )
+    segment_seconds: float = Field(1.5, gt=0)
+    pool_size: int = Field(2000, ge=2, description="recent segments kept as query candidates")
+    segments_per_sample: int = Field(64, ge=1, description="segments each rollout batch offers")
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+
+
+class RoleResources(_Strict):
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources")
+
+
+class RewardServeConfig(RoleResources):
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="requests merged into one forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+
+
+class PlacementConfig(_Strict):
+    """Which role gets which resources. The one place placement is declared."""
+
+    num_env_runners: int = Field(1, ge=0)
+    env_runner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
+    num_learners: int = Field(0, ge=0, description="0: the learner runs in the controller")
+    learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
+    reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
+    reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
+    labeler: RoleResources = Field(default_factory=RoleResources)
+
+
+class RunConfig(_Strict):
+    total_env_steps: int = Field(1_000_000, ge=1)
+    reward: Literal["learned", "env"] = Field(
+        "learned", description="`env` trains PPO on the true reward: the baseline"
+    )
+    storage_path: str = Field("runs", description="local folder or s3:// / gs:// URI")
+    run_name: str | None = None
+    checkpoint_every: int = Field(10, ge=0, description="iterations; 0 = only at the end")
+    torch_threads: int = Field(1, ge=1)
+    ray_num_cpus: int | None = Field(None, ge=1, description="size of a local cluster we start")
+
+
+class Config(_Strict):
+    name: str = "custom"
+    description: str = ""
+    workload: Literal["control"] = "control"
+    seed: int = 0
+    env: EnvConfig
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        p = self.ppo
+        if p.minibatch_size > p.train_batch_size or p.train_batch_size % p.minibatch_size:
+            raise ValueError(
+                f"ppo.minibatch_size={p.minibatch_size}: must divide "
+                f"ppo.train_batch_size={p.train_batch_size}"
+            )
+        lo, hi = self.reward_model.val_loss_ratio
+        if not 1.0 <= lo < hi:
+            raise ValueError(
+                f"reward_model.val_loss_ratio={[lo, hi]}: need 1 <= low < high"
+            )
+        if self.labels.initial_fraction * self.labels.budget < 1 and self.run.reward == "learned":
+            raise ValueError(
+                f"labels.initial_fraction={self.labels.initial_fraction}: gives no initial labels "
+                f"with labels.budget={self.labels.budget}; the reward model needs some to start"
+            )
+        return self
+
+    def reward_net(self) -> str:
+        if self.reward_model.net != "auto":
+            return self.reward_model.net
+        return "cnn" if self.env.preprocessing == "atari" else "mlp"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("rlhf_ray.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    return resources.files("rlhf_ray.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def _read_source(preset_or_path: str) -> dict[str, Any]:
+    path = Path(preset_or_path)
+    if preset_or_path.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {preset_or_path!r} does not exist")
+        text = path.read_text()
+    elif preset_or_path in preset_names():
+        text = preset_text(preset_or_path)
+    else:
+        raise ConfigError(
+            f"unknown preset {preset_or_path!r}: choose one of {', '.join(preset_names())} "
+            "or give a path to a YAML file"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{preset_or_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{preset_or_path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        data = deep_merge(_read_source(str(base)), data)
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/flow collections."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. labels.budget=350")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; `rlhf-ray presets --show NAME` lists keys)"
+    if err["type"] == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{loc}={err.get('input')!r}: {msg}"
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    _check_env_exists(cfg.env.id)
+    return cfg
+
+
+def _check_env_exists(env_id: str) -> None:
+    import gymnasium as gym
+
+    if env_id.startswith("ALE/"):
+        import ale_py
+
+        gym.register_envs(ale_py)
+    try:
+        gym.spec(env_id)
+    except Exception:  # gymnasium raises several error types for unknown ids
+        raise ConfigError(
+            f"env.id={env_id!r}: not a registered gymnasium env (e.g. Hopper-v5, ALE/Pong-v5)"
+        ) from None
+
+
+def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(_read_source(preset_or_path), list(overrides or []))
+    return validate(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

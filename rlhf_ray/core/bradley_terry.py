@@ -1,0 +1,71 @@
+"""Bradley-Terry preference loss with the paper's random-response model, and adaptive L2.
+
+Christiano et al. 2017, section 2.2.3, eq. (1):
+    P[s1 > s2] = exp(sum r(s1)) / (exp(sum r(s1)) + exp(sum r(s2))) = sigmoid(R1 - R2)
+and "we assume there is a 10% chance that the human responds uniformly at random":
+    P' = (1 - eps) * P + eps / 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# A label is the paper's distribution mu over {left, right}: left=1.0, right=0.0, equal=0.5.
+MU = {"left": 1.0, "right": 0.0, "equal": 0.5}
+
+
+def preference_prob(returns_left: torch.Tensor, returns_right: torch.Tensor,
+                    random_response_prob: float = 0.0) -> torch.Tensor:
+    """P'(left > right) under Bradley-Terry plus uniform random responses.
+
+    returns_*: [...] summed predicted rewards of each segment. Returns [...] in
+    [eps/2, 1 - eps/2].
+    """
+    p = torch.sigmoid(returns_left - returns_right)
+    return (1.0 - random_response_prob) * p + 0.5 * random_response_prob
+
+
+def bradley_terry_loss(returns_left: torch.Tensor, returns_right: torch.Tensor,
+                       mu_left: torch.Tensor, random_response_prob: float = 0.1,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy between the label distribution mu and P' (the paper's loss).
+
+    returns_left, returns_right, mu_left: [B]. mu_left is 1 (left better), 0 (right
+    better) or 0.5 (equal). Computed in log space so it stays finite for large margins.
+    """
+    delta = returns_left - returns_right
+    eps = random_response_prob
+    if eps == 0.0:
+        log_p_left = F.logsigmoid(delta)
+        log_p_right = F.logsigmoid(-delta)
+    else:
+        # log((1-eps) * sigmoid(d) + eps/2), stably: logaddexp of the two terms.
+        log_keep = torch.log1p(torch.tensor(-eps, dtype=delta.dtype))
+        log_half_eps = torch.log(torch.tensor(eps / 2, dtype=delta.dtype))
+        log_p_left = torch.logaddexp(log_keep + F.logsigmoid(delta), log_half_eps)
+        log_p_right = torch.logaddexp(log_keep + F.logsigmoid(-delta), log_half_eps)
+    loss = -(mu_left * log_p_left + (1.0 - mu_left) * log_p_right)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def adapt_l2(l2: float, train_loss: float, val_loss: float,
+             low: float = 1.1, high: float = 1.5, factor: float = 1.5,
+             min_l2: float = 1e-6, max_l2: float = 10.0) -> float:
+    """The paper's rule: keep validation loss between `low` and `high` times training loss.
+
+    Overfitting (val > high * train) strengthens L2; underfitting (val < low * train)
+    weakens it. Returns the new coefficient, clipped to [min_l2, max_l2].
+    """
+    if train_loss <= 0:
+        return l2
+    ratio = val_loss / train_loss
+    if ratio > high:
+        l2 *= factor
+    elif ratio < low:
+        l2 /= factor
+    return float(min(max(l2, min_l2), max_l2))
