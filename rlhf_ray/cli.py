@@ -1,0 +1,80 @@
+"""`rlhf-ray`: presets, train, report.
+
+A bad config exits with code 2 and one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from rlhf_ray.config import dump_config, load_config, preset_names
+
+    if args.show:
+        print(dump_config(load_config(args.show)), end="")
+        return 0
+    for name in preset_names():
+        cfg = load_config(name)
+        desc = " ".join(cfg.description.split())
+        print(f"{name:20s} {cfg.env.id:16s} {desc[:90]}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rlhf_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from rlhf_ray.control.loop import train
+
+    run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
+    print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rlhf_ray.report import report
+
+    out = report(args.run_dir, args.output)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("presets", help="list the packaged presets")
+    s.add_argument("--show", metavar="NAME", help="print one preset, fully resolved")
+    s.set_defaults(fn=_cmd_presets)
+    s = sub.add_parser("train", help="run the RLHF loop from a preset or YAML file")
+    s.add_argument("config", help="preset name (see `rlhf-ray presets`) or path to a YAML file")
+    s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. labels.budget=350")
+    s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
+    s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
+    s.set_defaults(fn=_cmd_train)
+    s = sub.add_parser("report", help="draw learning curves of a run to PNG")
+    s.add_argument("run_dir")
+    s.add_argument("-o", "--output", help="PNG path (default RUN_DIR/report.png)")
+    s.set_defaults(fn=_cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_ray.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"rlhf-ray: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

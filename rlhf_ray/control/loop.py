@@ -1,0 +1,399 @@
+"""The controller of the control workload: deep RL from human preferences on Ray.
+
+`train(cfg)` is a function of (config, where metrics go), so the CLI, a `ray job submit`
+entrypoint and a Tune trial run the same code. It joins a running Ray cluster (RAY_ADDRESS or
+an initialized driver) or starts a local one, wires the roles with the configured resources,
+and runs the loop of Christiano et al. 2017, section 2.2:
+
+  0. roles up: weight store, segment pool, labeler, reward trainer, reward-model deployment,
+     RLlib PPO (env runners = rollout workers, learner group = PPO learner);
+  1. initial labels: segments of the initial policy, uniform pairs, labels, reward-model pretrain;
+  2. per iteration: PPO iteration on relabelled rewards -> labels due by the schedule ->
+     query selection by ensemble disagreement -> labeler -> reward trainer (async) ->
+     metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhf_ray.config import Config, dump_config
+from rlhf_ray.control import envs
+from rlhf_ray.control.rllib_glue import build_ppo_config
+from rlhf_ray.core.query_selection import select_queries
+from rlhf_ray.core.schedule import LabelSchedule
+from rlhf_ray.core.segments import SegmentBatch, default_segment_length
+from rlhf_ray.metrics import MetricsWriter, find_metric
+from rlhf_ray.reward_model import RewardNetSpec, save_weights
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Roles:
+    namespace: str
+    app_name: str
+    weight_store: object
+    pool: object
+    labeler: object
+    trainer: object
+    spec: RewardNetSpec
+    rm_handle: object
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join the running cluster when there is one; start a local one otherwise.
+    Returns True when this call started Ray (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = {"log_to_driver": False, "include_dashboard": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**{"log_to_driver": False})
+        return False
+    ray.init(num_cpus=cfg.run.ray_num_cpus, **kwargs)
+    return True
+
+
+def reward_spec(cfg: Config) -> RewardNetSpec:
+    import gymnasium as gym
+
+    obs_space, act_space = envs.spaces(cfg.env.model_dump(mode="json"))
+    net = cfg.reward_net()
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    obs_shape = tuple(obs_space.shape)
+    return RewardNetSpec(net=net, obs_shape=obs_shape, act_dim=act_dim, discrete=discrete,
+                         hidden=tuple(cfg.reward_model.hidden),
+                         ensemble_size=cfg.reward_model.ensemble_size,
+                         output_std=cfg.reward_model.output_std, dropout=cfg.reward_model.dropout)
+
+
+def segment_length(cfg: Config) -> int:
+    if cfg.labels.segment_length:
+        return cfg.labels.segment_length
+    env_cfg = cfg.env.model_dump(mode="json")
+    atari = cfg.env.preprocessing == "atari"
+    return default_segment_length(envs.env_dt(env_cfg), cfg.labels.segment_seconds, atari)
+
+
+def _remote(cls, res, **extra):
+    import ray
+
+    opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
+    if res.resources:
+        opts["resources"] = dict(res.resources)
+    return ray.remote(cls).options(**opts)
+
+
+def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
+    import ray
+
+    from rlhf_ray import serve_rm
+    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.reward_trainer import RewardTrainer
+    from rlhf_ray.segment_pool import SegmentPool
+    from rlhf_ray.weights import WeightStore
+
+    ns = ray.get_runtime_context().namespace
+    place = cfg.placement
+    spec = reward_spec(cfg)
+    weight_store = _remote(WeightStore, place.labeler, name=f"rlhf-weights-{run_id}").remote()
+    pool = _remote(SegmentPool, place.labeler, name=f"rlhf-pool-{run_id}").remote(
+        cfg.labels.pool_size, cfg.seed)
+    labeler = _remote(Labeler, place.labeler, name=f"rlhf-labeler-{run_id}").remote(
+        store_root, cfg.labels.source, cfg.labels.oracle.model_dump(), cfg.seed)
+    trainer = _remote(RewardTrainer, place.reward_trainer).remote(
+        spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads)
+    app_name = f"rlhf-rm-{run_id}"
+    handle = serve_rm.deploy(spec, app_name=app_name, weight_store=f"rlhf-weights-{run_id}",
+                             namespace=ns, serve_cfg=place.reward_model,
+                             torch_threads=cfg.run.torch_threads)
+    return Roles(ns, app_name, weight_store, pool, labeler, trainer, spec, handle)
+
+
+def stop_roles(roles: Roles | None) -> None:
+    import ray
+    from ray import serve
+
+    if roles is None:
+        return
+    try:
+        serve.delete(roles.app_name)
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
+    for actor in (roles.trainer, roles.labeler, roles.pool, roles.weight_store):
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def member_returns(handle, batch: SegmentBatch, chunk_segments: int = 256) -> np.ndarray:
+    """Each ensemble member's predicted return of each segment: [K, N] (one batched request
+    per chunk, all in flight at once)."""
+    obs, act = batch.arrays["obs"], batch.arrays["actions"]
+    n, k = obs.shape[:2]
+    refs = []
+    for s in range(0, n, chunk_segments):
+        o = obs[s:s + chunk_segments]
+        a = act[s:s + chunk_segments]
+        refs.append(handle.score.remote(o.reshape(-1, *o.shape[2:]), a.reshape(-1, *a.shape[2:])))
+    members = np.concatenate([r.result()["members"] for r in refs], axis=1)
+    return members.reshape(members.shape[0], n, k).sum(axis=2)
+
+
+class Controller:
+    """Holds the run's state; `run()` is the loop."""
+
+    def __init__(self, cfg: Config, run_dir: str | None = None,
+                 on_metrics: Callable[[dict], None] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.on_metrics = on_metrics
+        self.progress = progress
+        name = cfg.run.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        remote_store = "://" in cfg.run.storage_path
+        if run_dir is None:
+            run_dir = os.path.join("runs" if remote_store else cfg.run.storage_path, name)
+        self.run_dir = Path(run_dir)
+        self.store_root = (f"{cfg.run.storage_path.rstrip('/')}/{name}/preferences" if remote_store
+                           else str(self.run_dir / "preferences"))
+        self.run_id = uuid.uuid4().hex[:8]
+        self.rng = np.random.default_rng(cfg.seed)
+        self.schedule = LabelSchedule(cfg.labels.budget, cfg.labels.initial_fraction,
+                                      cfg.labels.t0_steps, cfg.run.total_env_steps)
+        self.requested = 0
+        self.iteration = 0
+        self.initial_env_steps = 0
+        self.rm_stats: dict = {}
+        self.labels_at_last_round = 0
+        self.train_ref = None
+
+    # ------------------------------------------------------------------ phases
+    def run(self) -> dict:
+        import ray
+
+        cfg = self.cfg
+        learned = cfg.run.reward == "learned"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        started = init_ray(cfg)
+        envs.register()
+        roles, algo, writer = None, None, None
+        t_start = time.time()
+        last = {}
+        try:
+            # 0. roles up
+            self.seg_len = segment_length(cfg)
+            if learned:
+                roles = start_roles(cfg, self.store_root, self.run_id)
+                segments = {"pool_name": f"rlhf-pool-{self.run_id}", "namespace": roles.namespace,
+                            "length": self.seg_len, "per_sample": cfg.labels.segments_per_sample,
+                            "atari": cfg.env.preprocessing == "atari", "seed": cfg.seed}
+                relabel = (roles.app_name, "RewardModel")
+            else:
+                segments, relabel = None, None
+            algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
+            writer = MetricsWriter(self.run_dir)
+            self.roles = roles
+            # 1. initial labels from the initial policy, then pretraining
+            if learned:
+                self.initial_labels(algo, roles)
+            # 2. the loop
+            while True:
+                result = algo.train()
+                self.iteration += 1
+                env_steps = int(find_metric(result, "num_env_steps_sampled_lifetime") or 0)
+                if learned:
+                    self.request_labels(roles, env_steps)
+                    self.feed_reward_trainer(roles, block=False)
+                last = self.metrics(result, env_steps, time.time() - t_start, roles)
+                writer.write(last)
+                if self.on_metrics:
+                    self.on_metrics(last)
+                if self.progress:
+                    print(progress_line(last), flush=True)
+                done = env_steps >= cfg.run.total_env_steps
+                if done or (cfg.run.checkpoint_every and self.iteration % cfg.run.checkpoint_every == 0):
+                    self.checkpoint(algo, roles)
+                if done:
+                    break
+            if learned and self.train_ref is not None:
+                ray.get(self.train_ref)
+            return last
+        finally:
+            if writer is not None:
+                writer.close()
+            if algo is not None:
+                algo.stop()
+            stop_roles(roles)
+            if started:
+                ray.shutdown()
+
+    def initial_labels(self, algo, roles: Roles) -> None:
+        import ray
+
+        cfg = self.cfg
+        want = self.schedule.initial
+        need = min(cfg.labels.pool_size, max(2 * want, 32))
+        per_call = max(self.seg_len * 4, cfg.ppo.train_batch_size // max(1, cfg.placement.num_env_runners))
+        for _ in range(1000):
+            if ray.get(roles.pool.size.remote()) >= need:
+                break
+            sampled = algo.env_runner_group.foreach_env_runner(
+                lambda er, n=per_call: sum(len(e) for e in er.sample(num_timesteps=n)),
+                local_env_runner=cfg.placement.num_env_runners == 0)
+            self.initial_env_steps += int(sum(sampled))
+            ray.get(roles.pool.size.remote())  # the pool's add calls were sent before this
+        else:
+            raise RuntimeError("initial sampling produced no segments: episodes shorter than "
+                               f"the segment length {self.seg_len}? (labels.segment_length)")
+        self.submit_queries(roles, want, method="uniform")
+        self.feed_reward_trainer(roles, block=True, steps=max(1, cfg.reward_model.pretrain_steps))
+
+    def submit_queries(self, roles: Roles, n: int, method: str) -> None:
+        import ray
+
+        cfg = self.cfg
+        cand_n = min(cfg.labels.pool_size, max(2 * n * cfg.labels.oversampling, 2))
+        cand = ray.get(roles.pool.sample.remote(cand_n))
+        if cand is None or len(cand) < 2:
+            return
+        if method == "variance":
+            returns = member_returns(roles.rm_handle, cand)
+        else:
+            returns = np.zeros((1, len(cand)))
+        pairs = select_queries(returns, n, cfg.labels.oversampling, self.rng, method)
+        version = int(self.rm_stats.get("rm_version", 0))
+        ray.get(roles.labeler.submit.remote(cand.take(pairs[:, 0]), cand.take(pairs[:, 1]), version))
+        self.requested += len(pairs)
+
+    def request_labels(self, roles: Roles, env_steps: int) -> None:
+        due = self.schedule.due(env_steps, self.requested)
+        if due:
+            method = self.cfg.labels.query_selection
+            self.submit_queries(roles, due, method if self.rm_stats.get("rm_version") else "uniform")
+
+    def feed_reward_trainer(self, roles: Roles, block: bool, steps: int | None = None) -> None:
+        """Hand new labels to the trainer; start a training round when the last one is done
+        and labels arrived since it started (the paper's asynchronous reward training)."""
+        import ray
+
+        new = ray.get(roles.labeler.drain.remote())
+        if new is not None:
+            roles.trainer.add.remote(new)
+        if self.train_ref is not None:
+            ready, _ = ray.wait([self.train_ref], timeout=None if block else 0)
+            if not ready:
+                return
+            self.rm_stats = ray.get(self.train_ref) or self.rm_stats
+            self.train_ref = None
+        total = ray.get(roles.labeler.stats.remote())["labels_total"]
+        if total > self.labels_at_last_round or block:
+            self.labels_at_last_round = total
+            self.train_ref = roles.trainer.train_and_publish.remote(roles.weight_store, steps)
+            if block:
+                self.rm_stats = ray.get(self.train_ref)
+                self.train_ref = None
+
+    # ------------------------------------------------------------------ metrics, checkpoints
+    def metrics(self, result: dict, env_steps: int, time_s: float, roles: Roles | None) -> dict:
+        import ray
+
+        ret = find_metric(result, "episode_return_mean")
+        ep_len = find_metric(result, "episode_len_mean")
+        m = {
+            "iteration": self.iteration,
+            "env_steps": env_steps,
+            "initial_env_steps": self.initial_env_steps,
+            "true_return_mean": _f(ret),
+            "episode_len_mean": _f(ep_len),
+            "time_s": round(time_s, 3),
+        }
+        if roles is not None:
+            pred_r = find_metric(result, "rlhf/pred_reward_mean")
+            stats = ray.get(roles.labeler.stats.remote())
+            m.update({
+                "labels_total": stats["labels_total"],
+                "labels_requested": self.requested,
+                "labels_by_source": stats["labels_by_source"],
+                "pred_reward_mean": _f(pred_r),
+                "pred_return_mean": _f(pred_r * ep_len) if pred_r is not None and ep_len else None,
+                "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
+                "rm_train_accuracy": _f(self.rm_stats.get("rm_train_accuracy")),
+                "rm_val_loss": _f(self.rm_stats.get("rm_val_loss")),
+                "rm_train_loss": _f(self.rm_stats.get("rm_train_loss")),
+                "rm_l2_mean": _f(self.rm_stats.get("rm_l2_mean")),
+                "rm_version": int(find_metric(result, "rlhf/rm_version") or 0),
+                "rm_version_published": int(self.rm_stats.get("rm_version", 0)),
+            })
+        else:
+            m.update({"labels_total": 0, "pred_return_mean": None, "rm_val_accuracy": None,
+                      "rm_version": 0})
+        return m
+
+    def checkpoint(self, algo, roles: Roles | None) -> Path:
+        import ray
+
+        path = self.run_dir / "checkpoints" / f"iter_{self.iteration:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        algo.save_to_path(str((path / "algo").resolve()))
+        state = {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
+                 "labels_requested": self.requested, "initial_env_steps": self.initial_env_steps,
+                 "rng": self.rng.bit_generator.state, "rm_stats": self.rm_stats,
+                 "segment_length": self.seg_len}
+        if roles is not None:
+            version, weights = ray.get(roles.trainer.weights.remote())
+            import torch
+
+            save_weights(str(path / "reward_model.safetensors"),
+                         {k: torch.as_tensor(v) for k, v in weights.items()}, roles.spec, version)
+            state["reward_trainer"] = ray.get(roles.trainer.state.remote())
+        (path / "controller.json").write_text(json.dumps(state, default=_json_default))
+        return path
+
+
+def _f(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if not np.isfinite(x) else round(x, 6)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def progress_line(m: dict) -> str:
+    def fmt(key, spec):
+        v = m.get(key)
+        return "-" if v is None else format(v, spec)
+
+    return (f"iter {m['iteration']:4d} | steps {m['env_steps']:>9,} | "
+            f"true_return {fmt('true_return_mean', '8.1f')} | pred_return {fmt('pred_return_mean', '8.2f')} | "
+            f"labels {m.get('labels_total', 0):5d} | rm_acc {fmt('rm_val_accuracy', '.3f')} | "
+            f"rm_v {m.get('rm_version', 0)} | {m['time_s']:.0f}s")
+
+
+def train(cfg: Config, run_dir: str | None = None,
+          on_metrics: Callable[[dict], None] | None = None, progress: bool = True) -> Path:
+    """Run the whole loop; returns the run folder."""
+    ctl = Controller(cfg, run_dir, on_metrics, progress)
+    if progress:
+        print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)
+    ctl.run()
+    return ctl.run_dir

@@ -1,0 +1,220 @@
+"""Where RLHF meets RLlib's new API stack.
+
+- `RewardRelabel`: a learner connector that replaces every env reward in the train batch with
+  the reward model's prediction, batch-scored through the Serve deployment handle, before GAE
+  runs. The env reward is kept aside as the yardstick (logged, never trained on).
+- `SegmentSampler`: an EnvRunner callback (`on_sample_end`) that cuts each sampled episode
+  chunk into k-step segments, with raw observations, actions, true rewards and simulator state,
+  and ships them to the segment pool in one call per sample (never per step).
+- `build_ppo_config`: the RLlib `PPOConfig` from our config tree; placement comes from
+  `cfg.placement`, nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from rlhf_ray.config import Config
+from rlhf_ray.control.envs import ENV_NAME, atari_to_uint8
+from rlhf_ray.core.segments import SegmentBatch, cut_segments
+
+
+def episode_arrays(ep: Any, num_steps: int, atari: bool, with_state: bool) -> dict[str, np.ndarray]:
+    """The first `num_steps` real steps of an RLlib SingleAgentEpisode as arrays.
+
+    obs[t] is the (unfiltered) observation in which actions[t] was taken; true_rewards[t] the
+    env reward that followed.
+    """
+    idx = slice(0, num_steps)
+    if atari:
+        obs = atari_to_uint8(ep.get_observations(idx))
+    else:
+        infos = ep.get_infos(idx)
+        obs = np.stack([i["rlhf_obs"] for i in infos]) if num_steps else np.zeros((0,))
+    out = {
+        "obs": obs,
+        "actions": np.asarray(ep.get_actions(idx)),
+        "true_rewards": np.asarray(ep.get_rewards(idx), dtype=np.float32),
+    }
+    if with_state and not atari:
+        infos = ep.get_infos(idx)
+        if num_steps and "rlhf_qpos" in infos[0]:
+            out["state_qpos"] = np.stack([i["rlhf_qpos"] for i in infos])
+            out["state_qvel"] = np.stack([i["rlhf_qvel"] for i in infos])
+    return out
+
+
+# --------------------------------------------------------------------------- learner connector
+
+
+def _connector_base():
+    from ray.rllib.connectors.connector_v2 import ConnectorV2
+
+    return ConnectorV2
+
+
+class _LazyHandle:
+    """A Serve handle resolved on first use in whichever process the learner runs."""
+
+    def __init__(self, app_name: str, deployment_name: str):
+        self.app_name, self.deployment_name = app_name, deployment_name
+        self._handle = None
+
+    def get(self):
+        if self._handle is None:
+            from ray import serve
+
+            self._handle = serve.get_deployment_handle(self.deployment_name, self.app_name)
+        return self._handle
+
+
+def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
+                           chunk_size: int = 2048):
+    """Factory for `AlgorithmConfig.learners(learner_connector=...)`."""
+    base = _connector_base()
+
+    class RewardRelabel(base):
+        """Rewrites episode rewards with r_hat(o, a) from the reward-model deployment.
+
+        PPOLearner prepends a connector that adds one bootstrap step to every episode, so an
+        episode of T real steps arrives here with length T + 1; only the T real steps are
+        relabelled (the extra step is masked out of the loss).
+        """
+
+        def __init__(self, input_observation_space=None, input_action_space=None, **kw):
+            super().__init__(input_observation_space, input_action_space, **kw)
+            self.handle = _LazyHandle(app_name, deployment_name)
+
+        def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
+                     metrics=None, **kwargs):
+            real = [max(0, len(ep) - 1) for ep in episodes]
+            arrays = [episode_arrays(ep, n, atari, with_state=False)
+                      for ep, n in zip(episodes, real) if n > 0]
+            if not arrays:
+                return batch
+            obs = np.concatenate([a["obs"] for a in arrays])
+            act = np.concatenate([a["actions"] for a in arrays])
+            true_r = np.concatenate([a["true_rewards"] for a in arrays])
+            handle = self.handle.get()
+            responses = [handle.score.remote(obs[s:s + chunk_size], act[s:s + chunk_size])
+                         for s in range(0, len(obs), chunk_size)]
+            results = [r.result() for r in responses]
+            pred = np.concatenate([r["reward"] for r in results]).astype(np.float32)
+            offset = 0
+            for ep, n in zip(episodes, real):
+                if n > 0:
+                    ep.set_rewards(new_data=pred[offset:offset + n], at_indices=slice(0, n))
+                    offset += n
+            if metrics is not None:
+                metrics.log_value("rlhf/pred_reward_mean", float(pred.mean()), window=1)
+                metrics.log_value("rlhf/true_reward_mean", float(true_r.mean()), window=1)
+                metrics.log_value("rlhf/rm_version", int(min(r["version"] for r in results)),
+                                  reduce="max", window=1)
+                metrics.log_value("rlhf/relabelled_steps", int(len(pred)), reduce="sum")
+            return batch
+
+    return RewardRelabel
+
+
+# --------------------------------------------------------------------------- env-runner callback
+
+
+def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: int,
+                    per_sample: int, atari: bool, seed: int, **_: Any) -> SegmentBatch | None:
+    """Cut segments from one EnvRunner.sample() result and send them to the pool."""
+    import ray
+
+    rng = np.random.default_rng([seed, int.from_bytes(np.random.bytes(4), "little")])
+    long_enough = [ep for ep in episodes if len(ep) >= length]
+    if not long_enough:
+        return None
+    steps = np.array([len(ep) for ep in long_enough], dtype=np.float64)
+    # spread the per-sample quota over chunks in proportion to their length
+    quota = np.maximum(1, np.round(per_sample * steps / steps.sum())).astype(int)
+    batches = []
+    for ep, q in zip(long_enough, quota):
+        arrays = episode_arrays(ep, len(ep), atari, with_state=True)
+        b = cut_segments(arrays, length, int(q), rng)
+        if b is not None:
+            batches.append(b)
+    if not batches:
+        return None
+    batch = SegmentBatch.concat(batches)
+    pool = ray.get_actor(pool_name, namespace=namespace)
+    pool.add.remote(batch)
+    return batch
+
+
+def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=None, **kw):
+    if rlhf is None or not samples:
+        return
+    batch = sample_segments(list(samples), **rlhf)
+    if metrics_logger is not None and batch is not None:
+        metrics_logger.log_value("rlhf/segments_sampled", len(batch), reduce="sum")
+
+
+# --------------------------------------------------------------------------- PPO config
+
+
+def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
+                     segments: dict | None):
+    """RLlib PPOConfig for this run.
+
+    relabel: (serve app name, deployment name) of the reward model, or None to train on the
+    env reward (the true-reward baseline). segments: kwargs for `sample_segments`, or None.
+    """
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    p, place = cfg.ppo, cfg.placement
+    atari = cfg.env.preprocessing == "atari"
+    model = DefaultModelConfig(
+        fcnet_hiddens=list(p.hidden), fcnet_activation=p.activation,
+        vf_share_layers=p.vf_share_layers,
+        **({"conv_filters": [[16, 4, 2], [32, 4, 2], [64, 4, 2], [128, 4, 2]],
+            "conv_activation": "relu", "head_fcnet_hiddens": [256]} if atari else {}),
+    )
+    env_runner_kw: dict[str, Any] = {
+        "num_env_runners": place.num_env_runners,
+        "num_envs_per_env_runner": cfg.env.num_envs_per_env_runner,
+        "num_cpus_per_env_runner": place.env_runner.num_cpus,
+        "num_gpus_per_env_runner": place.env_runner.num_gpus,
+        "rollout_fragment_length": "auto",
+    }
+    if place.env_runner.resources:
+        env_runner_kw["custom_resources_per_env_runner"] = dict(place.env_runner.resources)
+    if cfg.ppo.obs_filter == "MeanStdFilter" and not atari:
+        from ray.rllib.connectors.env_to_module import MeanStdFilter
+
+        env_runner_kw["env_to_module_connector"] = lambda env, spaces=None, device=None: MeanStdFilter()
+    learner_kw: dict[str, Any] = {
+        "num_learners": place.num_learners,
+        "num_cpus_per_learner": place.learner.num_cpus if place.num_learners else "auto",
+        "num_gpus_per_learner": place.learner.num_gpus,
+    }
+    if relabel is not None:
+        connector = make_relabel_connector(relabel[0], relabel[1], atari)
+        learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
+    config = (
+        PPOConfig()
+        .environment(ENV_NAME, env_config=cfg.env.model_dump(mode="json"))
+        .framework("torch")
+        .env_runners(**env_runner_kw)
+        .learners(**learner_kw)
+        .training(
+            train_batch_size_per_learner=p.train_batch_size // max(1, place.num_learners),
+            minibatch_size=p.minibatch_size, num_epochs=p.num_epochs, lr=p.lr, gamma=p.gamma,
+            lambda_=p.lambda_, clip_param=p.clip_param, vf_clip_param=p.vf_clip_param,
+            vf_loss_coeff=p.vf_loss_coeff, entropy_coeff=p.entropy_coeff,
+            use_kl_loss=p.use_kl_loss, kl_coeff=p.kl_coeff, kl_target=p.kl_target,
+            grad_clip=p.grad_clip,
+        )
+        .rl_module(model_config=model)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+    )
+    if segments is not None:
+        config.callbacks(on_sample_end=functools.partial(_on_sample_end, rlhf=segments))
+    return config

@@ -1,0 +1,172 @@
+"""The reward-predictor ensemble (Christiano et al. 2017, section 2.2.3 and appendix A).
+
+Two nets, one interface: an MLP on (observation, action) for state-based envs and a CNN on
+stacked frames for Atari. K members; each member's output is normalized to zero mean and a
+configured std (`output_std`) before the members are averaged, so the policy sees a reward of
+a fixed scale whatever the members learned. Weights travel as flat name->tensor dicts
+(safetensors-compatible), never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RewardNetSpec:
+    """Everything needed to rebuild an ensemble on another process (JSON-able)."""
+
+    net: str  # "mlp" | "cnn"
+    obs_shape: tuple[int, ...]
+    act_dim: int  # flat action size; for discrete actions the number of actions
+    discrete: bool = False
+    hidden: tuple[int, ...] = (64, 64)
+    ensemble_size: int = 3
+    output_std: float = 1.0
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "RewardNetSpec":
+        data = json.loads(text)
+        data["obs_shape"] = tuple(data["obs_shape"])
+        data["hidden"] = tuple(data["hidden"])
+        return RewardNetSpec(**data)
+
+
+class MLPReward(nn.Module):
+    """r(o, a) for state-based envs: the paper's 2x64 leaky-ReLU MLP by default."""
+
+    def __init__(self, spec: RewardNetSpec):
+        super().__init__()
+        in_dim = int(np.prod(spec.obs_shape)) + spec.act_dim
+        layers: list[nn.Module] = []
+        for width in spec.hidden:
+            layers += [nn.Linear(in_dim, width), nn.LeakyReLU(0.01)]
+            if spec.dropout:
+                layers.append(nn.Dropout(spec.dropout))
+            in_dim = width
+        layers.append(nn.Linear(in_dim, 1))
+        self.body = nn.Sequential(*layers)
+        self.spec = spec
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """obs: [N, *obs_shape], act: [N, act_dim] or [N] (discrete) -> [N]."""
+        x = obs.reshape(obs.shape[0], -1).float()
+        if self.spec.discrete:
+            a = nn.functional.one_hot(act.long().reshape(-1), self.spec.act_dim).float()
+        else:
+            a = act.reshape(act.shape[0], -1).float()
+        return self.body(torch.cat([x, a], dim=-1)).squeeze(-1)
+
+
+class CNNReward(nn.Module):
+    """r(o) on stacked 84x84 frames: the paper's Atari predictor (4 conv layers of 16 filters,
+    7x7/5x5/3x3/3x3, strides 3/2/1/1, leaky ReLU, then a 64-unit layer). Actions are not used."""
+
+    def __init__(self, spec: RewardNetSpec):
+        super().__init__()
+        h, w, c = spec.obs_shape  # HWC as the Atari wrappers emit
+        convs: list[nn.Module] = []
+        for k, s in ((7, 3), (5, 2), (3, 1), (3, 1)):
+            convs += [nn.Conv2d(c, 16, k, s), nn.LeakyReLU(0.01)]
+            if spec.dropout:
+                convs.append(nn.Dropout2d(spec.dropout))
+            c = 16
+        self.convs = nn.Sequential(*convs)
+        with torch.no_grad():
+            n = self.convs(torch.zeros(1, spec.obs_shape[2], h, w)).numel()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(n, 64), nn.LeakyReLU(0.01),
+                                  nn.Linear(64, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+        x = obs.float()
+        if obs.dtype == torch.uint8:
+            x = x / 255.0
+        x = x.permute(0, 3, 1, 2)
+        return self.head(self.convs(x)).squeeze(-1)
+
+
+def build_member(spec: RewardNetSpec) -> nn.Module:
+    if spec.net == "mlp":
+        return MLPReward(spec)
+    if spec.net == "cnn":
+        return CNNReward(spec)
+    raise ValueError(f"unknown reward net {spec.net!r}: use 'mlp' or 'cnn'")
+
+
+class RewardEnsemble(nn.Module):
+    """K members plus per-member output normalizers (mean, std of raw outputs)."""
+
+    def __init__(self, spec: RewardNetSpec, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.spec = spec
+        self.members = nn.ModuleList(build_member(spec) for _ in range(spec.ensemble_size))
+        self.register_buffer("norm_mean", torch.zeros(spec.ensemble_size))
+        self.register_buffer("norm_std", torch.ones(spec.ensemble_size))
+
+    def raw_member(self, k: int, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.members[k](obs, act)
+
+    @torch.no_grad()
+    def member_rewards(self, obs: torch.Tensor, act: torch.Tensor,
+                       chunk: int = 4096) -> torch.Tensor:
+        """Normalized per-member rewards: [K, N]."""
+        outs = []
+        for start in range(0, max(1, obs.shape[0]), chunk):
+            o, a = obs[start:start + chunk], act[start:start + chunk]
+            raw = torch.stack([m(o, a) for m in self.members])  # [K, n]
+            outs.append((raw - self.norm_mean[:, None]) / self.norm_std[:, None]
+                        * self.spec.output_std)
+        return torch.cat(outs, dim=1)
+
+    @torch.no_grad()
+    def fit_normalizers(self, obs: torch.Tensor, act: torch.Tensor) -> None:
+        """Set each member's normalizer from its raw outputs on a sample of transitions."""
+        raw = torch.stack([m(obs, act) for m in self.members])
+        self.norm_mean.copy_(raw.mean(dim=1))
+        self.norm_std.copy_(raw.std(dim=1).clamp_min(1e-6))
+
+    def flat_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_flat_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+        self.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+
+
+def as_tensors(obs: np.ndarray, act: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    o = torch.from_numpy(np.ascontiguousarray(obs))
+    if o.dtype == torch.float64:
+        o = o.float()
+    a = torch.from_numpy(np.ascontiguousarray(act))
+    if a.dtype == torch.float64:
+        a = a.float()
+    return o, a
+
+
+def save_weights(path: str, state: dict[str, torch.Tensor], spec: RewardNetSpec,
+                 version: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, path, metadata={"spec": spec.to_json(), "version": str(version),
+                                     "format": "rlhf-ray-reward-v1"})
+
+
+def load_weights(path: str) -> tuple[dict[str, torch.Tensor], RewardNetSpec, int]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != "rlhf-ray-reward-v1":
+        raise ValueError(f"{path}: not an rlhf-ray reward-model file (format {meta.get('format')!r})")
+    return state, RewardNetSpec.from_json(meta["spec"]), int(meta["version"])

@@ -1,0 +1,183 @@
+"""Fitting the reward-predictor ensemble to comparisons (Christiano et al. 2017, 2.2.3).
+
+Each member trains on its own bootstrap of the comparisons. The bootstrap is online: every
+comparison gets a Poisson(1) count per member (Oza & Russell's online bagging), and the
+comparisons a member drew zero times -- a fraction 1/e, exactly the paper's held-out share --
+are that member's validation set. The loss is the Bradley-Terry cross-entropy with the 10%
+random-response model; the L2 coefficient of each member adapts to keep its validation loss
+within [1.1, 1.5] x its training loss. After each round every member's output is re-normalized.
+
+`RewardTrainer` is a plain class; the controller wraps it in a Ray actor so reward-model
+training overlaps rollouts as in the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rlhf_ray.config import RewardModelConfig
+from rlhf_ray.core.bradley_terry import adapt_l2, bradley_terry_loss
+from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
+
+
+@dataclass
+class Comparisons:
+    """P labelled pairs. *_obs: [P, k, *obs_shape]; *_act: [P, k, *act_shape]; mu: [P]
+    (1 left better, 0 right better, 0.5 equal)."""
+
+    left_obs: np.ndarray
+    left_act: np.ndarray
+    right_obs: np.ndarray
+    right_act: np.ndarray
+    mu: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.mu)
+
+
+class RewardTrainer:
+    def __init__(self, spec: RewardNetSpec, cfg: RewardModelConfig, seed: int = 0,
+                 torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.spec, self.cfg = spec, cfg
+        self.rng = np.random.default_rng(seed)
+        self.ensemble = RewardEnsemble(spec, seed=seed)
+        self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in self.ensemble.members]
+        self.l2 = [cfg.l2] * spec.ensemble_size
+        self.version = 0
+        self._parts: list[Comparisons] = []
+        self._data: Comparisons | None = None
+        self._counts = np.zeros((spec.ensemble_size, 0), dtype=np.int64)  # bootstrap counts
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ data
+    def add(self, comparisons: Comparisons) -> int:
+        keep = ~np.isnan(comparisons.mu)  # "can't tell" (skip) is never trained on
+        if keep.any():
+            c = Comparisons(comparisons.left_obs[keep], comparisons.left_act[keep],
+                            comparisons.right_obs[keep], comparisons.right_act[keep],
+                            comparisons.mu[keep].astype(np.float32))
+            self._parts.append(c)
+            self._data = None
+            new = self.rng.poisson(1.0, size=(self.spec.ensemble_size, len(c)))
+            self._counts = np.concatenate([self._counts, new], axis=1)
+        return self.num_labels
+
+    @property
+    def num_labels(self) -> int:
+        return int(self._counts.shape[1])
+
+    def data(self) -> Comparisons:
+        if self._data is None:
+            p = self._parts
+            self._data = Comparisons(*(np.concatenate([getattr(c, f) for c in p])
+                                       for f in ("left_obs", "left_act", "right_obs",
+                                                 "right_act", "mu")))
+            self._parts = [self._data]
+        return self._data
+
+    # ------------------------------------------------------------------ training
+    def _returns(self, k: int, obs: np.ndarray, act: np.ndarray) -> torch.Tensor:
+        """Summed raw rewards of member k over each segment: [B]."""
+        b, t = obs.shape[:2]
+        o, a = as_tensors(obs.reshape(b * t, *obs.shape[2:]), act.reshape(b * t, *act.shape[2:]))
+        return self.ensemble.raw_member(k, o, a).reshape(b, t).sum(dim=1)
+
+    def _loss(self, k: int, idx: np.ndarray, d: Comparisons, train: bool) -> tuple[torch.Tensor, float]:
+        r1 = self._returns(k, d.left_obs[idx], d.left_act[idx])
+        r2 = self._returns(k, d.right_obs[idx], d.right_act[idx])
+        mu = torch.from_numpy(d.mu[idx])
+        loss = bradley_terry_loss(r1, r2, mu, self.cfg.random_response_prob)
+        decided = mu != 0.5
+        correct = ((r1 > r2) == (mu > 0.5))[decided].float()
+        acc = float(correct.mean()) if decided.any() else float("nan")
+        return loss, acc
+
+    def train(self, steps: int | None = None) -> dict:
+        """One round: `steps` gradient steps per member, then L2 adaptation and normalization."""
+        if self.num_labels == 0:
+            return {"rm_num_labels": 0}
+        t0 = time.time()
+        steps = self.cfg.steps_per_round if steps is None else steps
+        d = self.data()
+        stats = {"train_loss": [], "val_loss": [], "val_acc": [], "train_acc": []}
+        self.ensemble.train()
+        for k, member in enumerate(self.ensemble.members):
+            weights = self._counts[k].astype(np.float64)
+            train_idx = np.flatnonzero(weights > 0)
+            val_idx = np.flatnonzero(weights == 0)
+            if len(train_idx) == 0:
+                train_idx, weights = np.arange(self.num_labels), np.ones(self.num_labels)
+            p = weights[train_idx] / weights[train_idx].sum()
+            params = [w for n, w in member.named_parameters() if n.endswith("weight")]
+            for _ in range(steps):
+                idx = self.rng.choice(train_idx, size=min(self.cfg.batch_size, 4 * len(train_idx)),
+                                      p=p)
+                loss, _ = self._loss(k, idx, d, train=True)
+                l2 = sum((w ** 2).sum() for w in params)
+                self.opts[k].zero_grad()
+                (loss + self.l2[k] * l2).backward()
+                self.opts[k].step()
+            member.eval()
+            with torch.no_grad():
+                tl, ta = self._loss(k, train_idx[:2048], d, train=False)
+                if len(val_idx):
+                    vl, va = self._loss(k, val_idx[:2048], d, train=False)
+                    vl = float(vl)
+                else:
+                    vl, va = float("nan"), float("nan")
+            member.train()
+            if self.cfg.adapt_l2 and np.isfinite(vl):
+                lo, hi = self.cfg.val_loss_ratio
+                self.l2[k] = adapt_l2(self.l2[k], float(tl), vl, lo, hi)
+            stats["train_loss"].append(float(tl))
+            stats["val_loss"].append(vl)
+            stats["val_acc"].append(va)
+            stats["train_acc"].append(ta)
+        self.ensemble.eval()
+        self._fit_normalizers(d)
+        self.version += 1
+        self.last_stats = {
+            "rm_version": self.version,
+            "rm_num_labels": self.num_labels,
+            "rm_train_loss": float(np.mean(stats["train_loss"])),
+            "rm_val_loss": float(np.nanmean(stats["val_loss"])) if np.isfinite(stats["val_loss"]).any() else float("nan"),
+            "rm_val_accuracy": float(np.nanmean(stats["val_acc"])) if np.isfinite(stats["val_acc"]).any() else float("nan"),
+            "rm_train_accuracy": float(np.nanmean(stats["train_acc"])),
+            "rm_l2_mean": float(np.mean(self.l2)),
+            "rm_train_time_s": time.time() - t0,
+        }
+        return self.last_stats
+
+    def _fit_normalizers(self, d: Comparisons, max_transitions: int = 20_000) -> None:
+        obs = np.concatenate([d.left_obs, d.right_obs])
+        act = np.concatenate([d.left_act, d.right_act])
+        obs = obs.reshape(-1, *obs.shape[2:])
+        act = act.reshape(-1, *act.shape[2:])
+        if len(obs) > max_transitions:
+            idx = self.rng.choice(len(obs), size=max_transitions, replace=False)
+            obs, act = obs[idx], act[idx]
+        self.ensemble.fit_normalizers(*as_tensors(obs, act))
+
+    # ------------------------------------------------------------------ weights / state
+    def weights(self) -> tuple[int, dict[str, np.ndarray]]:
+        return self.version, {k: v.numpy() for k, v in self.ensemble.flat_state().items()}
+
+    def train_and_publish(self, weight_store, steps: int | None = None) -> dict:
+        """One round, then publish the new version (the actor-side entry point)."""
+        import ray
+
+        stats = self.train(steps)
+        if stats.get("rm_version"):
+            version, weights = self.weights()
+            ray.get(weight_store.publish.remote(version, weights))
+        return stats
+
+    def state(self) -> dict:
+        """Everything a resumed run needs besides the comparisons themselves (in the store)."""
+        return {"version": self.version, "l2": list(self.l2), "last_stats": self.last_stats,
+                "rng": self.rng.bit_generator.state}

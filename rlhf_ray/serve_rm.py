@@ -1,0 +1,107 @@
+"""The reward model as a Ray Serve deployment that batch-scores whatever callers send.
+
+Callers send transitions (obs [n, ...], actions [n, ...]): a learner connector relabelling a
+train batch, the controller scoring query candidates, or anyone over HTTP (`POST /score` with
+JSON `{"obs": [...], "actions": [...]}`). Concurrent requests are merged by `@serve.batch` into
+one forward pass. Before each batch the replica asks the weight store, in one cheap call,
+whether a newer version exists and swaps it in place: no replica restart. Every response
+carries the version that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from ray import serve
+
+from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
+
+DEPLOYMENT_NAME = "RewardModel"
+
+
+class RewardModelServer:
+    def __init__(self, spec_json: str, weight_store: str, namespace: str,
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
+                 torch_threads: int = 1):
+        import ray
+
+        torch.set_num_threads(torch_threads)
+        self.spec = RewardNetSpec.from_json(spec_json)
+        self.ensemble = RewardEnsemble(self.spec).eval()
+        self.version = 0
+        self.store = ray.get_actor(weight_store, namespace=namespace)
+        self.batch_sizes: list[int] = []  # requests merged per forward pass (for tests/metrics)
+        self.started_at = time.time()
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def _refresh(self) -> None:
+        new = await self.store.get_if_newer.remote(self.version)
+        if new is not None:
+            version, weights = new
+            self.ensemble.load_flat_state(weights)
+            self.version = version
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+        await self._refresh()
+        self.batch_sizes.append(len(requests))
+        sizes = [len(o) for o, _ in requests]
+        obs = np.concatenate([o for o, _ in requests])
+        act = np.concatenate([a for _, a in requests])
+        members = self.ensemble.member_rewards(*as_tensors(obs, act)).numpy()  # [K, N]
+        reward = members.mean(axis=0)
+        out, start = [], 0
+        for n in sizes:
+            out.append({"reward": reward[start:start + n], "members": members[:, start:start + n],
+                        "version": self.version})
+            start += n
+        return out
+
+    async def score(self, obs: np.ndarray, actions: np.ndarray) -> dict:
+        """obs: [n, *obs_shape], actions: [n, ...] -> {reward [n], members [K, n], version}."""
+        obs, actions = np.asarray(obs), np.asarray(actions)
+        if len(obs) != len(actions):
+            raise ValueError(f"obs has {len(obs)} rows, actions {len(actions)}")
+        return await self._score_batch((obs, actions))
+
+    async def __call__(self, request) -> dict:
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await request.json()
+            obs = np.asarray(body["obs"], dtype=np.float32)
+            act = np.asarray(body["actions"], dtype=np.float32)
+            if obs.shape[1:] != tuple(self.spec.obs_shape):
+                raise ValueError(f"obs rows must have shape {list(self.spec.obs_shape)}")
+        except Exception as exc:  # malformed JSON or arrays: a client error, not a 500
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=422)
+        res = await self.score(obs, act)
+        return {"reward": res["reward"].tolist(), "version": res["version"]}
+
+    def info(self) -> dict:
+        return {"version": self.version, "pid": os.getpid(), "batch_sizes": list(self.batch_sizes),
+                "started_at": self.started_at}
+
+
+def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: str,
+           serve_cfg, torch_threads: int = 1, route_prefix: str | None = None):
+    """Start the reward-model application; resources and batching come from the config."""
+    opts = {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}
+    if serve_cfg.resources:
+        opts["resources"] = dict(serve_cfg.resources)
+    dep = serve.deployment(RewardModelServer, name=DEPLOYMENT_NAME).options(
+        num_replicas=serve_cfg.num_replicas,
+        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        max_queued_requests=serve_cfg.max_queued_requests,
+        ray_actor_options=opts,
+    )
+    app = dep.bind(spec.to_json(), weight_store, namespace, serve_cfg.max_batch_size,
+                   serve_cfg.batch_wait_timeout_s, torch_threads)
+    return serve.run(app, name=app_name, route_prefix=route_prefix or f"/{app_name}",
+                     blocking=False)
+
+

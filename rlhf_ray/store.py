@@ -1,0 +1,199 @@
+"""The preference store: every label and the segments it compares, as Parquet part files.
+
+Layout under the storage path (a local folder, or s3:// / gs:// through pyarrow.fs):
+
+    preferences/segments/part-<time>-<uuid>.parquet   segment arrays (written before labels)
+    preferences/labels/part-<time>-<uuid>.parquet     one row per answered query
+
+Part files are immutable; a write is one new part. A label is durable before it is
+acknowledged: on a local disk the part is written to a hidden temp file, fsynced and renamed
+into place (then the folder is fsynced); on object stores a PUT is atomic and durable when it
+returns. Readers ignore temp files, so a crash between write and rename leaves nothing
+half-read. Reopening the store gives back every acknowledged label, deduplicated by query id
+(a label written twice -- a retry after a crash before the acknowledgement -- counts once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rlhf_ray.core.segments import SegmentBatch
+
+LABEL_SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("left_id", pa.string()),
+    ("right_id", pa.string()),
+    ("label", pa.string()),  # left | right | equal | skip
+    ("mu", pa.float64()),  # the paper's mu(left); null for skip
+    ("source", pa.string()),  # oracle | human:<labeler id>
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ("rm_version", pa.int64()),
+])
+MU = {"left": 1.0, "right": 0.0, "equal": 0.5, "skip": None}
+
+
+class StoreError(RuntimeError):
+    """A problem with a file in the store; the message names the file."""
+
+
+@dataclass
+class Label:
+    query_id: str
+    left_id: str
+    right_id: str
+    label: str
+    source: str
+    created_at: float
+    labeled_at: float
+    rm_version: int
+
+    def row(self) -> dict:
+        if self.label not in MU:
+            raise ValueError(f"label {self.label!r}: must be one of left, right, equal, skip")
+        return {
+            "query_id": self.query_id, "left_id": self.left_id, "right_id": self.right_id,
+            "label": self.label, "mu": MU[self.label], "source": self.source,
+            "created_at": int(self.created_at * 1e6), "labeled_at": int(self.labeled_at * 1e6),
+            "rm_version": int(self.rm_version),
+        }
+
+
+def _open_fs(root: str) -> tuple[pafs.FileSystem, str, bool]:
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        return fs, path.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+    return pafs.LocalFileSystem(), os.path.abspath(root), True
+
+
+class PreferenceStore:
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self.base, self.local = _open_fs(root)
+        for sub in ("labels", "segments"):
+            self.fs.create_dir(f"{self.base}/{sub}", recursive=True)
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, sub: str, table: pa.Table) -> str:
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        final = f"{self.base}/{sub}/{name}"
+        if not self.local:
+            with self.fs.open_output_stream(final) as out:
+                pq.write_table(table, out)
+            return final
+        tmp = f"{self.base}/{sub}/.tmp-{name}"
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(f"{self.base}/{sub}", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def write_segments(self, batch: SegmentBatch) -> str:
+        cols: dict[str, pa.Array] = {
+            "segment_id": pa.array(batch.ids, pa.string()),
+            "env_steps": pa.array(batch.env_steps.astype(np.int64)),
+        }
+        meta = {}
+        for name, arr in batch.arrays.items():
+            arr = np.ascontiguousarray(arr)
+            meta[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape[1:])}
+            cols[name] = pa.array([row.tobytes() for row in arr], pa.binary())
+        table = pa.table(cols).replace_schema_metadata({"rlhf_ray.arrays": json.dumps(meta)})
+        return self._write("segments", table)
+
+    def append_labels(self, labels: list[Label]) -> str | None:
+        """Durably write labels; return only after they are on stable storage."""
+        if not labels:
+            return None
+        table = pa.Table.from_pylist([lab.row() for lab in labels], schema=LABEL_SCHEMA)
+        return self._write("labels", table)
+
+    # ------------------------------------------------------------------ reading
+    def _parts(self, sub: str) -> list[str]:
+        sel = pafs.FileSelector(f"{self.base}/{sub}", allow_not_found=True)
+        paths = [i.path for i in self.fs.get_file_info(sel)
+                 if i.type == pafs.FileType.File and os.path.basename(i.path).startswith("part-")
+                 and i.path.endswith(".parquet")]
+        return sorted(paths)
+
+    def _read(self, path: str) -> pa.Table:
+        try:
+            with self.fs.open_input_file(path) as f:
+                return pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0]}); "
+                             "run `rlhf-ray store check` to quarantine it") from None
+
+    def labels(self) -> pa.Table:
+        """Every acknowledged label, one row per query id (the first written wins)."""
+        parts = [self._read(p) for p in self._parts("labels")]
+        if not parts:
+            return LABEL_SCHEMA.empty_table()
+        table = pa.concat_tables([t.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA) for t in parts])
+        seen: set[str] = set()
+        keep = []
+        for i, q in enumerate(table.column("query_id").to_pylist()):
+            if q not in seen:
+                seen.add(q)
+                keep.append(i)
+        return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
+
+    def count(self) -> int:
+        return len(self.labels())
+
+    def segments(self, ids: list[str] | None = None) -> SegmentBatch:
+        """The stored segments with these ids (all when None), in the order asked."""
+        want = None if ids is None else set(ids)
+        found: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        for path in self._parts("segments"):
+            table = self._read(path)
+            meta = json.loads(table.schema.metadata[b"rlhf_ray.arrays"])
+            sid = table.column("segment_id").to_pylist()
+            steps = table.column("env_steps").to_pylist()
+            rows = [i for i, s in enumerate(sid) if want is None or s in want]
+            if not rows:
+                continue
+            cols = {name: table.column(name).to_pylist() for name in meta}
+            for i in rows:
+                found[sid[i]] = (steps[i], {
+                    name: np.frombuffer(cols[name][i], dtype=np.dtype(m["dtype"])).reshape(m["shape"])
+                    for name, m in meta.items()})
+        order = list(found) if ids is None else ids
+        missing = [i for i in order if i not in found]
+        if missing:
+            raise StoreError(f"{self.root}: {len(missing)} segment(s) referenced by labels are "
+                             f"missing, e.g. {missing[0]}")
+        if not order:
+            raise StoreError(f"{self.root}: no segments stored")
+        names = list(found[order[0]][1])
+        return SegmentBatch(ids=list(order),
+                            arrays={n: np.stack([found[i][1][n] for i in order]) for n in names},
+                            env_steps=np.array([found[i][0] for i in order], dtype=np.int64))
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+__all__ = ["Label", "PreferenceStore", "StoreError", "LABEL_SCHEMA", "MU"]
