@@ -28,6 +28,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("MUJOCO_GL", "egl")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Casting input x to numpy array.*")
     from rlhf_ray.control.loop import train
 
     run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet)

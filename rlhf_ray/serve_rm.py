@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
+from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors, load_weights
 
 DEPLOYMENT_NAME = "RewardModel"
 
@@ -25,20 +25,25 @@ DEPLOYMENT_NAME = "RewardModel"
 class RewardModelServer:
     def __init__(self, spec_json: str, weight_store: str, namespace: str,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, weights_path: str | None = None):
         import ray
 
         torch.set_num_threads(torch_threads)
         self.spec = RewardNetSpec.from_json(spec_json)
         self.ensemble = RewardEnsemble(self.spec).eval()
         self.version = 0
-        self.store = ray.get_actor(weight_store, namespace=namespace)
+        if weights_path:  # fixed weights from a checkpoint (standalone `serve deploy`)
+            state, _, self.version = load_weights(weights_path)
+            self.ensemble.load_flat_state(state)
+        self.store = ray.get_actor(weight_store, namespace=namespace) if weight_store else None
         self.batch_sizes: list[int] = []  # requests merged per forward pass (for tests/metrics)
         self.started_at = time.time()
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def _refresh(self) -> None:
+        if self.store is None:
+            return
         new = await self.store.get_if_newer.remote(self.version)
         if new is not None:
             version, weights = new
@@ -105,3 +110,23 @@ def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: 
                      blocking=False)
 
 
+
+
+def app_builder(args: dict):
+    """Serve application builder for `serve deploy serve/reward_model.yaml`.
+
+    args: `weights` (a checkpoint's reward_model.safetensors), optional `max_batch_size`,
+    `batch_wait_timeout_s`, `num_replicas`, `num_cpus`, `num_gpus`, `torch_threads`.
+    """
+    path = args.get("weights")
+    if not path:
+        raise ValueError("reward-model app: set args.weights to a reward_model.safetensors file")
+    _, spec, _ = load_weights(path)
+    dep = serve.deployment(RewardModelServer, name=DEPLOYMENT_NAME).options(
+        num_replicas=int(args.get("num_replicas", 1)),
+        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
+                           "num_gpus": float(args.get("num_gpus", 0))},
+    )
+    return dep.bind(spec.to_json(), "", "", int(args.get("max_batch_size", 16)),
+                    float(args.get("batch_wait_timeout_s", 0.01)),
+                    int(args.get("torch_threads", 1)), path)

@@ -357,7 +357,7 @@ class Controller:
             import torch
 
             save_weights(str(path / "reward_model.safetensors"),
-                         {k: torch.as_tensor(v) for k, v in weights.items()}, roles.spec, version)
+                         {k: torch.tensor(np.array(v)) for k, v in weights.items()}, roles.spec, version)
             state["reward_trainer"] = ray.get(roles.trainer.state.remote())
         (path / "controller.json").write_text(json.dumps(state, default=_json_default))
         return path

@@ -1,0 +1,28 @@
+# Create or update the project's virtual environment (.venv). Sourced by scripts/demo and scripts/test.
+# Re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RLHF_RAY_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+EXTRAS="${1:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.rlhf-ray-installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-$EXTRAS"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  PIP_ARGS=(-q --disable-pip-version-check)
+  # Without a CUDA driver, take torch's CPU build instead of the multi-GB CUDA one
+  # (where the PyTorch CPU index is reachable; offline mirrors here carry the CPU wheel already).
+  if ! command -v nvidia-smi >/dev/null 2>&1 && \
+     curl -fsS -m 3 -o /dev/null https://download.pytorch.org/whl/cpu/ 2>/dev/null; then
+    PIP_ARGS+=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+  echo "installing rlhf-ray${EXTRAS:+[$EXTRAS]} into $VENV" >&2
+  "$VENV/bin/pip" install "${PIP_ARGS[@]}" "torch==2.13.0"
+  "$VENV/bin/pip" install "${PIP_ARGS[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export MUJOCO_GL="${MUJOCO_GL:-egl}"

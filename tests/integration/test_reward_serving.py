@@ -1,0 +1,113 @@
+"""The reward-model Serve deployment on the session's real local Ray cluster."""
+
+import concurrent.futures as cf
+import json
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ray.config import RewardServeConfig
+from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec
+from rlhf_ray.serve_rm import deploy
+from rlhf_ray.weights import WeightStore
+
+SPEC = RewardNetSpec(net="mlp", obs_shape=(5,), act_dim=2, hidden=(16,), ensemble_size=3)
+
+
+def constant_weights(value: float) -> dict:
+    ens = RewardEnsemble(SPEC)
+    with torch.no_grad():
+        for p in ens.parameters():
+            p.zero_()
+        for m in ens.members:
+            m.body[-1].bias.fill_(value)
+    return {k: v.numpy() for k, v in ens.flat_state().items()}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster):
+    ray = ray_cluster
+    name = f"ws-{uuid.uuid4().hex[:6]}"
+    store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote()
+    app = f"rm-test-{uuid.uuid4().hex[:6]}"
+    cfg = RewardServeConfig(num_cpus=0.25, max_batch_size=16, batch_wait_timeout_s=0.05)
+    handle = deploy(SPEC, app_name=app, weight_store=name,
+                    namespace=ray.get_runtime_context().namespace, serve_cfg=cfg)
+    yield ray, store, handle, app
+    from ray import serve
+
+    serve.delete(app)
+    ray.kill(store)
+
+
+def test_concurrent_callers_are_batched(served):
+    _, _, handle, _ = served
+    rng = np.random.default_rng(0)
+    reqs = [(rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 2)).astype(np.float32))
+            for n in range(1, 33)]
+    responses = [handle.score.remote(o, a) for o, a in reqs]
+    results = [r.result() for r in responses]
+    for (o, _), res in zip(reqs, results):  # each caller gets its own rows back
+        assert res["reward"].shape == (len(o),) and res["members"].shape == (3, len(o))
+    sizes = handle.info.remote().result()["batch_sizes"]
+    assert max(sizes) > 1, f"no batching happened: {sizes}"
+    assert sum(sizes) >= 32
+
+
+def test_weight_swap_changes_scores_without_restart(served):
+    ray, store, handle, _ = served
+    obs, act = np.ones((4, 5), np.float32), np.zeros((4, 2), np.float32)
+    before = handle.score.remote(obs, act).result()
+    pid = handle.info.remote().result()["pid"]
+    ray.get(store.publish.remote(7, constant_weights(2.5)))
+    after = handle.score.remote(obs, act).result()
+    assert after["version"] == 7 and before["version"] != 7
+    assert np.allclose(after["reward"], 2.5) and not np.allclose(before["reward"], 2.5)
+    assert handle.info.remote().result()["pid"] == pid  # the same replica process
+    # a stale publish never goes backwards
+    assert ray.get(store.publish.remote(3, constant_weights(0.0))) == 7
+    assert handle.score.remote(obs, act).result()["version"] == 7
+
+
+def test_http_score_and_bad_request(served):
+    _, _, _, app = served
+
+    def post(body: bytes):
+        req = urllib.request.Request(f"http://127.0.0.1:8000/{app}", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = post(json.dumps({"obs": [[0.0] * 5] * 3, "actions": [[0.0, 0.0]] * 3}).encode())
+    assert status == 200 and len(body["reward"]) == 3
+    status, body = post(json.dumps({"obs": [[0.0] * 4], "actions": [[0.0, 0.0]]}).encode())
+    assert status == 422 and "shape" in body["error"]
+    status, _ = post(b"{not json")
+    assert status == 422
+
+
+def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from rlhf_ray.reward_model import save_weights
+    from rlhf_ray.serve_rm import app_builder
+
+    conf = yaml.safe_load(open("serve/reward_model.yaml"))
+    ServeDeploySchema.model_validate(conf)  # Serve's own schema
+    path = str(tmp_path / "rm.safetensors")
+    save_weights(path, {k: torch.as_tensor(v) for k, v in constant_weights(-1.5).items()}, SPEC, 11)
+    args = dict(conf["applications"][0]["args"], weights=path, num_cpus=0.25)
+    handle = serve.run(app_builder(args), name="rm-from-ckpt", route_prefix="/rm-from-ckpt")
+    try:
+        res = handle.score.remote(np.zeros((3, 5), np.float32), np.zeros((3, 2), np.float32)).result()
+        assert res["version"] == 11 and np.allclose(res["reward"], -1.5)
+    finally:
+        serve.delete("rm-from-ckpt")

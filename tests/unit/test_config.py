@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_ray.config import ConfigError, load_config, preset_names
+
+
+def test_every_preset_validates():
+    names = preset_names()
+    for want in ("hopper", "halfcheetah", "pong", "hopper-smoke", "halfcheetah-smoke", "pong-smoke"):
+        assert want in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+
+
+def test_overrides_are_typed():
+    cfg = load_config("hopper-smoke", ["labels.budget=99", "ppo.hidden=[32,32]", "reward_model.adapt_l2=false"])
+    assert cfg.labels.budget == 99 and cfg.ppo.hidden == [32, 32] and cfg.reward_model.adapt_l2 is False
+    assert cfg.env.id == "Hopper-v5"  # from the base preset
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("labels.budgt=3", "labels.budgt: unknown key"),
+    ("labels.budget=many", "labels.budget='many'"),
+    ("labels.budget=0", "labels.budget=0: Input should be greater than or equal to 1"),
+    ("env.id=NoSuchEnv-v0", "env.id='NoSuchEnv-v0': not a registered gymnasium env"),
+    ("ppo.minibatch_size=300", "ppo.minibatch_size=300: must divide ppo.train_batch_size=2000"),
+    ("labels.query_selection=max", "labels.query_selection='max'"),
+])
+def test_bad_config_messages_name_field_and_value(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("hopper-smoke", [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_bad_config_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "hopper-smoke", "ppo.lr=-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ppo.lr=-1" in lines[0] and "greater than 0" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_preset_and_presets_listing():
+    proc = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "walker"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown preset 'walker'" in proc.stderr
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "presets"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "hopper-smoke" in out.stdout
