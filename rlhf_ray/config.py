@@ -106,7 +106,9 @@ class LabelsConfig(_Strict):
         None, ge=2, description="steps per segment; default round(segment_seconds / env dt)"
     )
     segment_seconds: float = Field(1.5, gt=0)
-    pool_size: int = Field(2000, ge=2, description="recent segments kept as query candidates")
+    pool_size: int = Field(
+        320, ge=2, description="recent segments kept as query candidates (about the last 5 "
+        "iterations by default: queries must come from the current policy)")
     segments_per_sample: int = Field(64, ge=1, description="segments each rollout batch offers")
     oracle: OracleConfig = Field(default_factory=OracleConfig)
 

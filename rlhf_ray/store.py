@@ -186,14 +186,4 @@ class PreferenceStore:
                             env_steps=np.array([found[i][0] for i in order], dtype=np.int64))
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
 __all__ = ["Label", "PreferenceStore", "StoreError", "LABEL_SCHEMA", "MU"]

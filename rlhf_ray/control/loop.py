@@ -28,7 +28,7 @@ import numpy as np
 
 from rlhf_ray.config import Config, dump_config
 from rlhf_ray.control import envs
-from rlhf_ray.control.rllib_glue import build_ppo_config
+from rlhf_ray.control.rllib_glue import action_bounds, build_ppo_config
 from rlhf_ray.core.query_selection import select_queries
 from rlhf_ray.core.schedule import LabelSchedule
 from rlhf_ray.core.segments import SegmentBatch, default_segment_length
@@ -199,7 +199,8 @@ class Controller:
                 roles = start_roles(cfg, self.store_root, self.run_id)
                 segments = {"pool_name": f"rlhf-pool-{self.run_id}", "namespace": roles.namespace,
                             "length": self.seg_len, "per_sample": cfg.labels.segments_per_sample,
-                            "atari": cfg.env.preprocessing == "atari", "seed": cfg.seed}
+                            "atari": cfg.env.preprocessing == "atari", "seed": cfg.seed,
+                            "action_bounds": action_bounds(cfg)}
                 relabel = (roles.app_name, "RewardModel")
             else:
                 segments, relabel = None, None
@@ -211,13 +212,19 @@ class Controller:
                 self.initial_labels(algo, roles)
             # 2. the loop
             while True:
+                t0 = time.perf_counter()
                 result = algo.train()
+                t1 = time.perf_counter()
                 self.iteration += 1
                 env_steps = int(find_metric(result, "num_env_steps_sampled_lifetime") or 0)
                 if learned:
                     self.request_labels(roles, env_steps)
                     self.feed_reward_trainer(roles, block=False)
                 last = self.metrics(result, env_steps, time.time() - t_start, roles)
+                last["ppo_iteration_s"] = round(t1 - t0, 3)
+                last["labeling_s"] = round(time.perf_counter() - t1, 3)
+                last["sample_s"] = _f(find_metric(result.get("timers", {}), "env_runner_sampling_timer"))
+                last["learn_s"] = _f(find_metric(result.get("timers", {}), "learner_update_timer"))
                 writer.write(last)
                 if self.on_metrics:
                     self.on_metrics(last)
@@ -247,17 +254,19 @@ class Controller:
         want = self.schedule.initial
         need = min(cfg.labels.pool_size, max(2 * want, 32))
         per_call = max(self.seg_len * 4, cfg.ppo.train_batch_size // max(1, cfg.placement.num_env_runners))
-        for _ in range(1000):
-            if ray.get(roles.pool.size.remote()) >= need:
+        for calls in range(200):
+            size = ray.get(roles.pool.size.remote())
+            if size >= need or (calls >= 10 and size < 2):
                 break
             sampled = algo.env_runner_group.foreach_env_runner(
                 lambda er, n=per_call: sum(len(e) for e in er.sample(num_timesteps=n)),
                 local_env_runner=cfg.placement.num_env_runners == 0)
             self.initial_env_steps += int(sum(sampled))
-            ray.get(roles.pool.size.remote())  # the pool's add calls were sent before this
-        else:
-            raise RuntimeError("initial sampling produced no segments: episodes shorter than "
-                               f"the segment length {self.seg_len}? (labels.segment_length)")
+        if ray.get(roles.pool.size.remote()) < 2:
+            raise RuntimeError(
+                f"initial sampling ({self.initial_env_steps} env steps) produced fewer than 2 "
+                f"segments of {self.seg_len} steps: episodes are shorter than a segment; set "
+                "labels.segment_length lower or env.remove_termination=true")
         self.submit_queries(roles, want, method="uniform")
         self.feed_reward_trainer(roles, block=True, steps=max(1, cfg.reward_model.pretrain_steps))
 

@@ -22,11 +22,14 @@ from rlhf_ray.control.envs import ENV_NAME, atari_to_uint8
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
 
 
-def episode_arrays(ep: Any, num_steps: int, atari: bool, with_state: bool) -> dict[str, np.ndarray]:
+def episode_arrays(ep: Any, num_steps: int, atari: bool, with_state: bool,
+                   action_bounds: tuple | None = None) -> dict[str, np.ndarray]:
     """The first `num_steps` real steps of an RLlib SingleAgentEpisode as arrays.
 
     obs[t] is the (unfiltered) observation in which actions[t] was taken; true_rewards[t] the
-    env reward that followed.
+    env reward that followed. Continuous actions are clipped to `action_bounds`, the action the
+    env really executed: RLlib stores the raw Gaussian sample, and a reward model fed raw
+    actions can be exploited by actions far outside the bounds that change nothing physically.
     """
     idx = slice(0, num_steps)
     if atari:
@@ -34,9 +37,12 @@ def episode_arrays(ep: Any, num_steps: int, atari: bool, with_state: bool) -> di
     else:
         infos = ep.get_infos(idx)
         obs = np.stack([i["rlhf_obs"] for i in infos]) if num_steps else np.zeros((0,))
+    actions = np.asarray(ep.get_actions(idx))
+    if action_bounds is not None:
+        actions = np.clip(actions, action_bounds[0], action_bounds[1]).astype(np.float32)
     out = {
         "obs": obs,
-        "actions": np.asarray(ep.get_actions(idx)),
+        "actions": actions,
         "true_rewards": np.asarray(ep.get_rewards(idx), dtype=np.float32),
     }
     if with_state and not atari:
@@ -72,7 +78,7 @@ class _LazyHandle:
 
 
 def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
-                           chunk_size: int = 2048):
+                           chunk_size: int = 2048, action_bounds: tuple | None = None):
     """Factory for `AlgorithmConfig.learners(learner_connector=...)`."""
     base = _connector_base()
 
@@ -91,7 +97,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
         def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
                      metrics=None, **kwargs):
             real = [max(0, len(ep) - 1) for ep in episodes]
-            arrays = [episode_arrays(ep, n, atari, with_state=False)
+            arrays = [episode_arrays(ep, n, atari, with_state=False, action_bounds=action_bounds)
                       for ep, n in zip(episodes, real) if n > 0]
             if not arrays:
                 return batch
@@ -123,7 +129,8 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
 
 
 def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: int,
-                    per_sample: int, atari: bool, seed: int, **_: Any) -> SegmentBatch | None:
+                    per_sample: int, atari: bool, seed: int, action_bounds: tuple | None = None,
+                    **_: Any) -> SegmentBatch | None:
     """Cut segments from one EnvRunner.sample() result and send them to the pool."""
     import ray
 
@@ -136,7 +143,7 @@ def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: i
     quota = np.maximum(1, np.round(per_sample * steps / steps.sum())).astype(int)
     batches = []
     for ep, q in zip(long_enough, quota):
-        arrays = episode_arrays(ep, len(ep), atari, with_state=True)
+        arrays = episode_arrays(ep, len(ep), atari, with_state=True, action_bounds=action_bounds)
         b = cut_segments(arrays, length, int(q), rng)
         if b is not None:
             batches.append(b)
@@ -157,6 +164,18 @@ def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=N
 
 
 # --------------------------------------------------------------------------- PPO config
+
+
+def action_bounds(cfg: Config) -> tuple | None:
+    """(low, high) of a Box action space, else None."""
+    import gymnasium as gym
+
+    from rlhf_ray.control.envs import spaces
+
+    _, act = spaces(cfg.env.model_dump(mode="json"))
+    if isinstance(act, gym.spaces.Box):
+        return (act.low.astype(np.float32), act.high.astype(np.float32))
+    return None
 
 
 def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
@@ -196,7 +215,8 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
         "num_gpus_per_learner": place.learner.num_gpus,
     }
     if relabel is not None:
-        connector = make_relabel_connector(relabel[0], relabel[1], atari)
+        connector = make_relabel_connector(relabel[0], relabel[1], atari,
+                                           action_bounds=action_bounds(cfg))
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
     config = (
         PPOConfig()

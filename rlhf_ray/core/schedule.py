@@ -34,6 +34,3 @@ class LabelSchedule:
     def due(self, env_steps: int, requested: int) -> int:
         """Labels to request now, given how many were already requested."""
         return max(0, self.target(env_steps) - requested)
-
-    def state_dict(self) -> dict:
-        return {}
