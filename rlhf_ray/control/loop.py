@@ -225,6 +225,10 @@ class Controller:
                 last["labeling_s"] = round(time.perf_counter() - t1, 3)
                 last["sample_s"] = _f(find_metric(result.get("timers", {}), "env_runner_sampling_timer"))
                 last["learn_s"] = _f(find_metric(result.get("timers", {}), "learner_update_timer"))
+                if learned:
+                    last["relabel_s"] = _f(find_metric(result, "rlhf/relabel_s"))
+                    last["segment_cut_s"] = _f(find_metric(result, "rlhf/segment_cut_s"))
+                    last["rm_train_time_s"] = _f(self.rm_stats.get("rm_train_time_s"))
                 writer.write(last)
                 if self.on_metrics:
                     self.on_metrics(last)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
 
         def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
                      metrics=None, **kwargs):
+            t0 = time.perf_counter()
             real = [max(0, len(ep) - 1) for ep in episodes]
             arrays = [episode_arrays(ep, n, atari, with_state=False, action_bounds=action_bounds)
                       for ep, n in zip(episodes, real) if n > 0]
@@ -120,6 +122,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
                 metrics.log_value("rlhf/rm_version", int(min(r["version"] for r in results)),
                                   reduce="max", window=1)
                 metrics.log_value("rlhf/relabelled_steps", int(len(pred)), reduce="sum")
+                metrics.log_value("rlhf/relabel_s", time.perf_counter() - t0, window=1)
             return batch
 
     return RewardRelabel
@@ -158,9 +161,11 @@ def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: i
 def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=None, **kw):
     if rlhf is None or not samples:
         return
+    t0 = time.perf_counter()
     batch = sample_segments(list(samples), **rlhf)
     if metrics_logger is not None and batch is not None:
         metrics_logger.log_value("rlhf/segments_sampled", len(batch), reduce="sum")
+        metrics_logger.log_value("rlhf/segment_cut_s", time.perf_counter() - t0, window=1)
 
 
 # --------------------------------------------------------------------------- PPO config
