@@ -1,4 +1,4 @@
-"""`rlhf-ray`: presets, train, report.
+"""`rlhf-ray`: presets, train, label, report.
 
 A bad config exits with code 2 and one line naming the field, the value and what is allowed.
 """
@@ -38,6 +38,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from rlhf_ray.labeling.service import label_run
+
+    return label_run(args.run_dir, args.overrides, exit_when_done=args.exit_when_done)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from rlhf_ray.report import report
 
@@ -58,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
     s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
     s.set_defaults(fn=_cmd_train)
+    s = sub.add_parser("label", help="label the pending queries of a stopped run in the browser")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="e.g. labeler.host=0.0.0.0 labeler.port=8080")
+    s.add_argument("--exit-when-done", action="store_true", help="stop once nothing is pending")
+    s.set_defaults(fn=_cmd_label)
     s = sub.add_parser("report", help="draw learning curves of a run to PNG")
     s.add_argument("run_dir")
     s.add_argument("-o", "--output", help="PNG path (default RUN_DIR/report.png)")

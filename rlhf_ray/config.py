@@ -95,8 +95,35 @@ class OracleConfig(_Strict):
     equal_threshold: float = Field(0.0, ge=0, description="answer `equal` within this margin")
 
 
+class ClipConfig(_Strict):
+    """How queried segments are rendered for humans (MuJoCo from saved state, Atari frames)."""
+
+    width: int = Field(160, ge=16, le=1920)
+    height: int = Field(120, ge=16, le=1080)
+    fps: int = Field(25, ge=1, le=120, description="playback frames per second")
+    frame_skip: int = Field(2, ge=1, description="render every n-th step of a segment")
+
+
+class LabelerConfig(_Strict):
+    """Who answers queries, and the labeling app humans use."""
+
+    source: Literal["oracle", "human", "mixed"] = Field(
+        "oracle", description="oracle: synthetic labels; human: the labeling page; mixed: "
+        "humans, with the oracle answering what they leave past `deadline_s`")
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    text_oracle: str | None = Field(
+        None, description="`module:function` scoring (prompt, response) for text queries")
+    host: str = Field("127.0.0.1", description="where the page listens; 0.0.0.0 exposes it")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/label", pattern=r"^/[A-Za-z0-9_/-]*$")
+    token: str | None = Field(None, min_length=16, description="access token; default: random")
+    lease_s: float = Field(60.0, gt=0, description="a shown query is held this long per labeler")
+    deadline_s: float = Field(120.0, gt=0, description="mixed: oracle answers after this")
+    clip_renderers: int = Field(1, ge=0, description="render actors keeping clips ahead")
+    clips: ClipConfig = Field(default_factory=ClipConfig)
+
+
 class LabelsConfig(_Strict):
-    source: Literal["oracle", "human", "mixed"] = "oracle"
     budget: int = Field(700, ge=1, description="total labels over the run")
     initial_fraction: float = Field(0.25, ge=0, le=1, description="labels from the initial policy")
     t0_steps: int = Field(200_000, ge=1, description="label rate is proportional to T0/(T+T0)")
@@ -110,7 +137,6 @@ class LabelsConfig(_Strict):
         320, ge=2, description="recent segments kept as query candidates (about the last 5 "
         "iterations by default: queries must come from the current policy)")
     segments_per_sample: int = Field(64, ge=1, description="segments each rollout batch offers")
-    oracle: OracleConfig = Field(default_factory=OracleConfig)
 
 
 class RoleResources(_Strict):
@@ -137,6 +163,8 @@ class PlacementConfig(_Strict):
     reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
     reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
     labeler: RoleResources = Field(default_factory=RoleResources)
+    labeling_app: RoleResources = Field(default_factory=RoleResources)
+    clip_renderer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
 
 
 class RunConfig(_Strict):
@@ -160,6 +188,7 @@ class Config(_Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -124,9 +124,9 @@ class RewardTrainer:
                 self.opts[k].step()
             member.eval()
             with torch.no_grad():
-                tl, ta = self._loss(k, train_idx[:2048], d, train=False)
+                tl, ta = self._loss(k, train_idx[:1024], d, train=False)
                 if len(val_idx):
-                    vl, va = self._loss(k, val_idx[:2048], d, train=False)
+                    vl, va = self._loss(k, val_idx[:1024], d, train=False)
                     vl = float(vl)
                 else:
                     vl, va = float("nan"), float("nan")

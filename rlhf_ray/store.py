@@ -3,7 +3,11 @@
 Layout under the storage path (a local folder, or s3:// / gs:// through pyarrow.fs):
 
     preferences/segments/part-<time>-<uuid>.parquet   segment arrays (written before labels)
-    preferences/labels/part-<time>-<uuid>.parquet     one row per answered query
+    preferences/labels/part-<time>-<uuid>.parquet     one row per answered query (a ranking
+                                                      of K items: its C(K,2) pairs, one ranking_id)
+    preferences/queries/part-<time>-<uuid>.parquet    every query asked, answered or not
+    preferences/texts/part-<time>-<uuid>.parquet      prompts and responses (LLM comparisons)
+    preferences/clips/<segment id>.webm               rendered clips (a cache: safe to delete)
 
 Part files are immutable; a write is one new part. A label is durable before it is
 acknowledged: on a local disk the part is written to a hidden temp file, fsynced and renamed
@@ -38,6 +42,19 @@ LABEL_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us", tz="UTC")),
     ("labeled_at", pa.timestamp("us", tz="UTC")),
     ("rm_version", pa.int64()),
+    ("ranking_id", pa.string()),  # null, or the ranking query this pair was derived from
+])
+QUERY_SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("kind", pa.string()),  # clip | text | ranking
+    ("item_ids", pa.list_(pa.string())),  # 2 segment/text ids, or K for a ranking
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("rm_version", pa.int64()),
+])
+TEXT_SCHEMA = pa.schema([
+    ("text_id", pa.string()),
+    ("prompt", pa.string()),
+    ("response", pa.string()),
 ])
 MU = {"left": 1.0, "right": 0.0, "equal": 0.5, "skip": None}
 
@@ -56,6 +73,7 @@ class Label:
     created_at: float
     labeled_at: float
     rm_version: int
+    ranking_id: str | None = None
 
     def row(self) -> dict:
         if self.label not in MU:
@@ -64,8 +82,21 @@ class Label:
             "query_id": self.query_id, "left_id": self.left_id, "right_id": self.right_id,
             "label": self.label, "mu": MU[self.label], "source": self.source,
             "created_at": int(self.created_at * 1e6), "labeled_at": int(self.labeled_at * 1e6),
-            "rm_version": int(self.rm_version),
+            "rm_version": int(self.rm_version), "ranking_id": self.ranking_id,
         }
+
+
+@dataclass
+class QueryRecord:
+    query_id: str
+    kind: str
+    item_ids: list[str]
+    created_at: float
+    rm_version: int
+
+    def row(self) -> dict:
+        return {"query_id": self.query_id, "kind": self.kind, "item_ids": list(self.item_ids),
+                "created_at": int(self.created_at * 1e6), "rm_version": int(self.rm_version)}
 
 
 def _open_fs(root: str) -> tuple[pafs.FileSystem, str, bool]:
@@ -79,7 +110,7 @@ class PreferenceStore:
     def __init__(self, root: str):
         self.root = root
         self.fs, self.base, self.local = _open_fs(root)
-        for sub in ("labels", "segments"):
+        for sub in ("labels", "segments", "queries", "texts", "clips"):
             self.fs.create_dir(f"{self.base}/{sub}", recursive=True)
 
     # ------------------------------------------------------------------ writing
@@ -123,6 +154,47 @@ class PreferenceStore:
         table = pa.Table.from_pylist([lab.row() for lab in labels], schema=LABEL_SCHEMA)
         return self._write("labels", table)
 
+    def write_queries(self, queries: list[QueryRecord]) -> str | None:
+        if not queries:
+            return None
+        return self._write("queries", pa.Table.from_pylist([q.row() for q in queries],
+                                                           schema=QUERY_SCHEMA))
+
+    def write_texts(self, ids: list[str], prompts: list[str], responses: list[str]) -> str | None:
+        if not ids:
+            return None
+        return self._write("texts", pa.table({"text_id": ids, "prompt": prompts,
+                                              "response": responses}, schema=TEXT_SCHEMA))
+
+    def clip_path(self, segment_id: str, ext: str = "webm") -> str:
+        if not segment_id.replace("-", "").isalnum():
+            raise ValueError(f"segment id {segment_id!r}: letters, digits and '-' only")
+        return f"{self.base}/clips/{segment_id}.{ext}"
+
+    def write_clip(self, segment_id: str, data: bytes, ext: str = "webm") -> str:
+        """Write a rendered clip (atomically; clips are a cache, not acknowledged data)."""
+        final = self.clip_path(segment_id, ext)
+        if not self.local:
+            with self.fs.open_output_stream(final) as out:
+                out.write(data)
+            return final
+        tmp = f"{self.base}/clips/.tmp-{uuid.uuid4().hex[:8]}-{segment_id}.{ext}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+        return final
+
+    def read_clip(self, segment_id: str, ext: str = "webm") -> bytes | None:
+        path = self.clip_path(segment_id, ext)
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def has_clip(self, segment_id: str, ext: str = "webm") -> bool:
+        return self.fs.get_file_info(self.clip_path(segment_id, ext)).type == pafs.FileType.File
+
     # ------------------------------------------------------------------ reading
     def _parts(self, sub: str) -> list[str]:
         sel = pafs.FileSelector(f"{self.base}/{sub}", allow_not_found=True)
@@ -144,7 +216,7 @@ class PreferenceStore:
         parts = [self._read(p) for p in self._parts("labels")]
         if not parts:
             return LABEL_SCHEMA.empty_table()
-        table = pa.concat_tables([t.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA) for t in parts])
+        table = pa.concat_tables([_conform(t, LABEL_SCHEMA) for t in parts])
         seen: set[str] = set()
         keep = []
         for i, q in enumerate(table.column("query_id").to_pylist()):
@@ -152,6 +224,39 @@ class PreferenceStore:
                 seen.add(q)
                 keep.append(i)
         return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
+
+    def queries(self) -> pa.Table:
+        """Every query ever asked (answered or not), one row per query id."""
+        parts = [_conform(self._read(p), QUERY_SCHEMA) for p in self._parts("queries")]
+        if not parts:
+            return QUERY_SCHEMA.empty_table()
+        table = pa.concat_tables(parts)
+        seen: set[str] = set()
+        keep = [i for i, q in enumerate(table.column("query_id").to_pylist())
+                if not (q in seen or seen.add(q))]
+        return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
+
+    def pending_queries(self) -> list[QueryRecord]:
+        """Queries asked but never answered (a ranking is answered once any of its pairs is)."""
+        labels = self.labels()
+        done = set(labels.column("query_id").to_pylist())
+        done |= {r for r in labels.column("ranking_id").to_pylist() if r}
+        return [QueryRecord(r["query_id"], r["kind"], r["item_ids"], r["created_at"].timestamp(),
+                            r["rm_version"])
+                for r in self.queries().to_pylist() if r["query_id"] not in done]
+
+    def texts(self, ids: list[str]) -> dict[str, tuple[str, str]]:
+        """text id -> (prompt, response) for the ids asked."""
+        want, found = set(ids), {}
+        for path in self._parts("texts"):
+            t = self._read(path).to_pylist()
+            for r in t:
+                if r["text_id"] in want:
+                    found[r["text_id"]] = (r["prompt"], r["response"])
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise StoreError(f"{self.root}: {len(missing)} text(s) missing, e.g. {missing[0]}")
+        return found
 
     def count(self) -> int:
         return len(self.labels())
@@ -186,4 +291,12 @@ class PreferenceStore:
                             env_steps=np.array([found[i][0] for i in order], dtype=np.int64))
 
 
-__all__ = ["Label", "PreferenceStore", "StoreError", "LABEL_SCHEMA", "MU"]
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part as `schema`: columns added since it was written come back as nulls."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+__all__ = ["Label", "PreferenceStore", "QueryRecord", "StoreError", "LABEL_SCHEMA",
+           "QUERY_SCHEMA", "MU"]

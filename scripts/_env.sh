@@ -24,5 +24,16 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/pip" install "${PIP_ARGS[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}"
   echo "$WANT" > "$STAMP"
 fi
+# The browser tests drive Debian's Chromium (never a Playwright browser download).
+if [[ "$EXTRAS" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser tests" >&2
+    (apt-get install -y -q chromium >/dev/null 2>&1 || \
+     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+      echo "warning: could not install chromium; the browser test will fail" >&2
+  else
+    echo "warning: chromium missing (apt-get install chromium as root); the browser test will fail" >&2
+  fi
+fi
 export PATH="$VENV/bin:$PATH"
 export MUJOCO_GL="${MUJOCO_GL:-egl}"

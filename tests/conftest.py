@@ -31,3 +31,69 @@ def ray_cluster():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def hopper_segments(n: int, length: int, seed: int = 0):
+    """n real Hopper-v5 segments (random policy) with the MuJoCo state of every step."""
+    import numpy as np
+
+    from rlhf_ray.control.envs import make_env
+    from rlhf_ray.core.segments import cut_segments
+
+    env = make_env({"id": "Hopper-v5", "kwargs": {"terminate_when_unhealthy": False}})
+    rng = np.random.default_rng(seed)
+    env.action_space.seed(seed)
+    obs, info = env.reset(seed=seed)
+    t = 2 * n * length
+    ep = {k: [] for k in ("obs", "actions", "true_rewards", "state_qpos", "state_qvel")}
+    for _ in range(t):
+        a = env.action_space.sample()
+        ep["obs"].append(obs)
+        ep["actions"].append(a)
+        obs, r, _, _, info = env.step(a)
+        ep["true_rewards"].append(r)
+        ep["state_qpos"].append(info["rlhf_qpos"])
+        ep["state_qvel"].append(info["rlhf_qvel"])
+    env.close()
+    arrays = {k: np.asarray(v, dtype=np.float32 if k in ("obs", "actions", "true_rewards")
+                            else np.float64) for k, v in ep.items()}
+    return cut_segments(arrays, length, n, rng)
+
+
+class Http:
+    """A tiny JSON client for the labeling app (urllib: nothing beyond the standard library)."""
+
+    def __init__(self, base: str, token: str | None):
+        self.base, self.token = base.rstrip("/"), token
+
+    def request(self, method: str, path: str, body=None, token="default", raw: bytes | None = None,
+                headers: dict | None = None):
+        import json
+        import urllib.error
+        import urllib.request
+
+        token = self.token if token == "default" else token
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                payload = r.read()
+                ctype = r.headers.get("content-type", "")
+                return r.status, (json.loads(payload) if "json" in ctype and payload else payload)
+        except urllib.error.HTTPError as e:
+            payload = e.read()
+            try:
+                return e.code, json.loads(payload)
+            except ValueError:
+                return e.code, payload
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster):
+    """Serve's HTTP proxy on the shared cluster: (host, port)."""
+    from rlhf_ray.labeling.service import ensure_serve_http
+
+    return ensure_serve_http("127.0.0.1", 8000)

@@ -48,6 +48,7 @@ class Roles:
     trainer: object
     spec: RewardNetSpec
     rm_handle: object
+    labeling: object = None  # LabelingRoles when humans label
 
 
 def init_ray(cfg: Config) -> bool:
@@ -111,15 +112,24 @@ def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
     weight_store = _remote(WeightStore, place.labeler, name=f"rlhf-weights-{run_id}").remote()
     pool = _remote(SegmentPool, place.labeler, name=f"rlhf-pool-{run_id}").remote(
         cfg.labels.pool_size, cfg.seed)
+    lab = cfg.labeler
     labeler = _remote(Labeler, place.labeler, name=f"rlhf-labeler-{run_id}").remote(
-        store_root, cfg.labels.source, cfg.labels.oracle.model_dump(), cfg.seed)
+        store_root, lab.source, lab.oracle.model_dump(), cfg.seed, cfg.labels.budget,
+        lab.lease_s, lab.deadline_s, lab.text_oracle)
+    labeling = None
+    if lab.source != "oracle":
+        from rlhf_ray.labeling.service import start_labeling
+
+        # Serve's HTTP proxy must start with the labeler's host/port, before any app runs.
+        labeling = start_labeling(cfg, labeler_name=f"rlhf-labeler-{run_id}", namespace=ns,
+                                  store_root=store_root, run_id=run_id)
     trainer = _remote(RewardTrainer, place.reward_trainer).remote(
         spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads)
     app_name = f"rlhf-rm-{run_id}"
     handle = serve_rm.deploy(spec, app_name=app_name, weight_store=f"rlhf-weights-{run_id}",
                              namespace=ns, serve_cfg=place.reward_model,
                              torch_threads=cfg.run.torch_threads)
-    return Roles(ns, app_name, weight_store, pool, labeler, trainer, spec, handle)
+    return Roles(ns, app_name, weight_store, pool, labeler, trainer, spec, handle, labeling)
 
 
 def stop_roles(roles: Roles | None) -> None:
@@ -128,6 +138,10 @@ def stop_roles(roles: Roles | None) -> None:
 
     if roles is None:
         return
+    if roles.labeling is not None:
+        from rlhf_ray.labeling.service import stop_labeling
+
+        stop_labeling(roles.labeling)
     try:
         serve.delete(roles.app_name)
     except Exception:  # noqa: BLE001 - best effort at shutdown
@@ -157,8 +171,10 @@ class Controller:
     """Holds the run's state; `run()` is the loop."""
 
     def __init__(self, cfg: Config, run_dir: str | None = None,
-                 on_metrics: Callable[[dict], None] | None = None, progress: bool = True):
+                 on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
+                 stop_event=None):
         self.cfg = cfg
+        self.stop_event = stop_event  # a threading.Event: set it to end the run after this iteration
         self.on_metrics = on_metrics
         self.progress = progress
         name = cfg.run.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -207,6 +223,10 @@ class Controller:
             algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
             writer = MetricsWriter(self.run_dir)
             self.roles = roles
+            if roles is not None and roles.labeling is not None:
+                print(f"labeling page: {roles.labeling.url}", file=sys.stderr, flush=True)
+                (self.run_dir / "labeling_url.txt").write_text(roles.labeling.url + "\n")
+                os.chmod(self.run_dir / "labeling_url.txt", 0o600)  # it carries the token
             # 1. initial labels from the initial policy, then pretraining
             if learned:
                 self.initial_labels(algo, roles)
@@ -218,6 +238,8 @@ class Controller:
                 self.iteration += 1
                 env_steps = int(find_metric(result, "num_env_steps_sampled_lifetime") or 0)
                 if learned:
+                    if cfg.labeler.source == "mixed":
+                        ray.get(roles.labeler.expire_overdue.remote())
                     self.request_labels(roles, env_steps)
                     self.feed_reward_trainer(roles, block=False)
                 last = self.metrics(result, env_steps, time.time() - t_start, roles)
@@ -234,7 +256,8 @@ class Controller:
                     self.on_metrics(last)
                 if self.progress:
                     print(progress_line(last), flush=True)
-                done = env_steps >= cfg.run.total_env_steps
+                done = env_steps >= cfg.run.total_env_steps or bool(
+                    self.stop_event is not None and self.stop_event.is_set())
                 if done or (cfg.run.checkpoint_every and self.iteration % cfg.run.checkpoint_every == 0):
                     self.checkpoint(algo, roles)
                 if done:
@@ -340,6 +363,10 @@ class Controller:
                 "labels_total": stats["labels_total"],
                 "labels_requested": self.requested,
                 "labels_by_source": stats["labels_by_source"],
+                "labels_pending": stats["labels_pending"],
+                "labels_human": sum(v for k, v in stats["labels_by_source"].items()
+                                    if k.startswith("human:")),
+                "labels_oracle": stats["labels_by_source"].get("oracle", 0),
                 "pred_reward_mean": _f(pred_r),
                 "pred_return_mean": _f(pred_r * ep_len) if pred_r is not None and ep_len else None,
                 "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
@@ -403,9 +430,11 @@ def progress_line(m: dict) -> str:
 
 
 def train(cfg: Config, run_dir: str | None = None,
-          on_metrics: Callable[[dict], None] | None = None, progress: bool = True) -> Path:
-    """Run the whole loop; returns the run folder."""
-    ctl = Controller(cfg, run_dir, on_metrics, progress)
+          on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
+          stop_event=None) -> Path:
+    """Run the whole loop; returns the run folder. Setting `stop_event` (a threading.Event)
+    ends the run after the current iteration, with a final checkpoint."""
+    ctl = Controller(cfg, run_dir, on_metrics, progress, stop_event)
     if progress:
         print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)
     ctl.run()

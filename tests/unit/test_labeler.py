@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from rlhf_ray.core.segments import cut_segments
 from rlhf_ray.labeler import Labeler
@@ -44,3 +45,82 @@ def test_human_answers_are_idempotent_and_conflicts_refused(tmp_path):
     again = Labeler(str(tmp_path), source="human")
     assert again.stats()["labels_by_source"] == {"human:ann": 1}
     assert again.answer(q[0], "right", "human:ann") == "duplicate"
+
+
+def test_leases_hold_a_query_for_one_labeler_until_expiry(tmp_path):
+    lab = Labeler(str(tmp_path), source="human", seed=0, lease_s=10.0)
+    q = lab.submit(*pairs(2))
+    assert lab.lease_next("ann", now=0.0) is None  # clips not rendered yet: nothing offered
+    assert [qid for qid, _ in lab.to_render(4, now=0.0)] == q
+    assert lab.to_render(4, now=1.0) == []  # handed out once per retry period
+    lab.mark_ready(q)
+    a = lab.lease_next("ann", now=0.0)
+    b = lab.lease_next("bob", now=0.0)
+    assert a["query_id"] == q[0] and b["query_id"] == q[1]
+    assert lab.lease_next("cy", now=5.0) is None  # both held
+    assert lab.lease_next("ann", now=5.0)["query_id"] == q[0]  # a holder gets its own back
+    assert lab.lease_next("ann", exclude=[q[0]], now=5.0) is None
+    assert lab.lease_next("cy", now=16.0)["query_id"] == q[0]  # ann's lease ran out
+    assert lab.stats(now=16.0)["labels_leased"] == 1  # cy holds q0; bob's lease on q1 ran out
+
+
+def test_ranking_is_stored_as_all_pairs_with_one_ranking_id(tmp_path):
+    lab = Labeler(str(tmp_path), source="human", seed=0)
+    qid, cmp_id = lab.submit_texts(["p", "q"], [["a", "b", "c", "d"], ["x", "y"]])
+    with pytest.raises(ValueError, match="each of the 4"):
+        lab.answer_ranking(qid, [0, 0, 1, 2], "human:ann")
+    with pytest.raises(ValueError, match="takes an order"):
+        lab.answer(qid, "left", "human:ann")
+    assert lab.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "stored"
+    assert lab.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
+    assert lab.answer_ranking(qid, [0, 1, 2, 3], "human:ann") == "conflict"
+    rows = PreferenceStore(str(tmp_path)).labels().to_pylist()
+    assert len(rows) == 6 and {r["ranking_id"] for r in rows} == {qid}
+    pairs_ = lab.drain_texts()
+    better = {(d["left"], d["right"]): d["mu"] for d in pairs_}
+    # c > a > d > b
+    assert better[("a", "b")] == 1.0 and better[("a", "c")] == 0.0 and better[("c", "d")] == 1.0
+    assert better[("b", "d")] == 0.0 and len(pairs_) == 6
+    # reopening restores the ranking (as answered) and the comparison (as pending)
+    again = Labeler(str(tmp_path), source="human")
+    assert again.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
+    assert again.answer_ranking(qid, [3, 0, 2, 1], "human:ann") == "conflict"
+    nxt = again.lease_next("bob")
+    assert nxt["query_id"] == cmp_id and nxt["kind"] == "text" and nxt["responses"] == ["x", "y"]
+    assert again.answer(cmp_id, "right", "human:bob") == "stored"
+    assert again.stats()["labels_by_source"] == {"human:ann": 1, "human:bob": 1}
+
+
+def test_pending_clip_queries_survive_a_restart(tmp_path):
+    lab = Labeler(str(tmp_path), source="human", seed=0)
+    left, right = pairs(3)
+    q = lab.submit(left, right)
+    lab.answer(q[1], "left", "human:ann")
+    again = Labeler(str(tmp_path), source="human")
+    assert set(again.pending) == {q[0], q[2]}
+    assert np.array_equal(again.pending[q[2]].pair.arrays["obs"][0], left.arrays["obs"][2])
+    assert again.answer(q[1], "left", "human:ann") == "duplicate"
+
+
+def test_mixed_mode_oracle_answers_only_overdue_queries(tmp_path):
+    lab = Labeler(str(tmp_path), source="mixed", seed=0, deadline_s=30.0)
+    q = lab.submit(*pairs(3))
+    t = lab.pending[q[0]].created_at
+    lab.mark_ready(q)
+    lab.lease_next("ann", now=t + 31)  # q0 leased: its holder may still answer
+    assert lab.expire_overdue(now=t + 10) == 0
+    assert lab.expire_overdue(now=t + 31) == 2
+    assert lab.answer(q[0], "equal", "human:ann") == "stored"
+    assert lab.stats()["labels_by_source"] == {"oracle": 2, "human:ann": 1}
+    assert Labeler(str(tmp_path), source="human").stats()["labels_pending"] == 0
+
+
+def test_text_oracle_by_import_path(tmp_path):
+    # operator.contains(prompt, response): 1.0 when the response occurs in the prompt
+    lab = Labeler(str(tmp_path), source="oracle", seed=0, text_oracle="operator:contains")
+    lab.submit_texts(["abc", "aa b"], [["a", "x"], ["z", "aa", "b"]])
+    rows = PreferenceStore(str(tmp_path)).labels().to_pylist()
+    assert [r["label"] for r in rows if not r["ranking_id"]] == ["left"]
+    assert sorted(r["label"] for r in rows if r["ranking_id"]) == ["left", "right", "right"]
+    with pytest.raises(ValueError, match="module:function"):
+        Labeler(str(tmp_path / "x"), text_oracle="nocolon")

@@ -1,0 +1,162 @@
+"""Starting and stopping what humans need: clip renderers and the labeling app.
+
+Used by the training controller (`labeler.source=human|mixed`) and by `rlhf-ray label RUN_DIR`,
+which labels the pending queries of an existing run on their own.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from rlhf_ray.config import Config
+
+
+@dataclass
+class LabelingRoles:
+    app_name: str
+    url: str
+    token: str
+    renderers: list = field(default_factory=list)
+
+
+def ensure_serve_http(host: str, port: int) -> tuple[str, int]:
+    """Start Serve's HTTP proxy on host:port unless Serve already runs; returns where the
+    proxy really listens."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        opts = _get_global_client().http_config
+        return opts.host, int(opts.port)
+    except Exception:  # noqa: BLE001 - older/newer Serve internals: report what we asked for
+        return host, port
+
+
+def public_url(host: str, port: int, route_prefix: str, token: str) -> str:
+    shown = host
+    if host in ("0.0.0.0", "::"):
+        try:
+            import ray
+
+            shown = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001
+            shown = socket.gethostname()
+    prefix = route_prefix.rstrip("/")
+    return f"http://{shown}:{port}{prefix}/?token={token}"
+
+
+def start_labeling(cfg: Config, *, labeler_name: str, namespace: str, store_root: str,
+                   run_id: str) -> LabelingRoles:
+    import ray
+
+    from rlhf_ray.labeling import app as labeling_app
+    from rlhf_ray.labeling.app import new_token
+    from rlhf_ray.labeling.clips import ClipRenderWorker
+
+    lab = cfg.labeler
+    token = lab.token or new_token()
+    host, port = ensure_serve_http(lab.host, lab.port)
+    renderers = []
+    res = cfg.placement.clip_renderer
+    env_cfg = cfg.env.model_dump(mode="json")
+    for i in range(lab.clip_renderers):
+        opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+                "runtime_env": {"env_vars": {"MUJOCO_GL": "egl"}},
+                "name": f"rlhf-render-{run_id}-{i}"}
+        if res.resources:
+            opts["resources"] = dict(res.resources)
+        renderers.append(ray.remote(ClipRenderWorker).options(**opts).remote(
+            labeler_name, namespace, store_root, env_cfg, lab.clips.width, lab.clips.height,
+            lab.clips.fps, lab.clips.frame_skip))
+    app_res = cfg.placement.labeling_app
+    app_name = f"rlhf-label-{run_id}"
+    labeling_app.deploy(labeler_name=labeler_name, namespace=namespace, store_root=store_root,
+                        token=token, app_name=app_name, route_prefix=lab.route_prefix,
+                        num_cpus=app_res.num_cpus, resources_=app_res.resources)
+    return LabelingRoles(app_name, public_url(host, port, lab.route_prefix, token), token,
+                         renderers)
+
+
+def stop_labeling(roles: LabelingRoles | None) -> None:
+    import ray
+    from ray import serve
+
+    if roles is None:
+        return
+    try:
+        serve.delete(roles.app_name)
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
+    for r in roles.renderers:
+        try:
+            ray.kill(r)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_store_root(run_dir: str, cfg: Config) -> str:
+    from pathlib import Path
+
+    storage = cfg.run.storage_path
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{Path(run_dir).name}/preferences"
+    return str(Path(run_dir) / "preferences")
+
+
+def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: bool = False,
+              poll_s: float = 2.0, on_url=None) -> int:
+    """`rlhf-ray label RUN_DIR`: serve the pending queries of an existing (stopped) run."""
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    import ray
+
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.control.loop import _remote, init_ray
+    from rlhf_ray.labeler import Labeler
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(str(path), ["labeler.source=human", *(overrides or [])])
+    store_root = run_store_root(run_dir, cfg)
+    started = init_ray(cfg)
+    run_id = "label-" + uuid.uuid4().hex[:6]
+    name = f"rlhf-labeler-{run_id}"
+    ns = ray.get_runtime_context().namespace
+    labeler = _remote(Labeler, cfg.placement.labeler, name=name).remote(
+        store_root, "human", cfg.labeler.oracle.model_dump(), cfg.seed, cfg.labels.budget,
+        cfg.labeler.lease_s, cfg.labeler.deadline_s, cfg.labeler.text_oracle)
+    roles = None
+    try:
+        stats = ray.get(labeler.stats.remote())
+        roles = start_labeling(cfg, labeler_name=name, namespace=ns, store_root=store_root,
+                               run_id=run_id)
+        print(f"labeling page: {roles.url}", flush=True)
+        if on_url is not None:
+            on_url(roles.url)
+        print(f"{stats['labels_pending']} queries pending, {stats['labels_total']} answered",
+              flush=True)
+        last = None
+        while True:
+            stats = ray.get(labeler.stats.remote())
+            now = (stats["labels_total"], stats["labels_pending"])
+            if now != last:
+                print(f"answered {now[0]}, pending {now[1]}", flush=True)
+                last = now
+            if exit_when_done and stats["labels_pending"] == 0:
+                return 0
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print("stopped; every acknowledged label is in the store", file=sys.stderr)
+        return 0
+    finally:
+        stop_labeling(roles)
+        ray.kill(labeler)
+        if started:
+            ray.shutdown()

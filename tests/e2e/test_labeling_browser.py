@@ -1,0 +1,109 @@
+"""A real headless Chromium labels 10 clip pairs on the real page, with clicks and keys."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+
+from conftest import hopper_segments
+
+pytestmark = pytest.mark.browser
+CHROMIUM = os.environ.get("RLHF_RAY_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--autoplay-policy=no-user-gesture-required"]
+
+
+@pytest.fixture(scope="module")
+def labeling(ray_cluster, serve_http, tmp_path_factory):
+    ray = ray_cluster
+    from ray import serve
+
+    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.labeling import app as labeling_app
+    from rlhf_ray.labeling.clips import ClipRenderWorker
+    from rlhf_ray.store import PreferenceStore
+
+    root = str(tmp_path_factory.mktemp("browser") / "preferences")
+    run = uuid.uuid4().hex[:6]
+    name = f"rlhf-labeler-browser-{run}"
+    ns = ray.get_runtime_context().namespace
+    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(
+        root, "human", None, 0, 10, 60.0, 120.0, None)
+    segs = hopper_segments(5, 20, seed=1)  # 5 segments: all 10 pairs, 5 clips to render
+    pairs = list(itertools.combinations(range(5), 2))
+    qids = ray.get(labeler.submit.remote(segs.take([a for a, _ in pairs]),
+                                         segs.take([b for _, b in pairs]), 0))
+    renderer = ray.remote(ClipRenderWorker).options(num_cpus=0).remote(
+        name, ns, root, {"id": "Hopper-v5", "kwargs": {}}, 160, 120, 25, 2)
+    token = labeling_app.new_token()
+    prefix = f"/label-{run}"
+    labeling_app.deploy(labeler_name=name, namespace=ns, store_root=root, token=token,
+                        app_name=f"label-{run}", route_prefix=prefix)
+    host, port = serve_http
+    yield {"url": f"http://{host}:{port}{prefix}/?token={token}&labeler=tester",
+           "store": PreferenceStore(root), "qids": qids}
+    serve.delete(f"label-{run}")
+    ray.kill(renderer)
+    ray.kill(labeler)
+
+
+def video_time_advances(page, side: str) -> bool:
+    sel = f"#{side} video"
+    page.wait_for_function(f"document.querySelector('{sel}') && "
+                           f"document.querySelector('{sel}').readyState >= 2", timeout=30_000)
+    t0 = page.eval_on_selector(sel, "v => v.currentTime")
+    page.wait_for_timeout(400)
+    t1 = page.eval_on_selector(sel, "v => v.currentTime")
+    decoded = page.eval_on_selector(sel, "v => v.videoWidth > 0 && v.videoHeight > 0")
+    return decoded and t1 != t0  # looping clips: time moves on (or wraps around)
+
+
+def test_chromium_labels_ten_pairs(labeling, tmp_path):
+    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} missing: ./scripts/test installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    plan = ["left", "right", "equal", "skip"]
+    keys = {"left": "ArrowLeft", "right": "ArrowRight", "equal": "ArrowUp", "skip": "ArrowDown"}
+    expected: dict[str, str] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 640})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(labeling["url"])
+        previous = ""
+        for i in range(10):
+            page.wait_for_function(
+                f"document.body.dataset.queryId && document.body.dataset.queryId !== '{previous}'",
+                timeout=120_000)
+            qid = page.evaluate("document.body.dataset.queryId")
+            assert qid in labeling["qids"] and qid not in expected
+            if i in (0, 5, 9):
+                assert video_time_advances(page, "left") and video_time_advances(page, "right")
+            if i == 0:
+                page.screenshot(path=str(tmp_path / "labeling.png"))
+                if os.environ.get("RLHF_RAY_SCREENSHOT"):
+                    page.screenshot(path=os.environ["RLHF_RAY_SCREENSHOT"])
+            choice = plan[i % 4]
+            if i % 2 == 0:
+                page.keyboard.press(keys[choice])
+            else:
+                page.click(f"#btn-{choice}")
+            expected[qid] = choice
+            page.wait_for_function(f"document.body.dataset.answered === '{i + 1}'", timeout=30_000)
+            previous = qid
+        page.wait_for_selector("#empty", state="visible", timeout=30_000)
+        assert not errors, errors
+        browser.close()
+    assert (tmp_path / "labeling.png").stat().st_size > 5_000
+    rows = labeling["store"].labels().to_pylist()
+    got = {r["query_id"]: r["label"] for r in rows}
+    assert got == expected
+    assert {r["source"] for r in rows} == {"human:tester"}
