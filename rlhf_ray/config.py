@@ -102,6 +102,7 @@ class ClipConfig(_Strict):
     height: int = Field(120, ge=16, le=1080)
     fps: int = Field(25, ge=1, le=120, description="playback frames per second")
     frame_skip: int = Field(2, ge=1, description="render every n-th step of a segment")
+    shadows: bool = Field(False, description="MuJoCo shadows and reflections (5x slower on CPU)")
 
 
 class LabelerConfig(_Strict):
@@ -164,6 +165,10 @@ class PlacementConfig(_Strict):
     reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
     labeler: RoleResources = Field(default_factory=RoleResources)
     labeling_app: RoleResources = Field(default_factory=RoleResources)
+    batch_nice: int = Field(
+        10, ge=0, le=19, description="CPU niceness added to the batch roles (rollout workers, "
+        "clip renderers, reward trainer) so the interactive path (labeling app, labeler, Serve) "
+        "answers promptly where roles share cores; 0 leaves priorities alone")
     clip_renderer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
 
 

@@ -41,8 +41,12 @@ class Comparisons:
 
 class RewardTrainer:
     def __init__(self, spec: RewardNetSpec, cfg: RewardModelConfig, seed: int = 0,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, nice: int = 0):
         torch.set_num_threads(torch_threads)
+        if nice:  # a batch role: let the interactive ones answer first on shared cores
+            from rlhf_ray.control.envs import lower_priority
+
+            lower_priority(nice)
         self.spec, self.cfg = spec, cfg
         self.rng = np.random.default_rng(seed)
         self.ensemble = RewardEnsemble(spec, seed=seed)

@@ -55,8 +55,22 @@ class RLHFInfo(gym.Wrapper):
         return obs, reward, terminated, truncated, self._info(obs, info)
 
 
+def lower_priority(nice: int) -> None:
+    """Add `nice` to this process's niceness, once per process (batch roles call it)."""
+    global _NICED
+    if nice and not _NICED:
+        import os
+
+        os.nice(int(nice))
+        _NICED = True
+
+
+_NICED = False
+
+
 def make_env(env_config: dict) -> gym.Env:
-    """env_config: `EnvConfig.model_dump()`."""
+    """env_config: `EnvConfig.model_dump()`, plus `_nice` (rollout workers' priority)."""
+    lower_priority(int(env_config.get("_nice") or 0))
     env_id = env_config["id"]
     kwargs = dict(env_config.get("kwargs") or {})
     atari = env_config.get("preprocessing") == "atari"

@@ -124,7 +124,7 @@ def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
         labeling = start_labeling(cfg, labeler_name=f"rlhf-labeler-{run_id}", namespace=ns,
                                   store_root=store_root, run_id=run_id)
     trainer = _remote(RewardTrainer, place.reward_trainer).remote(
-        spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads)
+        spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads, place.batch_nice)
     app_name = f"rlhf-rm-{run_id}"
     handle = serve_rm.deploy(spec, app_name=app_name, weight_store=f"rlhf-weights-{run_id}",
                              namespace=ns, serve_cfg=place.reward_model,
@@ -220,6 +220,10 @@ class Controller:
                 relabel = (roles.app_name, "RewardModel")
             else:
                 segments, relabel = None, None
+            if learned and cfg.labeler.source != "oracle" and cfg.placement.num_learners == 0:
+                # The learner runs here, and Ray starts its workers (the labeling app, the
+                # labeler, Serve) at niceness 15: a learner at 0 would starve the page.
+                envs.lower_priority(cfg.placement.batch_nice)
             algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
             writer = MetricsWriter(self.run_dir)
             self.roles = roles

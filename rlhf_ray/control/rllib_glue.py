@@ -225,7 +225,8 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
     config = (
         PPOConfig()
-        .environment(ENV_NAME, env_config=cfg.env.model_dump(mode="json"))
+        .environment(ENV_NAME, env_config={**cfg.env.model_dump(mode="json"),
+                                           "_nice": cfg.placement.batch_nice})
         .framework("torch")
         .env_runners(**env_runner_kw)
         .learners(**learner_kw)

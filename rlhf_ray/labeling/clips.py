@@ -27,8 +27,9 @@ class ClipRenderer:
     """Segments -> frames -> WebM bytes. One per process; not thread-safe (one GL context)."""
 
     def __init__(self, env_config: dict, width: int = 160, height: int = 120, fps: int = 25,
-                 frame_skip: int = 2):
+                 frame_skip: int = 2, shadows: bool = False):
         self.env_config = dict(env_config)
+        self.shadows = shadows
         self.atari = env_config.get("preprocessing") == "atari"
         self.width, self.height, self.fps = width, height, fps
         self.frame_skip = max(1, frame_skip)
@@ -43,6 +44,13 @@ class ClipRenderer:
             self._env = gym.make(self.env_config["id"], render_mode="rgb_array",
                                  width=self.width, height=self.height, **kwargs)
             self._env.reset(seed=0)
+            self._env.render()
+            if not self.shadows:  # on a CPU (EGL, llvmpipe) these cost 5x: 0.05 vs 0.01 s/frame
+                import mujoco
+
+                viewer = self._env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
+                viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+                viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         return self._env
 
     def frames(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -117,13 +125,14 @@ class ClipRenderWorker:
 
     def __init__(self, labeler_name: str, namespace: str, store_root: str, env_config: dict,
                  width: int = 160, height: int = 120, fps: int = 25, frame_skip: int = 2,
-                 poll_s: float = 0.25):
+                 shadows: bool = False, nice: int = 0, poll_s: float = 0.25):
         from rlhf_ray.store import PreferenceStore
 
         self.labeler_name, self.namespace = labeler_name, namespace
         self.store = PreferenceStore(store_root)
-        self.args = (env_config, width, height, fps, frame_skip)
+        self.args = (env_config, width, height, fps, frame_skip, shadows)
         self.poll_s = poll_s
+        self.nice = nice
         self.rendered = 0
         self.render_s = 0.0
         self.error: str | None = None
@@ -134,6 +143,9 @@ class ClipRenderWorker:
     def _loop(self) -> None:
         import ray
 
+        from rlhf_ray.control.envs import lower_priority
+
+        lower_priority(self.nice)
         renderer = ClipRenderer(*self.args)  # GL context lives in this thread
         labeler = ray.get_actor(self.labeler_name, namespace=self.namespace)
         while not self._stop.is_set():

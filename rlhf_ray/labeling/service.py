@@ -70,7 +70,7 @@ def start_labeling(cfg: Config, *, labeler_name: str, namespace: str, store_root
             opts["resources"] = dict(res.resources)
         renderers.append(ray.remote(ClipRenderWorker).options(**opts).remote(
             labeler_name, namespace, store_root, env_cfg, lab.clips.width, lab.clips.height,
-            lab.clips.fps, lab.clips.frame_skip))
+            lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, cfg.placement.batch_nice))
     app_res = cfg.placement.labeling_app
     app_name = f"rlhf-label-{run_id}"
     labeling_app.deploy(labeler_name=labeler_name, namespace=namespace, store_root=store_root,

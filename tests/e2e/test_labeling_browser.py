@@ -107,3 +107,69 @@ def test_chromium_labels_ten_pairs(labeling, tmp_path):
     got = {r["query_id"]: r["label"] for r in rows}
     assert got == expected
     assert {r["source"] for r in rows} == {"human:tester"}
+
+
+def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_path):
+    """The same page: a prompt with two responses (keys), a ranking typed with number keys,
+    a ranking put in order by dragging."""
+    ray = ray_cluster
+    from playwright.sync_api import sync_playwright
+    from ray import serve
+
+    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.labeling import app as labeling_app
+    from rlhf_ray.store import PreferenceStore
+
+    root = str(tmp_path / "preferences")
+    run = uuid.uuid4().hex[:6]
+    name = f"rlhf-labeler-text-{run}"
+    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, "human")
+    q_text, q_keys, q_drag = ray.get(labeler.submit_texts.remote(
+        ["Greet me.", "Order these numbers.", "Pick the longest."],
+        [["hello", "go away"], ["one", "two", "three", "four"], ["a", "bb", "ccc"]]))
+    token = labeling_app.new_token()
+    labeling_app.deploy(labeler_name=name, namespace=ray.get_runtime_context().namespace,
+                        store_root=root, token=token, app_name=f"label-{run}",
+                        route_prefix=f"/label-{run}")
+    host, port = serve_http
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(f"http://{host}:{port}/label-{run}/?token={token}&labeler=reader")
+            page.wait_for_function(f"document.body.dataset.queryId === '{q_text}'", timeout=30_000)
+            assert page.inner_text("#prompt") == "Greet me."
+            assert page.inner_text("#left pre") == "hello"
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_function(f"document.body.dataset.queryId === '{q_keys}'", timeout=30_000)
+            assert page.is_visible("#ranklist") and not page.is_visible("#btn-left")
+            for key in "3142"[:3]:  # three, one, four; "two" is implied last
+                page.keyboard.press(key)
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"document.body.dataset.queryId === '{q_drag}'", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "ranking.png"))
+            # drag "ccc" (index 2) above "a" (index 0), then click submit
+            page.locator("#ranklist li[data-index='2']").drag_to(
+                page.locator("#ranklist li[data-index='0']"), target_position={"x": 20, "y": 2})
+            order = page.eval_on_selector_all("#ranklist li", "xs => xs.map(x => +x.dataset.index)")
+            assert order == [2, 0, 1]
+            page.click("#btn-submit")
+            page.wait_for_selector("#empty", state="visible", timeout=30_000)
+            browser.close()
+        rows = PreferenceStore(root).labels().to_pylist()
+        plain = [r for r in rows if not r["ranking_id"]]
+        assert [(r["query_id"], r["label"], r["source"]) for r in plain] == [(q_text, "left", "human:reader")]
+        texts = PreferenceStore(root).texts([r["left_id"] for r in rows] + [r["right_id"] for r in rows])
+
+        def better(rid):
+            return {(texts[r["left_id"]][1], texts[r["right_id"]][1]): r["label"]
+                    for r in rows if r["ranking_id"] == rid}
+
+        keys = better(q_keys)  # three > one > four > two
+        assert len(keys) == 6 and keys[("one", "two")] == "left" and keys[("one", "three")] == "right"
+        assert keys[("three", "four")] == "left" and keys[("two", "four")] == "right"
+        drag = better(q_drag)  # ccc > a > bb
+        assert drag == {("a", "bb"): "left", ("a", "ccc"): "right", ("bb", "ccc"): "right"}
+    finally:
+        serve.delete(f"label-{run}")
+        ray.kill(labeler)
