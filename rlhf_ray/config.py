@@ -166,9 +166,11 @@ class PlacementConfig(_Strict):
     labeler: RoleResources = Field(default_factory=RoleResources)
     labeling_app: RoleResources = Field(default_factory=RoleResources)
     batch_nice: int = Field(
-        10, ge=0, le=19, description="CPU niceness added to the batch roles (rollout workers, "
-        "clip renderers, reward trainer) so the interactive path (labeling app, labeler, Serve) "
-        "answers promptly where roles share cores; 0 leaves priorities alone")
+        10, ge=0, le=19, description="CPU niceness added to the batch roles so the critical "
+        "path answers first where roles share cores: the reward trainer always (it fills the "
+        "gaps between rollouts and PPO updates); rollout workers, clip renderers and a learner "
+        "in the driver only while people label (the page must answer promptly); 0 leaves "
+        "priorities alone")
     clip_renderer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
 
 

@@ -92,8 +92,11 @@ class RewardTrainer:
         return self.ensemble.raw_member(k, o, a).reshape(b, t).sum(dim=1)
 
     def _loss(self, k: int, idx: np.ndarray, d: Comparisons, train: bool) -> tuple[torch.Tensor, float]:
-        r1 = self._returns(k, d.left_obs[idx], d.left_act[idx])
-        r2 = self._returns(k, d.right_obs[idx], d.right_act[idx])
+        b = len(idx)
+        # left and right segments in one forward pass: half the kernel launches of two
+        both = self._returns(k, np.concatenate([d.left_obs[idx], d.right_obs[idx]]),
+                             np.concatenate([d.left_act[idx], d.right_act[idx]]))
+        r1, r2 = both[:b], both[b:]
         mu = torch.from_numpy(d.mu[idx])
         loss = bradley_terry_loss(r1, r2, mu, self.cfg.random_response_prob)
         decided = mu != 0.5

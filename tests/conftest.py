@@ -41,6 +41,7 @@ def hopper_segments(n: int, length: int, seed: int = 0):
     from rlhf_ray.core.segments import cut_segments
 
     env = make_env({"id": "Hopper-v5", "kwargs": {"terminate_when_unhealthy": False}})
+    layout = env.layout
     rng = np.random.default_rng(seed)
     env.action_space.seed(seed)
     obs, info = env.reset(seed=seed)
@@ -52,8 +53,9 @@ def hopper_segments(n: int, length: int, seed: int = 0):
         ep["actions"].append(a)
         obs, r, _, _, info = env.step(a)
         ep["true_rewards"].append(r)
-        ep["state_qpos"].append(info["rlhf_qpos"])
-        ep["state_qvel"].append(info["rlhf_qvel"])
+        state = layout.unpack(info["rlhf"][None])
+        ep["state_qpos"].append(state["state_qpos"][0])
+        ep["state_qvel"].append(state["state_qvel"][0])
     env.close()
     arrays = {k: np.asarray(v, dtype=np.float32 if k in ("obs", "actions", "true_rewards")
                             else np.float64) for k, v in ep.items()}

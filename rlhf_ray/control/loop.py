@@ -28,7 +28,7 @@ import numpy as np
 
 from rlhf_ray.config import Config, dump_config
 from rlhf_ray.control import envs
-from rlhf_ray.control.rllib_glue import action_bounds, build_ppo_config
+from rlhf_ray.control.rllib_glue import action_bounds, build_ppo_config, info_layout
 from rlhf_ray.core.query_selection import select_queries
 from rlhf_ray.core.schedule import LabelSchedule
 from rlhf_ray.core.segments import SegmentBatch, default_segment_length
@@ -215,7 +215,7 @@ class Controller:
                 roles = start_roles(cfg, self.store_root, self.run_id)
                 segments = {"pool_name": f"rlhf-pool-{self.run_id}", "namespace": roles.namespace,
                             "length": self.seg_len, "per_sample": cfg.labels.segments_per_sample,
-                            "atari": cfg.env.preprocessing == "atari", "seed": cfg.seed,
+                            "layout": info_layout(cfg), "seed": cfg.seed,
                             "action_bounds": action_bounds(cfg)}
                 relabel = (roles.app_name, "RewardModel")
             else:
@@ -224,6 +224,12 @@ class Controller:
                 # The learner runs here, and Ray starts its workers (the labeling app, the
                 # labeler, Serve) at niceness 15: a learner at 0 would starve the page.
                 envs.lower_priority(cfg.placement.batch_nice)
+            if cfg.placement.num_learners == 0:
+                # The learner runs here: give it the threads its placement grants, no more
+                # (torch's default, one per core, fights the reward trainer for them).
+                import torch
+
+                torch.set_num_threads(max(1, int(cfg.placement.learner.num_cpus)))
             algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
             writer = MetricsWriter(self.run_dir)
             self.roles = roles

@@ -19,38 +19,37 @@ from typing import Any
 import numpy as np
 
 from rlhf_ray.config import Config
-from rlhf_ray.control.envs import ENV_NAME, atari_to_uint8
+from rlhf_ray.control.envs import ENV_NAME, INFO_KEY, InfoLayout, atari_to_uint8
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
 
 
-def episode_arrays(ep: Any, num_steps: int, atari: bool, with_state: bool,
+def episode_arrays(ep: Any, num_steps: int, layout: InfoLayout | None, with_state: bool,
                    action_bounds: tuple | None = None) -> dict[str, np.ndarray]:
     """The first `num_steps` real steps of an RLlib SingleAgentEpisode as arrays.
 
     obs[t] is the (unfiltered) observation in which actions[t] was taken; true_rewards[t] the
-    env reward that followed. Continuous actions are clipped to `action_bounds`, the action the
-    env really executed: RLlib stores the raw Gaussian sample, and a reward model fed raw
-    actions can be exploited by actions far outside the bounds that change nothing physically.
+    env reward that followed. `layout` unpacks `info["rlhf"]` (raw obs, MuJoCo state); None
+    means Atari, whose stacked frames are the observations themselves. Continuous actions are
+    clipped to `action_bounds`, the action the env really executed: RLlib stores the raw
+    Gaussian sample, and a reward model fed raw actions can be exploited by actions far
+    outside the bounds that change nothing physically.
     """
     idx = slice(0, num_steps)
-    if atari:
-        obs = atari_to_uint8(ep.get_observations(idx))
+    out: dict[str, np.ndarray] = {}
+    if layout is None:
+        out["obs"] = atari_to_uint8(ep.get_observations(idx))
+    elif num_steps:
+        unpacked = layout.unpack(np.stack([i[INFO_KEY] for i in ep.get_infos(idx)]))
+        out["obs"] = unpacked.pop("obs")
+        if with_state:
+            out.update(unpacked)
     else:
-        infos = ep.get_infos(idx)
-        obs = np.stack([i["rlhf_obs"] for i in infos]) if num_steps else np.zeros((0,))
+        out["obs"] = np.zeros((0, *layout.obs_shape), dtype=np.float32)
     actions = np.asarray(ep.get_actions(idx))
     if action_bounds is not None:
         actions = np.clip(actions, action_bounds[0], action_bounds[1]).astype(np.float32)
-    out = {
-        "obs": obs,
-        "actions": actions,
-        "true_rewards": np.asarray(ep.get_rewards(idx), dtype=np.float32),
-    }
-    if with_state and not atari:
-        infos = ep.get_infos(idx)
-        if num_steps and "rlhf_qpos" in infos[0]:
-            out["state_qpos"] = np.stack([i["rlhf_qpos"] for i in infos])
-            out["state_qvel"] = np.stack([i["rlhf_qvel"] for i in infos])
+    out["actions"] = actions
+    out["true_rewards"] = np.asarray(ep.get_rewards(idx), dtype=np.float32)
     return out
 
 
@@ -78,7 +77,7 @@ class _LazyHandle:
         return self._handle
 
 
-def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
+def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayout | None,
                            chunk_size: int = 2048, action_bounds: tuple | None = None):
     """Factory for `AlgorithmConfig.learners(learner_connector=...)`."""
     base = _connector_base()
@@ -99,7 +98,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
                      metrics=None, **kwargs):
             t0 = time.perf_counter()
             real = [max(0, len(ep) - 1) for ep in episodes]
-            arrays = [episode_arrays(ep, n, atari, with_state=False, action_bounds=action_bounds)
+            arrays = [episode_arrays(ep, n, layout, with_state=False, action_bounds=action_bounds)
                       for ep, n in zip(episodes, real) if n > 0]
             if not arrays:
                 return batch
@@ -132,7 +131,8 @@ def make_relabel_connector(app_name: str, deployment_name: str, atari: bool,
 
 
 def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: int,
-                    per_sample: int, atari: bool, seed: int, action_bounds: tuple | None = None,
+                    per_sample: int, layout: InfoLayout | None, seed: int,
+                    action_bounds: tuple | None = None,
                     **_: Any) -> SegmentBatch | None:
     """Cut segments from one EnvRunner.sample() result and send them to the pool."""
     import ray
@@ -146,7 +146,7 @@ def sample_segments(episodes: list, *, pool_name: str, namespace: str, length: i
     quota = np.maximum(1, np.round(per_sample * steps / steps.sum())).astype(int)
     batches = []
     for ep, q in zip(long_enough, quota):
-        arrays = episode_arrays(ep, len(ep), atari, with_state=True, action_bounds=action_bounds)
+        arrays = episode_arrays(ep, len(ep), layout, with_state=True, action_bounds=action_bounds)
         b = cut_segments(arrays, length, int(q), rng)
         if b is not None:
             batches.append(b)
@@ -169,6 +169,13 @@ def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=N
 
 
 # --------------------------------------------------------------------------- PPO config
+
+
+def info_layout(cfg: Config) -> InfoLayout | None:
+    """How the env packs raw obs and MuJoCo state into `info["rlhf"]` (None: Atari)."""
+    from rlhf_ray.control.envs import info_layout as layout_of
+
+    return layout_of(cfg.env.model_dump(mode="json"))
 
 
 def action_bounds(cfg: Config) -> tuple | None:
@@ -220,13 +227,17 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
         "num_gpus_per_learner": place.learner.num_gpus,
     }
     if relabel is not None:
-        connector = make_relabel_connector(relabel[0], relabel[1], atari,
+        connector = make_relabel_connector(relabel[0], relabel[1], info_layout(cfg),
                                            action_bounds=action_bounds(cfg))
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
+    # Rollout workers yield to the labeling path only while people label; with the oracle
+    # they are the critical path and keep their priority (the reward trainer still yields).
+    rollout_nice = cfg.placement.batch_nice if cfg.labeler.source != "oracle" else 0
     config = (
         PPOConfig()
         .environment(ENV_NAME, env_config={**cfg.env.model_dump(mode="json"),
-                                           "_nice": cfg.placement.batch_nice})
+                                           "_nice": rollout_nice,
+                                           "_rlhf_info": relabel is not None or segments is not None})
         .framework("torch")
         .env_runners(**env_runner_kw)
         .learners(**learner_kw)

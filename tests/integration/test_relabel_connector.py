@@ -8,7 +8,7 @@ import torch
 from rlhf_ray.config import load_config
 from rlhf_ray.control import envs
 from rlhf_ray.control.loop import reward_spec
-from rlhf_ray.control.rllib_glue import build_ppo_config, make_relabel_connector
+from rlhf_ray.control.rllib_glue import build_ppo_config, info_layout, make_relabel_connector
 from rlhf_ray.metrics import find_metric
 from rlhf_ray.reward_model import RewardEnsemble
 from rlhf_ray.serve_rm import deploy
@@ -25,7 +25,8 @@ def probe_connector():
         def __call__(self, *, rl_module, batch, episodes, metrics=None, **kw):
             eps = [ep for ep in episodes if len(ep) > 1]
             rewards = np.concatenate([np.asarray(ep.get_rewards(slice(0, len(ep) - 1))) for ep in eps])
-            obs0 = np.concatenate([[i["rlhf_obs"][0] for i in ep.get_infos(slice(0, len(ep) - 1))]
+            # info["rlhf"] packs the raw observation first: [0] is raw obs[0]
+            obs0 = np.concatenate([[i["rlhf"][0] for i in ep.get_infos(slice(0, len(ep) - 1))]
                                    for ep in eps])
             metrics.log_value("probe/reward_min", float(rewards.min()), reduce="min", window=1)
             metrics.log_value("probe/reward_max", float(rewards.max()), reduce="max", window=1)
@@ -61,7 +62,7 @@ def one_ppo_iteration(ray, cfg, spec, ens) -> dict:
     deploy(spec, app_name=app, weight_store=name, namespace=ray.get_runtime_context().namespace,
            serve_cfg=cfg.placement.reward_model)
     envs.register()
-    relabel = make_relabel_connector(app, "RewardModel", atari=False)
+    relabel = make_relabel_connector(app, "RewardModel", info_layout(cfg))
     probe = probe_connector()
     config = build_ppo_config(cfg, relabel=(app, "RewardModel"), segments=None)
     config.learners(learner_connector=lambda o, a: [relabel(o, a), probe(o, a)])
