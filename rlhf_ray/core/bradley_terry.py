@@ -69,3 +69,22 @@ def adapt_l2(l2: float, train_loss: float, val_loss: float,
     elif ratio < low:
         l2 /= factor
     return float(min(max(l2, min_l2), max_l2))
+
+
+def ranking_loss(rewards: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's reward-model loss for rankings (Ouyang et al. 2022, eq. 1).
+
+    rewards: [B, K] scalar rewards r(x, y_k) of K responses to each of B prompts; order:
+    [B, K] response indices, best first. Every one of the C(K, 2) pairs of a prompt is a
+    comparison (y_w ranked above y_l); a prompt's loss is
+        -1/C(K,2) * sum over pairs of log sigmoid(r(x, y_w) - r(x, y_l)),
+    so a prompt weighs the same whatever its K (the paper's guard against overfitting to
+    one prompt's many pairs). Returns the mean over prompts; K = 2 is the plain pair loss.
+    """
+    b, k = rewards.shape
+    if k < 2:
+        raise ValueError(f"a ranking needs at least 2 responses, got K={k}")
+    ranked = torch.gather(rewards, 1, order.long())  # [B, K], best first
+    w, l = torch.triu_indices(k, k, offset=1, device=rewards.device)  # all i < j: i ranked higher
+    pair_losses = -F.logsigmoid(ranked[:, w] - ranked[:, l])  # [B, C(K,2)]
+    return pair_losses.mean(dim=1).mean()

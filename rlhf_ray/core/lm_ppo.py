@@ -1,0 +1,175 @@
+"""PPO for language models: KL-penalized token rewards, masked GAE, clipped losses, KL control.
+
+The math of InstructGPT's RL step (Ouyang et al. 2022, eq. 2) as Ziegler et al. 2019
+("Fine-Tuning Language Models from Human Preferences", arXiv 1909.08593) run it:
+
+    R(x, y) = r_theta(x, y) - beta * log(pi_RL(y | x) / pi_SFT(y | x)),
+
+with the KL term paid per token and the reward-model score on the last response token.
+Pure torch: every function takes right-padded [B, T] response tensors and a `mask` that is
+1 on real response tokens (up to and including EOS) and 0 on padding, so nothing past EOS
+ever reaches a loss, an advantage or a statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1. x, mask: [B, T]."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize x to zero mean and unit variance over the masked positions (padding stays 0).
+
+    Advantage whitening: the mean is kept when `shift_mean` is False (as for rewards)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probabilities.
+
+    logprobs, ref_logprobs: [B, T] log pi(y_t) and log pi_ref(y_t) of the sampled tokens.
+    k1 = log pi - log pi_ref (unbiased, can be negative); k2 = (log r)^2 / 2 and
+    k3 = (r - 1) - log r with r = pi_ref / pi (Schulman, "Approximating KL divergence"):
+    k3 is unbiased and never negative.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards: -beta * KL_t on every response token, plus the reward-model score
+    on the last real token of each response.
+
+    scores: [B]; kl, mask: [B, T] (right padding, at least one real token per row) -> [B, T].
+    """
+    mask_f = mask.to(kl.dtype)
+    rewards = -beta * kl * mask_f
+    last = mask.long().sum(dim=1) - 1  # index of the last real token
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    rewards, values, mask: [B, T], right padded. The episode ends at the last real token: no
+    value is bootstrapped from padding, and nothing at a padded position leaks into a real
+    one. Returns (advantages, returns), both [B, T] and 0 on padding; returns = A + V.
+    """
+    mask_f = mask.to(values.dtype)
+    rewards, values = rewards * mask_f, values * mask_f
+    b, t = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last_gae = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
+    for i in reversed(range(t)):
+        nxt_mask = mask_f[:, i + 1] if i + 1 < t else torch.zeros_like(last_gae)
+        nxt_value = values[:, i + 1] if i + 1 < t else torch.zeros_like(last_gae)
+        delta = rewards[:, i] + gamma * nxt_value * nxt_mask - values[:, i]
+        last_gae = (delta + gamma * lam * nxt_mask * last_gae) * mask_f[:, i]
+        adv[:, i] = last_gae
+    return adv, (adv + values) * mask_f
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens.
+
+    All inputs [B, T]. Returns (pg_loss, {approx_kl, clipfrac}) with approx_kl the k3
+    estimate of KL(old || new) that CleanRL and TRL report.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+    return loss, {"approx_kl": float(approx_kl), "clipfrac": float(clipfrac)}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float | None = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2) over real tokens, where
+    V_clipped stays within `clip` of the value at sampling time (None: unclipped)."""
+    err = (values - returns) ** 2
+    if clip is None:
+        loss = 0.5 * masked_mean(err, mask)
+        return loss, {"vf_clipfrac": 0.0}
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        frac = masked_mean((err_clipped > err).to(values.dtype), mask)
+    return loss, {"vf_clipfrac": float(frac)}
+
+
+@dataclass
+class FixedKLController:
+    """beta stays where it was set."""
+
+    beta: float
+
+    def update(self, kl: float, n_steps: int) -> float:
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "beta": self.beta}
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: a proportional controller on log beta.
+
+        e_t = clip(KL_t / target - 1, -0.2, 0.2),   beta_{t+1} = beta_t (1 + K_beta e_t),
+
+    with K_beta = n_steps / horizon (n_steps: samples in the batch that measured KL_t).
+    """
+
+    beta: float
+    target: float
+    horizon: float = 10_000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"kind": "adaptive", "beta": self.beta, "target": self.target,
+                "horizon": self.horizon}
+
+
+def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLController:
+    """Rebuild a controller from `state_dict()` (checkpoints keep beta across a resume)."""
+    kind = state.get("kind")
+    if kind == "fixed":
+        return FixedKLController(float(state["beta"]))
+    if kind == "adaptive":
+        return AdaptiveKLController(float(state["beta"]), float(state["target"]),
+                                    float(state["horizon"]))
+    raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed' or 'adaptive'")
