@@ -88,8 +88,11 @@ def main() -> None:
     ap.add_argument("--final-window", type=int, default=5)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--tag", default="control")
+    ap.add_argument("--recompute", metavar="JSON", help="only recompute ratios and plot of a record")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
+    if args.recompute:
+        return recompute(args.recompute)
     os.environ.setdefault("MUJOCO_GL", "egl")
 
     import ray
@@ -120,28 +123,61 @@ def main() -> None:
                     "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]})
                 print(f"{env:15s} {name:16s} seed {seed}: final true return {s['final_true_return']:8.1f}"
                       f"  steps/s {s['env_steps_per_s']:7.1f}  wall {res['wall_s']:.0f}s", flush=True)
-        base = runs["true reward"]
-        base_ret = statistics.fmean(r["final_true_return"] for r in base)
-        base_sps = statistics.fmean(r["env_steps_per_s"] for r in base)
-        ratios = {}
-        for name, rs in runs.items():
-            if name == "true reward":
-                continue
-            ret = statistics.fmean(r["final_true_return"] for r in rs)
-            sps = statistics.fmean(r["env_steps_per_s"] for r in rs)
-            ratios[name] = {"return_ratio": ret / base_ret if base_ret else float("nan"),
-                            "throughput_ratio": sps / base_sps if base_sps else float("nan"),
-                            "final_true_return": ret, "env_steps_per_s": sps}
-        record["envs"][env] = {"baseline": {"final_true_return": base_ret, "env_steps_per_s": base_sps},
-                               "ratios": ratios, "runs": runs}
+        record["envs"][env] = {"runs": runs, **env_ratios(runs)}
         json_path.write_text(json.dumps(record, indent=1))
-    plot(record, out / f"{args.tag}.png")
-    print("\n(a) final true return RLHF / true-reward PPO   (b) env steps/s RLHF / plain PPO")
+    finish(record, out, args.tag)
+    ray.shutdown()
+
+
+def env_ratios(runs: dict[str, list]) -> dict:
+    """Baseline figures and, per RLHF variant, (a) return ratio and (b) throughput ratios:
+    over the PPO iterations, and end to end (setup and the initial labelling included)."""
+
+    def mean(rs, key):
+        return statistics.fmean(r[key] for r in rs)
+
+    def end_to_end(r):
+        return r["curve"][-1]["env_steps"] / r["wall_s"] if r["curve"] else float("nan")
+
+    base = runs["true reward"]
+    base_ret, base_sps = mean(base, "final_true_return"), mean(base, "env_steps_per_s")
+    base_e2e = statistics.fmean(end_to_end(r) for r in base)
+    ratios = {}
+    for name, rs in runs.items():
+        if name == "true reward":
+            continue
+        ret, sps = mean(rs, "final_true_return"), mean(rs, "env_steps_per_s")
+        e2e = statistics.fmean(end_to_end(r) for r in rs)
+        ratios[name] = {"return_ratio": ret / base_ret if base_ret else float("nan"),
+                        "throughput_ratio": sps / base_sps if base_sps else float("nan"),
+                        "end_to_end_throughput_ratio": e2e / base_e2e if base_e2e else float("nan"),
+                        "final_true_return": ret, "env_steps_per_s": sps,
+                        "end_to_end_env_steps_per_s": e2e}
+    return {"baseline": {"final_true_return": base_ret, "env_steps_per_s": base_sps,
+                         "end_to_end_env_steps_per_s": base_e2e}, "ratios": ratios}
+
+
+def finish(record: dict, out: Path, tag: str) -> None:
+    """Write the JSON and the plot, and print the ratios."""
+    json_path = out / f"{tag}.json"
+    json_path.write_text(json.dumps(record, indent=1))
+    plot(record, out / f"{tag}.png")
+    print("\n(a) final true return RLHF / true-reward PPO   (b) env steps/s RLHF / plain PPO "
+          "over the PPO iterations [end to end, setup and initial labels included]")
     for env, e in record["envs"].items():
         for name, r in e["ratios"].items():
-            print(f"{env:15s} {name:16s} (a) {r['return_ratio']:.3f}   (b) {r['throughput_ratio']:.3f}")
-    print(f"wrote {json_path} and {out / (args.tag + '.png')}")
-    ray.shutdown()
+            print(f"{env:15s} {name:16s} (a) {r['return_ratio']:.3f}   (b) {r['throughput_ratio']:.3f}"
+                  f" [{r['end_to_end_throughput_ratio']:.3f}]")
+    print(f"wrote {json_path} and {out / (tag + '.png')}")
+
+
+def recompute(path: str) -> None:
+    """Recompute the ratios and the plot of an existing record (no new runs)."""
+    p = Path(path)
+    record = json.loads(p.read_text())
+    for env, e in record["envs"].items():
+        record["envs"][env] = {"runs": e["runs"], **env_ratios(e["runs"])}
+    finish(record, p.parent, p.stem)
 
 
 if __name__ == "__main__":
