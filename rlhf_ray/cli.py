@@ -19,7 +19,26 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         cfg = load_config(name)
         desc = " ".join(cfg.description.split())
-        print(f"{name:20s} {cfg.env.id:16s} {desc[:90]}")
+        what = cfg.env.id if cfg.workload == "control" else f"llm:{cfg.model.policy}"
+        print(f"{name:20s} {what:16s} {desc[:90]}")
+    return 0
+
+
+def _llm_stage(args: argparse.Namespace, stages: str) -> int:
+    from rlhf_ray.config import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.workload != "llm":
+        raise ConfigError(f"{args.config}: `rlhf-ray {args.command}` is a language-model stage; "
+                          "this config is the control workload (use `rlhf-ray train`)")
+    from rlhf_ray.llm.loop import train as llm_train
+
+    try:
+        run_dir = llm_train(cfg, run_dir=args.run_dir, stages=stages, progress=not args.quiet)
+    except ValueError as exc:  # bad data files: one line naming what was wrong
+        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
     return 0
 
 
@@ -27,6 +46,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rlhf_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.workload == "llm":
+        return _llm_stage(args, "all")
     os.environ.setdefault("MUJOCO_GL", "egl")
     import warnings
 
@@ -65,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
     s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
     s.set_defaults(fn=_cmd_train)
+    for name, stages, text in (
+            ("sft", "sft", "LLM stage 1: supervised fine-tuning (writes RUN_DIR/sft)"),
+            ("rm", "rm", "LLM stage 2: reward model from rankings of SFT samples, or from "
+             "data.preferences_path (writes RUN_DIR/reward_model)"),
+            ("ppo", "ppo", "LLM stage 3: PPO against a fixed reward model "
+             "(model.sft_path, model.reward_path)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("config", help="preset name or path to a YAML file (workload: llm)")
+        s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. ppo.kl.target=3")
+        s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
+        s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
+        s.set_defaults(fn=lambda a, st=stages: _llm_stage(a, st))
     s = sub.add_parser("label", help="label the pending queries of a stopped run in the browser")
     s.add_argument("run_dir")
     s.add_argument("overrides", nargs="*", help="e.g. labeler.host=0.0.0.0 labeler.port=8080")

@@ -189,7 +189,8 @@ class RunConfig(_Strict):
 class Config(_Strict):
     name: str = "custom"
     description: str = ""
-    workload: Literal["control"] = "control"
+    workload: Literal["control"] = Field(
+        "control", description="control (this tree) or llm (see LLMConfig)")
     seed: int = 0
     env: EnvConfig
     ppo: PPOConfig = Field(default_factory=PPOConfig)
@@ -223,6 +224,171 @@ class Config(_Strict):
         if self.reward_model.net != "auto":
             return self.reward_model.net
         return "cnn" if self.env.preprocessing == "atari" else "mlp"
+
+
+# --------------------------------------------------------------------------- LLM workload
+
+
+class TinyModelConfig(_Strict):
+    """The locally built Llama-architecture model (`model.policy: tiny`)."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+
+
+class LMModelConfig(_Strict):
+    policy: str = Field(
+        "tiny", description="Hugging Face causal LM name or local path the SFT stage starts "
+        "from; `tiny` builds a small Llama and a word-level tokenizer here (no hub needed)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    sft_path: str | None = Field(
+        None, description="an SFT model folder: `rm`/`ppo`/`train` start from it and skip SFT")
+    reward_path: str | None = Field(
+        None, description="a reward-model folder: `ppo`/`train` use it and skip the initial fit")
+    critic_init: Literal["reward_model", "policy"] = Field(
+        "reward_model", description="the critic's starting weights (InstructGPT: the RM)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LMDataConfig(_Strict):
+    task: Literal["sentiment"] | None = Field(
+        "sentiment", description="a generated task (see rlhf_ray.llm.tiny); null: use the paths")
+    num_prompts: int = Field(512, ge=1, description="generated prompts (task only)")
+    num_sft_examples: int = Field(2048, ge=1, description="generated demonstrations (task only)")
+    prompts_path: str | None = Field(None, description="Parquet/JSONL with a `prompt` column")
+    sft_path: str | None = Field(None, description="Parquet/JSONL: `prompt`, `response`")
+    preferences_path: str | None = Field(
+        None, description="Parquet/JSONL: `prompt`, `chosen`, `rejected` (as hh-rlhf), or "
+        "`prompt`, `responses` (K, best first) for rankings")
+    max_prompt_tokens: int = Field(64, ge=1)
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate (CPU or GPU); vllm: a vLLM engine (GPU)")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: no top-k filtering")
+    top_p: float = Field(1.0, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+
+
+class SFTConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class LMRewardConfig(_Strict):
+    """An LM backbone with a scalar head, trained on rankings with InstructGPT's loss."""
+
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="rankings (prompts) per gradient step")
+    initial_epochs: int = Field(8, ge=1, description="passes over the initial labels")
+    steps_per_round: int = Field(20, ge=0, description="gradient steps per online round")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="rankings held out for accuracy")
+
+
+class KLConfig(_Strict):
+    estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
+    controller: Literal["fixed", "adaptive"] = "adaptive"
+    init_coef: float = Field(0.1, ge=0, description="beta at the start")
+    target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
+    horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
+
+
+class LMPPOConfig(_Strict):
+    rollout_batch_size: int = Field(64, ge=1, description="prompts (responses) per iteration")
+    minibatch_size: int = Field(16, ge=1, description="responses per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="responses per forward (grad accumulation)")
+    ppo_epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    critic_lr: float = Field(1e-3, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float | None = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    normalize_reward: bool = Field(True, description="scale RM scores by running mean/std")
+    reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    kl: KLConfig = Field(default_factory=KLConfig)
+
+
+class LMLabelsConfig(_Strict):
+    initial: int = Field(128, ge=1, description="rankings of SFT samples before PPO starts")
+    per_iteration: int = Field(4, ge=0, description="rankings of policy samples each iteration")
+    budget: int = Field(512, ge=1, description="total rankings over the run")
+    responses_per_query: int = Field(4, ge=2, le=9, description="K: 2 = pairs, >2 = rankings")
+
+
+class LMLabelerConfig(LabelerConfig):
+    oracle: str = Field(  # type: ignore[assignment]
+        "rlhf_ray.llm.tiny:sentiment_oracle",
+        description="`module:function` scoring (prompt, response) -> float")
+
+
+class LMPlacementConfig(_Strict):
+    num_generation_workers: int = Field(1, ge=1)
+    generation_worker: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    num_learners: int = Field(1, ge=1, description="torch.distributed ranks (DDP)")
+    learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
+    reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
+    labeler: RoleResources = Field(default_factory=RoleResources)
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU")
+
+
+class LMRunConfig(_Strict):
+    iterations: int = Field(30, ge=1, description="PPO iterations")
+    storage_path: str = Field("runs", description="local folder or s3:// / gs:// URI")
+    run_name: str | None = None
+    checkpoint_every: int = Field(10, ge=0, description="iterations; 0 = only at the end")
+    torch_threads: int = Field(1, ge=1)
+    ray_num_cpus: int | None = Field(None, ge=1, description="size of a local cluster we start")
+
+
+class LLMConfig(_Strict):
+    """InstructGPT's three steps: SFT -> reward model from rankings -> PPO with a KL penalty."""
+
+    name: str = "custom"
+    description: str = ""
+    workload: Literal["llm"] = "llm"
+    seed: int = 0
+    model: LMModelConfig = Field(default_factory=LMModelConfig)
+    data: LMDataConfig = Field(default_factory=LMDataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward_model: LMRewardConfig = Field(default_factory=LMRewardConfig)
+    ppo: LMPPOConfig = Field(default_factory=LMPPOConfig)
+    labels: LMLabelsConfig = Field(default_factory=LMLabelsConfig)
+    labeler: LMLabelerConfig = Field(default_factory=LMLabelerConfig)
+    placement: LMPlacementConfig = Field(default_factory=LMPlacementConfig)
+    run: LMRunConfig = Field(default_factory=LMRunConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "LLMConfig":
+        p, n = self.ppo, self.placement.num_learners
+        if p.rollout_batch_size % p.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide "
+                             f"ppo.rollout_batch_size={p.rollout_batch_size}")
+        if p.minibatch_size % n:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must split evenly over "
+                             f"placement.num_learners={n}")
+        if (p.minibatch_size // n) % p.micro_batch_size:
+            raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size}: must divide the "
+                             f"per-learner minibatch ({p.minibatch_size // n} = "
+                             f"ppo.minibatch_size / placement.num_learners)")
+        if self.data.task is None and self.data.prompts_path is None:
+            raise ValueError("data.prompts_path: required when data.task is null")
+        if self.labels.initial > self.labels.budget:
+            raise ValueError(f"labels.initial={self.labels.initial}: exceeds "
+                             f"labels.budget={self.labels.budget}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading
@@ -308,8 +474,11 @@ def _format_error(exc: ValidationError) -> str:
     return f"{loc}={err.get('input')!r}: {msg}"
 
 
-def validate(data: dict[str, Any]) -> Config:
+def validate(data: dict[str, Any]) -> Config | LLMConfig:
+    """The control workload's `Config`, or `LLMConfig` where `workload: llm`."""
     try:
+        if data.get("workload") == "llm":
+            return LLMConfig.model_validate(data)
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
@@ -332,10 +501,10 @@ def _check_env_exists(env_id: str) -> None:
         ) from None
 
 
-def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Config:
+def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Config | LLMConfig:
     data = apply_overrides(_read_source(preset_or_path), list(overrides or []))
     return validate(data)
 
 
-def dump_config(cfg: Config) -> str:
+def dump_config(cfg: Config | LLMConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

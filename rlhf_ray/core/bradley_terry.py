@@ -88,3 +88,24 @@ def ranking_loss(rewards: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     w, l = torch.triu_indices(k, k, offset=1, device=rewards.device)  # all i < j: i ranked higher
     pair_losses = -F.logsigmoid(ranked[:, w] - ranked[:, l])  # [B, C(K,2)]
     return pair_losses.mean(dim=1).mean()
+
+
+def grouped_preference_loss(rewards: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                            mu: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """`ranking_loss` for labels as the store keeps them: pairwise comparisons, each tagged
+    with the prompt (ranking) it came from, possibly with ties and partial rankings.
+
+    rewards: [N] scores of the distinct responses (each response scored once, however many
+    pairs it is in: InstructGPT's single forward pass per ranking); left, right: [M] indices
+    into rewards; mu: [M] probability that left is preferred (1, 0, or 0.5 for `equal`);
+    group: [M] group index 0..G-1. A group's loss is the mean Bradley-Terry cross-entropy of
+    its pairs (the 1/C(K,2) normalization); the result is the mean over groups.
+    """
+    d = rewards[left] - rewards[right]
+    ce = -(mu * F.logsigmoid(d) + (1.0 - mu) * F.logsigmoid(-d))
+    g = int(group.max()) + 1 if len(group) else 0
+    sums = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(0, group, ce)
+    counts = torch.zeros(g, dtype=ce.dtype, device=ce.device).index_add(
+        0, group, torch.ones_like(ce))
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()

@@ -1,0 +1,174 @@
+"""Generation workers: the LLM workload's rollout workers.
+
+Backend `hf`: transformers `generate` with the KV cache, on CPU or GPU. Backend `vllm`: a vLLM
+engine on a GPU, weights pushed from the learner through `collective_rpc` into the running
+engine (no restart). Both answer the same two calls: `generate(prompts, n)` and
+`update_weights(version, weights)`. Every sync carries a version number and every sample
+records the version that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rlhf_ray.config import GenerationConfig
+
+
+def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
+    out = []
+    for t in ids:
+        if t == pad and t != eos:
+            break
+        out.append(t)
+        if t == eos:
+            break
+    return out
+
+
+class HFGenerationWorker:
+    """transformers `generate` with sampling; prompts left padded, KV cache on."""
+
+    def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
+                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None):
+        from rlhf_ray.llm.modeling import load_policy, load_tokenizer
+
+        torch.set_num_threads(torch_threads)
+        self.gen = GenerationConfig.model_validate(gen)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = load_tokenizer(model_path)
+        self.model = load_policy(model_path, dtype, self.device).eval()
+        self.max_prompt = max_prompt_tokens
+        self.version = 0
+        self.seed = seed
+        self.calls = 0
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return [bos + self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt:]
+                for p in prompts]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
+        """n samples per prompt (grouped: prompt i's samples at rows i*n .. i*n+n-1).
+        Returns prompt_ids, response_ids (up to and including EOS), texts, version."""
+        t0 = time.time()
+        self.calls += 1
+        torch.manual_seed(self.seed * 1_000_003 + self.calls if seed is None else seed)
+        pids = self.encode_prompts(prompts)
+        p = max(len(x) for x in pids)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(pids), p), pad, dtype=torch.long)
+        attn = torch.zeros((len(pids), p), dtype=torch.long)
+        for i, x in enumerate(pids):
+            ids[i, p - len(x):] = torch.tensor(x)
+            attn[i, p - len(x):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=attn, do_sample=True,
+            max_new_tokens=self.gen.max_new_tokens, temperature=self.gen.temperature,
+            top_k=self.gen.top_k or None, top_p=self.gen.top_p, num_return_sequences=n,
+            pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
+        resp = [_cut_at_eos(row.tolist(), self.tok.eos_token_id, pad) for row in out[:, p:]]
+        resp = [r if r else [self.tok.eos_token_id] for r in resp]
+        texts = [self.tok.decode(r, skip_special_tokens=True) for r in resp]
+        prompt_rows = [x for x in pids for _ in range(n)]
+        tokens = sum(len(r) for r in resp)
+        return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
+                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
+                "tokens": tokens, "generate_s": time.time() - t0}
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        """Load the learner's policy weights in place; stale versions are ignored."""
+        if version <= self.version:
+            return self.version
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise ValueError(f"weight sync v{version}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        self.version = version
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+
+class VLLMGenerationWorker:
+    """A vLLM engine on one GPU. Written against vLLM's documented offline API
+    (`LLM`, `SamplingParams`, `LLM.collective_rpc`); it needs the `vllm` extra and a GPU,
+    neither of which exists on the machines this project is built on, so it is untested here.
+    Weights are pushed into the running engine: each vLLM worker loads the learner's
+    state dict through the model's own `load_weights` (no engine restart)."""
+
+    def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
+                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError("generation.backend=vllm needs vLLM on a GPU machine: "
+                               "pip install 'rlhf-ray[vllm]'") from None
+        from transformers import AutoTokenizer
+
+        # weight pushes send a function to the engine's workers (collective_rpc with a callable)
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self.gen = GenerationConfig.model_validate(gen)
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.llm = LLM(model=model_path, seed=seed, dtype="auto" if dtype == "float32" else dtype,
+                       gpu_memory_utilization=self.gen.vllm_gpu_memory_utilization,
+                       enable_prefix_caching=True)
+        self.max_prompt = max_prompt_tokens
+        self.version = 0
+        self.seed = seed
+        self.calls = 0
+
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
+        from vllm import SamplingParams
+
+        t0 = time.time()
+        self.calls += 1
+        params = SamplingParams(
+            n=n, temperature=self.gen.temperature, top_k=self.gen.top_k or -1,
+            top_p=self.gen.top_p, max_tokens=self.gen.max_new_tokens,
+            seed=(self.seed * 1_000_003 + self.calls) if seed is None else seed)
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        pids = [bos + self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt:]
+                for p in prompts]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in pids], params, use_tqdm=False)
+        resp, texts = [], []
+        for o in outs:
+            for c in o.outputs:
+                ids = list(c.token_ids) or [self.tok.eos_token_id]
+                resp.append(ids)
+                texts.append(self.tok.decode(ids, skip_special_tokens=True))
+        return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
+                "texts": texts, "prompts": [q for q in prompts for _ in range(n)],
+                "version": self.version, "tokens": sum(len(r) for r in resp),
+                "generate_s": time.time() - t0}
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        if version <= self.version:
+            return self.version
+        items = list(weights.items())
+        self.llm.collective_rpc(_vllm_load_weights, args=(items,))
+        self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+        self.version = version
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+
+def _vllm_load_weights(worker, items):
+    """Runs inside each vLLM worker (`collective_rpc` passes the worker first)."""
+    worker.model_runner.model.load_weights(weights=iter(items))
+    return True
+
+
+def generation_worker_class(backend: str):
+    if backend == "hf":
+        return HFGenerationWorker
+    if backend == "vllm":
+        return VLLMGenerationWorker
+    raise ValueError(f"generation.backend={backend!r}: use 'hf' or 'vllm'")

@@ -1,0 +1,273 @@
+"""The PPO learner group for language models: N ranks of torch.distributed with DDP.
+
+Each rank holds the policy and the critic (both wrapped in DDP when N > 1) and the frozen
+reference, and receives its shard of every rollout batch from the controller. A step makes
+the experience (old log-probs, reference log-probs, values, KL-penalized token rewards, GAE)
+and runs PPO epochs over minibatches with gradient accumulation over micro batches.
+
+Batch statistics are global, so N ranks with a shard each compute exactly what one rank with
+the whole batch would: advantages are whitened with all-reduced moments, and each
+minibatch's loss is a sum over its tokens divided by the token count of the whole minibatch
+across ranks (DDP's gradient average then gives the global token mean).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.config import LMPPOConfig
+from rlhf_ray.core import lm_ppo
+from rlhf_ray.llm.modeling import (TokenBatch, load_policy, load_scalar_model, make_batch,
+                                   response_logprobs, response_values, save_model,
+                                   state_dict_cpu)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class RunningMoments:
+    """Running mean and std of reward-model scores (Chan et al.'s parallel update)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.size == 0:
+            return
+        m, v, n = x.mean(), x.var(), x.size
+        delta, tot = m - self.mean, self.count + n
+        self.mean += delta * n / tot
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / tot) / tot
+        self.count = tot
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(max(self.var, 1e-8)))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.mean, self.var, self.count = float(s["mean"]), float(s["var"]), int(s["count"])
+
+
+class PPOLearner:
+    def __init__(self, rank: int, world_size: int, policy_path: str, critic_path: str,
+                 ppo: dict, temperature: float = 1.0, seed: int = 0, torch_threads: int = 1,
+                 dtype: str = "float32", device: str | None = None, pad_id: int = 0):
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.rank, self.world = rank, world_size
+        self.cfg = LMPPOConfig.model_validate(ppo)
+        self.device = device or (f"cuda:{torch.cuda.current_device()}"
+                                 if torch.cuda.is_available() else "cpu")
+        self.temperature = temperature
+        self.pad_id = pad_id
+        self.policy = load_policy(policy_path, dtype, self.device)
+        self.ref = load_policy(policy_path, dtype, self.device).eval().requires_grad_(False)
+        self.critic = load_scalar_model(critic_path, dtype, self.device)
+        self.policy.config.use_cache = False
+        self.rng = np.random.default_rng(seed + 7919 * rank)
+        self.version = 0
+        self._ddp = False
+        self._opts()
+
+    def _opts(self) -> None:
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, eps=1e-5)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr,
+                                            eps=1e-5)
+
+    # ---------------------------------------------------------------- distributed
+    def address(self) -> tuple[str, int]:
+        """Rank 0 names the rendezvous (its node IP and a free port)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_group(self, master_addr: str, master_port: int, backend: str = "auto") -> int:
+        if self.world == 1:
+            return 1
+        if backend == "auto":
+            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [torch.device(self.device)] if self.device.startswith("cuda") else None
+        self.policy = DDP(self.policy, device_ids=ids)
+        self.critic = DDP(self.critic, device_ids=ids)
+        self._ddp = True
+        self._opts()
+        return dist.get_world_size()
+
+    def _allreduce(self, *xs: float) -> list[float]:
+        t = torch.tensor(xs, dtype=torch.float64)
+        if self._ddp:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.dtype)
+        s, n = self._allreduce(float((x * m).sum()), float(m.sum()))
+        mean = s / max(n, 1.0)
+        (ss,) = self._allreduce(float((((x - mean) ** 2) * m).sum()))
+        var = ss / max(n, 1.0)
+        return (x - mean) / float(np.sqrt(var + 1e-8)) * m
+
+    # ---------------------------------------------------------------- experience
+    def _batch(self, shard: dict) -> TokenBatch:
+        return make_batch(shard["prompt_ids"], shard["response_ids"], self.pad_id,
+                          prompt_len=shard.get("prompt_len"),
+                          response_len=shard.get("response_len")).to(self.device)
+
+    @torch.no_grad()
+    def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float) -> dict:
+        mb = self.cfg.micro_batch_size
+        old_lp, ref_lp, values = [], [], []
+        policy, critic = self._unwrap(self.policy), self._unwrap(self.critic)
+        for s in range(0, len(b), mb):
+            m = b.select(slice(s, s + mb))
+            args = (m.input_ids, m.attention_mask, m.position_ids)
+            old_lp.append(response_logprobs(policy, *args, b.prompt_len, self.temperature))
+            ref_lp.append(response_logprobs(self.ref, *args, b.prompt_len, self.temperature))
+            values.append(response_values(critic, *args, b.prompt_len))
+        old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
+        mask = b.response_mask
+        kl = lm_ppo.kl_estimate(old_lp, ref_lp, self.cfg.kl.estimator) * mask
+        rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
+        adv, returns = lm_ppo.gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+        if self.cfg.whiten_advantages:
+            adv = self._whiten(adv, mask)
+        return {"old_lp": old_lp, "ref_lp": ref_lp, "values": values, "adv": adv,
+                "returns": returns, "kl": kl, "rewards": rewards}
+
+    @staticmethod
+    def _unwrap(m):
+        return getattr(m, "module", m)
+
+    # ---------------------------------------------------------------- the PPO step
+    def _minibatch_loss(self, b: TokenBatch, exp: dict, idx: np.ndarray, tokens_global: float,
+                        sync: bool) -> tuple[torch.Tensor, dict]:
+        m = b.select(idx)
+        mask = m.response_mask
+        args = (m.input_ids, m.attention_mask, m.position_ids)
+        want_ent = self.cfg.entropy_coef > 0
+        out = response_logprobs(self.policy, *args, b.prompt_len, self.temperature, want_ent)
+        lp, ent = (out if want_ent else (out, None))
+        values = response_values(self.critic, *args, b.prompt_len)
+        # per-token sums over this micro batch, divided by the whole minibatch's token count
+        # on all ranks; times world size because DDP averages gradients over ranks
+        scale = float(mask.sum()) / tokens_global * self.world
+        pg, pg_stats = lm_ppo.policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], mask,
+                                          self.cfg.cliprange)
+        vf, vf_stats = lm_ppo.value_loss(values, exp["values"][idx], exp["returns"][idx], mask,
+                                         self.cfg.cliprange_value)
+        loss = pg + vf
+        if ent is not None:
+            loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask)
+        stats = {"pg_loss": float(pg), "vf_loss": float(vf), **pg_stats, **vf_stats}
+        return loss * scale, stats
+
+    def _micro_batches(self, idx: np.ndarray) -> list[np.ndarray]:
+        mb = self.cfg.micro_batch_size
+        return [idx[s:s + mb] for s in range(0, len(idx), mb)]
+
+    def _backward(self, b: TokenBatch, exp: dict, idx: np.ndarray) -> list[dict]:
+        """Accumulate the gradients of one minibatch (this rank's part, `idx`)."""
+        (tokens_global,) = self._allreduce(float(b.response_mask[idx].sum()))
+        micros = self._micro_batches(idx)
+        stats = []
+        for k, micro in enumerate(micros):
+            last = k == len(micros) - 1
+            ctx = [m.no_sync() for m in (self.policy, self.critic)] if (self._ddp and not last) else []
+            for c in ctx:
+                c.__enter__()
+            try:
+                loss, s = self._minibatch_loss(b, exp, micro, tokens_global, last)
+                loss.backward()
+            finally:
+                for c in ctx:
+                    c.__exit__(None, None, None)
+            stats.append(s)
+        return stats
+
+    def step(self, shard: dict, beta: float) -> dict:
+        """One PPO iteration on this rank's shard: {prompt_ids, response_ids, scores
+        (normalized RM scores), prompt_len, response_len}. All ranks call it together."""
+        t0 = time.time()
+        self.policy.train()
+        self.critic.train()
+        b = self._batch(shard)
+        scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
+        exp = self._experience(b, scores, beta)
+        n = len(b)
+        per_rank_mb = self.cfg.minibatch_size // self.world
+        stats: list[dict] = []
+        for _ in range(self.cfg.ppo_epochs):
+            perm = self.rng.permutation(n)
+            for s in range(0, n, per_rank_mb):
+                idx = perm[s:s + per_rank_mb]
+                self.opt.zero_grad(set_to_none=True)
+                self.critic_opt.zero_grad(set_to_none=True)
+                stats += self._backward(b, exp, idx)
+                if self.cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.max_grad_norm)
+                self.opt.step()
+                self.critic_opt.step()
+        self.version += 1
+        mask = b.response_mask.to(torch.float32)
+        kl_seq = exp["kl"].sum(1)
+        ref_kl_seq = (exp["old_lp"] - exp["ref_lp"]).mul(mask).sum(1)
+        tot = self._allreduce(float(kl_seq.sum()), float(ref_kl_seq.sum()), float(n),
+                              float(mask.sum()), float(exp["rewards"].sum()))
+        out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
+        out.update(kl_mean=tot[0] / tot[2], kl_k1_mean=tot[1] / tot[2],
+                   response_len_mean=tot[3] / tot[2], reward_total_mean=tot[4] / tot[2],
+                   learner_s=time.time() - t0, policy_version=self.version)
+        return out
+
+    # ---------------------------------------------------------------- for tests and syncs
+    def gradients(self, shard: dict, beta: float) -> dict[str, np.ndarray]:
+        """The gradients of one minibatch holding this whole shard (no optimizer step):
+        2 ranks with half a batch each must match 1 rank with all of it."""
+        b = self._batch(shard)
+        scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
+        exp = self._experience(b, scores, beta)
+        self.opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        self._backward(b, exp, np.arange(len(b)))
+        out = {}
+        for prefix, model in (("policy.", self.policy), ("critic.", self.critic)):
+            for name, p in self._unwrap(model).named_parameters():
+                if p.grad is not None:
+                    out[prefix + name] = p.grad.detach().cpu().numpy().copy()
+        return out
+
+    def policy_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        return self.version, state_dict_cpu(self.policy)
+
+    def save(self, out_dir: str, tokenizer_path: str | None = None) -> dict:
+        from rlhf_ray.llm.modeling import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        pol = save_model(self.policy, tok, os.path.join(out_dir, "policy"))
+        cri = save_model(self.critic, tok, os.path.join(out_dir, "critic"))
+        torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                    "version": self.version}, os.path.join(out_dir, "optimizer.pt"))
+        return {"policy": pol, "critic": cri}
+
+    def close(self) -> None:
+        if self._ddp and dist.is_initialized():
+            dist.destroy_process_group()

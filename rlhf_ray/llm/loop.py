@@ -1,0 +1,553 @@
+"""The controller of the LLM workload: InstructGPT's three steps on Ray, online.
+
+`train(cfg)` runs SFT -> preferences on SFT samples -> reward model -> PPO with a KL penalty,
+with preference collection continuing during PPO (iterative online RLHF). The stages also
+run alone from files: `run_sft`, `run_rm`, `run_ppo` (`rlhf-ray sft | rm | ppo`).
+
+Roles, each with the resources the config gives it:
+  generation workers (HF `generate` or vLLM) -- sample responses, record the policy version;
+  reward model (a Serve deployment, batched; weights swapped in place by version);
+  PPO learner group (N torch.distributed ranks, DDP) -- driven step by step from here;
+  labeler (the control workload's actor and store) -- the oracle or humans rank responses;
+  reward trainer (its own actor) -- refits the reward model as labels arrive.
+
+One iteration: prompts -> generate -> score (Serve) -> learner step on shards -> KL
+controller -> push policy weights (version + 1) to the generation workers -> ask for labels
+on fresh samples -> feed the reward trainer (asynchronously) -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhf_ray.config import LLMConfig, dump_config
+from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController
+from rlhf_ray.llm import data as lm_data
+from rlhf_ray.metrics import MetricsWriter
+
+CHECKPOINT_FORMAT = 1
+METRIC_KEYS = ("iteration", "oracle_score_mean", "rm_score_mean", "kl_mean", "kl_coef",
+               "response_len_mean", "tokens_per_s", "policy_version")
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def init_ray(cfg: LLMConfig) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return False
+    ray.init(num_cpus=cfg.run.ray_num_cpus, log_to_driver=False, include_dashboard=False)
+    return True
+
+
+def _remote(cls, res, **extra):
+    import ray
+
+    opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
+    if res.resources:
+        opts["resources"] = dict(res.resources)
+    return ray.remote(cls).options(**opts)
+
+
+def _oracle(cfg: LLMConfig):
+    from rlhf_ray.labeler import load_text_oracle
+
+    return load_text_oracle(cfg.labeler.oracle)
+
+
+def _kl_controller(cfg: LLMConfig):
+    k = cfg.ppo.kl
+    if k.controller == "adaptive":
+        return AdaptiveKLController(k.init_coef, k.target, k.horizon)
+    return FixedKLController(k.init_coef)
+
+
+def _f(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if not np.isfinite(x) else round(x, 6)
+
+
+def run_name(cfg: LLMConfig) -> str:
+    return cfg.run.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+# ------------------------------------------------------------------------ SFT
+
+
+def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
+    """Supervised fine-tuning on (prompt, response) demonstrations: cross-entropy on the
+    response tokens (and EOS) only. Builds the tiny model first when `model.policy: tiny`.
+    Saves a Hugging Face model folder (safetensors) to `out_dir`; returns it."""
+    import torch
+
+    from rlhf_ray.llm.modeling import encode_pairs, load_policy, load_tokenizer, save_model
+
+    torch.set_num_threads(cfg.run.torch_threads)
+    torch.manual_seed(cfg.seed)
+    src = cfg.model.policy
+    if src == "tiny":
+        from rlhf_ray.llm.tiny import build_model
+
+        src = os.path.join(out_dir, "init")
+        t = cfg.model.tiny
+        build_model(src, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size,
+                    seed=cfg.seed)
+    tok = load_tokenizer(src)
+    model = load_policy(src, cfg.model.dtype)
+    rows = lm_data.load_sft(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr)
+    rng = np.random.default_rng(cfg.seed)
+    bs = cfg.sft.batch_size
+    t0 = time.time()
+    for epoch in range(cfg.sft.epochs):
+        perm = rng.permutation(len(rows))
+        losses = []
+        for s in range(0, len(rows), bs):
+            part = [rows[i] for i in perm[s:s + bs]]
+            b = encode_pairs(tok, [r["prompt"] for r in part], [r["response"] for r in part],
+                             cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                           position_ids=b.position_ids).logits[:, b.prompt_len - 1:-1]
+            target = b.input_ids[:, b.prompt_len:]
+            ce = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
+            mask = b.response_mask.reshape(-1).float()
+            loss = (ce * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        if progress:
+            print(f"sft epoch {epoch + 1}/{cfg.sft.epochs} | loss {np.mean(losses):.3f} | "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    out = save_model(model, tok, out_dir)
+    (Path(out) / "sft_stats.json").write_text(json.dumps(
+        {"loss": float(np.mean(losses)), "examples": len(rows), "seconds": time.time() - t0}))
+    return out
+
+
+# ------------------------------------------------------------------------ the controller
+
+
+class LLMController:
+    """The whole loop. Stages: `sft()`, `initial_reward_model()`, `ppo()`; `run()` does all."""
+
+    def __init__(self, cfg: LLMConfig, run_dir: str | None = None,
+                 on_metrics: Callable[[dict], None] | None = None, progress: bool = True):
+        self.cfg = cfg
+        name = run_name(cfg)
+        remote_store = "://" in cfg.run.storage_path
+        self.run_dir = Path(run_dir or os.path.join("runs" if remote_store else cfg.run.storage_path, name))
+        self.store_root = (f"{cfg.run.storage_path.rstrip('/')}/{name}/preferences" if remote_store
+                           else str(self.run_dir / "preferences"))
+        self.on_metrics, self.progress = on_metrics, progress
+        self.run_id = uuid.uuid4().hex[:8]
+        self.rng = np.random.default_rng(cfg.seed)
+        self.kl_ctl = _kl_controller(cfg)
+        self.iteration = 0
+        self.labels_requested = 0
+        self.rm_stats: dict = {}
+        self.train_ref = None
+        self.score_mean, self.score_std = 0.0, 1.0
+        self.prompts = lm_data.load_prompts(cfg)
+        self.eval_prompts = lm_data.load_prompts(cfg, split="eval")[:64]
+        self.cursor = 0
+        self.actors: list = []
+        self.app_name = None
+
+    # ---------------------------------------------------------------- roles
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def start_generation(self, policy_path: str) -> None:
+        from rlhf_ray.llm.generation import generation_worker_class
+
+        cfg, place = self.cfg, self.cfg.placement
+        cls = generation_worker_class(cfg.generation.backend)
+        self.gens = [_remote(cls, place.generation_worker).remote(
+            policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
+            cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype)
+            for i in range(place.num_generation_workers)]
+        self.actors += self.gens
+
+    def start_learners(self, policy_path: str, critic_path: str) -> None:
+        import ray
+
+        from rlhf_ray.llm.learner import PPOLearner
+        from rlhf_ray.llm.modeling import load_tokenizer
+
+        cfg, place = self.cfg, self.cfg.placement
+        pad = load_tokenizer(policy_path).pad_token_id
+        n = place.num_learners
+        self.learners = [_remote(PPOLearner, place.learner).remote(
+            r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
+            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad) for r in range(n)]
+        self.actors += self.learners
+        addr, port = ray.get(self.learners[0].address.remote())
+        ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.learners])
+
+    def start_reward_roles(self, rm_init_path: str, with_labeler: bool) -> None:
+        import ray
+
+        from rlhf_ray.labeler import Labeler
+        from rlhf_ray.llm.reward import LMRewardTrainer
+        from rlhf_ray.weights import WeightStore
+
+        cfg, place = self.cfg, self.cfg.placement
+        self.weight_store = _remote(WeightStore, place.labeler,
+                                    name=f"rlhf-lm-weights-{self.run_id}").remote()
+        self.trainer = _remote(LMRewardTrainer, place.reward_trainer).remote(
+            rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.generation.max_new_tokens + 1, seed=cfg.seed,
+            torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype)
+        self.actors += [self.weight_store, self.trainer]
+        self.labeler = None
+        if with_labeler:
+            lab = cfg.labeler
+            self.labeler = _remote(Labeler, place.labeler,
+                                   name=f"rlhf-lm-labeler-{self.run_id}").remote(
+                self.store_root, lab.source, None, cfg.seed, cfg.labels.budget, lab.lease_s,
+                lab.deadline_s, lab.oracle)
+            self.actors.append(self.labeler)
+        ray.get(self.weight_store.get_version.remote())
+
+    def deploy_reward_model(self, rm_path: str) -> None:
+        import ray
+
+        from rlhf_ray.llm import serve_lm
+
+        self.app_name = f"rlhf-lm-rm-{self.run_id}"
+        self.rm_handle = serve_lm.deploy(
+            rm_path, app_name=self.app_name, weight_store=f"rlhf-lm-weights-{self.run_id}",
+            namespace=ray.get_runtime_context().namespace, serve_cfg=self.cfg.placement.reward_model,
+            torch_threads=self.cfg.run.torch_threads,
+            max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+            max_response_tokens=self.cfg.generation.max_new_tokens + 1)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.app_name:
+            try:
+                serve.delete(self.app_name)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []
+
+    # ---------------------------------------------------------------- sampling
+    def next_prompts(self, n: int) -> list[str]:
+        out = []
+        while len(out) < n:
+            if self.cursor % len(self.prompts) == 0:
+                self.order = self.rng.permutation(len(self.prompts))
+            out.append(self.prompts[self.order[self.cursor % len(self.prompts)]])
+            self.cursor += 1
+        return out
+
+    def generate(self, prompts: list[str], n: int = 1) -> dict:
+        """Split prompts over the generation workers (all in flight at once) and merge."""
+        import ray
+
+        k = len(self.gens)
+        parts = [prompts[i::k] for i in range(k)]
+        refs = [g.generate.remote(p, n) for g, p in zip(self.gens, parts) if p]
+        outs = ray.get(refs)
+        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": []}
+        for o in outs:
+            for key in merged:
+                merged[key] += o[key]
+        merged["versions"] = [o["version"] for o in outs]
+        merged["tokens"] = sum(o["tokens"] for o in outs)
+        merged["generate_s"] = max(o["generate_s"] for o in outs)
+        return merged
+
+    # ---------------------------------------------------------------- labels
+    def ask_for_labels(self, n_prompts: int, block: bool) -> int:
+        """K samples for each of n prompts from the current policy -> ranking queries."""
+        import ray
+
+        cfg = self.cfg
+        n_prompts = min(n_prompts, cfg.labels.budget - self.labels_requested)
+        if n_prompts <= 0 or self.labeler is None:
+            return 0
+        k = cfg.labels.responses_per_query
+        prompts = self.next_prompts(n_prompts)
+        out = self.generate(prompts, n=k)
+        resp = [out["texts"][i * k:(i + 1) * k] for i in range(n_prompts)]
+        ref = self.labeler.submit_texts.remote(prompts, resp, int(self.rm_stats.get("rm_version", 0)))
+        if block:
+            ray.get(ref)
+        self.labels_requested += n_prompts
+        return n_prompts
+
+    def feed_reward_trainer(self, block: bool, steps: int | None = None,
+                            epochs: int | None = None) -> None:
+        import ray
+
+        if self.labeler is None:
+            return
+        new = ray.get(self.labeler.drain_texts.remote())
+        if new:
+            self.trainer.add.remote(new)
+        if self.train_ref is not None:
+            ready, _ = ray.wait([self.train_ref], timeout=None if block else 0)
+            if not ready:
+                return
+            self.rm_stats = ray.get(self.train_ref) or self.rm_stats
+            self.train_ref = None
+        if new or block:
+            self.train_ref = self.trainer.train_and_publish.remote(self.weight_store, steps, epochs)
+            if block:
+                self.rm_stats = ray.get(self.train_ref)
+                self.train_ref = None
+
+    # ---------------------------------------------------------------- stages
+    def sft(self) -> str:
+        import ray
+
+        cfg = self.cfg
+        if cfg.model.sft_path:
+            return cfg.model.sft_path
+        out = str((self.run_dir / "sft").resolve())
+        task = _remote(_SFTTask, cfg.placement.learner).remote()
+        self.actors.append(task)
+        self._log("stage 1/3: supervised fine-tuning")
+        path = ray.get(task.run.remote(cfg, out))
+        ray.kill(task)
+        return path
+
+    def initial_reward_model(self, sft_path: str) -> str:
+        """Rankings of SFT samples -> the first reward model, saved to the run folder."""
+        import ray
+
+        self._log(f"stage 2/3: reward model from {self.cfg.labels.initial} rankings of SFT samples")
+        self.ask_for_labels(self.cfg.labels.initial, block=True)
+        if self.cfg.labeler.source != "oracle":
+            self._wait_for_humans(self.cfg.labels.initial)
+        self.feed_reward_trainer(block=True, epochs=self.cfg.reward_model.initial_epochs)
+        out = str((self.run_dir / "reward_model").resolve())
+        ray.get(self.trainer.save.remote(out))
+        return out
+
+    def _wait_for_humans(self, n: int, timeout_s: float = 24 * 3600) -> None:
+        import ray
+
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            st = ray.get(self.labeler.stats.remote())
+            if st["labels_total"] >= n:
+                return
+            time.sleep(2.0)
+
+    def calibrate(self) -> None:
+        """Reward normalization: the reward model's mean and std on SFT samples (InstructGPT
+        normalizes so that the SFT model scores 0 on average); fixed for the run."""
+        prompts = self.eval_prompts
+        out = self.generate(prompts)
+        res = self.rm_handle.score.remote(out["prompts"], out["texts"]).result()
+        s = np.asarray(res["scores"], dtype=np.float64)
+        if self.cfg.ppo.normalize_reward and len(s) > 1:
+            self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
+        oracle = _oracle(self.cfg)
+        self.sft_oracle = float(np.mean([oracle(p, r) for p, r in zip(out["prompts"], out["texts"])]))
+
+    def ppo(self, online: bool) -> dict:
+        import ray
+
+        cfg = self.cfg
+        self._log(f"stage 3/3: PPO for {cfg.run.iterations} iterations")
+        oracle = _oracle(cfg)
+        writer = MetricsWriter(self.run_dir)
+        t_start = time.time()
+        last: dict = {}
+        try:
+            for _ in range(cfg.run.iterations):
+                t0 = time.perf_counter()
+                prompts = self.next_prompts(cfg.ppo.rollout_batch_size)
+                out = self.generate(prompts)
+                t1 = time.perf_counter()
+                res = self.rm_handle.score.remote(out["prompts"], out["texts"]).result()
+                raw = np.asarray(res["scores"], dtype=np.float64)
+                scores = (raw - self.score_mean) / self.score_std
+                if cfg.ppo.reward_clip:
+                    scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
+                t2 = time.perf_counter()
+                beta = self.kl_ctl.beta
+                n = len(self.learners)
+                p_len = max(len(x) for x in out["prompt_ids"])
+                r_len = max(len(y) for y in out["response_ids"])
+                stats = ray.get([lr.step.remote(
+                    {"prompt_ids": out["prompt_ids"][r::n], "response_ids": out["response_ids"][r::n],
+                     "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)
+                    for r, lr in enumerate(self.learners)])[0]
+                t3 = time.perf_counter()
+                self.kl_ctl.update(stats["kl_mean"], len(prompts))
+                version, weights = ray.get(self.learners[0].policy_weights.remote())
+                ref = ray.put(weights)
+                ray.get([g.update_weights.remote(version, ref) for g in self.gens])
+                t4 = time.perf_counter()
+                self.iteration += 1
+                if online and cfg.labels.per_iteration:
+                    self.ask_for_labels(cfg.labels.per_iteration, block=False)
+                    self.feed_reward_trainer(block=False)
+                t5 = time.perf_counter()
+                oracle_scores = [oracle(p, r) for p, r in zip(out["prompts"], out["texts"])]
+                last = {
+                    "iteration": self.iteration,
+                    "oracle_score_mean": _f(np.mean(oracle_scores)),
+                    "sft_oracle_score_mean": _f(self.sft_oracle),
+                    "rm_score_mean": _f(raw.mean()),
+                    "kl_mean": _f(stats["kl_mean"]),
+                    "kl_coef": _f(beta),
+                    "kl_coef_next": _f(self.kl_ctl.beta),
+                    "response_len_mean": _f(stats["response_len_mean"]),
+                    "tokens_per_s": _f(out["tokens"] / (t5 - t0)),
+                    "policy_version": int(version),
+                    "sample_policy_versions": sorted(set(out["versions"])),
+                    "rm_version": int(res["version"]),
+                    "labels_total": self._labels_total(),
+                    "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
+                    "pg_loss": _f(stats.get("pg_loss")), "vf_loss": _f(stats.get("vf_loss")),
+                    "approx_kl": _f(stats.get("approx_kl")), "clipfrac": _f(stats.get("clipfrac")),
+                    "generate_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
+                    "learner_s": round(t3 - t2, 3), "sync_s": round(t4 - t3, 3),
+                    "labeling_s": round(t5 - t4, 3), "iteration_s": round(t5 - t0, 3),
+                    "time_s": round(time.time() - t_start, 3),
+                }
+                writer.write(last)
+                if self.on_metrics:
+                    self.on_metrics(last)
+                if self.progress:
+                    print(progress_line(last), flush=True)
+                every = cfg.run.checkpoint_every
+                if every and self.iteration % every == 0 and self.iteration < cfg.run.iterations:
+                    self.checkpoint()
+            if self.train_ref is not None:
+                self.rm_stats = ray.get(self.train_ref)
+                self.train_ref = None
+            self.checkpoint(final=True)
+            return last
+        finally:
+            writer.close()
+
+    def _labels_total(self) -> int:
+        import ray
+
+        if self.labeler is None:
+            return 0
+        return int(ray.get(self.labeler.stats.remote())["labels_total"])
+
+    def checkpoint(self, final: bool = False) -> Path:
+        import ray
+
+        path = self.run_dir / ("final" if final else f"checkpoints/iter_{self.iteration:06d}")
+        path.mkdir(parents=True, exist_ok=True)
+        tok_path = self.sft_path
+        ray.get(self.learners[0].save.remote(str(path.resolve()), tok_path))
+        if self.trainer is not None:
+            ray.get(self.trainer.save.remote(str((path / "reward_model").resolve())))
+        state = {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
+                 "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
+                 "labels_requested": self.labels_requested, "score_mean": self.score_mean,
+                 "score_std": self.score_std, "rm_stats": self.rm_stats,
+                 "rng": self.rng.bit_generator.state}
+        (path / "controller.json").write_text(json.dumps(state, default=float))
+        return path
+
+    # ---------------------------------------------------------------- the whole loop
+    def run(self, stages: str = "all") -> dict:
+        """stages: `all` (SFT -> RM -> online PPO), `rm` (SFT model -> RM), `ppo` (SFT model +
+        RM -> PPO against a fixed reward model)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        started = init_ray(cfg)
+        self.trainer = None
+        try:
+            self.sft_path = self.sft()
+            if stages == "sft":
+                return {"sft_path": self.sft_path}
+            self.start_generation(self.sft_path)
+            if cfg.model.reward_path and stages != "rm":
+                rm_path = cfg.model.reward_path
+                self.start_reward_roles(rm_path, with_labeler=stages == "all")
+            else:
+                self.start_reward_roles(self.sft_path, with_labeler=True)
+                if cfg.data.preferences_path:
+                    self._log("stage 2/3: reward model from data.preferences_path")
+                    from rlhf_ray.llm.reward import rankings_to_comparisons
+
+                    import ray
+
+                    ray.get(self.trainer.add.remote(rankings_to_comparisons(
+                        lm_data.load_preferences(cfg.data.preferences_path))))
+                    self.rm_stats = ray.get(self.trainer.train.remote(
+                        epochs=cfg.reward_model.initial_epochs))
+                    rm_path = str((self.run_dir / "reward_model").resolve())
+                    ray.get(self.trainer.save.remote(rm_path))
+                else:
+                    rm_path = self.initial_reward_model(self.sft_path)
+                self._log(f"reward model: val accuracy {self.rm_stats.get('rm_val_accuracy')}")
+                if stages == "rm":
+                    return {"reward_path": rm_path, **self.rm_stats}
+            critic = rm_path if cfg.model.critic_init == "reward_model" else self.sft_path
+            self.start_learners(self.sft_path, critic)
+            self.deploy_reward_model(rm_path)
+            self.calibrate()
+            return self.ppo(online=stages == "all")
+        finally:
+            self.stop()
+            if started:
+                import ray
+
+                ray.shutdown()
+
+
+class _SFTTask:
+    """SFT as an actor so it lands where the learner's resources are (a GPU node)."""
+
+    def run(self, cfg: LLMConfig, out: str) -> str:
+        return run_sft(cfg, out, progress=True)
+
+
+def progress_line(m: dict) -> str:
+    def fmt(key, spec):
+        v = m.get(key)
+        return "-" if v is None else format(v, spec)
+
+    return (f"iter {m['iteration']:4d} | oracle {fmt('oracle_score_mean', '6.3f')} "
+            f"(sft {fmt('sft_oracle_score_mean', '.3f')}) | rm {fmt('rm_score_mean', '7.3f')} | "
+            f"kl {fmt('kl_mean', '6.3f')} | beta {fmt('kl_coef', '.4f')} | "
+            f"len {fmt('response_len_mean', '4.1f')} | tok/s {fmt('tokens_per_s', '6.0f')} | "
+            f"labels {m.get('labels_total', 0)} | v{m['policy_version']} | {m['time_s']:.0f}s")
+
+
+def train(cfg: LLMConfig, run_dir: str | None = None, stages: str = "all",
+          on_metrics: Callable[[dict], None] | None = None, progress: bool = True) -> Path:
+    ctl = LLMController(cfg, run_dir, on_metrics, progress)
+    if progress:
+        print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)
+    ctl.run(stages)
+    return ctl.run_dir

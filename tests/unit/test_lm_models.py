@@ -1,0 +1,166 @@
+"""LLM workload pieces without Ray: batches and masks, log-probs under padding, the grouped
+ranking loss, the tiny task's oracle, the HF generation worker's weight sync, the reward
+trainer, data files and config errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.core.bradley_terry import grouped_preference_loss, ranking_loss
+from rlhf_ray.llm import tiny
+from rlhf_ray.llm.modeling import (encode_pairs, load_policy, load_tokenizer, make_batch,
+                                   response_logprobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny.build_model(path, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    return str(path)
+
+
+def test_make_batch_layout_and_masks():
+    b = make_batch([[5, 6], [7]], [[8, 9, 2], [10]], pad_id=0)
+    assert b.prompt_len == 2
+    assert b.input_ids.tolist() == [[5, 6, 8, 9, 2], [0, 7, 10, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    # positions count real tokens only: left padding does not shift the prompt
+    assert b.position_ids[1, 1:3].tolist() == [0, 1]
+    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="empty response"):
+        make_batch([[1]], [[]], pad_id=0)
+
+
+def test_logprobs_do_not_depend_on_padding(tiny_model):
+    """The same (prompt, response) gives the same token log-probs alone and in a batch
+    where it is left and right padded: masks and positions are right."""
+    tok = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model).eval()
+    alone = encode_pairs(tok, ["write about the fox :"], ["good fox"], 16, 8)
+    padded = encode_pairs(tok, ["write about the fox :", "the fox :"],
+                          ["good fox", "very happy warm bright fox"], 16, 8)
+    with torch.no_grad():
+        a = response_logprobs(model, alone.input_ids, alone.attention_mask, alone.position_ids,
+                              alone.prompt_len)
+        # the second row has a shorter prompt (left padded) and a longer response
+        p = response_logprobs(model, padded.input_ids, padded.attention_mask,
+                              padded.position_ids, padded.prompt_len)
+    n = int(alone.response_mask.sum())
+    assert padded.response_mask[0].sum() == n
+    torch.testing.assert_close(p[0, :n], a[0, :n], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        b2 = encode_pairs(tok, ["the fox :"], ["very happy warm bright fox"], 16, 8)
+        q = response_logprobs(model, b2.input_ids, b2.attention_mask, b2.position_ids,
+                              b2.prompt_len)
+    m = int(b2.response_mask.sum())
+    torch.testing.assert_close(p[1, :m], q[0, :m], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_loss_equals_ranking_loss_for_full_rankings():
+    g = torch.Generator().manual_seed(0)
+    b, k = 3, 4
+    rewards = torch.randn(b, k, generator=g)
+    order = torch.stack([torch.randperm(k, generator=g) for _ in range(b)])
+    left, right, group = [], [], []
+    for n in range(b):
+        for i, j in itertools.combinations(range(k), 2):  # order[i] is ranked above order[j]
+            left.append(n * k + int(order[n, i]))
+            right.append(n * k + int(order[n, j]))
+            group.append(n)
+    mu = torch.ones(len(left))
+    got = grouped_preference_loss(rewards.reshape(-1), torch.tensor(left), torch.tensor(right),
+                                  mu, torch.tensor(group))
+    torch.testing.assert_close(got, ranking_loss(rewards, order))
+    # a tie (mu = 0.5) between equal rewards costs log 2, whatever the group sizes
+    tie = grouped_preference_loss(torch.zeros(2), torch.tensor([0]), torch.tensor([1]),
+                                  torch.tensor([0.5]), torch.tensor([0]))
+    assert abs(float(tie) - np.log(2)) < 1e-6
+
+
+def test_sentiment_oracle_by_hand():
+    assert tiny.sentiment_oracle("write about the fox :", "good happy fox") == pytest.approx(2 / 3 + 0.5)
+    assert tiny.sentiment_oracle("write about the fox :", "bad dog") == pytest.approx(-0.5)
+    assert tiny.sentiment_oracle("write about the fox :", "") == -1.0
+
+
+def test_generation_worker_weight_sync_changes_outputs(tiny_model):
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.modeling import state_dict_cpu
+
+    w = HFGenerationWorker(tiny_model, {"max_new_tokens": 6}, seed=0)
+    prompts = ["write about the fox :", "write about the owl :"]
+    a = w.generate(prompts, n=3, seed=123)
+    assert len(a["response_ids"]) == 6 and a["version"] == 0
+    eos = w.tok.eos_token_id
+    for r in a["response_ids"]:  # cut at EOS, nothing after it
+        assert 1 <= len(r) <= 6 and (eos not in r or r.index(eos) == len(r) - 1)
+    assert w.generate(prompts, n=3, seed=123)["response_ids"] == a["response_ids"]
+    # new weights: the same seed now gives other samples, and the version moves
+    weights = state_dict_cpu(w.model)
+    torch.manual_seed(1)
+    new = {k: v + 0.5 * torch.randn_like(v) if v.dtype.is_floating_point else v
+           for k, v in weights.items()}
+    assert w.update_weights(1, new) == 1
+    b = w.generate(prompts, n=3, seed=123)
+    assert b["version"] == 1 and b["response_ids"] != a["response_ids"]
+    assert w.update_weights(1, weights) == 1  # a stale or repeated version is ignored
+    assert w.generate(prompts, n=3, seed=123)["response_ids"] == b["response_ids"]
+
+
+def test_reward_trainer_learns_oracle_rankings(tiny_model):
+    from rlhf_ray.config import LMRewardConfig
+    from rlhf_ray.llm.reward import LMRewardTrainer, rankings_to_comparisons
+
+    rng = np.random.default_rng(0)
+    rankings = []
+    for p in tiny.prompts(160, seed=3):
+        resp = [tiny.demonstration(p, rng) for _ in range(4)]
+        resp.sort(key=lambda r: -tiny.sentiment_oracle(p, r))
+        rankings.append({"prompt": p, "responses": resp})
+    t = LMRewardTrainer(tiny_model, LMRewardConfig(lr=3e-3, batch_size=16, val_fraction=0.25))
+    t.add(rankings_to_comparisons(rankings))
+    before = t.accuracy(val=True)
+    stats = t.train(epochs=12)
+    assert stats["rm_version"] == 1
+    assert stats["rm_val_accuracy"] > 0.75 and stats["rm_val_accuracy"] > before + 0.1
+
+
+def test_preference_files_and_errors(tmp_path):
+    from rlhf_ray.llm.data import load_preferences, read_rows
+
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n"
+                 + json.dumps({"prompt": "y", "responses": ["a", "b", "c"]}) + "\n")
+    assert load_preferences(str(p)) == [{"prompt": "x", "responses": ["a", "b"]},
+                                        {"prompt": "y", "responses": ["a", "b", "c"]}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_rows(str(bad), ["prompt"], "data.prompts_path")
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{oops\n')
+        read_rows(str(tmp_path / "broken.jsonl"), ["prompt"], "data.prompts_path")
+
+
+def test_llm_config_errors_name_the_field():
+    cfg = load_config("llm-tiny")
+    assert cfg.workload == "llm" and cfg.ppo.kl.controller == "adaptive"
+    with pytest.raises(ConfigError, match="ppo.micro_batch_size=5"):
+        load_config("llm-tiny", ["ppo.micro_batch_size=5"])
+    with pytest.raises(ConfigError, match="ppo.kl.estimator"):
+        load_config("llm-tiny", ["ppo.kl.estimator=k9"])
+    with pytest.raises(ConfigError, match="placement.num_learners"):
+        load_config("llm-tiny", ["placement.num_learners=3"])
+
+
+def test_stage_commands_reject_a_control_config(capsys):
+    from rlhf_ray.cli import main
+
+    assert main(["ppo", "hopper-smoke"]) == 2
+    assert "language-model stage" in capsys.readouterr().err
