@@ -123,6 +123,8 @@ def main() -> None:
                     "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]})
                 print(f"{env:15s} {name:16s} seed {seed}: final true return {s['final_true_return']:8.1f}"
                       f"  steps/s {s['env_steps_per_s']:7.1f}  wall {res['wall_s']:.0f}s", flush=True)
+                record["envs"][env] = {"runs": runs}  # partial: a cut-off run keeps what is done
+                json_path.write_text(json.dumps(record, indent=1))
         record["envs"][env] = {"runs": runs, **env_ratios(runs)}
         json_path.write_text(json.dumps(record, indent=1))
     finish(record, out, args.tag)

@@ -339,6 +339,7 @@ class LMPlacementConfig(_Strict):
     reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
     reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
     labeler: RoleResources = Field(default_factory=RoleResources)
+    labeling_app: RoleResources = Field(default_factory=RoleResources)
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, LLMConfig
 
 
 @dataclass
@@ -48,17 +48,33 @@ def public_url(host: str, port: int, route_prefix: str, token: str) -> str:
     return f"http://{shown}:{port}{prefix}/?token={token}"
 
 
-def start_labeling(cfg: Config, *, labeler_name: str, namespace: str, store_root: str,
+def start_labeling(cfg: Config | LLMConfig, *, labeler_name: str, namespace: str, store_root: str,
                    run_id: str) -> LabelingRoles:
-    import ray
-
     from rlhf_ray.labeling import app as labeling_app
     from rlhf_ray.labeling.app import new_token
-    from rlhf_ray.labeling.clips import ClipRenderWorker
 
     lab = cfg.labeler
     token = lab.token or new_token()
     host, port = ensure_serve_http(lab.host, lab.port)
+    renderers = []
+    if cfg.workload == "control":  # clips to render; the LLM workload shows text only
+        renderers = _start_renderers(cfg, labeler_name, namespace, store_root, run_id)
+    app_res = cfg.placement.labeling_app
+    app_name = f"rlhf-label-{run_id}"
+    labeling_app.deploy(labeler_name=labeler_name, namespace=namespace, store_root=store_root,
+                        token=token, app_name=app_name, route_prefix=lab.route_prefix,
+                        num_cpus=app_res.num_cpus, resources_=app_res.resources)
+    return LabelingRoles(app_name, public_url(host, port, lab.route_prefix, token), token,
+                         renderers)
+
+
+def _start_renderers(cfg: Config, labeler_name: str, namespace: str, store_root: str,
+                     run_id: str) -> list:
+    import ray
+
+    from rlhf_ray.labeling.clips import ClipRenderWorker
+
+    lab = cfg.labeler
     renderers = []
     res = cfg.placement.clip_renderer
     env_cfg = cfg.env.model_dump(mode="json")
@@ -71,13 +87,7 @@ def start_labeling(cfg: Config, *, labeler_name: str, namespace: str, store_root
         renderers.append(ray.remote(ClipRenderWorker).options(**opts).remote(
             labeler_name, namespace, store_root, env_cfg, lab.clips.width, lab.clips.height,
             lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, cfg.placement.batch_nice))
-    app_res = cfg.placement.labeling_app
-    app_name = f"rlhf-label-{run_id}"
-    labeling_app.deploy(labeler_name=labeler_name, namespace=namespace, store_root=store_root,
-                        token=token, app_name=app_name, route_prefix=lab.route_prefix,
-                        num_cpus=app_res.num_cpus, resources_=app_res.resources)
-    return LabelingRoles(app_name, public_url(host, port, lab.route_prefix, token), token,
-                         renderers)
+    return renderers
 
 
 def stop_labeling(roles: LabelingRoles | None) -> None:
@@ -129,9 +139,13 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
     run_id = "label-" + uuid.uuid4().hex[:6]
     name = f"rlhf-labeler-{run_id}"
     ns = ray.get_runtime_context().namespace
+    if cfg.workload == "llm":  # the oracle is a text scorer
+        oracle, text_oracle = None, cfg.labeler.oracle
+    else:
+        oracle, text_oracle = cfg.labeler.oracle.model_dump(), cfg.labeler.text_oracle
     labeler = _remote(Labeler, cfg.placement.labeler, name=name).remote(
-        store_root, "human", cfg.labeler.oracle.model_dump(), cfg.seed, cfg.labels.budget,
-        cfg.labeler.lease_s, cfg.labeler.deadline_s, cfg.labeler.text_oracle)
+        store_root, "human", oracle, cfg.seed, cfg.labels.budget,
+        cfg.labeler.lease_s, cfg.labeler.deadline_s, text_oracle)
     roles = None
     try:
         stats = ray.get(labeler.stats.remote())

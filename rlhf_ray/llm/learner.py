@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.core import lm_ppo
-from rlhf_ray.llm.modeling import (TokenBatch, load_policy, load_scalar_model, make_batch,
+from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, load_policy, load_scalar_model, make_batch,
                                    response_logprobs, response_values, save_model,
                                    state_dict_cpu)
 
@@ -75,7 +75,7 @@ class PPOLearner:
         self.pad_id = pad_id
         self.policy = load_policy(policy_path, dtype, self.device)
         self.ref = load_policy(policy_path, dtype, self.device).eval().requires_grad_(False)
-        self.critic = load_scalar_model(critic_path, dtype, self.device)
+        self.critic = TokenValueModel(load_scalar_model(critic_path, dtype, self.device))
         self.policy.config.use_cache = False
         self.rng = np.random.default_rng(seed + 7919 * rank)
         self.version = 0
@@ -249,7 +249,7 @@ class PPOLearner:
         self.critic_opt.zero_grad(set_to_none=True)
         self._backward(b, exp, np.arange(len(b)))
         out = {}
-        for prefix, model in (("policy.", self.policy), ("critic.", self.critic)):
+        for prefix, model in (("policy.", self.policy), ("critic.", self.critic)):  # noqa: B007
             for name, p in self._unwrap(model).named_parameters():
                 if p.grad is not None:
                     out[prefix + name] = p.grad.detach().cpu().numpy().copy()
@@ -263,7 +263,7 @@ class PPOLearner:
 
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
         pol = save_model(self.policy, tok, os.path.join(out_dir, "policy"))
-        cri = save_model(self.critic, tok, os.path.join(out_dir, "critic"))
+        cri = save_model(self._unwrap(self.critic).model, tok, os.path.join(out_dir, "critic"))
         torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                     "version": self.version}, os.path.join(out_dir, "optimizer.pt"))
         return {"policy": pol, "critic": cri}

@@ -169,6 +169,7 @@ class LLMController:
         self.cursor = 0
         self.actors: list = []
         self.app_name = None
+        self.labeling = None
 
     # ---------------------------------------------------------------- roles
     def _log(self, msg: str) -> None:
@@ -225,6 +226,16 @@ class LLMController:
                 self.store_root, lab.source, None, cfg.seed, cfg.labels.budget, lab.lease_s,
                 lab.deadline_s, lab.oracle)
             self.actors.append(self.labeler)
+            if lab.source != "oracle":
+                from rlhf_ray.labeling.service import start_labeling
+
+                self.labeling = start_labeling(
+                    cfg, labeler_name=f"rlhf-lm-labeler-{self.run_id}",
+                    namespace=ray.get_runtime_context().namespace, store_root=self.store_root,
+                    run_id=self.run_id)
+                print(f"labeling page: {self.labeling.url}", file=sys.stderr, flush=True)
+                (self.run_dir / "labeling_url.txt").write_text(self.labeling.url + "\n")
+                os.chmod(self.run_dir / "labeling_url.txt", 0o600)  # it carries the token
         ray.get(self.weight_store.get_version.remote())
 
     def deploy_reward_model(self, rm_path: str) -> None:
@@ -244,6 +255,11 @@ class LLMController:
         import ray
         from ray import serve
 
+        if self.labeling is not None:
+            from rlhf_ray.labeling.service import stop_labeling
+
+            stop_labeling(self.labeling)
+            self.labeling = None
         if self.app_name:
             try:
                 serve.delete(self.app_name)
@@ -356,6 +372,7 @@ class LLMController:
 
         t0 = time.time()
         while time.time() - t0 < timeout_s:
+            ray.get(self.labeler.expire_overdue.remote())  # mixed: the oracle fills in late ones
             st = ray.get(self.labeler.stats.remote())
             if st["labels_total"] >= n:
                 return
@@ -409,6 +426,8 @@ class LLMController:
                 ray.get([g.update_weights.remote(version, ref) for g in self.gens])
                 t4 = time.perf_counter()
                 self.iteration += 1
+                if online and cfg.labeler.source == "mixed":
+                    ray.get(self.labeler.expire_overdue.remote())
                 if online and cfg.labels.per_iteration:
                     self.ask_for_labels(cfg.labels.per_iteration, block=False)
                     self.feed_reward_trainer(block=False)

@@ -90,9 +90,22 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, prompt_len
     return logp, entropy
 
 
+class TokenValueModel(torch.nn.Module):
+    """The critic as one module whose forward gives the scalar head at every position, so
+    DDP can wrap it (DDP syncs gradients only through its wrapped module's forward)."""
+
+    def __init__(self, scalar_model):
+        super().__init__()
+        self.model = scalar_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return token_scalars(self.model, input_ids, attention_mask, position_ids)
+
+
 def response_values(critic, input_ids, attention_mask, position_ids, prompt_len: int):
-    """V(x, y_<t): the critic's value of the state before each response token, [B, T]."""
-    values = token_scalars(critic, input_ids, attention_mask, position_ids)
+    """V(x, y_<t): the critic's value of the state before each response token, [B, T].
+    `critic`: a TokenValueModel (or DDP around one)."""
+    values = critic(input_ids, attention_mask, position_ids)
     return values[:, prompt_len - 1:-1]
 
 
