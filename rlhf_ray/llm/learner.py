@@ -83,9 +83,8 @@ class PPOLearner:
         self._opts()
 
     def _opts(self) -> None:
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, eps=1e-5)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr,
-                                            eps=1e-5)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr)
 
     # ---------------------------------------------------------------- distributed
     def address(self) -> tuple[str, int]:

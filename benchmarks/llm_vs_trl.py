@@ -1,0 +1,226 @@
+"""Side-by-side benchmark: this project's LLM PPO vs TRL's PPO trainer, in one run.
+
+Same machine, same tiny model and tokenizer, the same SFT model and reward model (both built
+once here by this project's `sft` and `rm` stages), the same prompts, rollout batch, PPO
+epochs, minibatching, response length, sampling temperature, clip ranges, GAE parameters,
+learning rate and fixed KL coefficient. Prints
+  (1) wall time per PPO iteration, ours / TRL's (first iteration excluded: warm-up), and
+  (2) the oracle-score gain over the SFT model after N iterations, for both,
+and writes JSON plus a plot under docs/results/. Targets: (1) <= 0.8 with (2) equal or better.
+
+The gain is measured the same way for both final policies: responses sampled for the same
+held-out prompts with the same seed and sampling settings, scored by the task's oracle.
+
+    python benchmarks/llm_vs_trl.py                      # 20 iterations, seed 0
+    python benchmarks/llm_vs_trl.py --iterations 30 --seeds 0 1
+
+Needs the `bench` extra (TRL 1.12.0, the last release with its PPO trainer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, MICRO, EPOCHS = 64, 16, 4
+
+
+def settings(iterations: int, seed: int, kl_coef: float, lr: float) -> list[str]:
+    """The shared PPO settings, as overrides of the llm-tiny preset."""
+    return [f"seed={seed}", f"run.iterations={iterations}", "run.checkpoint_every=0",
+            f"ppo.rollout_batch_size={BATCH}", f"ppo.minibatch_size={BATCH}",
+            f"ppo.micro_batch_size={MICRO}", f"ppo.ppo_epochs={EPOCHS}", f"ppo.lr={lr}",
+            f"ppo.critic_lr={lr}", "ppo.kl.controller=fixed", f"ppo.kl.init_coef={kl_coef}",
+            "ppo.kl.estimator=k1", "ppo.normalize_reward=false", "ppo.reward_clip=null",
+            "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.cliprange=0.2", "ppo.cliprange_value=0.2",
+            "generation.temperature=1.0", "labels.per_iteration=0"]
+
+
+def prepare(workdir: Path, seed: int) -> tuple[str, str]:
+    """SFT model and reward model, once, through this project's stages."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.llm.loop import train
+
+    cfg = load_config("llm-tiny", [f"seed={seed}"])
+    run = train(cfg, run_dir=str(workdir / "prep"), stages="rm", progress=False)
+    return str(run / "sft"), str(run / "reward_model")
+
+
+def run_ours(workdir: Path, sft: str, rm: str, overrides: list[str]) -> dict:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.llm.loop import train
+
+    cfg = load_config("llm-tiny", overrides + [f"model.sft_path={sft}", f"model.reward_path={rm}"])
+    rows: list[dict] = []
+    t0 = time.time()
+    run = train(cfg, run_dir=str(workdir / "ours"), stages="ppo", on_metrics=rows.append,
+                progress=False)
+    return {"wall_s": time.time() - t0, "iteration_s": [r["iteration_s"] for r in rows],
+            "policy": str(run / "final" / "policy"),
+            "train_oracle": [r["oracle_score_mean"] for r in rows],
+            "kl": [r["kl_mean"] for r in rows]}
+
+
+def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coef: float,
+            lr: float, prompts: list[str], threads: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from rlhf_ray.llm.modeling import load_tokenizer
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(sft)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ds = Dataset.from_dict({"input_ids": ids})
+    args = PPOConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=BATCH // MICRO, num_mini_batches=1,
+        num_ppo_epochs=EPOCHS, total_episodes=iterations * BATCH, response_length=12,
+        stop_token="eos", temperature=1.0, kl_coef=kl_coef, kl_estimator="k1",
+        cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, gamma=1.0, lam=0.95,
+        learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=1.0,
+        local_rollout_forward_batch_size=BATCH, num_sample_generations=0, save_strategy="no",
+        report_to="none", logging_steps=1, use_cpu=True, bf16=False, fp16=False, seed=seed,
+        dataloader_num_workers=0, disable_tqdm=True)
+    policy = AutoModelForCausalLM.from_pretrained(sft)
+    ref = AutoModelForCausalLM.from_pretrained(sft)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1)
+    stamps: list[float] = []
+    logs: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **k):  # noqa: ARG002
+            if logs:
+                stamps_logs.append(dict(logs))
+
+    stamps_logs = logs
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref,
+                         reward_model=reward, train_dataset=ds, value_model=value,
+                         callbacks=[Clock()])
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    out = str(workdir / "trl_policy")
+    trainer.model.policy.save_pretrained(out) if hasattr(trainer.model, "policy") else policy.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"wall_s": wall, "iteration_s": [b - a for a, b in zip(stamps, stamps[1:])],
+            "policy": out, "kl": [g.get("objective/kl") for g in logs if "objective/kl" in g],
+            "train_rm_score": [g.get("objective/scores") for g in logs if "objective/scores" in g]}
+
+
+def evaluate(policy: str, prompts: list[str], seed: int) -> float:
+    """Mean oracle score of responses sampled from `policy` (same prompts, seed, settings)."""
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.tiny import sentiment_oracle
+
+    w = HFGenerationWorker(policy, {"max_new_tokens": 12, "temperature": 1.0}, seed=seed)
+    out = w.generate(prompts, n=4, seed=seed + 12345)
+    return statistics.fmean(sentiment_oracle(p, r) for p, r in zip(out["prompts"], out["texts"]))
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s in record["seeds"]:
+        for who, color in (("ours", "tab:blue"), ("trl", "tab:orange")):
+            axes[0].plot(s[who]["iteration_s"], color=color, alpha=0.8,
+                         label=f"{who} seed {s['seed']}")
+            axes[1].plot(s[who]["kl"], color=color, alpha=0.8, label=f"{who} seed {s['seed']}")
+    axes[0].set_title("wall time per PPO iteration (s)")
+    axes[1].set_title("KL(policy || SFT) per response")
+    for a in axes:
+        a.set_xlabel("iteration")
+        a.legend()
+    r = record["summary"]
+    fig.suptitle(f"time ratio ours/TRL {r['time_ratio']:.2f}; oracle gain ours "
+                 f"{r['gain_ours']:+.3f} vs TRL {r['gain_trl']:+.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads for TRL (default: every core, as it runs alone)")
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--tag", default="llm_vs_trl")
+    args = ap.parse_args()
+
+    import ray
+
+    from rlhf_ray.llm import tiny
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "iterations": args.iterations,
+              "batch": BATCH, "micro_batch": MICRO, "ppo_epochs": EPOCHS, "kl_coef": args.kl_coef,
+              "lr": args.lr, "trl_threads": args.trl_threads,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "seeds": []}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="llm-vs-trl-") as tmp:
+            work = Path(tmp)
+            sft, rm = prepare(work, seed)
+            eval_prompts = tiny.prompts(128, seed=seed + 999)
+            train_prompts = tiny.prompts(512, seed=seed)
+            sft_score = evaluate(sft, eval_prompts, seed)
+            ours = run_ours(work, sft, rm, settings(args.iterations, seed, args.kl_coef, args.lr))
+            ours["oracle"] = evaluate(ours["policy"], eval_prompts, seed)
+            trl = run_trl(work, sft, rm, args.iterations, seed, args.kl_coef, args.lr,
+                          train_prompts, args.trl_threads)
+            trl["oracle"] = evaluate(trl["policy"], eval_prompts, seed)
+            for r in (ours, trl):
+                r["per_iteration_s"] = statistics.fmean(r["iteration_s"][1:] or r["iteration_s"])
+                r["gain"] = r["oracle"] - sft_score
+                r.pop("policy")
+            rec = {"seed": seed, "sft_oracle": sft_score, "ours": ours, "trl": trl}
+            record["seeds"].append(rec)
+            print(f"seed {seed}: s/iteration ours {ours['per_iteration_s']:.3f}  TRL "
+                  f"{trl['per_iteration_s']:.3f}  | oracle SFT {sft_score:.3f}  ours "
+                  f"{ours['oracle']:.3f} ({ours['gain']:+.3f})  TRL {trl['oracle']:.3f} "
+                  f"({trl['gain']:+.3f})", flush=True)
+    s = record["seeds"]
+    ours_t = statistics.fmean(r["ours"]["per_iteration_s"] for r in s)
+    trl_t = statistics.fmean(r["trl"]["per_iteration_s"] for r in s)
+    record["summary"] = {"time_ratio": ours_t / trl_t, "ours_s_per_iteration": ours_t,
+                         "trl_s_per_iteration": trl_t,
+                         "gain_ours": statistics.fmean(r["ours"]["gain"] for r in s),
+                         "gain_trl": statistics.fmean(r["trl"]["gain"] for r in s)}
+    (out / f"{args.tag}.json").write_text(json.dumps(record, indent=1))
+    plot(record, out / f"{args.tag}.png")
+    r = record["summary"]
+    print(f"\n(1) wall time per iteration ours / TRL: {r['time_ratio']:.3f} "
+          f"({r['ours_s_per_iteration']:.3f} s vs {r['trl_s_per_iteration']:.3f} s)")
+    print(f"(2) oracle-score gain after {args.iterations} iterations: ours {r['gain_ours']:+.3f}, "
+          f"TRL {r['gain_trl']:+.3f}")
+    print(f"wrote {out / (args.tag + '.json')} and {out / (args.tag + '.png')}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
