@@ -121,7 +121,10 @@ class Labeler:
             self.pending[q.query_id] = query
 
     def _new_id(self) -> str:
-        return uuid.UUID(bytes=self.rng.bytes(16), version=4).hex
+        # from the OS, never from the seeded RNG: a restarted labeler (same seed) would
+        # otherwise hand out the ids of queries already in the store, and reopening the
+        # store (which deduplicates by id) would drop the newer labels
+        return uuid.uuid4().hex
 
     # ------------------------------------------------------------------ asking
     def submit(self, left: SegmentBatch, right: SegmentBatch, rm_version: int = 0) -> list[str]:
@@ -335,6 +338,22 @@ class Labeler:
             out.append({"prompt": q.prompt, "left": q.responses[i], "right": q.responses[j],
                         "mu": MU[lab.label], "ranking_id": lab.ranking_id})
         self._undrained = keep
+        return out
+
+    def stored_text_comparisons(self) -> list[dict]:
+        """Every trainable text comparison already in the store (a reopened run, or labels
+        given with `rlhf-ray label`), in `drain_texts` form; what this actor labels from now
+        on arrives through `drain_texts` instead."""
+        text_ids = {i for q in self.store.queries().to_pylist() if q["kind"] != "clip"
+                    for i in q["item_ids"]}
+        rows = [r for r in self.store.labels().to_pylist()
+                if MU.get(r["label"]) is not None and r["left_id"] in text_ids]
+        texts = self.store.texts(sorted({i for r in rows for i in (r["left_id"], r["right_id"])}))
+        out = []
+        for r in rows:
+            prompt, left = texts[r["left_id"]]
+            out.append({"prompt": prompt, "left": left, "right": texts[r["right_id"]][1],
+                        "mu": MU[r["label"]], "ranking_id": r.get("ranking_id") or r["query_id"]})
         return out
 
     def stats(self, now: float | None = None) -> dict:

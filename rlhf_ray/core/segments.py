@@ -113,7 +113,7 @@ def cut_segments(episode: dict[str, np.ndarray], length: int, max_segments: int,
         return None
     window = starts[:, None] + np.arange(length)[None, :]  # [N, k]
     arrays = {name: np.asarray(arr)[window] for name, arr in episode.items()}
-    ids = [uuid.UUID(bytes=rng.bytes(16), version=4).hex for _ in range(len(starts))]
+    ids = [uuid.uuid4().hex for _ in range(len(starts))]  # unique across restarts (not seeded)
     return SegmentBatch(ids=ids, arrays=arrays,
                         env_steps=np.full(len(starts), env_steps, dtype=np.int64))
 

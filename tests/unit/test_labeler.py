@@ -124,3 +124,35 @@ def test_text_oracle_by_import_path(tmp_path):
     assert sorted(r["label"] for r in rows if r["ranking_id"]) == ["left", "right", "right"]
     with pytest.raises(ValueError, match="module:function"):
         Labeler(str(tmp_path / "x"), text_oracle="nocolon")
+
+
+def test_reopened_store_gives_back_text_comparisons(tmp_path):
+    """The LLM reward model can start from the labels a store already holds (a reopened run,
+    or rankings given with `rlhf-ray label`): every pair of every ranking, with its prompt."""
+    from rlhf_ray.labeler import Labeler
+
+    lab = Labeler(str(tmp_path / "prefs"), source="human")
+    q1, q2 = lab.submit_texts(["p1", "p2"], [["a", "b"], ["x", "y", "z"]])
+    assert lab.answer(q1, "right", "human:ann") == "stored"
+    assert lab.answer_ranking(q2, [2, 0, 1], "human:ann") == "stored"
+    again = Labeler(str(tmp_path / "prefs"), source="human").stored_text_comparisons()
+    pairs = sorted((c["prompt"], c["left"], c["right"], c["mu"]) for c in again)
+    assert pairs == [("p1", "a", "b", 0.0), ("p2", "x", "y", 1.0), ("p2", "x", "z", 0.0),
+                     ("p2", "y", "z", 0.0)]
+    assert len({c["ranking_id"] for c in again}) == 2
+
+
+def test_a_restarted_labeler_never_reuses_query_ids(tmp_path):
+    """Same seed, same store, restarted: new queries get new ids, so reopening the store
+    (which deduplicates by id) keeps every label."""
+    from rlhf_ray.labeler import Labeler
+
+    root = str(tmp_path / "prefs")
+    a = Labeler(root, source="oracle", seed=3, text_oracle="rlhf_ray.llm.tiny:sentiment_oracle")
+    first = a.submit_texts(["write about the fox :"], [["good fox", "bad", "fox"]])
+    b = Labeler(root, source="oracle", seed=3, text_oracle="rlhf_ray.llm.tiny:sentiment_oracle")
+    second = b.submit_texts(["write about the fox :"], [["good fox", "bad", "fox"]])
+    assert set(first).isdisjoint(second)
+    again = Labeler(root, source="oracle", seed=3)
+    assert again.stats()["labels_total"] == 2
+    assert len(PreferenceStore(root).labels()) == 2 * 3  # two rankings of 3: 3 pairs each
