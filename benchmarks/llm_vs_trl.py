@@ -11,8 +11,9 @@ and writes JSON plus a plot under docs/results/. Targets: (1) <= 0.8 with (2) eq
 The gain is measured the same way for both final policies: responses sampled for the same
 held-out prompts with the same seed and sampling settings, scored by the task's oracle.
 
-    python benchmarks/llm_vs_trl.py                      # 20 iterations, seed 0
+    python benchmarks/llm_vs_trl.py                      # 20 iterations, seed 0, 0.3M model
     python benchmarks/llm_vs_trl.py --iterations 30 --seeds 0 1
+    python benchmarks/llm_vs_trl.py --hidden 256 --layers 3 --intermediate 512   # ~2M (llm-tiny)
 
 Needs the `bench` extra (TRL 1.12.0, the last release with its PPO trainer).
 """
@@ -42,12 +43,17 @@ def settings(iterations: int, seed: int, kl_coef: float, lr: float) -> list[str]
             "generation.temperature=1.0", "labels.per_iteration=0"]
 
 
-def prepare(workdir: Path, seed: int) -> tuple[str, str]:
+def model_overrides(hidden: int, layers: int, intermediate: int) -> list[str]:
+    return [f"model.tiny.hidden_size={hidden}", f"model.tiny.num_layers={layers}",
+            f"model.tiny.intermediate_size={intermediate}"]
+
+
+def prepare(workdir: Path, seed: int, model: list[str]) -> tuple[str, str]:
     """SFT model and reward model, once, through this project's stages."""
     from rlhf_ray.config import load_config
     from rlhf_ray.llm.loop import train
 
-    cfg = load_config("llm-tiny", [f"seed={seed}"])
+    cfg = load_config("llm-tiny", [f"seed={seed}", *model])
     run = train(cfg, run_dir=str(workdir / "prep"), stages="rm", progress=False)
     return str(run / "sft"), str(run / "reward_model")
 
@@ -167,6 +173,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for TRL (default: every core, as it runs alone)")
+    ap.add_argument("--hidden", type=int, default=128, help="tiny model width")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=256)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--tag", default="llm_vs_trl")
     args = ap.parse_args()
@@ -181,11 +190,14 @@ def main() -> None:
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "iterations": args.iterations,
               "batch": BATCH, "micro_batch": MICRO, "ppo_epochs": EPOCHS, "kl_coef": args.kl_coef,
               "lr": args.lr, "trl_threads": args.trl_threads,
+              "model": {"hidden": args.hidden, "layers": args.layers,
+                        "intermediate": args.intermediate},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "seeds": []}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="llm-vs-trl-") as tmp:
             work = Path(tmp)
-            sft, rm = prepare(work, seed)
+            sft, rm = prepare(work, seed, model_overrides(args.hidden, args.layers,
+                                                          args.intermediate))
             eval_prompts = tiny.prompts(128, seed=seed + 999)
             train_prompts = tiny.prompts(512, seed=seed)
             sft_score = evaluate(sft, eval_prompts, seed)

@@ -33,8 +33,10 @@ def _llm_stage(args: argparse.Namespace, stages: str) -> int:
                           "this config is the control workload (use `rlhf-ray train`)")
     from rlhf_ray.llm.loop import train as llm_train
 
+    resume = bool(getattr(args, "resume", None))
     try:
-        run_dir = llm_train(cfg, run_dir=args.run_dir, stages=stages, progress=not args.quiet)
+        run_dir = llm_train(cfg, run_dir=args.run_dir, stages=stages, progress=not args.quiet,
+                            resume=resume)
     except ValueError as exc:  # bad data files: one line naming what was wrong
         print(f"rlhf-ray: {exc}", file=sys.stderr)
         return 2
@@ -43,11 +45,27 @@ def _llm_stage(args: argparse.Namespace, stages: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rlhf_ray.config import load_config
+    from pathlib import Path
 
+    from rlhf_ray.config import ConfigError, load_config
+
+    if args.resume:  # the run's own resolved config, plus overrides (e.g. more iterations)
+        if args.config and "=" in args.config:
+            args.overrides = [args.config, *args.overrides]
+        elif args.config:
+            raise ConfigError("train --resume RUN_DIR takes no preset: the run's config.yaml is used")
+        args.config = str(Path(args.resume) / "config.yaml")
+        if not Path(args.config).is_file():
+            raise ConfigError(f"--resume {args.resume}: not a run folder (no config.yaml)")
+        args.run_dir = args.resume
+    elif not args.config:
+        raise ConfigError("train: give a preset or YAML file (see `rlhf-ray presets`)")
     cfg = load_config(args.config, args.overrides)
     if cfg.workload == "llm":
         return _llm_stage(args, "all")
+    if args.resume:
+        raise ConfigError("--resume: resuming the control workload is not built yet "
+                          "(the LLM workload resumes); start a new run")
     os.environ.setdefault("MUJOCO_GL", "egl")
     import warnings
 
@@ -56,6 +74,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
     print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.sweep import run_sweep
+
+    if not args.resume and not args.sweep_file:
+        raise ConfigError("sweep: give a sweep file (see tune_configs/) or --resume SWEEP_DIR")
+    overrides = list(args.overrides)
+    if args.resume and args.sweep_file:
+        if "=" not in args.sweep_file:
+            raise ConfigError("sweep --resume SWEEP_DIR takes no sweep file: its own spec is used")
+        overrides.insert(0, args.sweep_file)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    root = run_sweep(None if args.resume else args.sweep_file, overrides, resume=args.resume,
+                     progress=not args.quiet)
+    print(f"done: {root}")
     return 0
 
 
@@ -81,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", metavar="NAME", help="print one preset, fully resolved")
     s.set_defaults(fn=_cmd_presets)
     s = sub.add_parser("train", help="run the RLHF loop from a preset or YAML file")
-    s.add_argument("config", help="preset name (see `rlhf-ray presets`) or path to a YAML file")
+    s.add_argument("config", nargs="?", help="preset name (see `rlhf-ray presets`) or path to a YAML file")
     s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. labels.budget=350")
     s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
+    s.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint (its own config.yaml)")
     s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
     s.set_defaults(fn=_cmd_train)
     for name, stages, text in (
@@ -98,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
         s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
         s.set_defaults(fn=lambda a, st=stages: _llm_stage(a, st))
+    s = sub.add_parser("sweep", help="a Ray Tune sweep over the whole loop (tune_configs/)")
+    s.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. tune_configs/llm-kl-grid.yaml")
+    s.add_argument("overrides", nargs="*", help="key=value for every trial; sweep.key=value "
+                   "for the sweep itself (e.g. sweep.num_samples=8)")
+    s.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_sweep)
     s = sub.add_parser("label", help="label the pending queries of a stopped run in the browser")
     s.add_argument("run_dir")
     s.add_argument("overrides", nargs="*", help="e.g. labeler.host=0.0.0.0 labeler.port=8080")

@@ -364,6 +364,7 @@ class Controller:
             "initial_env_steps": self.initial_env_steps,
             "true_return_mean": _f(ret),
             "episode_len_mean": _f(ep_len),
+            "kl_mean": _f(find_metric(result, "mean_kl_loss")),
             "time_s": round(time_s, 3),
         }
         if roles is not None:
@@ -444,6 +445,10 @@ def train(cfg: Config, run_dir: str | None = None,
           stop_event=None) -> Path:
     """Run the whole loop; returns the run folder. Setting `stop_event` (a threading.Event)
     ends the run after the current iteration, with a final checkpoint."""
+    if getattr(cfg, "workload", "control") == "llm":  # one entry point for both workloads
+        from rlhf_ray.llm.loop import train as llm_train
+
+        return llm_train(cfg, run_dir, on_metrics=on_metrics, progress=progress)
     ctl = Controller(cfg, run_dir, on_metrics, progress, stop_event)
     if progress:
         print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)

@@ -94,6 +94,11 @@ class HFGenerationWorker:
     def get_version(self) -> int:
         return self.version
 
+    def set_version(self, version: int) -> int:
+        """The version of the weights loaded at start (a resumed run's policy)."""
+        self.version = int(version)
+        return self.version
+
 
 class VLLMGenerationWorker:
     """A vLLM engine on one GPU. Written against vLLM's documented offline API
@@ -157,6 +162,11 @@ class VLLMGenerationWorker:
         return self.version
 
     def get_version(self) -> int:
+        return self.version
+
+    def set_version(self, version: int) -> int:
+        """The version of the weights loaded at start (a resumed run's policy)."""
+        self.version = int(version)
         return self.version
 
 

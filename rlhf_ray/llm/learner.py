@@ -64,7 +64,11 @@ class RunningMoments:
 class PPOLearner:
     def __init__(self, rank: int, world_size: int, policy_path: str, critic_path: str,
                  ppo: dict, temperature: float = 1.0, seed: int = 0, torch_threads: int = 1,
-                 dtype: str = "float32", device: str | None = None, pad_id: int = 0):
+                 dtype: str = "float32", device: str | None = None, pad_id: int = 0,
+                 ref_path: str | None = None, state_path: str | None = None):
+        """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
+        ref_path: the frozen reference (always the SFT model; default policy_path);
+        state_path: a checkpoint's optimizer.pt to continue from."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
@@ -74,17 +78,26 @@ class PPOLearner:
         self.temperature = temperature
         self.pad_id = pad_id
         self.policy = load_policy(policy_path, dtype, self.device)
-        self.ref = load_policy(policy_path, dtype, self.device).eval().requires_grad_(False)
+        self.ref = load_policy(ref_path or policy_path, dtype, self.device).eval().requires_grad_(False)
         self.critic = TokenValueModel(load_scalar_model(critic_path, dtype, self.device))
         self.policy.config.use_cache = False
         self.rng = np.random.default_rng(seed + 7919 * rank)
         self.version = 0
         self._ddp = False
+        self._state_path = state_path
         self._opts()
 
     def _opts(self) -> None:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr)
+        if self._state_path and os.path.exists(self._state_path):  # resuming: same moments
+            state = torch.load(self._state_path, map_location=self.device, weights_only=True)
+            self.opt.load_state_dict(state["opt"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+            for o, lr in ((self.opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr)):
+                for g in o.param_groups:  # the config's rates win (a sweep may have changed them)
+                    g["lr"] = lr
+            self.version = int(state["version"])
 
     # ---------------------------------------------------------------- distributed
     def address(self) -> tuple[str, int]:

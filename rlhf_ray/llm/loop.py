@@ -187,7 +187,8 @@ class LLMController:
             for i in range(place.num_generation_workers)]
         self.actors += self.gens
 
-    def start_learners(self, policy_path: str, critic_path: str) -> None:
+    def start_learners(self, policy_path: str, critic_path: str,
+                       state_path: str | None = None) -> None:
         import ray
 
         from rlhf_ray.llm.learner import PPOLearner
@@ -198,7 +199,8 @@ class LLMController:
         n = place.num_learners
         self.learners = [_remote(PPOLearner, place.learner).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
-            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad) for r in range(n)]
+            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, self.sft_path,
+            state_path) for r in range(n)]
         self.actors += self.learners
         addr, port = ray.get(self.learners[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.learners])
@@ -358,8 +360,15 @@ class LLMController:
         """Rankings of SFT samples -> the first reward model, saved to the run folder."""
         import ray
 
-        self._log(f"stage 2/3: reward model from {self.cfg.labels.initial} rankings of SFT samples")
-        self.ask_for_labels(self.cfg.labels.initial, block=True)
+        stored = ray.get(self.labeler.stored_text_comparisons.remote())
+        have = len({c["ranking_id"] for c in stored})
+        if stored:  # a reopened store: its labels count, none is asked for twice
+            ray.get(self.trainer.add.remote(stored))
+            self.labels_requested = have
+        want = max(0, self.cfg.labels.initial - have)
+        self._log(f"stage 2/3: reward model from {have} stored and {want} new rankings of "
+                  "SFT samples")
+        self.ask_for_labels(want, block=True)
         if self.cfg.labeler.source != "oracle":
             self._wait_for_humans(self.cfg.labels.initial)
         self.feed_reward_trainer(block=True, epochs=self.cfg.reward_model.initial_epochs)
@@ -400,7 +409,7 @@ class LLMController:
         t_start = time.time()
         last: dict = {}
         try:
-            for _ in range(cfg.run.iterations):
+            while self.iteration < cfg.run.iterations:
                 t0 = time.perf_counter()
                 prompts = self.next_prompts(cfg.ppo.rollout_batch_size)
                 out = self.generate(prompts)
@@ -446,7 +455,7 @@ class LLMController:
                     "policy_version": int(version),
                     "sample_policy_versions": sorted(set(out["versions"])),
                     "rm_version": int(res["version"]),
-                    "labels_total": self._labels_total(),
+                    **self._label_counts(),
                     "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
                     "pg_loss": _f(stats.get("pg_loss")), "vf_loss": _f(stats.get("vf_loss")),
                     "approx_kl": _f(stats.get("approx_kl")), "clipfrac": _f(stats.get("clipfrac")),
@@ -471,12 +480,17 @@ class LLMController:
         finally:
             writer.close()
 
-    def _labels_total(self) -> int:
+    def _label_counts(self) -> dict:
+        """Rankings answered, in all and by source (the oracle, each human labeler)."""
         import ray
 
         if self.labeler is None:
-            return 0
-        return int(ray.get(self.labeler.stats.remote())["labels_total"])
+            return {"labels_total": 0, "labels_human": 0, "labels_oracle": 0}
+        st = ray.get(self.labeler.stats.remote())
+        by = st["labels_by_source"]
+        return {"labels_total": int(st["labels_total"]), "labels_pending": st["labels_pending"],
+                "labels_by_source": dict(by), "labels_oracle": by.get("oracle", 0),
+                "labels_human": sum(v for k, v in by.items() if k.startswith("human:"))}
 
     def checkpoint(self, final: bool = False) -> Path:
         import ray
@@ -487,24 +501,87 @@ class LLMController:
         ray.get(self.learners[0].save.remote(str(path.resolve()), tok_path))
         if self.trainer is not None:
             ray.get(self.trainer.save.remote(str((path / "reward_model").resolve())))
-        state = {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
+        state = {"format": CHECKPOINT_FORMAT, "workload": "llm", "iteration": self.iteration,
                  "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
+                 "prompt_order": [int(i) for i in getattr(self, "order", [])],
                  "labels_requested": self.labels_requested, "score_mean": self.score_mean,
-                 "score_std": self.score_std, "rm_stats": self.rm_stats,
+                 "score_std": self.score_std, "sft_oracle": self.sft_oracle,
+                 "rm_stats": self.rm_stats, "sft_path": str(self.sft_path),
+                 "kl_settings": self.cfg.ppo.kl.model_dump(mode="json"),
                  "rng": self.rng.bit_generator.state}
         (path / "controller.json").write_text(json.dumps(state, default=float))
         return path
 
+    # ---------------------------------------------------------------- resuming
+    def load_state(self, ckpt: Path) -> dict:
+        """The controller's part of a checkpoint (models are loaded by the roles)."""
+        try:
+            state = json.loads((Path(ckpt) / "controller.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"checkpoint {ckpt}: unreadable controller.json ({exc})") from None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("workload") != "llm":
+            raise ValueError(f"checkpoint {ckpt}: format {state.get('format')!r} of workload "
+                             f"{state.get('workload')!r}; this version reads format "
+                             f"{CHECKPOINT_FORMAT} of the llm workload")
+        from rlhf_ray.core.lm_ppo import kl_controller_from_state
+
+        self.iteration = int(state["iteration"])
+        self.kl_ctl = kl_controller_from_state(state["kl_controller"])
+        self.cursor = int(state["prompt_cursor"])
+        if state.get("prompt_order"):
+            self.order = np.asarray(state["prompt_order"])
+        self.labels_requested = int(state["labels_requested"])
+        self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
+        self.sft_oracle = float(state["sft_oracle"])
+        self.rm_stats = dict(state.get("rm_stats") or {})
+        self.rng.bit_generator.state = state["rng"]
+        return state
+
+    def resume(self, ckpt: Path, override_kl: bool = False) -> dict:
+        """Continue a run from a checkpoint folder: policy, critic and optimizer moments,
+        reward model, KL controller, prompt order and position, label count, RNG state.
+        `override_kl`: take beta and the target from this run's config (a PBT trial that
+        was handed a donor's checkpoint with mutated KL settings)."""
+        import ray
+
+        cfg = self.cfg
+        ckpt = Path(ckpt).resolve()
+        state = self.load_state(ckpt)
+        if override_kl or state.get("kl_settings", cfg.ppo.kl.model_dump(mode="json")) != \
+                cfg.ppo.kl.model_dump(mode="json"):
+            # the KL settings changed since the checkpoint (a PBT mutation, an override on
+            # resume): start the controller from the new settings
+            self.kl_ctl = _kl_controller(cfg)
+        self.sft_path = state["sft_path"]
+        policy, critic, rm = str(ckpt / "policy"), str(ckpt / "critic"), str(ckpt / "reward_model")
+        self._log(f"resuming from {ckpt} at iteration {self.iteration}")
+        self.start_generation(policy)
+        self.start_reward_roles(rm, with_labeler=True)
+        stored = ray.get(self.labeler.stored_text_comparisons.remote())
+        if stored:  # the reward model's data set, as it was (labels are never lost)
+            ray.get(self.trainer.add.remote(stored))
+        ray.get(self.trainer.set_version.remote(int(self.rm_stats.get("rm_version", 0))))
+        self.start_learners(policy, critic, str(ckpt / "optimizer.pt"))
+        version = ray.get(self.learners[0].policy_weights.remote())[0]
+        ray.get([g.set_version.remote(version) for g in self.gens])
+        self.deploy_reward_model(rm)
+        return state
+
     # ---------------------------------------------------------------- the whole loop
-    def run(self, stages: str = "all") -> dict:
+    def run(self, stages: str = "all", resume_from: str | None = None,
+            override_kl: bool = False) -> dict:
         """stages: `all` (SFT -> RM -> online PPO), `rm` (SFT model -> RM), `ppo` (SFT model +
-        RM -> PPO against a fixed reward model)."""
+        RM -> PPO against a fixed reward model). `resume_from`: a checkpoint folder to continue
+        the online loop from."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         started = init_ray(cfg)
         self.trainer = None
         try:
+            if resume_from is not None:
+                self.resume(Path(resume_from), override_kl)
+                return self.ppo(online=True)
             self.sft_path = self.sft()
             if stages == "sft":
                 return {"sft_path": self.sft_path}
@@ -512,6 +589,13 @@ class LLMController:
             if cfg.model.reward_path and stages != "rm":
                 rm_path = cfg.model.reward_path
                 self.start_reward_roles(rm_path, with_labeler=stages == "all")
+                if self.labeler is not None:  # labels already in the store stay in the data set
+                    import ray
+
+                    stored = ray.get(self.labeler.stored_text_comparisons.remote())
+                    if stored:
+                        ray.get(self.trainer.add.remote(stored))
+                        self.labels_requested = len({c["ranking_id"] for c in stored})
             else:
                 self.start_reward_roles(self.sft_path, with_labeler=True)
                 if cfg.data.preferences_path:
@@ -563,10 +647,31 @@ def progress_line(m: dict) -> str:
             f"labels {m.get('labels_total', 0)} | v{m['policy_version']} | {m['time_s']:.0f}s")
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run folder: `final/` if the run finished, else the highest
+    `checkpoints/iter_*` that holds a complete controller.json."""
+    run = Path(run_dir)
+    cands = sorted((run / "checkpoints").glob("iter_*")) if (run / "checkpoints").exists() else []
+    if (run / "final").exists():
+        cands.append(run / "final")
+    for c in reversed(cands):
+        if (c / "controller.json").exists():
+            return c
+    return None
+
+
 def train(cfg: LLMConfig, run_dir: str | None = None, stages: str = "all",
-          on_metrics: Callable[[dict], None] | None = None, progress: bool = True) -> Path:
+          on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
+          resume: bool = False) -> Path:
+    """Run the LLM workload; returns the run folder. `resume`: continue `run_dir` from its
+    latest checkpoint up to `run.iterations`."""
     ctl = LLMController(cfg, run_dir, on_metrics, progress)
     if progress:
         print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)
-    ctl.run(stages)
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(ctl.run_dir)
+        if ckpt is None:
+            raise ValueError(f"--resume {ctl.run_dir}: no checkpoint to resume from")
+    ctl.run(stages, resume_from=str(ckpt) if ckpt else None)
     return ctl.run_dir

@@ -158,5 +158,10 @@ class LMRewardTrainer:
         ray.get(weight_store.publish.remote(*self.weights()))
         return stats
 
+    def set_version(self, version: int) -> int:
+        """Continue numbering from a checkpoint's reward-model version."""
+        self.version = max(self.version, int(version))
+        return self.version
+
     def save(self, out_dir: str) -> str:
         return save_model(self.model, self.tok, out_dir)

@@ -117,3 +117,25 @@ def deploy(model_path: str, *, app_name: str, weight_store: str, namespace: str,
                    max_response_tokens)
     return serve.run(app, name=app_name, route_prefix=route_prefix or f"/{app_name}",
                      blocking=False)
+
+
+def app_builder(args: dict):
+    """Serve application builder for `serve deploy serve/lm_reward_model.yaml`: a trained
+    reward-model folder (a run's `reward_model/` or `final/reward_model/`) served on its own.
+
+    args: `model` (the folder), optional `max_batch_size`, `batch_wait_timeout_s`,
+    `num_replicas`, `num_cpus`, `num_gpus`, `torch_threads`, `max_prompt_tokens`,
+    `max_response_tokens`.
+    """
+    path = args.get("model")
+    if not path:
+        raise ValueError("LM reward-model app: set args.model to a reward-model folder")
+    dep = serve.deployment(LMRewardServer, name=DEPLOYMENT_NAME).options(
+        num_replicas=int(args.get("num_replicas", 1)),
+        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
+                           "num_gpus": float(args.get("num_gpus", 0))},
+    )
+    return dep.bind(path, "", "", int(args.get("max_batch_size", 16)),
+                    float(args.get("batch_wait_timeout_s", 0.01)),
+                    int(args.get("torch_threads", 1)), int(args.get("max_prompt_tokens", 64)),
+                    int(args.get("max_response_tokens", 64)))

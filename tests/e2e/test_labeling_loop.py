@@ -101,3 +101,57 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
             th.join(timeout=30)
     assert set(later) == set(pending)
     assert PreferenceStore(str(run_dir / "preferences")).pending_queries() == []
+
+
+def test_llm_rankings_from_people_and_the_oracle(ray_cluster, serve_http, tmp_path):
+    """The LLM workload reuses the page unchanged: a scripted person ranks responses over HTTP
+    (reverse order, so their labels are recognisable), the oracle takes what is left past
+    the deadline, and PPO never waits."""
+    host, port = serve_http
+    cfg = load_config("llm-tiny-smoke", ["labeler.source=mixed", "labeler.deadline_s=3",
+                                         f"labeler.port={port}", "labels.initial=16",
+                                         "run.iterations=4"])
+    run_dir = tmp_path / "llm"
+    stop, answered = threading.Event(), []
+
+    def human():
+        url_file = run_dir / "labeling_url.txt"
+        while not url_file.exists() and not stop.is_set():
+            time.sleep(0.2)
+        if not url_file.exists():
+            return
+        u = urlparse(url_file.read_text().strip())
+        http = Http(f"{u.scheme}://{u.netloc}{u.path}", parse_qs(u.query)["token"][0])
+        while not stop.is_set() and len(answered) < 6:
+            try:
+                status, q = http.request("GET", "/api/next?labeler=ranker")
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if status != 200:
+                time.sleep(0.2)
+                continue
+            assert q["kind"] == "ranking" and len(q["responses"]) == cfg.labels.responses_per_query
+            order = list(range(len(q["responses"])))[::-1]
+            status, _ = http.request("POST", "/api/label", {"query_id": q["query_id"],
+                                                            "order": order, "labeler": "ranker"})
+            if status == 200:
+                answered.append(q["query_id"])
+
+    t = threading.Thread(target=human, daemon=True)
+    t.start()
+    try:
+        train(cfg, run_dir=str(run_dir), progress=False)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    rows = read_metrics(run_dir)
+    assert len(rows) == cfg.run.iterations  # PPO ran every iteration
+    assert rows[-1]["labels_human"] == len(answered) >= 2
+    assert rows[-1]["labels_oracle"] >= 1
+    labels = PreferenceStore(str(run_dir / "preferences")).labels().to_pylist()
+    human = [r for r in labels if r["source"] == "human:ranker"]
+    k = cfg.labels.responses_per_query
+    assert len(human) == len(answered) * k * (k - 1) // 2  # each ranking as C(K,2) pairs
+    assert {r["ranking_id"] for r in human} == set(answered)
+    assert all(r["label"] == "right" for r in human)  # reverse order: the later item wins

@@ -77,3 +77,25 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
+
+
+def test_resume_continues_where_the_run_stopped(ray_cluster, tmp_path):
+    """`rlhf-ray train --resume RUN_DIR run.iterations=N`: policy version, beta, prompt
+    position and labels carry on from the checkpoint; nothing is asked for twice."""
+    from rlhf_ray.cli import main
+
+    base = ["data.num_sft_examples=256", "sft.epochs=1", "labels.initial=16",
+            "reward_model.initial_epochs=2", "ppo.rollout_batch_size=16", "run.iterations=3"]
+    run_dir = tmp_path / "run"
+    train(load_config("llm-tiny-smoke", base), run_dir=str(run_dir), progress=False)
+    first = read_metrics(run_dir)
+    stored = len(PreferenceStore(str(run_dir / "preferences")).labels())
+    assert main(["train", "--resume", str(run_dir), "run.iterations=5", "--quiet"]) == 0
+    rows = read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[3]["sample_policy_versions"] == [3]  # the resumed workers hold version 3
+    assert abs(rows[3]["kl_coef"] - first[-1]["kl_coef_next"]) < 1e-5  # beta carried on
+    assert rows[3]["labels_total"] >= first[-1]["labels_total"]
+    assert len(PreferenceStore(str(run_dir / "preferences")).labels()) > stored
+    assert rows[3]["sft_oracle_score_mean"] == first[-1]["sft_oracle_score_mean"]

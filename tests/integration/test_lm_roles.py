@@ -139,3 +139,23 @@ def test_lm_reward_model_over_http(served_lm):
     assert status == 422 and "1 prompts but 0 responses" in body["error"]
     status, _ = post("/score", b"{nope")
     assert status == 422
+
+
+def test_lm_reward_model_app_from_a_folder(ray_cluster, tiny_paths):
+    """`serve deploy serve/lm_reward_model.yaml`: the config validates with Serve's schema and
+    its builder serves a reward-model folder as it is."""
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from rlhf_ray.llm.serve_lm import app_builder
+
+    conf = yaml.safe_load(open("serve/lm_reward_model.yaml"))
+    ServeDeploySchema.model_validate(conf)
+    args = dict(conf["applications"][0]["args"], model=tiny_paths, num_cpus=0.25)
+    handle = serve.run(app_builder(args), name="lmrm-folder", route_prefix="/lmrm-folder")
+    try:
+        res = handle.score.remote(["write about the fox :"], ["good fox"]).result()
+        assert res["version"] == 0 and len(res["scores"]) == 1
+    finally:
+        serve.delete("lmrm-folder")
