@@ -62,17 +62,18 @@ def plot(record: dict, path: Path) -> None:
     envs = list(record["envs"])
     fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4.2), squeeze=False)
     for ax, env in zip(axes[0], envs):
-        for name, runs in record["envs"][env]["runs"].items():
-            for i, run in enumerate(runs):
+        colors = ["black", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red"]
+        for (name, runs), color in zip(record["envs"][env]["runs"].items(), colors):
+            for i, run in enumerate(runs):  # one color per variant, one line style per seed
                 xs = [r["env_steps"] for r in run["curve"]]
                 ys = [r["true_return_mean"] for r in run["curve"]]
-                ax.plot(xs, ys, label=name if i == 0 else None,
-                        color="black" if name == "true reward" else None,
+                ax.plot(xs, ys, label=f"{name} (seed {run['seed']})", color=color,
+                        ls=["-", "--", ":", "-."][i % 4],
                         lw=2 if name == "true reward" else 1.2)
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylabel("true episode return")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle("RLHF from synthetic labels vs PPO on the true reward")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from rlhf_ray.config import load_config
 from rlhf_ray.control.loop import train

@@ -1,6 +1,5 @@
 """The reward-model Serve deployment on the session's real local Ray cluster."""
 
-import concurrent.futures as cf
 import json
 import urllib.request
 import uuid
