@@ -157,7 +157,18 @@ def _bundles(cfg) -> list[dict[str, float]]:
         out += [b(p.env_runner) for _ in range(p.num_env_runners)]
         out += [b(p.learner) for _ in range(p.num_learners)]
         out.append(b(p.reward_trainer))
+    if cfg.workload == "llm":  # indices must match llm_bundle_map: keep every bundle
+        return [d if any(v > 0 for v in d.values()) else {"CPU": 0.01} for d in out]
     return [d for i, d in enumerate(out) if i == 0 or any(v > 0 for v in d.values())]
+
+
+def llm_bundle_map(cfg) -> dict[str, list[int]]:
+    """Bundle indices of each LLM role in `_bundles(cfg)` (same order): every actor goes to
+    its own bundle, so fractional CPUs never fragment the group."""
+    p = cfg.placement
+    g, n = p.num_generation_workers, p.num_learners
+    return {"generation": list(range(1, 1 + g)), "learner": list(range(1 + g, 1 + g + n)),
+            "reward_trainer": [1 + g + n]}
 
 
 def _metric(sweep: SweepConfig, cfg) -> str:
@@ -199,6 +210,7 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
     cfg.run.checkpoint_every = 0  # checkpoints here are Tune's, at its perturbation interval
     ctl = LLMController(cfg, str(run_dir), progress=False)
     ctl.run_id = trial_id
+    ctl.bundles = llm_bundle_map(cfg)
 
     def report(m: dict) -> None:
         flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
@@ -288,6 +300,11 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
         ray.init(num_cpus=cfg0.run.ray_num_cpus, log_to_driver=False, include_dashboard=False)
         started = True
     try:
+        # Serve's controller and proxy start here, outside any trial's placement group (a
+        # trial starting them would have them captured in its group, where they cannot fit)
+        from rlhf_ray.labeling.service import ensure_serve_http
+
+        ensure_serve_http(cfg0.labeler.host, cfg0.labeler.port)
         root = root.resolve()
         root.mkdir(parents=True, exist_ok=True)
         if "shared" not in spec:

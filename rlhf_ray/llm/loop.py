@@ -53,12 +53,23 @@ def init_ray(cfg: LLMConfig) -> bool:
     return True
 
 
-def _remote(cls, res, **extra):
+def _remote(cls, res, bundle: int | None = None, **extra):
+    """`cls` as an actor with the role's resources; `bundle`: the index of the bundle of the
+    current placement group to use (a Tune trial's group: pinned bundles never fragment)."""
     import ray
 
     opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
     if res.resources:
         opts["resources"] = dict(res.resources)
+    if bundle is not None:
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = get_current_placement_group()
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=bundle,
+                placement_group_capture_child_tasks=True)
     return ray.remote(cls).options(**opts)
 
 
@@ -73,6 +84,12 @@ def _kl_controller(cfg: LLMConfig):
     if k.controller == "adaptive":
         return AdaptiveKLController(k.init_coef, k.target, k.horizon)
     return FixedKLController(k.init_coef)
+
+
+def _done(ref) -> bool:
+    import ray
+
+    return bool(ray.wait([ref], timeout=0)[0])
 
 
 def _f(x) -> float | None:
@@ -172,6 +189,12 @@ class LLMController:
         self.labeling = None
 
     # ---------------------------------------------------------------- roles
+    def _bundle(self, role: str, i: int) -> int | None:
+        """Where a role's i-th actor goes in a Tune trial's placement group (set by the sweep
+        as `bundles = {role: [indices]}`); None outside one."""
+        idx = (getattr(self, "bundles", None) or {}).get(role)
+        return idx[i] if idx else None
+
     def _log(self, msg: str) -> None:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
@@ -181,7 +204,7 @@ class LLMController:
 
         cfg, place = self.cfg, self.cfg.placement
         cls = generation_worker_class(cfg.generation.backend)
-        self.gens = [_remote(cls, place.generation_worker).remote(
+        self.gens = [_remote(cls, place.generation_worker, self._bundle("generation", i)).remote(
             policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
             cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype)
             for i in range(place.num_generation_workers)]
@@ -197,7 +220,7 @@ class LLMController:
         cfg, place = self.cfg, self.cfg.placement
         pad = load_tokenizer(policy_path).pad_token_id
         n = place.num_learners
-        self.learners = [_remote(PPOLearner, place.learner).remote(
+        self.learners = [_remote(PPOLearner, place.learner, self._bundle("learner", r)).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
             cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, self.sft_path,
             state_path) for r in range(n)]
@@ -215,7 +238,8 @@ class LLMController:
         cfg, place = self.cfg, self.cfg.placement
         self.weight_store = _remote(WeightStore, place.labeler,
                                     name=f"rlhf-lm-weights-{self.run_id}").remote()
-        self.trainer = _remote(LMRewardTrainer, place.reward_trainer).remote(
+        self.trainer = _remote(LMRewardTrainer, place.reward_trainer,
+                               self._bundle("reward_trainer", 0)).remote(
             rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_response_tokens=cfg.generation.max_new_tokens + 1, seed=cfg.seed,
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype)
@@ -317,6 +341,8 @@ class LLMController:
         ref = self.labeler.submit_texts.remote(prompts, resp, int(self.rm_stats.get("rm_version", 0)))
         if block:
             ray.get(ref)
+        else:  # waited for before a checkpoint, so every query asked for is in the store
+            self._submits = [r for r in getattr(self, "_submits", []) if not _done(r)] + [ref]
         self.labels_requested += n_prompts
         return n_prompts
 
@@ -349,7 +375,7 @@ class LLMController:
         if cfg.model.sft_path:
             return cfg.model.sft_path
         out = str((self.run_dir / "sft").resolve())
-        task = _remote(_SFTTask, cfg.placement.learner).remote()
+        task = _remote(_SFTTask, cfg.placement.learner, self._bundle("learner", 0)).remote()
         self.actors.append(task)
         self._log("stage 1/3: supervised fine-tuning")
         path = ray.get(task.run.remote(cfg, out))
@@ -494,6 +520,10 @@ class LLMController:
 
     def checkpoint(self, final: bool = False) -> Path:
         import ray
+
+        if getattr(self, "_submits", None):  # queries in flight reach the store first
+            ray.get(self._submits)
+            self._submits = []
 
         path = self.run_dir / ("final" if final else f"checkpoints/iter_{self.iteration:06d}")
         path.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
     assert rows[0]["labels_total"] >= cfg.labels.initial
     assert rows[-1]["labels_total"] >= rankings - cfg.labels.per_iteration
     table = PreferenceStore(str(run_dir / "preferences")).labels()
-    assert len(table) == rows[-1]["labels_total"] * k * (k - 1) // 2
+    asked = json.loads((run_dir / "final" / "controller.json").read_text())["labels_requested"]
+    assert len(table) == asked * k * (k - 1) // 2  # every ranking asked for is in the store
     assert rows[-1]["rm_val_accuracy"] > 0.6
     # models are Hugging Face folders with safetensors; controller state keeps beta
     for sub in ("sft", "reward_model", "final/policy", "final/critic", "final/reward_model"):
@@ -45,6 +46,23 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
     assert state["kl_controller"]["kind"] == "adaptive"
     assert abs(state["kl_controller"]["beta"] - rows[-1]["kl_coef_next"]) < 1e-5
     assert report(str(run_dir)).endswith("report.png")
+
+    # `rlhf-ray train --resume RUN_DIR run.iterations=N`: policy version, beta, prompt
+    # position and labels carry on from the final checkpoint; nothing is asked for twice
+    from rlhf_ray.cli import main
+
+    n = cfg.run.iterations
+    stored = len(table)
+    assert main(["train", "--resume", str(run_dir), f"run.iterations={n + 2}", "--quiet"]) == 0
+    more = read_metrics(run_dir)
+    assert [r["iteration"] for r in more] == list(range(1, n + 3))
+    assert [r["policy_version"] for r in more[n:]] == [n + 1, n + 2]
+    assert more[n]["sample_policy_versions"] == [n]  # the resumed workers hold version n
+    assert abs(more[n]["kl_coef"] - rows[-1]["kl_coef_next"]) < 1e-5  # beta carried on
+    assert more[n]["sft_oracle_score_mean"] == rows[-1]["sft_oracle_score_mean"]
+    after = PreferenceStore(str(run_dir / "preferences")).labels()
+    asked = json.loads((run_dir / "final" / "controller.json").read_text())["labels_requested"]
+    assert len(after) > stored and len(after) == asked * k * (k - 1) // 2  # every one stored
 
 
 def test_stages_run_alone_from_files(ray_cluster, tmp_path):
@@ -77,25 +95,3 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
-
-
-def test_resume_continues_where_the_run_stopped(ray_cluster, tmp_path):
-    """`rlhf-ray train --resume RUN_DIR run.iterations=N`: policy version, beta, prompt
-    position and labels carry on from the checkpoint; nothing is asked for twice."""
-    from rlhf_ray.cli import main
-
-    base = ["data.num_sft_examples=256", "sft.epochs=1", "labels.initial=16",
-            "reward_model.initial_epochs=2", "ppo.rollout_batch_size=16", "run.iterations=3"]
-    run_dir = tmp_path / "run"
-    train(load_config("llm-tiny-smoke", base), run_dir=str(run_dir), progress=False)
-    first = read_metrics(run_dir)
-    stored = len(PreferenceStore(str(run_dir / "preferences")).labels())
-    assert main(["train", "--resume", str(run_dir), "run.iterations=5", "--quiet"]) == 0
-    rows = read_metrics(run_dir)
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
-    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5]
-    assert rows[3]["sample_policy_versions"] == [3]  # the resumed workers hold version 3
-    assert abs(rows[3]["kl_coef"] - first[-1]["kl_coef_next"]) < 1e-5  # beta carried on
-    assert rows[3]["labels_total"] >= first[-1]["labels_total"]
-    assert len(PreferenceStore(str(run_dir / "preferences")).labels()) > stored
-    assert rows[3]["sft_oracle_score_mean"] == first[-1]["sft_oracle_score_mean"]

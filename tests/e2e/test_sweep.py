@@ -4,6 +4,7 @@ interrupted sweep resumes; the best trial's exported config trains unchanged."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.sweep import load_sweep, run_sweep
+from rlhf_ray.sweep import load_sweep
 
 TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
         "labels.initial=16", "labels.per_iteration=1", "reward_model.initial_epochs=2",
@@ -42,36 +43,11 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(str(f))
 
 
-def test_tiny_sweep_reports_each_beta_and_exports_a_config_that_trains(ray_cluster, tmp_path):
-    root = run_sweep(str(sweep_file(tmp_path)), progress=False)
-    rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
-    assert sorted(float(r["ppo.kl.init_coef"]) for r in rows) == [0.05, 0.3]
-    for r in rows:
-        assert r["oracle_score_mean"] not in ("", "None")
-        assert int(r["iterations"]) == 3
-    assert (root / "score_vs_kl.png").stat().st_size > 1000
-    # trials started from the shared SFT model and reward model
-    assert (root / "shared" / "reward_model" / "model.safetensors").exists()
-    # each trial ran its own beta: the first iteration's kl_coef is the trial's value
-    betas = set()
-    for d in (root / "tune").iterdir():
-        m = d / "run" / "metrics.jsonl"
-        if m.exists():
-            import json
-
-            betas.add(json.loads(m.read_text().splitlines()[0])["kl_coef"])
-    assert betas == {0.05, 0.3}
-    best = load_config(str(root / "best_config.yaml"), ["run.iterations=1"])
-    assert best.ppo.kl.init_coef in (0.05, 0.3)
-    from rlhf_ray.llm.loop import train
-
-    run = train(best, run_dir=str(tmp_path / "best"), progress=False)
-    assert (run / "final" / "policy" / "model.safetensors").exists()
-
-
-def test_interrupted_sweep_resumes(ray_cluster, tmp_path):
-    """Kill `rlhf-ray sweep` (SIGINT, as Ctrl-C) once a trial has reported, then
-    `rlhf-ray sweep --resume DIR` finishes every trial."""
+def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster, tmp_path):
+    """A tiny sweep (2 trials of the smoke preset, beta 0.05 and 0.3): interrupt
+    `rlhf-ray sweep` (SIGINT, as Ctrl-C) once a trial has reported, `rlhf-ray sweep --resume
+    DIR` finishes every trial; each reports its own beta and the metric; the exported best
+    config trains unchanged."""
     path = sweep_file(tmp_path, overrides=TINY + ["run.iterations=4"])
     # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
@@ -95,5 +71,23 @@ def test_interrupted_sweep_resumes(ray_cluster, tmp_path):
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
                           "--quiet"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # every trial finished, each with its own beta, and reported the metric
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
-    assert len(rows) == 2 and all(int(r["iterations"]) == 4 for r in rows)
+    assert sorted(float(r["ppo.kl.init_coef"]) for r in rows) == [0.05, 0.3]
+    for r in rows:
+        assert int(r["iterations"]) == 4 and r["oracle_score_mean"] not in ("", "None")
+    betas = set()
+    for d in (root / "tune").iterdir():
+        m = d / "run" / "metrics.jsonl"
+        if m.exists():  # the first iteration's kl_coef is the trial's own value
+            betas.add(json.loads(m.read_text().splitlines()[0])["kl_coef"])
+    assert betas == {0.05, 0.3}
+    assert (root / "score_vs_kl.png").stat().st_size > 1000
+    assert (root / "shared" / "reward_model" / "model.safetensors").exists()  # trials shared it
+    # the best trial's config trains as it is
+    best = load_config(str(root / "best_config.yaml"), ["run.iterations=1"])
+    assert best.ppo.kl.init_coef in (0.05, 0.3)
+    from rlhf_ray.llm.loop import train
+
+    run = train(best, run_dir=str(tmp_path / "best"), progress=False)
+    assert (run / "final" / "policy" / "model.safetensors").exists()
