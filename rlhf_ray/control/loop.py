@@ -34,6 +34,8 @@ from rlhf_ray.core.schedule import LabelSchedule
 from rlhf_ray.core.segments import SegmentBatch, default_segment_length
 from rlhf_ray.metrics import MetricsWriter, find_metric
 from rlhf_ray.reward_model import RewardNetSpec, save_weights
+from rlhf_ray.roles import init_ray
+from rlhf_ray.roles import remote_role as _remote
 
 CHECKPOINT_FORMAT = 1
 
@@ -49,21 +51,6 @@ class Roles:
     spec: RewardNetSpec
     rm_handle: object
     labeling: object = None  # LabelingRoles when humans label
-
-
-def init_ray(cfg: Config) -> bool:
-    """Join the running cluster when there is one; start a local one otherwise.
-    Returns True when this call started Ray (and so should stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs = {"log_to_driver": False, "include_dashboard": False}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**{"log_to_driver": False})
-        return False
-    ray.init(num_cpus=cfg.run.ray_num_cpus, **kwargs)
-    return True
 
 
 def reward_spec(cfg: Config) -> RewardNetSpec:
@@ -86,15 +73,6 @@ def segment_length(cfg: Config) -> int:
     env_cfg = cfg.env.model_dump(mode="json")
     atari = cfg.env.preprocessing == "atari"
     return default_segment_length(envs.env_dt(env_cfg), cfg.labels.segment_seconds, atari)
-
-
-def _remote(cls, res, **extra):
-    import ray
-
-    opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
-    if res.resources:
-        opts["resources"] = dict(res.resources)
-    return ray.remote(cls).options(**opts)
 
 
 def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:

@@ -127,7 +127,8 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
     import ray
 
     from rlhf_ray.config import ConfigError, load_config
-    from rlhf_ray.control.loop import _remote, init_ray
+    from rlhf_ray.roles import init_ray
+    from rlhf_ray.roles import remote_role as _remote
     from rlhf_ray.labeler import Labeler
 
     path = Path(run_dir) / "config.yaml"

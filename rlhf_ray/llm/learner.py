@@ -267,6 +267,9 @@ class PPOLearner:
                     out[prefix + name] = p.grad.detach().cpu().numpy().copy()
         return out
 
+    def get_version(self) -> int:
+        return self.version
+
     def policy_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         return self.version, state_dict_cpu(self.policy)
 

@@ -32,6 +32,8 @@ from rlhf_ray.config import LLMConfig, dump_config
 from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.metrics import MetricsWriter
+from rlhf_ray.roles import init_ray
+from rlhf_ray.roles import remote_role as _remote
 
 CHECKPOINT_FORMAT = 1
 METRIC_KEYS = ("iteration", "oracle_score_mean", "rm_score_mean", "kl_mean", "kl_coef",
@@ -39,38 +41,6 @@ METRIC_KEYS = ("iteration", "oracle_score_mean", "rm_score_mean", "kl_mean", "kl
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def init_ray(cfg: LLMConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return False
-    ray.init(num_cpus=cfg.run.ray_num_cpus, log_to_driver=False, include_dashboard=False)
-    return True
-
-
-def _remote(cls, res, bundle: int | None = None, **extra):
-    """`cls` as an actor with the role's resources; `bundle`: the index of the bundle of the
-    current placement group to use (a Tune trial's group: pinned bundles never fragment)."""
-    import ray
-
-    opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
-    if res.resources:
-        opts["resources"] = dict(res.resources)
-    if bundle is not None:
-        from ray.util.placement_group import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = get_current_placement_group()
-        if pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=bundle,
-                placement_group_capture_child_tasks=True)
-    return ray.remote(cls).options(**opts)
 
 
 def _oracle(cfg: LLMConfig):
@@ -592,7 +562,7 @@ class LLMController:
             ray.get(self.trainer.add.remote(stored))
         ray.get(self.trainer.set_version.remote(int(self.rm_stats.get("rm_version", 0))))
         self.start_learners(policy, critic, str(ckpt / "optimizer.pt"))
-        version = ray.get(self.learners[0].policy_weights.remote())[0]
+        version = ray.get(self.learners[0].get_version.remote())
         ray.get([g.set_version.remote(version) for g in self.gens])
         self.deploy_reward_model(rm)
         return state
