@@ -110,6 +110,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from rlhf_ray.local_cluster import main as cluster_main
+
+    return cluster_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="e.g. labeler.host=0.0.0.0 labeler.port=8080")
     s.add_argument("--exit-when-done", action="store_true", help="stop once nothing is pending")
     s.set_defaults(fn=_cmd_label)
+    s = sub.add_parser("cluster", help="`cluster up`: a multi-node Ray cluster on this machine "
+                       "(one raylet per node, custom resources per node) for trying placement")
+    s.add_argument("action", choices=["up"])
+    s.add_argument("--head", default="cpus=1,head=1", help="the head node: cpus=N,gpus=N,NAME=N")
+    s.add_argument("--node", action="append", default=None,
+                   help="a worker node, repeatable (default: cpus=2,rollout=1,learner=1 and "
+                   "cpus=1,serving=1)")
+    s.add_argument("--port", type=int, help="GCS port (default: a free one)")
+    s.add_argument("--dashboard-port", type=int, help="dashboard / jobs port (default: a free one)")
+    s.add_argument("--temp-dir", help="the cluster's own temp dir (default: a new /tmp/rlhfc-*)")
+    s.add_argument("--info", help="write address, dashboard URL and nodes to this JSON file")
+    s.set_defaults(fn=_cmd_cluster)
     s = sub.add_parser("report", help="draw learning curves of a run to PNG")
     s.add_argument("run_dir")
     s.add_argument("-o", "--output", help="PNG path (default RUN_DIR/report.png)")
@@ -172,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-ray: config error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
+        if not exc.filename:  # not a file the user named: an internal error, show where
+            raise
         print(f"rlhf-ray: {exc}", file=sys.stderr)
         return 2
 

@@ -69,6 +69,9 @@ class RewardModelConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="comparisons per gradient step")
     steps_per_round: int = Field(200, ge=1, description="gradient steps per member per round")
     pretrain_steps: int = Field(1000, ge=0, description="steps before RL starts")
+    round_label_growth: float = Field(
+        0.1, ge=0, description="start a training round once the labels grew by this fraction "
+        "since the last round began (0: whenever any label arrived)")
     l2: float = Field(1e-3, ge=0, description="initial L2 coefficient")
     adapt_l2: bool = True
     val_loss_ratio: tuple[float, float] = Field(
@@ -217,6 +220,13 @@ class Config(_Strict):
             raise ValueError(
                 f"labels.initial_fraction={self.labels.initial_fraction}: gives no initial labels "
                 f"with labels.budget={self.labels.budget}; the reward model needs some to start"
+            )
+        pl = self.placement
+        if pl.num_learners == 0 and (pl.learner.resources or pl.learner.num_gpus):
+            raise ValueError(
+                f"placement.learner={pl.learner.model_dump()}: with placement.num_learners=0 "
+                "the learner runs inside the controller and cannot be placed; set "
+                "placement.num_learners=1 (or more)"
             )
         return self
 

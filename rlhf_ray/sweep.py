@@ -59,6 +59,11 @@ class SweepConfig(_Strict):
                                "true_return_mean (control)")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1, description="samples of the space (each grid point x this)")
+    initial_points: list[dict[str, Any]] = Field(
+        default_factory=list, description="trials to run first, each a {dotted key: value} "
+        "point of the space (Tune's points_to_evaluate); the rest are sampled")
+    seed: int | None = Field(None, description="seed of the search's sampling (reproducible "
+                             "trial values)")
     max_concurrent_trials: int = Field(1, ge=1)
     storage_path: str = Field("sweeps", description="local folder or s3:// / gs:// URI")
     shared_stages: bool = Field(
@@ -78,6 +83,13 @@ class SweepConfig(_Strict):
                                                       or (kind == "loguniform" and vals[0] <= 0)):
                 raise ValueError(f"space.{key}.{kind}={vals}: needs [low, high] with "
                                  f"{'0 < ' if kind == 'loguniform' else ''}low < high")
+        for i, point in enumerate(self.initial_points):
+            unknown = sorted(set(point) - set(self.space))
+            if unknown:
+                raise ValueError(f"initial_points[{i}]: {', '.join(unknown)} not in space "
+                                 f"(space keys: {', '.join(self.space)})")
+        if self.initial_points and any("grid" in d for d in self.space.values()):
+            raise ValueError("initial_points: not with grid domains (a grid runs every point)")
         if self.scheduler.kind == "pbt" and any("grid" in d for d in self.space.values()):
             raise ValueError("scheduler.kind=pbt: PBT mutates sampled values; use choice, "
                              "uniform or loguniform, not grid")
@@ -112,8 +124,11 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     base = Path(path).parent / cfg.base
     if cfg.base.endswith((".yaml", ".yml")) and base.is_file():
         cfg.base = str(base)
-    # every trial's config must validate: check the base and one point of the space now
+    # every trial's config must validate: check the base, one point of the space and the
+    # initial points now
     trial_config(cfg, {k: _first(v) for k, v in cfg.space.items()})
+    for point in cfg.initial_points:
+        trial_config(cfg, {**{k: _first(v) for k, v in cfg.space.items()}, **point})
     return cfg
 
 
@@ -241,6 +256,15 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
                 shutil.rmtree(prefs)
             shutil.copytree(local / "preferences", prefs)
         resume_from = str(local)
+        donor = json.loads((local / "controller.json").read_text())
+        metrics = run_dir / "metrics.jsonl"
+        record = {"time": time.time(), "from_iteration": donor["iteration"],
+                  "kl_settings_before": donor.get("kl_settings"),
+                  "kl_settings_now": cfg.ppo.kl.model_dump(mode="json"),
+                  # rows from here on in metrics.jsonl are this incarnation's
+                  "metrics_row": len(metrics.read_text().splitlines()) if metrics.exists() else 0}
+        with open(run_dir / "restores.jsonl", "a") as f:  # each exploit / restore, in order
+            f.write(json.dumps(record) + "\n")
     # a PBT exploit hands over the donor's checkpoint with mutated KL settings: the resumed
     # controller takes the new settings (it compares them with the checkpoint's)
     ctl.run("all", resume_from=resume_from)
@@ -325,8 +349,8 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
                 param_space={k: _domain(v) for k, v in sweep.space.items()},
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                    max_concurrent_trials=sweep.max_concurrent_trials,
-                    scheduler=_scheduler(sweep, cfg0), reuse_actors=False),
+                    scheduler=_scheduler(sweep, cfg0), reuse_actors=False,
+                    search_alg=_search(sweep)),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(root), verbose=1 if progress else 0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -361,6 +385,16 @@ def _delete_app(name: str) -> None:
         serve.delete(name)
     except Exception:  # noqa: BLE001 - best effort
         pass
+
+
+def _search(sweep: SweepConfig):
+    from ray.tune.search import BasicVariantGenerator
+
+    points = [{k: p.get(k, _first(v)) for k, v in sweep.space.items()}
+              for p in sweep.initial_points]
+    # concurrency is the generator's own limit (Tune's max_concurrent_trials would wrap it)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.seed,
+                                 max_concurrent=sweep.max_concurrent_trials)
 
 
 def _scheduler(sweep: SweepConfig, cfg):

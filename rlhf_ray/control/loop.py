@@ -267,8 +267,13 @@ class Controller:
 
         cfg = self.cfg
         want = self.schedule.initial
-        need = min(cfg.labels.pool_size, max(2 * want, 32))
-        per_call = max(self.seg_len * 4, cfg.ppo.train_batch_size // max(1, cfg.placement.num_env_runners))
+        # These env steps come out of the run's budget (the paper counts every interaction),
+        # so sample no more than the queries need: one segment per query on average (uniform
+        # pairs reuse segments), in calls sized to the segments a rollout batch offers.
+        need = min(cfg.labels.pool_size, max(want, 32))
+        runners = max(1, cfg.placement.num_env_runners)
+        per_call = max(self.seg_len * 4, min(cfg.ppo.train_batch_size // runners,
+                                             cfg.labels.segments_per_sample * self.seg_len))
         for calls in range(200):
             size = ray.get(roles.pool.size.remote())
             if size >= need or (calls >= 10 and size < 2):
@@ -310,7 +315,10 @@ class Controller:
 
     def feed_reward_trainer(self, roles: Roles, block: bool, steps: int | None = None) -> None:
         """Hand new labels to the trainer; start a training round when the last one is done
-        and labels arrived since it started (the paper's asynchronous reward training)."""
+        and the labels grew by `reward_model.round_label_growth` since it started (the
+        paper's asynchronous reward training, with rounds spaced as the data grows: a round
+        per handful of labels costs CPU the rollouts need and moves the reward under PPO's
+        critic every iteration)."""
         import ray
 
         new = ray.get(roles.labeler.drain.remote())
@@ -323,7 +331,9 @@ class Controller:
             self.rm_stats = ray.get(self.train_ref) or self.rm_stats
             self.train_ref = None
         total = ray.get(roles.labeler.stats.remote())["labels_total"]
-        if total > self.labels_at_last_round or block:
+        grown = total - self.labels_at_last_round
+        due = grown > 0 and grown >= self.cfg.reward_model.round_label_growth * self.labels_at_last_round
+        if due or block:
             self.labels_at_last_round = total
             self.train_ref = roles.trainer.train_and_publish.remote(roles.weight_store, steps)
             if block:

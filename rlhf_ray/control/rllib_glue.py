@@ -226,6 +226,8 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
         "num_cpus_per_learner": place.learner.num_cpus if place.num_learners else "auto",
         "num_gpus_per_learner": place.learner.num_gpus,
     }
+    if place.learner.resources and place.num_learners:
+        learner_kw["custom_resources_per_learner"] = dict(place.learner.resources)
     if relabel is not None:
         connector = make_relabel_connector(relabel[0], relabel[1], info_layout(cfg),
                                            action_bounds=action_bounds(cfg))

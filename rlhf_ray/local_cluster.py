@@ -1,0 +1,109 @@
+"""A multi-node Ray cluster on one machine, for trying placement: `rlhf-ray cluster up`.
+
+Each node is its own raylet (`ray.cluster_utils.Cluster`) with its own CPUs and custom
+resources, so a config's `placement:` section behaves as on a real cluster: a role asking for
+`{rollout: 1}` can only land on a node that has `rollout`. The head runs the dashboard, so
+`ray job submit --address http://127.0.0.1:DASHBOARD_PORT` works against it.
+
+    rlhf-ray cluster up --head cpus=1,head=1 --node cpus=2,rollout=1,learner=1 \
+        --node cpus=1,serving=1
+    # prints RAY_ADDRESS and the dashboard URL; Ctrl-C stops every node it started
+
+The cluster keeps its files under its own temp dir (default: a fresh /tmp/rlhfc-*), so the
+machine's default Ray cluster, if any, is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+
+def parse_node(spec: str) -> dict:
+    """`cpus=2,gpus=0,rollout=1` -> {"num_cpus": 2, "num_gpus": 0, "resources": {"rollout": 1}}."""
+    out: dict = {"num_cpus": 1, "num_gpus": 0, "resources": {}}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            num = float(value)
+        except ValueError:
+            num = None
+        if not sep or num is None or num < 0:
+            raise ValueError(f"node spec {spec!r}: {item!r} is not name=number (>= 0)")
+        if key == "cpus":
+            out["num_cpus"] = int(num)
+        elif key == "gpus":
+            out["num_gpus"] = int(num)
+        else:
+            out["resources"][key] = num
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def up(head: str, nodes: list[str], temp_dir: str | None = None, port: int | None = None,
+       dashboard_port: int | None = None, info_file: str | None = None,
+       ready: threading.Event | None = None, stop: threading.Event | None = None) -> dict:
+    """Start the head and the nodes, write the info file, block until `stop` (or SIGINT /
+    SIGTERM), then shut down every node started here."""
+    head_spec, node_specs = parse_node(head), [parse_node(n) for n in nodes]
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="rlhfc-", dir="/tmp")
+    # Ray writes "the current cluster" under its temp root: keep ours out of /tmp/ray
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    from ray.cluster_utils import Cluster
+
+    port = port or free_port()
+    dashboard_port = dashboard_port or free_port()
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+        **head_spec, "gcs_server_port": port, "temp_dir": temp_dir, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "object_store_memory": 256 * 1024 * 1024})
+    started = [cluster.head_node]
+    try:
+        for i, spec in enumerate(node_specs, 1):
+            # nodes on one machine share the session folder: each unpacks job working dirs
+            # in its own, or one node's clean-up deletes the files another node's job runs in
+            started.append(cluster.add_node(**spec, object_store_memory=200 * 1024 * 1024,
+                                            runtime_env_dir_name=f"runtime_resources_node{i}"))
+        cluster.wait_for_nodes()
+        info = {"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+                "temp_dir": temp_dir, "pid": os.getpid(),
+                "nodes": [{"node_id": n.node_id, **s} for n, s in zip(started, [head_spec, *node_specs])]}
+        if info_file:
+            Path(info_file).write_text(json.dumps(info, indent=1))
+        print(f"RAY_ADDRESS={info['address']}\ndashboard / jobs: {info['dashboard']}\n"
+              f"{len(started)} nodes: " + "; ".join(
+                  f"{n['num_cpus']} CPU {n['resources'] or ''}" for n in info["nodes"])
+              + "\nCtrl-C stops them.", flush=True)
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        if ready is not None:
+            ready.set()
+        stop.wait()
+        return info
+    finally:
+        cluster.shutdown()
+
+
+def main(args) -> int:
+    if args.node is None:
+        args.node = ["cpus=2,rollout=1,learner=1", "cpus=1,serving=1"]
+    try:
+        up(args.head, args.node, args.temp_dir, args.port, args.dashboard_port, args.info)
+    except ValueError as exc:
+        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,112 @@
+"""`ray job submit` against a multi-node cluster of the test's own, started by the helper
+users try placement with (`rlhf-ray cluster up`: one raylet per node, distinct custom
+resources, own ports, own temp dir). The smoke preset is submitted with the `ray job submit`
+client; each role must land on the node the config's placement names, the job must SUCCEED
+with its outputs written, and only the cluster the test started is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+# roles -> nodes: rollouts and the learner on the "rollout" node, the reward model's Serve
+# replica and its trainer on the "serving" node, the labeler on the head
+PLACEMENT = [
+    "placement.env_runner.resources={rollout: 1}",
+    "placement.num_learners=1", "placement.learner.num_cpus=1",
+    "placement.learner.resources={learner: 1}",
+    "placement.reward_model.resources={serving: 0.5}",
+    "placement.reward_trainer.resources={serving: 0.5}",
+    "placement.labeler.resources={head: 0.1}"  # also its pool and the weight store,
+]
+EXPECT = {  # actor class name prefix -> the custom resource its node must have
+    "SingleAgentEnvRunner": "rollout",
+    "create_executable_class": "learner",  # RLlib's Learner actor wrapper
+    "ServeReplica:rlhf-rm-": "serving", "RewardTrainer": "serving", "Labeler": "head",
+}
+
+
+@pytest.fixture()
+def own_cluster(tmp_path_factory):
+    """Three nodes on this machine, stopped at the end (only these: the helper's process
+    group, never anything else)."""
+    temp = Path(f"/tmp/rlhfc-test-{uuid.uuid4().hex[:6]}")  # short: raylet socket paths
+    info = tmp_path_factory.mktemp("cluster") / "info.json"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_ray.cli", "cluster", "up", "--head", "cpus=1,head=1",
+         "--node", "cpus=2,rollout=1,learner=1", "--node", "cpus=1,serving=1",
+         "--temp-dir", str(temp), "--info", str(info)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not info.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    if not info.exists():
+        proc.kill()
+        pytest.fail("cluster up did not start: " + proc.communicate()[0].decode()[-3000:])
+    yield json.loads(info.read_text())
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the helper's own group: nodes it started
+        proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+
+
+def test_job_submit_places_each_role_on_its_node(own_cluster, tmp_path):
+    dash = own_cluster["dashboard"]
+    job_id = f"rlhf-test-{uuid.uuid4().hex[:6]}"
+    storage = tmp_path / "runs"
+    sub = ray_cli(
+        "job", "submit", "--address", dash, "--submission-id", job_id, "--no-wait",
+        "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"env_vars": {"MUJOCO_GL": "egl"}}),
+        "--", "rlhf-ray", "train", "hopper-smoke", "--quiet", f"run.storage_path={storage}",
+        "run.run_name=job", *PLACEMENT)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dash)
+    deadline = time.time() + 420
+    status = client.get_job_status(job_id)
+    while not status.is_terminal() and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(job_id)[-4000:]}"
+    # the run's outputs
+    run = storage / "job"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["labels_total"] > 0
+    assert list((run / "preferences").rglob("*.parquet"))
+    # each role on the node its placement names
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = {n.node_id: n.resources_total for n in list_nodes(address=dash, detail=True)}
+    actors = list_actors(address=dash, detail=True, limit=1000)
+    seen = {}
+    for a in actors:
+        for prefix, resource in EXPECT.items():
+            if a.class_name.startswith(prefix):
+                seen.setdefault(prefix, []).append(resource in nodes.get(a.node_id, {}))
+    assert set(seen) == set(EXPECT), f"roles not found among actors: {set(EXPECT) - set(seen)}"
+    wrong = {k: v for k, v in seen.items() if not all(v)}
+    assert not wrong, f"roles on the wrong node: {wrong}"
