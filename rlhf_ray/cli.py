@@ -63,16 +63,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.workload == "llm":
         return _llm_stage(args, "all")
-    if args.resume:
-        raise ConfigError("--resume: resuming the control workload is not built yet "
-                          "(the LLM workload resumes); start a new run")
     os.environ.setdefault("MUJOCO_GL", "egl")
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Casting input x to numpy array.*")
     from rlhf_ray.control.loop import train
 
-    run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
+    run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet, resume=bool(args.resume))
     print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
     return 0
 
@@ -108,6 +105,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = report(args.run_dir, args.output)
     print(out)
     return 0
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlhf_ray.store import PreferenceStore
+
+    root = Path(args.run_dir)
+    if (root / "preferences").is_dir():
+        root = root / "preferences"
+    elif not (root / "labels").is_dir():
+        print(f"rlhf-ray: {args.run_dir}: neither a run folder (preferences/) nor a store "
+              "(labels/)", file=sys.stderr)
+        return 2
+    rep = PreferenceStore(str(root)).check(quarantine=args.quarantine)
+    rows = ", ".join(f"{n} {k}" for k, n in rep["rows"].items() if n)
+    print(f"{rep['root']}: {rep['parts']} parts ({rows or 'empty'})")
+    for path, why in rep["bad"]:
+        print(f"  unreadable: {path}: {why}")
+    for path in rep["temp"]:
+        print(f"  unfinished write (never acknowledged): {path}")
+    if rep["missing_segments"]:
+        print(f"  {rep['missing_segments']} segment(s) referenced by labels are missing")
+    for path in rep["quarantined"]:
+        print(f"  quarantined -> {path}")
+    bad = rep["bad"] or rep["temp"]
+    if bad and not args.quarantine:
+        print("run `rlhf-ray store check RUN_DIR --quarantine` to move them aside")
+    return 1 if (bad and not args.quarantine) or rep["missing_segments"] else 0
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
@@ -154,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="e.g. labeler.host=0.0.0.0 labeler.port=8080")
     s.add_argument("--exit-when-done", action="store_true", help="stop once nothing is pending")
     s.set_defaults(fn=_cmd_label)
+    s = sub.add_parser("store", help="`store check RUN_DIR`: read every part of the preference "
+                       "store back; report (and --quarantine) unreadable ones")
+    s.add_argument("action", choices=["check"])
+    s.add_argument("run_dir", help="a run folder, or a store folder")
+    s.add_argument("--quarantine", action="store_true",
+                   help="move unreadable parts to preferences/quarantine/ (never deleted)")
+    s.set_defaults(fn=_cmd_store)
     s = sub.add_parser("cluster", help="`cluster up`: a multi-node Ray cluster on this machine "
                        "(one raylet per node, custom resources per node) for trying placement")
     s.add_argument("action", choices=["up"])

@@ -352,6 +352,10 @@ class LMPlacementConfig(_Strict):
     labeling_app: RoleResources = Field(default_factory=RoleResources)
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU")
+    group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
+        None, description="one placement group for generation workers, learner ranks and the "
+        "reward trainer, each actor in its own bundle; STRICT_PACK keeps them on one node")
+    group_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the group")
 
 
 class LMRunConfig(_Strict):

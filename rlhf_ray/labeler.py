@@ -82,6 +82,9 @@ class Labeler:
         self.answered: dict[str, str] = {}  # query id -> label (a ranking: "rank:i,j,...")
         self._undrained: list[tuple[Label, Query]] = []
         self.by_source: dict[str, int] = {}
+        # a new one per process: a controller that sees it change knows the actor restarted
+        # (and lost its undrained labels, which the store still has)
+        self.incarnation = uuid.uuid4().hex
         self._reopen()
 
     # ------------------------------------------------------------------ reopening
@@ -340,6 +343,26 @@ class Labeler:
         self._undrained = keep
         return out
 
+    def stored_comparisons(self, clear_undrained: bool = False) -> Comparisons | None:
+        """Every trainable clip comparison already in the store (a resumed run's reward-model
+        data set), in `drain` form; what this actor labels from now on arrives by `drain`.
+        `clear_undrained`: also forget what `drain` would return (it is in the store: the
+        caller is replacing its whole data set, after this actor restarted)."""
+        if clear_undrained:
+            self._undrained = [(lab, q) for lab, q in self._undrained if q.kind != "clip"]
+        clip = {r["query_id"] for r in self.store.queries().to_pylist() if r["kind"] == "clip"}
+        rows = [r for r in self.store.labels().to_pylist()
+                if MU.get(r["label"]) is not None and r["query_id"] in clip]
+        if not rows:
+            return None
+        segs = self.store.segments(sorted({i for r in rows for i in (r["left_id"], r["right_id"])}))
+        at = {sid: i for i, sid in enumerate(segs.ids)}
+        left = [at[r["left_id"]] for r in rows]
+        right = [at[r["right_id"]] for r in rows]
+        obs, act = segs.arrays["obs"], segs.arrays["actions"]
+        mu = np.array([MU[r["label"]] for r in rows], dtype=np.float32)
+        return Comparisons(obs[left], act[left], obs[right], act[right], mu)
+
     def stored_text_comparisons(self) -> list[dict]:
         """Every trainable text comparison already in the store (a reopened run, or labels
         given with `rlhf-ray label`), in `drain_texts` form; what this actor labels from now
@@ -362,4 +385,11 @@ class Labeler:
         return {"labels_total": len(self.answered), "labels_pending": len(self.pending),
                 "labels_leased": leased,
                 "labels_ready": sum(1 for q in self.pending.values() if q.ready),
-                "labels_by_source": dict(self.by_source), "budget": self.budget}
+                "labels_by_source": dict(self.by_source), "budget": self.budget,
+                "incarnation": self.incarnation}
+
+
+# how the controllers start the labeler: restarted when its process dies (it reopens the
+# store), and calls in flight then are retried -- `answer` is idempotent by query id
+RESTART = {"max_restarts": -1, "max_task_retries": -1}
+

@@ -7,7 +7,8 @@ resources, so a config's `placement:` section behaves as on a real cluster: a ro
 
     rlhf-ray cluster up --head cpus=1,head=1 --node cpus=2,rollout=1,learner=1 \
         --node cpus=1,serving=1
-    # prints RAY_ADDRESS and the dashboard URL; Ctrl-C stops every node it started
+    # prints RAY_ADDRESS and the dashboard URL; Ctrl-C stops every node it started;
+    # kill -USR1 <pid> removes the newest worker node (a lost machine)
 
 The cluster keeps its files under its own temp dir (default: a fresh /tmp/rlhfc-*), so the
 machine's default Ray cluster, if any, is never touched.
@@ -70,6 +71,7 @@ def up(head: str, nodes: list[str], temp_dir: str | None = None, port: int | Non
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
         "object_store_memory": 256 * 1024 * 1024})
     started = [cluster.head_node]
+    removed: list = []
     try:
         for i, spec in enumerate(node_specs, 1):
             # nodes on one machine share the session folder: each unpacks job working dirs
@@ -80,22 +82,42 @@ def up(head: str, nodes: list[str], temp_dir: str | None = None, port: int | Non
         info = {"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
                 "temp_dir": temp_dir, "pid": os.getpid(),
                 "nodes": [{"node_id": n.node_id, **s} for n, s in zip(started, [head_spec, *node_specs])]}
-        if info_file:
-            Path(info_file).write_text(json.dumps(info, indent=1))
+        _write(info_file, info)
         print(f"RAY_ADDRESS={info['address']}\ndashboard / jobs: {info['dashboard']}\n"
               f"{len(started)} nodes: " + "; ".join(
                   f"{n['num_cpus']} CPU {n['resources'] or ''}" for n in info["nodes"])
               + "\nCtrl-C stops them.", flush=True)
         stop = stop or threading.Event()
+        remove = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
+            # SIGUSR1 takes the newest worker node away (its raylet killed, as a machine
+            # lost): for trying what a run does when a node disappears
+            signal.signal(signal.SIGUSR1, lambda *_: remove.set())
         if ready is not None:
             ready.set()
-        stop.wait()
+        while not stop.wait(0.2):
+            if remove.is_set():
+                remove.clear()
+                workers = [n for n in started[1:] if n not in removed]
+                if workers:
+                    node = workers[-1]
+                    cluster.remove_node(node, allow_graceful=False)
+                    removed.append(node)
+                    info["removed"] = [n.node_id for n in removed]
+                    _write(info_file, info)
+                    print(f"removed node {node.node_id}", flush=True)
         return info
     finally:
         cluster.shutdown()
+
+
+def _write(path: str | None, info: dict) -> None:
+    if path:  # whole or not at all: readers poll this file
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, path)
 
 
 def main(args) -> int:

@@ -71,6 +71,13 @@ class RewardTrainer:
             self._counts = np.concatenate([self._counts, new], axis=1)
         return self.num_labels
 
+    def replace(self, comparisons: Comparisons | None) -> int:
+        """Drop every comparison and add these (the labeler restarted: the store is the
+        whole data set); bootstrap counts are drawn afresh."""
+        self._parts, self._data = [], None
+        self._counts = np.zeros((self.spec.ensemble_size, 0), dtype=np.int64)
+        return self.add(comparisons) if comparisons is not None else 0
+
     @property
     def num_labels(self) -> int:
         return int(self._counts.shape[1])
@@ -183,6 +190,26 @@ class RewardTrainer:
             version, weights = self.weights()
             ray.get(weight_store.publish.remote(version, weights))
         return stats
+
+    def publish(self, weight_store) -> int:
+        """Publish the current version (a resumed run: the Serve replicas load it)."""
+        import ray
+
+        version, weights = self.weights()
+        ray.get(weight_store.publish.remote(version, weights))
+        return version
+
+    def restore(self, weights: dict, state: dict) -> int:
+        """A checkpoint's ensemble (weights and output normalizers), version, L2 coefficients
+        and RNG. The comparisons come back from the store (`add`); their bootstrap counts are
+        drawn afresh."""
+        self.ensemble.load_flat_state(weights)
+        self.ensemble.eval()
+        self.version = int(state["version"])
+        self.l2 = [float(x) for x in state["l2"]]
+        self.last_stats = dict(state.get("last_stats") or {})
+        self.rng.bit_generator.state = state["rng"]
+        return self.version
 
     def state(self) -> dict:
         """Everything a resumed run needs besides the comparisons themselves (in the store)."""

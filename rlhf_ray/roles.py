@@ -20,9 +20,10 @@ def init_ray(cfg) -> bool:
     return True
 
 
-def remote_role(cls, res, bundle: int | None = None, **extra):
-    """`cls` as an actor with the role's resources; `bundle`: the index of the bundle of the
-    current placement group to use (a Tune trial's group: pinned bundles never fragment)."""
+def remote_role(cls, res, bundle: int | None = None, pg=None, **extra):
+    """`cls` as an actor with the role's resources; `bundle`: the index of the bundle to use
+    in `pg`, or else in the current placement group (a Tune trial's group: pinned bundles
+    never fragment)."""
     import ray
 
     opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
@@ -32,9 +33,44 @@ def remote_role(cls, res, bundle: int | None = None, **extra):
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = get_current_placement_group()
+        pg = pg or get_current_placement_group()
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=bundle,
                 placement_group_capture_child_tasks=True)
     return ray.remote(cls).options(**opts)
+
+
+def run_bundles(cfg) -> list[dict[str, float]]:
+    """A run's placement group (a Tune trial's): the controller first, then one bundle per role
+    actor the controller starts, from the run config's placement."""
+    def b(res, cpu_floor=0.0):
+        d = {"CPU": max(float(res.num_cpus), cpu_floor)}
+        if res.num_gpus:
+            d["GPU"] = float(res.num_gpus)
+        d.update(res.resources)
+        return d
+
+    p = cfg.placement
+    if cfg.workload == "llm":
+        out = [{"CPU": 0.25}]
+        out += [b(p.generation_worker) for _ in range(p.num_generation_workers)]
+        out += [b(p.learner) for _ in range(p.num_learners)]
+        out.append(b(p.reward_trainer))
+    else:
+        out = [b(p.learner, 0.25) if p.num_learners == 0 else {"CPU": 0.25}]
+        out += [b(p.env_runner) for _ in range(p.num_env_runners)]
+        out += [b(p.learner) for _ in range(p.num_learners)]
+        out.append(b(p.reward_trainer))
+    if cfg.workload == "llm":  # indices must match llm_bundle_map: keep every bundle
+        return [d if any(v > 0 for v in d.values()) else {"CPU": 0.01} for d in out]
+    return [d for i, d in enumerate(out) if i == 0 or any(v > 0 for v in d.values())]
+
+
+def llm_bundle_map(cfg) -> dict[str, list[int]]:
+    """Bundle indices of each LLM role in `run_bundles(cfg)` (same order): every actor goes to
+    its own bundle, so fractional CPUs never fragment the group."""
+    p = cfg.placement
+    g, n = p.num_generation_workers, p.num_learners
+    return {"generation": list(range(1, 1 + g)), "learner": list(range(1 + g, 1 + g + n)),
+            "reward_trainer": [1 + g + n]}

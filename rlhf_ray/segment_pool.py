@@ -48,3 +48,22 @@ class SegmentPool:
 
     def stats(self) -> dict:
         return {"pool_size": self._size, "segments_total": self.total_added}
+
+    # a checkpoint's query pool: the candidates and the draw RNG, so a resumed run asks from
+    # the same segments it would have
+    def snapshot(self) -> dict:
+        batch = None
+        if self._batches:
+            self._batches = [SegmentBatch.concat(self._batches)]
+            batch = self._batches[0]
+        return {"batch": batch, "rng": self.rng.bit_generator.state,
+                "total_added": self.total_added}
+
+    def restore(self, snap: dict) -> int:
+        batch = snap.get("batch")
+        self._batches = [batch] if batch is not None and len(batch) else []
+        self._size = len(batch) if batch is not None else 0
+        self.rng.bit_generator.state = snap["rng"]
+        self.total_added = int(snap.get("total_added", self._size))
+        return self._size
+

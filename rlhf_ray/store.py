@@ -8,6 +8,8 @@ Layout under the storage path (a local folder, or s3:// / gs:// through pyarrow.
     preferences/queries/part-<time>-<uuid>.parquet    every query asked, answered or not
     preferences/texts/part-<time>-<uuid>.parquet      prompts and responses (LLM comparisons)
     preferences/clips/<segment id>.webm               rendered clips (a cache: safe to delete)
+    preferences/quarantine/<table>/...                parts `rlhf-ray store check --quarantine`
+                                                      moved aside (kept, never deleted)
 
 Part files are immutable; a write is one new part. A label is durable before it is
 acknowledged: on a local disk the part is written to a hidden temp file, fsynced and renamed
@@ -289,6 +291,71 @@ class PreferenceStore:
         return SegmentBatch(ids=list(order),
                             arrays={n: np.stack([found[i][1][n] for i in order]) for n in names},
                             env_steps=np.array([found[i][0] for i in order], dtype=np.int64))
+
+
+    # ------------------------------------------------------------------ checking
+    def check(self, quarantine: bool = False) -> dict:
+        """Read every part back. Reports parts that are not readable Parquet or lack their
+        table's columns, temp files a crash left behind (never acknowledged), and labels
+        whose segments are missing. `quarantine`: move the unreadable parts and temp files to
+        `quarantine/<table>/` (renamed, never deleted or overwritten), so the store opens."""
+        need = {"labels": LABEL_SCHEMA, "queries": QUERY_SCHEMA, "texts": TEXT_SCHEMA,
+                "segments": None}
+        report: dict = {"root": self.root, "parts": 0, "rows": {}, "bad": [], "temp": [],
+                        "quarantined": [], "missing_segments": 0}
+        segment_ids: set[str] = set()
+        label_refs: list[str] = []
+        for sub, schema in need.items():
+            report["rows"][sub] = 0
+            sel = pafs.FileSelector(f"{self.base}/{sub}", allow_not_found=True)
+            for info in self.fs.get_file_info(sel):
+                name = os.path.basename(info.path)
+                if info.type != pafs.FileType.File:
+                    continue
+                if name.startswith(".tmp-"):
+                    report["temp"].append(info.path)
+                    continue
+                if not (name.startswith("part-") and name.endswith(".parquet")):
+                    continue
+                report["parts"] += 1
+                try:
+                    with self.fs.open_input_file(info.path) as f:
+                        table = pq.read_table(f)
+                except (pa.ArrowInvalid, OSError) as exc:
+                    report["bad"].append((info.path, str(exc).splitlines()[0]))
+                    continue
+                cols = set(table.column_names)
+                lacking = [] if schema is None else [
+                    f.name for f in schema if f.name not in cols and f.name != "ranking_id"]
+                if schema is None and "segment_id" not in cols:
+                    lacking = ["segment_id"]
+                if lacking:
+                    report["bad"].append((info.path, f"lacks column(s) {', '.join(lacking)}"))
+                    continue
+                report["rows"][sub] += len(table)
+                if sub == "segments":
+                    segment_ids.update(table.column("segment_id").to_pylist())
+                elif sub == "labels":
+                    label_refs += [i for i in table.column("left_id").to_pylist()
+                                   + table.column("right_id").to_pylist()]
+        text_ids: set[str] = set()
+        if report["rows"]["texts"]:
+            for p in self._parts("texts"):
+                if p not in {b for b, _ in report["bad"]}:
+                    text_ids.update(self._read(p).column("text_id").to_pylist())
+        report["missing_segments"] = len({i for i in label_refs
+                                          if i not in segment_ids and i not in text_ids})
+        if quarantine:
+            for path in [b for b, _ in report["bad"]] + report["temp"]:
+                sub = os.path.basename(os.path.dirname(path))
+                dest_dir = f"{self.base}/quarantine/{sub}"
+                self.fs.create_dir(dest_dir, recursive=True)
+                dest = f"{dest_dir}/{os.path.basename(path)}"
+                if self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
+                    dest = f"{dest}.{uuid.uuid4().hex[:8]}"  # never overwrite
+                self.fs.move(path, dest)
+                report["quarantined"].append(dest)
+        return report
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

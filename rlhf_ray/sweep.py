@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf_ray.config import (ConfigError, _read_source, apply_overrides, dump_config,
                              validate)
+from rlhf_ray.roles import llm_bundle_map
+from rlhf_ray.roles import run_bundles as _bundles
 
 SPEC_FILE = "rlhf_sweep.json"
 
@@ -149,41 +151,6 @@ def _domain(dom: dict):
     kind, vals = next(iter(dom.items()))
     return {"grid": tune.grid_search, "choice": tune.choice}[kind](vals) if kind in (
         "grid", "choice") else {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*vals)
-
-
-def _bundles(cfg) -> list[dict[str, float]]:
-    """The trial's placement group: the trainable (the controller) first, then one bundle per
-    role actor the controller starts, from the run config's placement."""
-    def b(res, cpu_floor=0.0):
-        d = {"CPU": max(float(res.num_cpus), cpu_floor)}
-        if res.num_gpus:
-            d["GPU"] = float(res.num_gpus)
-        d.update(res.resources)
-        return d
-
-    p = cfg.placement
-    if cfg.workload == "llm":
-        out = [{"CPU": 0.25}]
-        out += [b(p.generation_worker) for _ in range(p.num_generation_workers)]
-        out += [b(p.learner) for _ in range(p.num_learners)]
-        out.append(b(p.reward_trainer))
-    else:
-        out = [b(p.learner, 0.25) if p.num_learners == 0 else {"CPU": 0.25}]
-        out += [b(p.env_runner) for _ in range(p.num_env_runners)]
-        out += [b(p.learner) for _ in range(p.num_learners)]
-        out.append(b(p.reward_trainer))
-    if cfg.workload == "llm":  # indices must match llm_bundle_map: keep every bundle
-        return [d if any(v > 0 for v in d.values()) else {"CPU": 0.01} for d in out]
-    return [d for i, d in enumerate(out) if i == 0 or any(v > 0 for v in d.values())]
-
-
-def llm_bundle_map(cfg) -> dict[str, list[int]]:
-    """Bundle indices of each LLM role in `_bundles(cfg)` (same order): every actor goes to
-    its own bundle, so fractional CPUs never fragment the group."""
-    p = cfg.placement
-    g, n = p.num_generation_workers, p.num_learners
-    return {"generation": list(range(1, 1 + g)), "learner": list(range(1 + g, 1 + g + n)),
-            "reward_trainer": [1 + g + n]}
 
 
 def _metric(sweep: SweepConfig, cfg) -> str:

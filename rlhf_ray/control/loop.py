@@ -79,6 +79,7 @@ def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
     import ray
 
     from rlhf_ray import serve_rm
+    from rlhf_ray.labeler import RESTART as LABELER_RESTART
     from rlhf_ray.labeler import Labeler
     from rlhf_ray.reward_trainer import RewardTrainer
     from rlhf_ray.segment_pool import SegmentPool
@@ -91,7 +92,8 @@ def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
     pool = _remote(SegmentPool, place.labeler, name=f"rlhf-pool-{run_id}").remote(
         cfg.labels.pool_size, cfg.seed)
     lab = cfg.labeler
-    labeler = _remote(Labeler, place.labeler, name=f"rlhf-labeler-{run_id}").remote(
+    labeler = _remote(Labeler, place.labeler, name=f"rlhf-labeler-{run_id}",
+                      **LABELER_RESTART).remote(
         store_root, lab.source, lab.oracle.model_dump(), cfg.seed, cfg.labels.budget,
         lab.lease_s, lab.deadline_s, lab.text_oracle)
     labeling = None
@@ -134,14 +136,13 @@ def stop_roles(roles: Roles | None) -> None:
 def member_returns(handle, batch: SegmentBatch, chunk_segments: int = 256) -> np.ndarray:
     """Each ensemble member's predicted return of each segment: [K, N] (one batched request
     per chunk, all in flight at once)."""
+    from rlhf_ray.serve_rm import score_chunks
+
     obs, act = batch.arrays["obs"], batch.arrays["actions"]
     n, k = obs.shape[:2]
-    refs = []
-    for s in range(0, n, chunk_segments):
-        o = obs[s:s + chunk_segments]
-        a = act[s:s + chunk_segments]
-        refs.append(handle.score.remote(o.reshape(-1, *o.shape[2:]), a.reshape(-1, *a.shape[2:])))
-    members = np.concatenate([r.result()["members"] for r in refs], axis=1)
+    results = score_chunks(handle, obs.reshape(n * k, *obs.shape[2:]),
+                           act.reshape(n * k, *act.shape[2:]), chunk_segments * k)
+    members = np.concatenate([r["members"] for r in results], axis=1)
     return members.reshape(members.shape[0], n, k).sum(axis=2)
 
 
@@ -155,7 +156,9 @@ class Controller:
         self.stop_event = stop_event  # a threading.Event: set it to end the run after this iteration
         self.on_metrics = on_metrics
         self.progress = progress
-        name = cfg.run.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        # a given run folder names the run (a resumed run finds its remote store again)
+        name = cfg.run.run_name or (Path(run_dir).name if run_dir else None) or \
+            f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         remote_store = "://" in cfg.run.storage_path
         if run_dir is None:
             run_dir = os.path.join("runs" if remote_store else cfg.run.storage_path, name)
@@ -172,9 +175,14 @@ class Controller:
         self.rm_stats: dict = {}
         self.labels_at_last_round = 0
         self.train_ref = None
+        self.env_steps = 0
+        self.labeler_incarnation = None
+        self.labeler_restarts = 0
+        self.algo = None  # RLlib's Algorithm while the loop runs
 
     # ------------------------------------------------------------------ phases
-    def run(self) -> dict:
+    def run(self, resume_from: str | None = None) -> dict:
+        """The whole loop; `resume_from`: a checkpoint folder of this run to continue from."""
         import ray
 
         cfg = self.cfg
@@ -208,15 +216,17 @@ class Controller:
                 import torch
 
                 torch.set_num_threads(max(1, int(cfg.placement.learner.num_cpus)))
-            algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
+            algo = self.algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
             writer = MetricsWriter(self.run_dir)
             self.roles = roles
             if roles is not None and roles.labeling is not None:
                 print(f"labeling page: {roles.labeling.url}", file=sys.stderr, flush=True)
                 (self.run_dir / "labeling_url.txt").write_text(roles.labeling.url + "\n")
                 os.chmod(self.run_dir / "labeling_url.txt", 0o600)  # it carries the token
-            # 1. initial labels from the initial policy, then pretraining
-            if learned:
+            # 1. initial labels from the initial policy, then pretraining (or a checkpoint)
+            if resume_from is not None:
+                self.resume(algo, roles, Path(resume_from))
+            elif learned:
                 self.initial_labels(algo, roles)
             # 2. the loop
             while True:
@@ -225,6 +235,7 @@ class Controller:
                 t1 = time.perf_counter()
                 self.iteration += 1
                 env_steps = int(find_metric(result, "num_env_steps_sampled_lifetime") or 0)
+                self.env_steps = env_steps
                 if learned:
                     if cfg.labeler.source == "mixed":
                         ray.get(roles.labeler.expire_overdue.remote())
@@ -322,15 +333,23 @@ class Controller:
         import ray
 
         new = ray.get(roles.labeler.drain.remote())
-        if new is not None:
+        stats = ray.get(roles.labeler.stats.remote())
+        if self.labeler_incarnation not in (None, stats["incarnation"]):
+            # the labeler restarted and lost what it had not handed over yet: the store has
+            # every acknowledged label, so it becomes the trainer's whole data set again
+            stored = ray.get(roles.labeler.stored_comparisons.remote(clear_undrained=True))
+            roles.trainer.replace.remote(stored)
+            self.labeler_restarts += 1
+        elif new is not None:
             roles.trainer.add.remote(new)
+        self.labeler_incarnation = stats["incarnation"]
         if self.train_ref is not None:
             ready, _ = ray.wait([self.train_ref], timeout=None if block else 0)
             if not ready:
                 return
             self.rm_stats = ray.get(self.train_ref) or self.rm_stats
             self.train_ref = None
-        total = ray.get(roles.labeler.stats.remote())["labels_total"]
+        total = stats["labels_total"]
         grown = total - self.labels_at_last_round
         due = grown > 0 and grown >= self.cfg.reward_model.round_label_growth * self.labels_at_last_round
         if due or block:
@@ -339,6 +358,83 @@ class Controller:
             if block:
                 self.rm_stats = ray.get(self.train_ref)
                 self.train_ref = None
+
+    # ------------------------------------------------------------------ resuming
+    @staticmethod
+    def load_state(ckpt: Path) -> dict:
+        try:
+            state = json.loads((Path(ckpt) / "controller.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"checkpoint {ckpt}: unreadable controller.json ({exc})") from None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("workload", "control") != "control":
+            raise ValueError(f"checkpoint {ckpt}: format {state.get('format')!r} of workload "
+                             f"{state.get('workload')!r}; this version reads format "
+                             f"{CHECKPOINT_FORMAT} of the control workload")
+        return state
+
+    def resume(self, algo, roles: Roles | None, ckpt: Path) -> dict:
+        """Continue from a checkpoint: policy, critic and their optimizer (RLlib's checkpoint),
+        PPO's KL coefficient, the reward-model ensemble with its normalizers, L2 coefficients
+        and version, every stored label (the store is reopened), the query pool, the label
+        schedule's position and the RNGs."""
+        import ray
+
+        ckpt = Path(ckpt).resolve()
+        state = self.load_state(ckpt)
+        algo.restore_from_path(str(ckpt / "algo"))
+        if state.get("kl_coeffs"):
+            set_kl_coeffs(algo, state["kl_coeffs"])
+        self.iteration = int(state["iteration"])
+        self.env_steps = int(state.get("env_steps", 0))
+        self.requested = int(state["labels_requested"])
+        self.initial_env_steps = int(state["initial_env_steps"])
+        self.rng.bit_generator.state = state["rng"]
+        self.rm_stats = dict(state.get("rm_stats") or {})
+        self.labels_at_last_round = int(state.get("labels_at_last_round", 0))
+        self.seg_len = int(state.get("segment_length", self.seg_len))
+        self._truncate_metrics(self.iteration)
+        if roles is None:
+            return state
+        from ray import serve
+
+        from rlhf_ray.reward_model import load_weights
+        from rlhf_ray.store import PreferenceStore
+
+        old_app = f"rlhf-rm-{state.get('run_id')}"
+        if state.get("run_id") and old_app in serve.status().applications:
+            serve.delete(old_app)  # what the dead controller left running
+        weights, _, _ = load_weights(str(ckpt / "reward_model.safetensors"))
+        ray.get(roles.trainer.restore.remote({k: v.numpy() for k, v in weights.items()},
+                                             state["reward_trainer"]))
+        stored = ray.get(roles.labeler.stored_comparisons.remote())
+        if stored is not None:
+            ray.get(roles.trainer.add.remote(stored))
+        ray.get(roles.trainer.publish.remote(roles.weight_store))
+        if (ckpt / "pool").exists():
+            batch = PreferenceStore(str(ckpt / "pool")).segments()
+            ray.get(roles.pool.restore.remote({"batch": batch, **state["pool"]}))
+        # labels asked for after the checkpoint are in the store (answered) or pending in
+        # it: they count against the budget, so the run ends with the same label budget
+        st = ray.get(roles.labeler.stats.remote())
+        self.requested = max(self.requested, st["labels_total"] + st["labels_pending"])
+        return state
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Rows the dead run wrote after its checkpoint move to metrics.superseded.jsonl: the
+        resumed run writes those iterations again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep, drop = [], []
+        for line in path.read_text().splitlines():
+            try:
+                (keep if json.loads(line)["iteration"] <= iteration else drop).append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                drop.append(line)  # a line cut short by the kill
+        if drop:
+            with open(self.run_dir / "metrics.superseded.jsonl", "a") as f:
+                f.write("\n".join(drop) + "\n")
+            path.write_text("".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ metrics, checkpoints
     def metrics(self, result: dict, env_steps: int, time_s: float, roles: Roles | None) -> dict:
@@ -353,6 +449,7 @@ class Controller:
             "true_return_mean": _f(ret),
             "episode_len_mean": _f(ep_len),
             "kl_mean": _f(find_metric(result, "mean_kl_loss")),
+            "kl_coeff": _f(find_metric(result, "curr_kl_coeff")),
             "time_s": round(time_s, 3),
         }
         if roles is not None:
@@ -373,13 +470,21 @@ class Controller:
                 "rm_val_loss": _f(self.rm_stats.get("rm_val_loss")),
                 "rm_train_loss": _f(self.rm_stats.get("rm_train_loss")),
                 "rm_l2_mean": _f(self.rm_stats.get("rm_l2_mean")),
-                "rm_version": int(find_metric(result, "rlhf/rm_version") or 0),
+                # an iteration without relabelling (its only rollout worker died) keeps the
+                # version last seen
+                "rm_version": self._rm_version(find_metric(result, "rlhf/rm_version")),
                 "rm_version_published": int(self.rm_stats.get("rm_version", 0)),
+                "labeler_restarts": self.labeler_restarts,
             })
         else:
             m.update({"labels_total": 0, "pred_return_mean": None, "rm_val_accuracy": None,
                       "rm_version": 0})
         return m
+
+    def _rm_version(self, value) -> int:
+        if value is not None and np.isfinite(float(value)):
+            self.last_rm_version = int(value)
+        return getattr(self, "last_rm_version", 0)
 
     def checkpoint(self, algo, roles: Roles | None) -> Path:
         import ray
@@ -387,11 +492,21 @@ class Controller:
         path = self.run_dir / "checkpoints" / f"iter_{self.iteration:06d}"
         path.mkdir(parents=True, exist_ok=True)
         algo.save_to_path(str((path / "algo").resolve()))
-        state = {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
+        state = {"format": CHECKPOINT_FORMAT, "workload": "control",
+                 "iteration": self.iteration, "env_steps": self.env_steps,
                  "labels_requested": self.requested, "initial_env_steps": self.initial_env_steps,
                  "rng": self.rng.bit_generator.state, "rm_stats": self.rm_stats,
-                 "segment_length": self.seg_len}
+                 "segment_length": self.seg_len, "run_id": self.run_id,
+                 "labels_at_last_round": self.labels_at_last_round,
+                 # RLlib's checkpoint leaves out PPO's adaptive KL coefficient: keep it here
+                 "kl_coeffs": kl_coeffs(algo)}
         if roles is not None:
+            snap = ray.get(roles.pool.snapshot.remote())
+            if snap["batch"] is not None:  # the query pool, as Parquet (never pickled)
+                from rlhf_ray.store import PreferenceStore
+
+                PreferenceStore(str(path / "pool")).write_segments(snap["batch"])
+            state["pool"] = {"rng": snap["rng"], "total_added": snap["total_added"]}
             version, weights = ray.get(roles.trainer.weights.remote())
             import torch
 
@@ -400,6 +515,33 @@ class Controller:
             state["reward_trainer"] = ray.get(roles.trainer.state.remote())
         (path / "controller.json").write_text(json.dumps(state, default=_json_default))
         return path
+
+
+def kl_coeffs(algo) -> dict[str, float]:
+    """PPO's current KL coefficient per module (the first learner's: all ranks agree)."""
+    out = algo.learner_group.foreach_learner(
+        lambda learner: {str(m): float(v) for m, v in learner.curr_kl_coeffs_per_module.items()})
+    for result in out:  # RLlib's RemoteCallResults: one CallResult per learner
+        return dict(result.get())
+    return {}
+
+
+def set_kl_coeffs(algo, coeffs: dict[str, float]) -> None:
+    def put(learner, c=dict(coeffs)):
+        for module_id, value in c.items():
+            learner.curr_kl_coeffs_per_module[module_id].data.fill_(value)
+        return True
+
+    algo.learner_group.foreach_learner(put)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest `checkpoints/iter_*` of a run folder with a complete controller.json."""
+    cands = sorted((Path(run_dir) / "checkpoints").glob("iter_*"))
+    for c in reversed(cands):
+        if (c / "controller.json").exists():
+            return c
+    return None
 
 
 def _f(x) -> float | None:
@@ -430,15 +572,33 @@ def progress_line(m: dict) -> str:
 
 def train(cfg: Config, run_dir: str | None = None,
           on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
-          stop_event=None) -> Path:
+          stop_event=None, resume: bool = False) -> Path:
     """Run the whole loop; returns the run folder. Setting `stop_event` (a threading.Event)
-    ends the run after the current iteration, with a final checkpoint."""
+    ends the run after the current iteration, with a final checkpoint. `resume`: continue
+    `run_dir` from its latest checkpoint."""
     if getattr(cfg, "workload", "control") == "llm":  # one entry point for both workloads
         from rlhf_ray.llm.loop import train as llm_train
 
-        return llm_train(cfg, run_dir, on_metrics=on_metrics, progress=progress)
+        return llm_train(cfg, run_dir, on_metrics=on_metrics, progress=progress, resume=resume)
+    ckpt = None
+    if resume:
+        from rlhf_ray.config import ConfigError
+
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume {run_dir}: no checkpoint with a controller.json "
+                              "under checkpoints/ (run.checkpoint_every sets how often)")
+        try:
+            state = Controller.load_state(ckpt)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if state.get("env_steps", 0) >= cfg.run.total_env_steps:
+            raise ConfigError(f"--resume {run_dir}: the run is complete ({state['env_steps']} "
+                              f"env steps >= run.total_env_steps={cfg.run.total_env_steps}); "
+                              "raise run.total_env_steps to go on")
     ctl = Controller(cfg, run_dir, on_metrics, progress, stop_event)
     if progress:
-        print(f"run folder: {ctl.run_dir}", file=sys.stderr, flush=True)
-    ctl.run()
+        print(f"run folder: {ctl.run_dir}" + (f" (resuming from {ckpt})" if ckpt else ""),
+              file=sys.stderr, flush=True)
+    ctl.run(resume_from=str(ckpt) if ckpt else None)
     return ctl.run_dir

@@ -21,6 +21,7 @@ import numpy as np
 from rlhf_ray.config import Config
 from rlhf_ray.control.envs import ENV_NAME, INFO_KEY, InfoLayout, atari_to_uint8
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
+from rlhf_ray.serve_rm import score_chunks
 
 
 def episode_arrays(ep: Any, num_steps: int, layout: InfoLayout | None, with_state: bool,
@@ -106,9 +107,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayo
             act = np.concatenate([a["actions"] for a in arrays])
             true_r = np.concatenate([a["true_rewards"] for a in arrays])
             handle = self.handle.get()
-            responses = [handle.score.remote(obs[s:s + chunk_size], act[s:s + chunk_size])
-                         for s in range(0, len(obs), chunk_size)]
-            results = [r.result() for r in responses]
+            results = score_chunks(handle, obs, act, chunk_size)
             pred = np.concatenate([r["reward"] for r in results]).astype(np.float32)
             offset = 0
             for ep, n in zip(episodes, real):

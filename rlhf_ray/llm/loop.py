@@ -32,7 +32,8 @@ from rlhf_ray.config import LLMConfig, dump_config
 from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.metrics import MetricsWriter
-from rlhf_ray.roles import init_ray
+from rlhf_ray.roles import init_ray, llm_bundle_map, run_bundles
+from rlhf_ray.serve_rm import retry_call
 from rlhf_ray.roles import remote_role as _remote
 
 CHECKPOINT_FORMAT = 1
@@ -157,8 +158,36 @@ class LLMController:
         self.actors: list = []
         self.app_name = None
         self.labeling = None
+        self.pg = None  # placement.group_strategy's group (see _group)
+        self._synced = None  # (version, weights ref) last pushed to the generation workers
+        self.generation_restarts = 0
 
     # ---------------------------------------------------------------- roles
+    def _group(self) -> None:
+        """`placement.group_strategy`: one placement group for the generation workers, the
+        learner ranks and the reward trainer (STRICT_PACK: one node, e.g. one GPU box), each
+        actor pinned to its own bundle. A Tune trial brings its own group instead."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        strategy = self.cfg.placement.group_strategy
+        if strategy is None or getattr(self, "bundles", None):
+            return
+        bundles = run_bundles(self.cfg)
+        bundles[0] = {"CPU": 0.01}  # the controller's bundle: it runs in the driver
+        self.pg = placement_group(bundles, strategy=strategy, name=f"rlhf-llm-{self.run_id}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.placement.group_timeout_s)
+        if not ready:
+            from ray.util import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
+            raise RuntimeError(
+                f"placement.group_strategy={strategy}: the bundles {bundles[1:]} could not be "
+                f"placed within {self.cfg.placement.group_timeout_s:.0f} s (cluster resources: "
+                f"{ray.cluster_resources()}); lower the roles' resources, add nodes or use PACK")
+        self.bundles = llm_bundle_map(self.cfg)
+
     def _bundle(self, role: str, i: int) -> int | None:
         """Where a role's i-th actor goes in a Tune trial's placement group (set by the sweep
         as `bundles = {role: [indices]}`); None outside one."""
@@ -174,7 +203,8 @@ class LLMController:
 
         cfg, place = self.cfg, self.cfg.placement
         cls = generation_worker_class(cfg.generation.backend)
-        self.gens = [_remote(cls, place.generation_worker, self._bundle("generation", i)).remote(
+        self.gens = [_remote(cls, place.generation_worker, self._bundle("generation", i), pg=self.pg,
+                             max_restarts=-1).remote(
             policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
             cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype)
             for i in range(place.num_generation_workers)]
@@ -190,7 +220,7 @@ class LLMController:
         cfg, place = self.cfg, self.cfg.placement
         pad = load_tokenizer(policy_path).pad_token_id
         n = place.num_learners
-        self.learners = [_remote(PPOLearner, place.learner, self._bundle("learner", r)).remote(
+        self.learners = [_remote(PPOLearner, place.learner, self._bundle("learner", r), pg=self.pg).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
             cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, self.sft_path,
             state_path) for r in range(n)]
@@ -201,6 +231,7 @@ class LLMController:
     def start_reward_roles(self, rm_init_path: str, with_labeler: bool) -> None:
         import ray
 
+        from rlhf_ray.labeler import RESTART as LABELER_RESTART
         from rlhf_ray.labeler import Labeler
         from rlhf_ray.llm.reward import LMRewardTrainer
         from rlhf_ray.weights import WeightStore
@@ -209,7 +240,7 @@ class LLMController:
         self.weight_store = _remote(WeightStore, place.labeler,
                                     name=f"rlhf-lm-weights-{self.run_id}").remote()
         self.trainer = _remote(LMRewardTrainer, place.reward_trainer,
-                               self._bundle("reward_trainer", 0)).remote(
+                               self._bundle("reward_trainer", 0), pg=self.pg).remote(
             rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_response_tokens=cfg.generation.max_new_tokens + 1, seed=cfg.seed,
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype)
@@ -218,7 +249,8 @@ class LLMController:
         if with_labeler:
             lab = cfg.labeler
             self.labeler = _remote(Labeler, place.labeler,
-                                   name=f"rlhf-lm-labeler-{self.run_id}").remote(
+                                   name=f"rlhf-lm-labeler-{self.run_id}",
+                                   **LABELER_RESTART).remote(
                 self.store_root, lab.source, None, cfg.seed, cfg.labels.budget, lab.lease_s,
                 lab.deadline_s, lab.oracle)
             self.actors.append(self.labeler)
@@ -267,6 +299,12 @@ class LLMController:
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
+        if getattr(self, "pg", None) is not None:
+            from ray.util import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
+            self.bundles = None
 
     # ---------------------------------------------------------------- sampling
     def next_prompts(self, n: int) -> list[str]:
@@ -278,14 +316,43 @@ class LLMController:
             self.cursor += 1
         return out
 
+    def _resync(self, worker, patience_s: float = 120.0) -> None:
+        """Push the current policy to a restarted generation worker (waiting out its restart)."""
+        import ray
+
+        give_up = time.monotonic() + patience_s
+        while self._synced is not None:
+            try:
+                ray.get(worker.update_weights.remote(*self._synced))
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.5)
+
     def generate(self, prompts: list[str], n: int = 1) -> dict:
         """Split prompts over the generation workers (all in flight at once) and merge."""
         import ray
 
         k = len(self.gens)
         parts = [prompts[i::k] for i in range(k)]
-        refs = [g.generate.remote(p, n) for g, p in zip(self.gens, parts) if p]
-        outs = ray.get(refs)
+        done: dict[int, dict] = {}
+        for attempt in range(5):
+            refs = {i: g.generate.remote(parts[i], n) for i, g in enumerate(self.gens)
+                    if parts[i] and i not in done}
+            for i, ref in refs.items():
+                try:
+                    done[i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if attempt == 4:
+                        raise
+                    # the worker died; Ray restarts it with the weights it started from:
+                    # give it the current policy before asking again
+                    self.generation_restarts += 1
+                    self._resync(self.gens[i])
+            if all(i in done for i in range(k) if parts[i]):
+                break
+        outs = [done[i] for i in sorted(done)]
         merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": []}
         for o in outs:
             for key in merged:
@@ -345,7 +412,7 @@ class LLMController:
         if cfg.model.sft_path:
             return cfg.model.sft_path
         out = str((self.run_dir / "sft").resolve())
-        task = _remote(_SFTTask, cfg.placement.learner, self._bundle("learner", 0)).remote()
+        task = _remote(_SFTTask, cfg.placement.learner, self._bundle("learner", 0), pg=self.pg).remote()
         self.actors.append(task)
         self._log("stage 1/3: supervised fine-tuning")
         path = ray.get(task.run.remote(cfg, out))
@@ -388,7 +455,7 @@ class LLMController:
         normalizes so that the SFT model scores 0 on average); fixed for the run."""
         prompts = self.eval_prompts
         out = self.generate(prompts)
-        res = self.rm_handle.score.remote(out["prompts"], out["texts"]).result()
+        res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
         s = np.asarray(res["scores"], dtype=np.float64)
         if self.cfg.ppo.normalize_reward and len(s) > 1:
             self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
@@ -410,7 +477,7 @@ class LLMController:
                 prompts = self.next_prompts(cfg.ppo.rollout_batch_size)
                 out = self.generate(prompts)
                 t1 = time.perf_counter()
-                res = self.rm_handle.score.remote(out["prompts"], out["texts"]).result()
+                res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
                 raw = np.asarray(res["scores"], dtype=np.float64)
                 scores = (raw - self.score_mean) / self.score_std
                 if cfg.ppo.reward_clip:
@@ -428,6 +495,7 @@ class LLMController:
                 self.kl_ctl.update(stats["kl_mean"], len(prompts))
                 version, weights = ray.get(self.learners[0].policy_weights.remote())
                 ref = ray.put(weights)
+                self._synced = (version, ref)  # what a restarted worker is given
                 ray.get([g.update_weights.remote(version, ref) for g in self.gens])
                 t4 = time.perf_counter()
                 self.iteration += 1
@@ -450,6 +518,7 @@ class LLMController:
                     "tokens_per_s": _f(out["tokens"] / (t5 - t0)),
                     "policy_version": int(version),
                     "sample_policy_versions": sorted(set(out["versions"])),
+                    "generation_restarts": self.generation_restarts,
                     "rm_version": int(res["version"]),
                     **self._label_counts(),
                     "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
@@ -579,6 +648,7 @@ class LLMController:
         started = init_ray(cfg)
         self.trainer = None
         try:
+            self._group()
             if resume_from is not None:
                 self.resume(Path(resume_from), override_kl)
                 return self.ppo(online=True)

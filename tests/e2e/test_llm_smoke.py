@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from rlhf_ray.config import load_config
 from rlhf_ray.llm.loop import METRIC_KEYS, train
@@ -88,10 +89,46 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
                    run_dir=str(tmp_path / "b"), stages="rm", progress=False)
     assert (rm_dir / "reward_model" / "model.safetensors").exists()
     assert not (rm_dir / "sft").exists()  # started from the given SFT model
-    ppo_dir = train(load_config("llm-tiny-smoke", base + [
-        f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}"]),
-        run_dir=str(tmp_path / "c"), stages="ppo", progress=False)
+    # the roles of this stage share one placement group (STRICT_PACK: one node), and the
+    # generation worker is killed (SIGKILL) after the first iteration: Ray restarts it, the
+    # controller gives it the current policy and asks again
+    import os
+    import signal
+
+    import ray
+
+    from rlhf_ray.llm.loop import LLMController
+
+    ctl = LLMController(load_config("llm-tiny-smoke", base + [
+        f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
+        "placement.group_strategy=STRICT_PACK", "run.run_name=packed"]),
+        str(tmp_path / "c"), progress=False)
+    pids = []
+
+    def kill_generation_worker(m):
+        pids.append(ray.get(ctl.gens[0].__ray_call__.remote(lambda self: os.getpid())))
+        if m["iteration"] == 1:
+            os.kill(pids[0], signal.SIGKILL)
+
+    ctl.on_metrics = kill_generation_worker
+    ctl.run("ppo")
+    ppo_dir = ctl.run_dir
+    from ray.util import placement_group_table
+
+    groups = [g for g in placement_group_table().values() if g["name"].startswith("rlhf-llm-")]
+    assert [g["strategy"] for g in groups] == ["STRICT_PACK"]
+    assert groups[0]["state"] == "REMOVED"  # given back at the end
     rows = read_metrics(ppo_dir)
     assert [r["policy_version"] for r in rows] == [1, 2]
+    assert pids[0] != pids[1] and rows[-1]["generation_restarts"] == 1  # a new process ...
+    assert rows[-1]["sample_policy_versions"] == [1]  # ... that sampled with the synced policy
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
+
+
+def test_a_placement_group_that_cannot_fit_is_refused_clearly(ray_cluster, tmp_path):
+    """STRICT_SPREAD needs one node per role; the session's cluster has one node."""
+    cfg = load_config("llm-tiny-smoke", ["placement.group_strategy=STRICT_SPREAD",
+                                         "placement.group_timeout_s=3"])
+    with pytest.raises(RuntimeError, match="placement.group_strategy=STRICT_SPREAD"):
+        train(cfg, run_dir=str(tmp_path / "r"), progress=False)

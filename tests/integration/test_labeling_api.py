@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 import pytest
 
 from conftest import Http, hopper_segments
@@ -146,3 +147,47 @@ def test_text_and_ranking_contract(app):
         i, j = resp.index(texts[x["left_id"]][1]), resp.index(texts[x["right_id"]][1])
         assert x["label"] == ("left" if pos[i] < pos[j] else "right")
     assert http.request("GET", "/api/next?labeler=cy")[0] == 204
+
+
+def test_fuzzed_bodies_never_break_the_contract(app):
+    """Whatever the body -- any JSON, any bytes -- the API answers with a client error it
+    documents (4xx), never a 5xx, and stores nothing."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    http, store = app["http"], app["store"]
+    before = len(store.labels())
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(
+        st.text(max_size=12), c, max_size=4), max_leaves=12)
+    bodies = st.dictionaries(st.sampled_from(["query_id", "choice", "labeler", "order", "x"]) |
+                             st.text(max_size=10), values, max_size=5)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies | values, raw=st.none() | st.binary(max_size=300))
+    def check(body, raw):
+        status, _ = http.request("POST", "/api/label", body=body, raw=raw)
+        assert 400 <= status < 500, (status, body, raw)
+
+    check()
+    assert len(store.labels()) == before
+
+
+def test_fifty_labelers_at_once_no_5xx_nothing_lost_or_doubled(app):
+    """50 scripted labelers hammer /api/next and /api/label (8 s here; 60 s in
+    benchmarks/labeling_load.py): no 5xx, every acknowledged answer stored exactly once."""
+    import ray
+
+    from rlhf_ray.labeling.load import check_store, run_load
+
+    labeler, http = app["labeler"], app["http"]
+    segs = hopper_segments(400, 5, seed=3)
+    qids = ray.get(labeler.submit.remote(segs.take(np.arange(0, 400, 2)),
+                                         segs.take(np.arange(1, 400, 2))))
+    ray.get(labeler.mark_ready.remote(qids))  # clips are not what this measures
+    res = run_load(http.base, app["token"], labelers=50, seconds=8)
+    assert res["server_errors"] == 0, res["statuses"]
+    assert res["acknowledged"], res["statuses"]
+    check = check_store(str(app["store"].root), res["acknowledged"])
+    assert check["lost"] == 0 and check["stored_twice"] == 0, check
+    assert check["acknowledged_twice"] == 0, check  # a lease gives a query to one labeler

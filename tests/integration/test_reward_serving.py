@@ -110,3 +110,46 @@ def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
         assert res["version"] == 11 and np.allclose(res["reward"], -1.5)
     finally:
         serve.delete("rm-from-ckpt")
+
+
+def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
+    """Past its queue limit the deployment answers 503 at once (back-pressure); what it
+    accepted it answers. Queue limits come from placement.reward_model."""
+    import threading
+    from collections import Counter
+
+    from ray import serve
+
+    ray = ray_cluster
+    name = f"ws-{uuid.uuid4().hex[:6]}"
+    store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote()
+    app = f"rm-busy-{uuid.uuid4().hex[:6]}"
+    cfg = RewardServeConfig(num_cpus=0.25, max_batch_size=1, batch_wait_timeout_s=0.0,
+                            max_ongoing_requests=1, max_queued_requests=2)
+    deploy(SPEC, app_name=app, weight_store=name, namespace=ray.get_runtime_context().namespace,
+           serve_cfg=cfg)
+    rows = 20000  # each request takes a while to parse and score
+    body = json.dumps({"obs": [[0.1] * 5] * rows, "actions": [[0.0, 0.0]] * rows}).encode()
+    codes: Counter = Counter()
+
+    def post():
+        req = urllib.request.Request(f"http://127.0.0.1:8000/{app}", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                codes[r.status] += 1
+        except urllib.error.HTTPError as e:
+            codes[e.code] += 1
+
+    try:
+        threads = [threading.Thread(target=post) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    finally:
+        serve.delete(app)
+        ray.kill(store)
+    assert set(codes) <= {200, 503}, codes
+    assert codes[503] > 0 and codes[200] > 0, codes
+    assert sum(codes.values()) == 24

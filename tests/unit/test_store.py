@@ -85,3 +85,31 @@ def test_missing_segment_is_reported(tmp_path):
 def test_bad_label_refused():
     with pytest.raises(ValueError, match="must be one of"):
         label("q", "a", "b", "maybe").row()
+
+
+def test_store_check_reports_and_quarantines_what_cannot_be_read(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    run = tmp_path / "run"
+    store = PreferenceStore(str(run / "preferences"))
+    b = segs()
+    store.write_segments(b)
+    store.append_labels([label("q1", b.ids[0], b.ids[1])])
+    good = store.append_labels([label("q2", b.ids[2], b.ids[3])])
+    truncated = run / "preferences" / "labels" / "part-00000000000000000002-cut.parquet"
+    truncated.write_bytes(open(good, "rb").read()[:40])  # a part cut short
+    tmp = run / "preferences" / "labels" / ".tmp-part-3.parquet"
+    tmp.write_bytes(b"PAR1 half")  # a write the crash interrupted
+    with pytest.raises(StoreError, match="part-00000000000000000002-cut.parquet"):
+        PreferenceStore(str(run / "preferences")).labels()
+    assert main(["store", "check", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable" in out and truncated.name in out and tmp.name in out
+    assert truncated.read_bytes() == open(good, "rb").read()[:40]  # nothing touched
+    assert main(["store", "check", str(run), "--quarantine"]) == 0
+    assert not truncated.exists() and not tmp.exists()
+    kept = run / "preferences" / "quarantine" / "labels" / truncated.name
+    assert kept.read_bytes() == open(good, "rb").read()[:40]  # moved aside, not deleted
+    rows = PreferenceStore(str(run / "preferences")).labels()
+    assert sorted(rows.column("query_id").to_pylist()) == ["q1", "q2"]
+    assert main(["store", "check", str(run)]) == 0
