@@ -175,3 +175,59 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
         ray.kill(labeler)
         if started:
             ray.shutdown()
+
+
+def app_builder(args: dict):
+    """Serve application builder: the labeling page for a run folder, on its own
+    (`serve deploy serve/labeling.yaml`, or the RayService in k8s/).
+
+    args: `run_dir` (a run folder on storage every node sees), `token_env` (the name of an
+    environment variable holding the access token, e.g. from a Kubernetes Secret; default
+    RLHF_LABEL_TOKEN) or `token`, optional `num_replicas`. Starts, if not already running, a
+    detached labeler actor on the run's store (it owns every write) and, for control runs,
+    clip renderers; the app itself holds no state.
+    """
+    import os
+    from pathlib import Path
+
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.labeler import RESTART, Labeler
+    from rlhf_ray.labeling.app import LabelingApp
+
+    run_dir = args.get("run_dir")
+    if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        raise ValueError(f"labeling app: args.run_dir={run_dir!r} is not a run folder "
+                         "(no config.yaml)")
+    token = args.get("token") or os.environ.get(args.get("token_env", "RLHF_LABEL_TOKEN"), "")
+    if len(token) < 16:
+        raise ValueError("labeling app: set a token of 16+ characters (args.token_env names "
+                         "the environment variable holding it)")
+    cfg = load_config(str(Path(run_dir) / "config.yaml"), ["labeler.source=human"])
+    store_root = run_store_root(run_dir, cfg)
+    key = "served-" + Path(run_dir).resolve().name
+    name, namespace = f"rlhf-labeler-{key}", "rlhf-labeling"
+    if cfg.workload == "llm":
+        oracle, text_oracle = None, cfg.labeler.oracle
+    else:
+        oracle, text_oracle = cfg.labeler.oracle.model_dump(), cfg.labeler.text_oracle
+    ray.remote(Labeler).options(name=name, namespace=namespace, lifetime="detached",
+                                get_if_exists=True, num_cpus=0, **RESTART).remote(
+        store_root, "human", oracle, cfg.seed, cfg.labels.budget, cfg.labeler.lease_s,
+        cfg.labeler.deadline_s, text_oracle)
+    if cfg.workload == "control":
+        from rlhf_ray.labeling.clips import ClipRenderWorker
+
+        lab = cfg.labeler
+        for i in range(lab.clip_renderers):
+            ray.remote(ClipRenderWorker).options(
+                name=f"rlhf-render-{key}-{i}", namespace=namespace, lifetime="detached",
+                get_if_exists=True, num_cpus=cfg.placement.clip_renderer.num_cpus,
+                runtime_env={"env_vars": {"MUJOCO_GL": "egl"}}).remote(
+                name, namespace, store_root, cfg.env.model_dump(mode="json"), lab.clips.width,
+                lab.clips.height, lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, 0)
+    return LabelingApp.options(num_replicas=int(args.get("num_replicas", 1)),
+                               ray_actor_options={"num_cpus": 0}).bind(
+        name, namespace, store_root, token)
+

@@ -191,3 +191,41 @@ def test_fifty_labelers_at_once_no_5xx_nothing_lost_or_doubled(app):
     check = check_store(str(app["store"].root), res["acknowledged"])
     assert check["lost"] == 0 and check["stored_twice"] == 0, check
     assert check["acknowledged_twice"] == 0, check  # a lease gives a query to one labeler
+
+
+def test_labeling_app_builds_from_a_run_folder(ray_cluster, serve_http, tmp_path, monkeypatch):
+    """The Serve app builder behind serve/labeling.yaml and the RayService: a run folder in,
+    the page out, with its own detached labeler; no token, no app."""
+    import ray
+    from ray import serve
+
+    from rlhf_ray.config import dump_config, load_config
+    from rlhf_ray.labeling.service import app_builder
+
+    run = tmp_path / "served"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config("hopper-smoke")))
+    monkeypatch.delenv("RLHF_LABEL_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="token"):
+        app_builder({"run_dir": str(run)})
+    with pytest.raises(ValueError, match="not a run folder"):
+        app_builder({"run_dir": str(tmp_path / "nope"), "token": "t" * 24})
+    monkeypatch.setenv("RLHF_LABEL_TOKEN", "t" * 24)
+    serve.run(app_builder({"run_dir": str(run)}), name="label-built", route_prefix="/label-built",
+              blocking=False)
+    host, port = serve_http
+    http = Http(f"http://{host}:{port}/label-built", "t" * 24)
+    try:
+        deadline = time.time() + 60
+        status, body = http.request("GET", "/api/status")
+        while status != 200 and time.time() < deadline:
+            time.sleep(0.5)
+            status, body = http.request("GET", "/api/status")
+        assert status == 200, body
+        assert http.request("GET", "/api/status", token=None)[0] == 401
+        assert (run / "preferences" / "labels").is_dir()  # the labeler opened the run's store
+    finally:
+        serve.delete("label-built")
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["namespace"] == "rlhf-labeling" and "served-served" in a["name"]:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
