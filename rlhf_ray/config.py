@@ -175,6 +175,8 @@ class PlacementConfig(_Strict):
         "in the driver only while people label (the page must answer promptly); 0 leaves "
         "priorities alone")
     clip_renderer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
+    env_runner_probe_timeout_s: float = Field(
+        5.0, gt=0, description="how long an iteration waits for a restarting rollout worker")
 
 
 class RunConfig(_Strict):

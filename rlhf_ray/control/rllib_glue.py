@@ -252,6 +252,11 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
         )
         .rl_module(model_config=model)
         .debugging(seed=cfg.seed, log_level="ERROR")
+        # a dead rollout worker is restarted by Ray; RLlib waits this long per iteration for
+        # it to answer before sampling from the healthy ones (its default, 30 s, stalls every
+        # iteration while a lost node's worker cannot be placed)
+        .fault_tolerance(restart_failed_env_runners=True,
+                         env_runner_health_probe_timeout_s=place.env_runner_probe_timeout_s)
     )
     if segments is not None:
         config.callbacks(on_sample_end=functools.partial(_on_sample_end, rlhf=segments))

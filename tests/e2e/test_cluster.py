@@ -59,7 +59,17 @@ def own_cluster(tmp_path_factory):
     if not info.exists():
         proc.kill()
         pytest.fail("cluster up did not start: " + proc.communicate()[0].decode()[-3000:])
-    yield {**json.loads(info.read_text()), "proc": proc, "info_file": info}
+    cluster = json.loads(info.read_text())
+    from ray.job_submission import JobSubmissionClient
+
+    while True:  # the head's job agent answers a little after the nodes are up
+        try:
+            JobSubmissionClient(cluster["dashboard"]).list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - not ready yet
+            assert time.time() < deadline + 60, "the dashboard's job API never answered"
+            time.sleep(1)
+    yield {**cluster, "proc": proc, "info_file": info}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
