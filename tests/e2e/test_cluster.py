@@ -88,12 +88,16 @@ def test_job_submit_places_each_role_on_its_node(own_cluster, tmp_path):
     dash = own_cluster["dashboard"]
     job_id = f"rlhf-test-{uuid.uuid4().hex[:6]}"
     storage = tmp_path / "runs"
-    sub = ray_cli(
-        "job", "submit", "--address", dash, "--submission-id", job_id, "--no-wait",
-        "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"env_vars": {"MUJOCO_GL": "egl"}}),
-        "--", "rlhf-ray", "train", "hopper-smoke", "--quiet", f"run.storage_path={storage}",
-        "run.run_name=job", *PLACEMENT)
+    for _ in range(30):  # "No available agent to submit job, please try again later"
+        sub = ray_cli(
+            "job", "submit", "--address", dash, "--submission-id", job_id, "--no-wait",
+            "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps({"env_vars": {"MUJOCO_GL": "egl"}}),
+            "--", "rlhf-ray", "train", "hopper-smoke", "--quiet", f"run.storage_path={storage}",
+            "run.run_name=job", "run.total_env_steps=6000", *PLACEMENT)
+        if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+            break
+        time.sleep(2)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -115,7 +119,7 @@ def test_job_submit_places_each_role_on_its_node(own_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(job_id)[-4000:]}"
     # the run's outputs
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["env_steps"] >= 8000 and rows[-1]["labels_total"] > 0
+    assert rows[-1]["env_steps"] >= 6000 and rows[-1]["labels_total"] > 0
     assert list((run / "preferences").rglob("*.parquet"))
     # each role on the node its placement names
     from ray.util.state import list_actors, list_nodes

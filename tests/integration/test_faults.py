@@ -85,7 +85,7 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(ray_cluster, tmp_path)
     from rlhf_ray.control.loop import Controller
     from rlhf_ray.serve_rm import DEPLOYMENT_NAME
 
-    cfg = load_config("hopper-smoke")
+    cfg = load_config("hopper-smoke", ["run.total_env_steps=6000"])
     ctl = Controller(cfg, str(tmp_path / "run"), progress=False)
     seen: dict = {"rows": []}
 
