@@ -111,28 +111,19 @@ def score_chunks(handle, obs: np.ndarray, act: np.ndarray, chunk: int,
                  patience_s: float = 120.0, timeout_s: float = 120.0) -> list[dict]:
     """Score [n] transitions in chunks, all requests in flight at once, in order. A chunk
     whose request fails -- its replica died and Serve is replacing it, or the deployment
-    answered with back-pressure -- is sent again with backoff for up to `patience_s`, so a
-    lost replica costs a moment, never an iteration; then the last error is raised."""
+    answered with back-pressure -- is sent again by `retry_call`, so a lost replica costs a
+    moment, never an iteration."""
     starts = list(range(0, len(obs), chunk))
-    pending = {s: handle.score.remote(obs[s:s + chunk], act[s:s + chunk]) for s in starts}
-    results: dict[int, dict] = {}
-    give_up = time.monotonic() + patience_s
-    attempt = 0
-    while True:
-        failed, last = [], None
-        for s, resp in pending.items():
-            try:
-                results[s] = resp.result(timeout_s=timeout_s)
-            except Exception as exc:  # noqa: BLE001 - replica death, back-pressure, timeout
-                failed.append(s)
-                last = exc
-        if not failed:
-            return [results[s] for s in starts]
-        if time.monotonic() > give_up:
-            raise last
-        time.sleep(min(4.0, 0.25 * 2 ** attempt))
-        attempt += 1
-        pending = {s: handle.score.remote(obs[s:s + chunk], act[s:s + chunk]) for s in failed}
+    pending = [handle.score.remote(obs[s:s + chunk], act[s:s + chunk]) for s in starts]
+    results = []
+    for s, resp in zip(starts, pending):
+        try:
+            results.append(resp.result(timeout_s=timeout_s))
+        except Exception:  # noqa: BLE001 - replica death, back-pressure, timeout
+            results.append(retry_call(
+                lambda s=s: handle.score.remote(obs[s:s + chunk], act[s:s + chunk]),
+                patience_s, timeout_s))
+    return results
 
 
 def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: str,
