@@ -363,10 +363,13 @@ class Labeler:
         mu = np.array([MU[r["label"]] for r in rows], dtype=np.float32)
         return Comparisons(obs[left], act[left], obs[right], act[right], mu)
 
-    def stored_text_comparisons(self) -> list[dict]:
+    def stored_text_comparisons(self, clear_undrained: bool = False) -> list[dict]:
         """Every trainable text comparison already in the store (a reopened run, or labels
         given with `rlhf-ray label`), in `drain_texts` form; what this actor labels from now
-        on arrives through `drain_texts` instead."""
+        on arrives through `drain_texts` instead. `clear_undrained`: as in
+        `stored_comparisons`, for text queries."""
+        if clear_undrained:
+            self._undrained = [(lab, q) for lab, q in self._undrained if q.kind == "clip"]
         text_ids = {i for q in self.store.queries().to_pylist() if q["kind"] != "clip"
                     for i in q["item_ids"]}
         rows = [r for r in self.store.labels().to_pylist()

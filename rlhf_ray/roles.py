@@ -41,6 +41,37 @@ def remote_role(cls, res, bundle: int | None = None, pg=None, **extra):
     return ray.remote(cls).options(**opts)
 
 
+def run_app(app, name: str, route_prefix: str, wait: bool = True):
+    """`serve.run` of one application; `wait=False` returns its handle at once, so the
+    replica's process starts (mostly imports) while the caller starts other roles, and
+    `wait_running(name)` waits for it afterwards."""
+    from ray import serve
+
+    target = serve.RunTarget(app, name=name, route_prefix=route_prefix)
+    return serve.run_many([target], wait_for_applications_running=wait)[0]
+
+
+def wait_running(name: str, timeout_s: float = 900.0) -> None:
+    """Wait for a Serve application to be RUNNING; a failed deployment raises with Serve's
+    own message."""
+    import time
+
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        status = str(app.status) if app is not None else "NOT_STARTED"
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            raise RuntimeError(f"Serve application {name}: {status}: {app.message}")
+        if time.time() > deadline:
+            raise RuntimeError(f"Serve application {name}: still {status} after "
+                               f"{timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def run_bundles(cfg) -> list[dict[str, float]]:
     """A run's placement group (a Tune trial's): the controller first, then one bundle per role
     actor the controller starts, from the run config's placement."""

@@ -127,8 +127,10 @@ def score_chunks(handle, obs: np.ndarray, act: np.ndarray, chunk: int,
 
 
 def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: str,
-           serve_cfg, torch_threads: int = 1, route_prefix: str | None = None):
-    """Start the reward-model application; resources and batching come from the config."""
+           serve_cfg, torch_threads: int = 1, route_prefix: str | None = None,
+           wait: bool = True):
+    """Start the reward-model application; resources and batching come from the config.
+    `wait=False`: see `roles.run_app`."""
     opts = {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}
     if serve_cfg.resources:
         opts["resources"] = dict(serve_cfg.resources)
@@ -140,8 +142,9 @@ def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: 
     )
     app = dep.bind(spec.to_json(), weight_store, namespace, serve_cfg.max_batch_size,
                    serve_cfg.batch_wait_timeout_s, torch_threads)
-    return serve.run(app, name=app_name, route_prefix=route_prefix or f"/{app_name}",
-                     blocking=False)
+    from rlhf_ray.roles import run_app
+
+    return run_app(app, app_name, route_prefix or f"/{app_name}", wait)
 
 
 

@@ -108,7 +108,7 @@ def start_roles(cfg: Config, store_root: str, run_id: str) -> Roles:
     app_name = f"rlhf-rm-{run_id}"
     handle = serve_rm.deploy(spec, app_name=app_name, weight_store=f"rlhf-weights-{run_id}",
                              namespace=ns, serve_cfg=place.reward_model,
-                             torch_threads=cfg.run.torch_threads)
+                             torch_threads=cfg.run.torch_threads, wait=False)
     return Roles(ns, app_name, weight_store, pool, labeler, trainer, spec, handle, labeling)
 
 
@@ -217,6 +217,10 @@ class Controller:
 
                 torch.set_num_threads(max(1, int(cfg.placement.learner.num_cpus)))
             algo = self.algo = build_ppo_config(cfg, relabel=relabel, segments=segments).build_algo()
+            if roles is not None:  # its replica started while RLlib built the algorithm
+                from rlhf_ray.roles import wait_running
+
+                wait_running(roles.app_name)
             writer = MetricsWriter(self.run_dir)
             self.roles = roles
             if roles is not None and roles.labeling is not None:

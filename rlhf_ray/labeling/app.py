@@ -49,7 +49,14 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
+# Every handler is async and only awaits the labeler actor, so one replica holds many
+# requests at once. At Serve's default (5 ongoing) 50 labelers queued in the proxy, whose
+# retries with backoff cut throughput to a quarter of one labeler's (measured: 6 vs 26
+# labels/s, benchmarks/labeling_load.py).
+MAX_ONGOING_REQUESTS = 128
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class LabelingApp:
     def __init__(self, labeler_name: str, namespace: str, store_root: str, token: str):

@@ -161,6 +161,8 @@ class LLMController:
         self.pg = None  # placement.group_strategy's group (see _group)
         self._synced = None  # (version, weights ref) last pushed to the generation workers
         self.generation_restarts = 0
+        self.labeler_incarnation = None
+        self.labeler_restarts = 0
 
     # ---------------------------------------------------------------- roles
     def _group(self) -> None:
@@ -266,7 +268,9 @@ class LLMController:
                 os.chmod(self.run_dir / "labeling_url.txt", 0o600)  # it carries the token
         ray.get(self.weight_store.get_version.remote())
 
-    def deploy_reward_model(self, rm_path: str) -> None:
+    def deploy_reward_model(self, rm_path: str, wait: bool = True) -> None:
+        """`wait=False`: the replica starts while the caller starts the learners (each role's
+        process start is mostly imports; overlapping them saves seconds per run)."""
         import ray
 
         from rlhf_ray.llm import serve_lm
@@ -277,7 +281,7 @@ class LLMController:
             namespace=ray.get_runtime_context().namespace, serve_cfg=self.cfg.placement.reward_model,
             torch_threads=self.cfg.run.torch_threads,
             max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-            max_response_tokens=self.cfg.generation.max_new_tokens + 1)
+            max_response_tokens=self.cfg.generation.max_new_tokens + 1, wait=wait)
 
     def stop(self) -> None:
         import ray
@@ -390,15 +394,25 @@ class LLMController:
         if self.labeler is None:
             return
         new = ray.get(self.labeler.drain_texts.remote())
-        if new:
+        due = bool(new)  # a training round on new data
+        incarnation = ray.get(self.labeler.stats.remote())["incarnation"]
+        if self.labeler_incarnation not in (None, incarnation):
+            # the labeler restarted and lost what it had not handed over yet: the store has
+            # every acknowledged label, so it becomes the trainer's whole data set again
+            self.trainer.replace.remote(ray.get(
+                self.labeler.stored_text_comparisons.remote(clear_undrained=True)))
+            self.labeler_restarts += 1
+            due = True
+        elif new:
             self.trainer.add.remote(new)
+        self.labeler_incarnation = incarnation
         if self.train_ref is not None:
             ready, _ = ray.wait([self.train_ref], timeout=None if block else 0)
             if not ready:
                 return
             self.rm_stats = ray.get(self.train_ref) or self.rm_stats
             self.train_ref = None
-        if new or block:
+        if due or block:
             self.train_ref = self.trainer.train_and_publish.remote(self.weight_store, steps, epochs)
             if block:
                 self.rm_stats = ray.get(self.train_ref)
@@ -519,6 +533,7 @@ class LLMController:
                     "policy_version": int(version),
                     "sample_policy_versions": sorted(set(out["versions"])),
                     "generation_restarts": self.generation_restarts,
+                    "labeler_restarts": self.labeler_restarts,
                     "rm_version": int(res["version"]),
                     **self._label_counts(),
                     "rm_val_accuracy": _f(self.rm_stats.get("rm_val_accuracy")),
@@ -630,11 +645,17 @@ class LLMController:
         if stored:  # the reward model's data set, as it was (labels are never lost)
             ray.get(self.trainer.add.remote(stored))
         ray.get(self.trainer.set_version.remote(int(self.rm_stats.get("rm_version", 0))))
+        self.deploy_reward_model(rm, wait=False)
         self.start_learners(policy, critic, str(ckpt / "optimizer.pt"))
         version = ray.get(self.learners[0].get_version.remote())
         ray.get([g.set_version.remote(version) for g in self.gens])
-        self.deploy_reward_model(rm)
+        self._wait_reward_model()
         return state
+
+    def _wait_reward_model(self) -> None:
+        from rlhf_ray.roles import wait_running
+
+        wait_running(self.app_name)
 
     # ---------------------------------------------------------------- the whole loop
     def run(self, stages: str = "all", resume_from: str | None = None,
@@ -686,8 +707,9 @@ class LLMController:
                 if stages == "rm":
                     return {"reward_path": rm_path, **self.rm_stats}
             critic = rm_path if cfg.model.critic_init == "reward_model" else self.sft_path
+            self.deploy_reward_model(rm_path, wait=False)
             self.start_learners(self.sft_path, critic)
-            self.deploy_reward_model(rm_path)
+            self._wait_reward_model()
             self.calibrate()
             return self.ppo(online=stages == "all")
         finally:

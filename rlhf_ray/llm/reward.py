@@ -71,6 +71,17 @@ class LMRewardTrainer:
             next(iter(self.groups.values()))["val"] = False  # always something to train on
         return len(self.groups)
 
+    def replace(self, comparisons: list[dict]) -> int:
+        """Drop every comparison and add these (the labeler restarted: the store is the whole
+        data set). A ranking keeps the train / validation side it was given, so nothing
+        trained on becomes validation data."""
+        side = {gid: g["val"] for gid, g in self.groups.items()}
+        self.groups = {}
+        n = self.add(comparisons)
+        for gid, g in self.groups.items():
+            g["val"] = side.get(gid, g["val"])
+        return n
+
     def num_groups(self) -> tuple[int, int]:
         val = sum(g["val"] for g in self.groups.values())
         return len(self.groups) - val, val

@@ -101,8 +101,10 @@ class LMRewardServer:
 
 def deploy(model_path: str, *, app_name: str, weight_store: str, namespace: str, serve_cfg,
            torch_threads: int = 1, max_prompt_tokens: int = 64, max_response_tokens: int = 64,
-           route_prefix: str | None = None):
-    """Start the LM reward-model application; resources and batching come from the config."""
+           route_prefix: str | None = None, wait: bool = True):
+    """Start the LM reward-model application; resources and batching come from the config.
+    `wait=False` returns at once (the replica starts while the caller starts other roles);
+    `roles.wait_running(app_name)` then waits for it."""
     opts = {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}
     if serve_cfg.resources:
         opts["resources"] = dict(serve_cfg.resources)
@@ -115,8 +117,9 @@ def deploy(model_path: str, *, app_name: str, weight_store: str, namespace: str,
     app = dep.bind(model_path, weight_store, namespace, serve_cfg.max_batch_size,
                    serve_cfg.batch_wait_timeout_s, torch_threads, max_prompt_tokens,
                    max_response_tokens)
-    return serve.run(app, name=app_name, route_prefix=route_prefix or f"/{app_name}",
-                     blocking=False)
+    from rlhf_ray.roles import run_app
+
+    return run_app(app, app_name, route_prefix or f"/{app_name}", wait)
 
 
 def app_builder(args: dict):

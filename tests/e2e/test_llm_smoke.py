@@ -16,10 +16,37 @@ from rlhf_ray.store import PreferenceStore
 
 
 def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
+    """The online loop; its labeler is killed (SIGKILL) after iteration 4: Ray restarts it,
+    the reward trainer's data set is rebuilt from the store, and no ranking is lost."""
+    import os
+    import signal
+
+    import ray
+
+    from rlhf_ray.llm.loop import LLMController
+
     cfg = load_config("llm-tiny-smoke")
     seen = []
-    run_dir = train(cfg, run_dir=str(tmp_path / "run"), on_metrics=seen.append, progress=False)
+    ctl = LLMController(cfg, str(tmp_path / "run"), progress=False)
+    groups = {}
+
+    def kill_labeler_once(m):
+        seen.append(m)
+        if m["iteration"] == 4:
+            os.kill(ray.get(ctl.labeler.__ray_call__.remote(lambda self: os.getpid())),
+                    signal.SIGKILL)
+        if m["iteration"] == 6:  # after the rebuild: every stored ranking, each once
+            groups["trainer"] = ray.get(ctl.trainer.__ray_call__.remote(
+                lambda self: sorted(self.groups)))
+            groups["store"] = sorted({c["ranking_id"] for c in ray.get(
+                ctl.labeler.stored_text_comparisons.remote())})
+
+    ctl.on_metrics = kill_labeler_once
+    ctl.run()
+    run_dir = ctl.run_dir
     rows = read_metrics(run_dir)
+    assert [r["labeler_restarts"] for r in rows] == [0] * 4 + [1] * (len(rows) - 4)
+    assert groups["trainer"] == groups["store"] and len(groups["store"]) > cfg.labels.initial
     assert rows == seen and len(rows) == cfg.run.iterations
     for row in rows:
         missing = [k for k in METRIC_KEYS if row.get(k) is None]

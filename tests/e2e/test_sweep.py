@@ -50,10 +50,11 @@ def test_sweep_file_errors_name_the_key(tmp_path):
 
 
 def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster, tmp_path):
-    """A tiny sweep (2 trials of the smoke preset, beta 0.05 and 0.3): interrupt
-    `rlhf-ray sweep` (SIGINT, as Ctrl-C) once a trial has reported, `rlhf-ray sweep --resume
-    DIR` finishes every trial; each reports its own beta and the metric; the exported best
-    config trains unchanged."""
+    """A tiny sweep (2 trials of the smoke preset, beta 0.05 and 0.3, one after the other):
+    interrupt `rlhf-ray sweep` (SIGINT, as Ctrl-C) once the first trial has finished and the
+    second has started; `rlhf-ray sweep --resume DIR` runs the unfinished trial and leaves the
+    finished one as it was; each reports its own beta and the metric; the exported best config
+    is the config its trial trained with, and `rlhf-ray train` accepts it unchanged."""
     path = sweep_file(tmp_path, overrides=TINY)  # 2 trials x 3 iterations, one after the other
     # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
@@ -62,11 +63,12 @@ def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster,
     root = None
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "sweeps").glob("tiny-*/tune/*/result.json"))
-        if any(f.stat().st_size > 0 for f in found):
-            root = found[0].parents[2]
+        # Tune starts the second trial only once the first has finished (concurrency 1)
+        second = list((tmp_path / "sweeps").glob("tiny-*/tune/run_trial_*_00001_*"))
+        if second:
+            root = second[0].parents[1]
             break
-        time.sleep(1)
+        time.sleep(0.5)
     assert root is not None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGINT)
     try:
@@ -74,10 +76,14 @@ def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster,
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    first = next((root / "tune").glob("run_trial_*_00000_*"))
+    rows_before = (first / "run" / "metrics.jsonl").read_text()
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
                           "--quiet"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # every trial finished, each with its own beta, and reported the metric
+    # the finished trial was not run again; the interrupted one finished
+    assert (first / "run" / "metrics.jsonl").read_text() == rows_before
+    assert len(rows_before.splitlines()) == 3
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert sorted(float(r["ppo.kl.init_coef"]) for r in rows) == [0.05, 0.3]
     for r in rows:
@@ -90,10 +96,13 @@ def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster,
     assert betas == {0.05, 0.3}
     assert (root / "score_vs_kl.png").stat().st_size > 1000
     assert (root / "shared" / "reward_model" / "model.safetensors").exists()  # trials shared it
-    # the best trial's config trains as it is
-    best = load_config(str(root / "best_config.yaml"), ["run.iterations=1"])
-    assert best.ppo.kl.init_coef in (0.05, 0.3)
-    from rlhf_ray.llm.loop import train
-
-    run = train(best, run_dir=str(tmp_path / "best"), progress=False)
-    assert (run / "final" / "policy" / "model.safetensors").exists()
+    # the best config is the one its trial trained with (3 iterations, final model saved),
+    # loaded as `rlhf-ray train` loads it (load_config), unchanged
+    best_row = max(rows, key=lambda r: float(r["oracle_score_mean"]))
+    trial_run = root / "tune" / best_row["trial"] / "run"
+    assert (trial_run / "final" / "policy" / "model.safetensors").exists()
+    best = load_config(str(root / "best_config.yaml"))
+    trained = load_config(str(trial_run / "config.yaml"))
+    # the trial ran with Tune's checkpointing instead of the config's own
+    trained.run.checkpoint_every = best.run.checkpoint_every
+    assert best == trained and best.ppo.kl.init_coef == float(best_row["ppo.kl.init_coef"])
