@@ -1,5 +1,6 @@
-"""`rlhf-ray sweep`: Ray Tune over the real loop on the session's 2-CPU cluster; an
-interrupted sweep resumes; the best trial's exported config trains unchanged."""
+"""`rlhf-ray sweep`: Ray Tune over the real loop on the session's 2-CPU cluster: a PBT
+exploit hands a trial its donor's whole state; an interrupted sweep resumes; the best
+trial's exported config is the one it trained with."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ import pytest
 import yaml
 
 from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.store import PreferenceStore
 from rlhf_ray.sweep import load_sweep
 
 TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
         "labels.initial=16", "labels.per_iteration=1", "reward_model.initial_epochs=2",
         "ppo.rollout_batch_size=16", "ppo.ppo_epochs=2", "run.iterations=3"]
+SMALL = [  # two trials side by side on the session's 2 CPUs
+    "placement.generation_worker.num_cpus=0.25", "placement.learner.num_cpus=0.25",
+    "placement.reward_trainer.num_cpus=0.1", "placement.reward_model.num_cpus=0.1"]
 
 
 def sweep_file(tmp_path: Path, **extra) -> Path:
@@ -49,24 +54,49 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(str(f))
 
 
-def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster, tmp_path):
-    """A tiny sweep (2 trials of the smoke preset, beta 0.05 and 0.3, one after the other):
-    interrupt `rlhf-ray sweep` (SIGINT, as Ctrl-C) once the first trial has finished and the
-    second has started; `rlhf-ray sweep --resume DIR` runs the unfinished trial and leaves the
-    finished one as it was; each reports its own beta and the metric; the exported best config
-    is the config its trial trained with, and `rlhf-ray train` accepts it unchanged."""
-    path = sweep_file(tmp_path, overrides=TINY)  # 2 trials x 3 iterations, one after the other
+def _exploits(root: Path) -> list[tuple[Path, dict]]:
+    """(trial run folder, record) for each restore whose beta differs from its checkpoint's:
+    a PBT exploit (Tune restoring a trial's own checkpoint keeps the beta)."""
+    out = []
+    for f in sorted(root.glob("tune/*/run/restores.jsonl")):
+        for r in map(json.loads, f.read_text().splitlines()):
+            if r["kl_settings_now"]["init_coef"] != r["kl_settings_before"]["init_coef"]:
+                out.append((f.parent, r))
+    return out
+
+
+def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster, tmp_path):
+    """A tiny PBT sweep over beta: 2 trials of the smoke preset side by side (0.01 and 2.0),
+    5 iterations, perturbation every 2. Ranked by beta itself (kl_coef, max), so the 0.01
+    trial is the one that clones, whatever the tiny runs' scores do. At a perturbation step
+    the worse trial takes the better one's checkpoint -- policy, critic, reward model, KL
+    controller, label store -- and continues from the donor's iteration with a mutated beta.
+    `rlhf-ray sweep` is interrupted (SIGINT, as Ctrl-C) right after that exploit; `rlhf-ray
+    sweep --resume DIR` finishes every trial. Each reported its own beta and the metric; the
+    exported best config is the one its trial trained with."""
+    # Async PBT exploits only where the donor was in the top quantile when its own result at
+    # that step was processed, which needs the other trial's score at that step. The 0.01
+    # trial also runs 8 PPO epochs (the other 1), so it is the slower one at every step and
+    # the donor has checkpointed by its step 4 at the latest (in lockstep it was a coin flip).
+    path = sweep_file(
+        tmp_path, name="pbt", overrides=TINY + SMALL + ["run.iterations=5"],
+        space={"ppo.kl.init_coef": {"loguniform": [0.001, 10.0]},
+               "ppo.ppo_epochs": {"choice": [1, 8]}},
+        initial_points=[{"ppo.kl.init_coef": 0.01, "ppo.ppo_epochs": 8},
+                        {"ppo.kl.init_coef": 2.0, "ppo.ppo_epochs": 1}],
+        num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
+        scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                   "resample_probability": 0.0})
     # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     root = None
-    deadline = time.time() + 400
+    deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
-        # Tune starts the second trial only once the first has finished (concurrency 1)
-        second = list((tmp_path / "sweeps").glob("tiny-*/tune/run_trial_*_00001_*"))
-        if second:
-            root = second[0].parents[1]
+        found = list((tmp_path / "sweeps").glob("pbt-*"))
+        if found and _exploits(found[0]):
+            root = found[0]
             break
         time.sleep(0.5)
     assert root is not None, proc.communicate()[0][-3000:]
@@ -76,33 +106,39 @@ def test_interrupted_sweep_resumes_and_exports_a_config_that_trains(ray_cluster,
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    first = next((root / "tune").glob("run_trial_*_00000_*"))
-    rows_before = (first / "run" / "metrics.jsonl").read_text()
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
                           "--quiet"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # the finished trial was not run again; the interrupted one finished
-    assert (first / "run" / "metrics.jsonl").read_text() == rows_before
-    assert len(rows_before.splitlines()) == 3
+    # every trial finished and reported the metric; each started from its own beta
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
-    assert sorted(float(r["ppo.kl.init_coef"]) for r in rows) == [0.05, 0.3]
-    for r in rows:
-        assert int(r["iterations"]) == 3 and r["oracle_score_mean"] not in ("", "None")
-    betas = set()
-    for d in (root / "tune").iterdir():
-        m = d / "run" / "metrics.jsonl"
-        if m.exists():  # the first iteration's kl_coef is the trial's own value
-            betas.add(json.loads(m.read_text().splitlines()[0])["kl_coef"])
-    assert betas == {0.05, 0.3}
+    assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows)
+    assert all(r["kl_coef"] not in ("", "None") for r in rows)
+    first = {json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[0])["kl_coef"]
+             for d in (root / "tune").iterdir() if (d / "run" / "metrics.jsonl").exists()}
+    assert first == {0.01, 2.0}
+    # the clone went on from the donor's iteration with the mutated beta ...
+    exploits = _exploits(root)
+    assert exploits
+    for run, r in exploits:
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert r["from_iteration"] < 5  # perturbations at 2 and 4
+        assert metrics[r["metrics_row"]]["iteration"] == r["from_iteration"] + 1, (r, metrics)
+        assert metrics[r["metrics_row"]]["kl_coef"] == pytest.approx(
+            r["kl_settings_now"]["init_coef"], rel=1e-4)  # the KL controller restarted from it
+        # ... and the last donor's labels: every comparison in its store is in the clone's
+        donor = set(PreferenceStore(str(run / "restored" / "preferences")).labels()
+                    .column("query_id").to_pylist())
+        own = set(PreferenceStore(str(run / "preferences")).labels().column("query_id").to_pylist())
+        assert donor and donor <= own
     assert (root / "score_vs_kl.png").stat().st_size > 1000
     assert (root / "shared" / "reward_model" / "model.safetensors").exists()  # trials shared it
-    # the best config is the one its trial trained with (3 iterations, final model saved),
-    # loaded as `rlhf-ray train` loads it (load_config), unchanged
-    best_row = max(rows, key=lambda r: float(r["oracle_score_mean"]))
+    # the best config is the one its trial trained with (final model saved), loaded as
+    # `rlhf-ray train` loads it (load_config), unchanged
+    best_row = max(rows, key=lambda r: float(r["kl_coef"]))
     trial_run = root / "tune" / best_row["trial"] / "run"
     assert (trial_run / "final" / "policy" / "model.safetensors").exists()
     best = load_config(str(root / "best_config.yaml"))
     trained = load_config(str(trial_run / "config.yaml"))
     # the trial ran with Tune's checkpointing instead of the config's own
     trained.run.checkpoint_every = best.run.checkpoint_every
-    assert best == trained and best.ppo.kl.init_coef == float(best_row["ppo.kl.init_coef"])
+    assert best == trained
