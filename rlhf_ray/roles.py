@@ -65,7 +65,11 @@ def wait_running(name: str, timeout_s: float = 900.0) -> None:
         if status.endswith("RUNNING"):
             return
         if status.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-            raise RuntimeError(f"Serve application {name}: {status}: {app.message}")
+            # the application says which deployments failed; each deployment says why
+            why = [f"{d}: {st.message.strip().splitlines()[-1]}"
+                   for d, st in app.deployments.items() if st.message and st.message.strip()]
+            raise RuntimeError(f"Serve application {name}: {status}: {app.message} "
+                               + " ".join(why))
         if time.time() > deadline:
             raise RuntimeError(f"Serve application {name}: still {status} after "
                                f"{timeout_s:.0f} s")

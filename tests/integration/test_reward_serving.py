@@ -153,3 +153,24 @@ def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
     assert set(codes) <= {200, 503}, codes
     assert codes[503] > 0 and codes[200] > 0, codes
     assert sum(codes.values()) == 24
+
+
+def test_a_deployment_started_without_waiting_reports_its_failure(ray_cluster):
+    """`roles.run_app(..., wait=False)` returns at once; `roles.wait_running` then raises with
+    Serve's own message when the replica cannot start (here: its constructor raises)."""
+    from ray import serve
+
+    from rlhf_ray.roles import run_app, wait_running
+
+    @serve.deployment(name="Broken")
+    class Broken:
+        def __init__(self):
+            raise ValueError("broken on purpose")
+
+    name = f"rlhf-test-broken-{uuid.uuid4().hex[:6]}"
+    run_app(Broken.bind(), name, f"/{name}", wait=False)
+    try:
+        with pytest.raises(RuntimeError, match=f"{name}: .*DEPLOY_FAILED.*broken on purpose"):
+            wait_running(name, timeout_s=120)
+    finally:
+        serve.delete(name)
