@@ -69,7 +69,11 @@ def start_labeling(cfg: Config | LLMConfig, *, labeler_name: str, namespace: str
 
 
 def _start_renderers(cfg: Config, labeler_name: str, namespace: str, store_root: str,
-                     run_id: str) -> list:
+                     run_id: str, nice: int | None = None,
+                     actor_opts: dict | None = None) -> list:
+    """`labeler.clip_renderers` clip renderers for the labeler; `nice`: their niceness
+    (default `placement.batch_nice`); `actor_opts`: extra Ray actor options (namespace,
+    lifetime, get_if_exists for the served app's detached ones)."""
     import ray
 
     from rlhf_ray.labeling.clips import ClipRenderWorker
@@ -78,15 +82,16 @@ def _start_renderers(cfg: Config, labeler_name: str, namespace: str, store_root:
     renderers = []
     res = cfg.placement.clip_renderer
     env_cfg = cfg.env.model_dump(mode="json")
+    nice = cfg.placement.batch_nice if nice is None else nice
     for i in range(lab.clip_renderers):
         opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
                 "runtime_env": {"env_vars": {"MUJOCO_GL": "egl"}},
-                "name": f"rlhf-render-{run_id}-{i}"}
+                "name": f"rlhf-render-{run_id}-{i}", **(actor_opts or {})}
         if res.resources:
             opts["resources"] = dict(res.resources)
         renderers.append(ray.remote(ClipRenderWorker).options(**opts).remote(
             labeler_name, namespace, store_root, env_cfg, lab.clips.width, lab.clips.height,
-            lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, cfg.placement.batch_nice))
+            lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, nice))
     return renderers
 
 
@@ -217,16 +222,8 @@ def app_builder(args: dict):
         store_root, "human", oracle, cfg.seed, cfg.labels.budget, cfg.labeler.lease_s,
         cfg.labeler.deadline_s, text_oracle)
     if cfg.workload == "control":
-        from rlhf_ray.labeling.clips import ClipRenderWorker
-
-        lab = cfg.labeler
-        for i in range(lab.clip_renderers):
-            ray.remote(ClipRenderWorker).options(
-                name=f"rlhf-render-{key}-{i}", namespace=namespace, lifetime="detached",
-                get_if_exists=True, num_cpus=cfg.placement.clip_renderer.num_cpus,
-                runtime_env={"env_vars": {"MUJOCO_GL": "egl"}}).remote(
-                name, namespace, store_root, cfg.env.model_dump(mode="json"), lab.clips.width,
-                lab.clips.height, lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, 0)
+        _start_renderers(cfg, name, namespace, store_root, key, nice=0, actor_opts={
+            "namespace": namespace, "lifetime": "detached", "get_if_exists": True})
     return LabelingApp.options(num_replicas=int(args.get("num_replicas", 1)),
                                ray_actor_options={"num_cpus": 0}).bind(
         name, namespace, store_root, token)
