@@ -82,6 +82,9 @@ class RewardModelConfig(_Strict):
     )
     output_std: float = Field(1.0, gt=0, description="1 for MuJoCo, 0.05 for Atari")
     dropout: float = Field(0.0, ge=0, lt=1)
+    normalize_inputs: bool = Field(
+        True, description="standardize the MLP's (obs, action) inputs by the labelled "
+        "transitions' mean and std, refitted each round without changing the function")
 
 
 class OracleConfig(_Strict):

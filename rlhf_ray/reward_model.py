@@ -43,11 +43,20 @@ class RewardNetSpec:
 
 
 class MLPReward(nn.Module):
-    """r(o, a) for state-based envs: the paper's 2x64 leaky-ReLU MLP by default."""
+    """r(o, a) for state-based envs: the paper's 2x64 leaky-ReLU MLP by default.
+
+    The input (observation, action) is standardized by `in_mean` / `in_std`, buffers that
+    travel with the weights (identity until the trainer fits them: `RewardEnsemble.
+    fit_input_normalizer`). MuJoCo observations mix angles (~0.1) with joint velocities
+    (~10): unstandardized, the large features dominate the first layer's gradients and its
+    L2 penalty, and the reward model learns the task's real signal (e.g. forward velocity)
+    last."""
 
     def __init__(self, spec: RewardNetSpec):
         super().__init__()
         in_dim = int(np.prod(spec.obs_shape)) + spec.act_dim
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
         layers: list[nn.Module] = []
         for width in spec.hidden:
             layers += [nn.Linear(in_dim, width), nn.LeakyReLU(0.01)]
@@ -60,12 +69,31 @@ class MLPReward(nn.Module):
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """obs: [N, *obs_shape], act: [N, act_dim] or [N] (discrete) -> [N]."""
+        x = (self.raw_inputs(obs, act) - self.in_mean) / self.in_std
+        return self.body(x).squeeze(-1)
+
+    def raw_inputs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """The unstandardized input rows [N, in_dim] (one-hot actions for discrete envs)."""
         x = obs.reshape(obs.shape[0], -1).float()
         if self.spec.discrete:
             a = nn.functional.one_hot(act.long().reshape(-1), self.spec.act_dim).float()
         else:
             a = act.reshape(act.shape[0], -1).float()
-        return self.body(torch.cat([x, a], dim=-1)).squeeze(-1)
+        return torch.cat([x, a], dim=-1)
+
+    @torch.no_grad()
+    def set_input_normalizer(self, mean: torch.Tensor, std: torch.Tensor,
+                             preserve: bool) -> None:
+        """Standardize inputs with (mean, std) from now on. `preserve`: rescale the first
+        layer so the member computes exactly the same function as before (a trained
+        member keeps its predictions; only the conditioning of later training changes)."""
+        if preserve:
+            first = self.body[0]
+            delta = (mean - self.in_mean) / self.in_std  # [in_dim]
+            first.bias.add_(first.weight @ delta)
+            first.weight.mul_((std / self.in_std)[None, :])
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std)
 
 
 class CNNReward(nn.Module):
@@ -130,6 +158,22 @@ class RewardEnsemble(nn.Module):
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
+    def fit_input_normalizer(self, obs: torch.Tensor, act: torch.Tensor, preserve: bool,
+                             min_std: float = 1e-2) -> bool:
+        """Standardize every member's inputs by the mean and std of these transitions (MLP
+        members; frames are already scaled). Features that barely vary get `min_std`, so a
+        feature constant so far cannot blow up once it moves. Returns whether anything was
+        set."""
+        if self.spec.net != "mlp" or obs.shape[0] < 2:
+            return False
+        rows = self.members[0].raw_inputs(obs, act).double()
+        mean = rows.mean(dim=0).float()
+        std = rows.std(dim=0).float().clamp_min(min_std)
+        for m in self.members:
+            m.set_input_normalizer(mean, std, preserve)
+        return True
+
+    @torch.no_grad()
     def fit_normalizers(self, obs: torch.Tensor, act: torch.Tensor) -> None:
         """Set each member's normalizer from its raw outputs on a sample of transitions."""
         raw = torch.stack([m(obs, act) for m in self.members])
@@ -140,7 +184,12 @@ class RewardEnsemble(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
     def load_flat_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
-        self.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        state = {k: torch.as_tensor(v) for k, v in state.items()}
+        # weights saved before inputs were standardized: identity normalizers, same function
+        for k, v in self.state_dict().items():
+            if k.endswith((".in_mean", ".in_std")) and k not in state:
+                state[k] = torch.zeros_like(v) if k.endswith("in_mean") else torch.ones_like(v)
+        self.load_state_dict(state)
 
 
 def as_tensors(obs: np.ndarray, act: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

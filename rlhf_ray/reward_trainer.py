@@ -118,6 +118,10 @@ class RewardTrainer:
         t0 = time.time()
         steps = self.cfg.steps_per_round if steps is None else steps
         d = self.data()
+        if self.cfg.normalize_inputs:
+            # inputs standardized over the labelled transitions; a trained ensemble keeps
+            # its function through the change (only the round's training moves it)
+            self.ensemble.fit_input_normalizer(*self._transitions(d), preserve=self.version > 0)
         stats = {"train_loss": [], "val_loss": [], "val_acc": [], "train_acc": []}
         self.ensemble.train()
         for k, member in enumerate(self.ensemble.members):
@@ -167,7 +171,8 @@ class RewardTrainer:
         }
         return self.last_stats
 
-    def _fit_normalizers(self, d: Comparisons, max_transitions: int = 20_000) -> None:
+    def _transitions(self, d: Comparisons, max_transitions: int = 20_000):
+        """A sample of the labelled segments' transitions, as tensors."""
         obs = np.concatenate([d.left_obs, d.right_obs])
         act = np.concatenate([d.left_act, d.right_act])
         obs = obs.reshape(-1, *obs.shape[2:])
@@ -175,7 +180,10 @@ class RewardTrainer:
         if len(obs) > max_transitions:
             idx = self.rng.choice(len(obs), size=max_transitions, replace=False)
             obs, act = obs[idx], act[idx]
-        self.ensemble.fit_normalizers(*as_tensors(obs, act))
+        return as_tensors(obs, act)
+
+    def _fit_normalizers(self, d: Comparisons) -> None:
+        self.ensemble.fit_normalizers(*self._transitions(d))
 
     # ------------------------------------------------------------------ weights / state
     def weights(self) -> tuple[int, dict[str, np.ndarray]]:

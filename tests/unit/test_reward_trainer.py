@@ -97,3 +97,49 @@ def test_cnn_member_scores_frames():
     assert out.shape == (2, 5)
     with pytest.raises(ValueError, match="unknown reward net"):
         RewardEnsemble(RewardNetSpec(net="rnn", obs_shape=(3,), act_dim=1))
+
+
+def test_input_normalizer_standardizes_and_a_refit_keeps_the_function():
+    ens = RewardEnsemble(spec(ensemble_size=2))
+    rng = np.random.default_rng(0)
+    # features on very different scales, as MuJoCo's angles and joint velocities are
+    obs = torch.from_numpy((rng.normal(size=(500, 4)) * [0.1, 10.0, 1.0, 3.0] + [0, 5, 0, -2])
+                           .astype(np.float32))
+    act = torch.from_numpy(rng.uniform(-1, 1, size=(500, 1)).astype(np.float32))
+    assert ens.fit_input_normalizer(obs, act, preserve=False)
+    m = ens.members[0]
+    z = (m.raw_inputs(obs, act) - m.in_mean) / m.in_std
+    assert torch.allclose(z.mean(0), torch.zeros(5), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(5), atol=1e-3)
+    before = torch.stack([mem(obs, act) for mem in ens.members])
+    # new data with other statistics: the refit moves the normalizer, not the predictions
+    assert ens.fit_input_normalizer(obs * 3 + 1, act * 0.5, preserve=True)
+    after = torch.stack([mem(obs, act) for mem in ens.members])
+    assert not torch.allclose(m.in_std, z.std(0))  # it did move
+    assert torch.allclose(before, after, atol=1e-4)
+    # a feature that never varied gets the floor, not a division by ~0
+    still = torch.cat([obs[:, :3], torch.zeros(500, 1)], dim=1)
+    ens.fit_input_normalizer(still, act, preserve=True)
+    assert float(m.in_std[3]) == pytest.approx(1e-2)
+
+
+def test_trainer_fits_input_normalizer_only_when_configured():
+    data, _ = make_comparisons(100)
+    data.left_obs[..., 1] *= 50.0  # one feature far larger than the others
+    on = RewardTrainer(spec(), RewardModelConfig(), seed=0)
+    off = RewardTrainer(spec(), RewardModelConfig(normalize_inputs=False), seed=0)
+    for t in (on, off):
+        t.add(data)
+        t.train(steps=5)
+    assert float(on.ensemble.members[0].in_std[1]) > 10.0
+    assert torch.equal(off.ensemble.members[0].in_std, torch.ones(5))
+
+
+def test_weights_saved_before_input_normalization_still_load():
+    ens = RewardEnsemble(spec())
+    old = {k: v for k, v in ens.flat_state().items() if not k.endswith(("in_mean", "in_std"))}
+    ens2 = RewardEnsemble(spec(), seed=5)
+    ens2.fit_input_normalizer(torch.randn(50, 4) * 7, torch.randn(50, 1), preserve=False)
+    ens2.load_flat_state(old)
+    x = torch.randn(7, 4), torch.randn(7, 1)
+    assert torch.allclose(ens2.member_rewards(*x), ens.member_rewards(*x))
