@@ -119,6 +119,16 @@ def _cmd_store(args: argparse.Namespace) -> int:
         print(f"rlhf-ray: {args.run_dir}: neither a run folder (preferences/) nor a store "
               "(labels/)", file=sys.stderr)
         return 2
+    if args.action == "compact":
+        from rlhf_ray.store import StoreError
+
+        try:
+            done = PreferenceStore(str(root)).compact()
+        except StoreError as exc:
+            print(f"rlhf-ray: {exc}", file=sys.stderr)
+            return 1
+        print(f"{root}: " + ", ".join(f"{t} {a} -> {b} parts" for t, (a, b) in done.items()))
+        return 0
     rep = PreferenceStore(str(root)).check(quarantine=args.quarantine)
     rows = ", ".join(f"{n} {k}" for k, n in rep["rows"].items() if n)
     print(f"{rep['root']}: {rep['parts']} parts ({rows or 'empty'})")
@@ -181,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-when-done", action="store_true", help="stop once nothing is pending")
     s.set_defaults(fn=_cmd_label)
     s = sub.add_parser("store", help="`store check RUN_DIR`: read every part of the preference "
-                       "store back; report (and --quarantine) unreadable ones")
-    s.add_argument("action", choices=["check"])
+                       "store back; report (and --quarantine) unreadable ones. `store compact "
+                       "RUN_DIR`: merge each table's parts into one (nothing is lost if "
+                       "interrupted)")
+    s.add_argument("action", choices=["check", "compact"])
     s.add_argument("run_dir", help="a run folder, or a store folder")
     s.add_argument("--quarantine", action="store_true",
                    help="move unreadable parts to preferences/quarantine/ (never deleted)")

@@ -17,6 +17,12 @@ into place (then the folder is fsynced); on object stores a PUT is atomic and du
 returns. Readers ignore temp files, so a crash between write and rename leaves nothing
 half-read. Reopening the store gives back every acknowledged label, deduplicated by query id
 (a label written twice -- a retry after a crash before the acknowledgement -- counts once).
+
+Labels arrive one part per answer, so a long run leaves thousands of small parts;
+`compact()` (`rlhf-ray store compact RUN_DIR`) merges each table's parts into one. It writes
+the merged part durably first and only then deletes the parts it merged, so a crash in
+between leaves rows twice, which readers already count once; parts written meanwhile are
+left alone, and a reader that finds a listed part gone lists again.
 """
 
 from __future__ import annotations
@@ -116,8 +122,8 @@ class PreferenceStore:
             self.fs.create_dir(f"{self.base}/{sub}", recursive=True)
 
     # ------------------------------------------------------------------ writing
-    def _write(self, sub: str, table: pa.Table) -> str:
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+    def _write(self, sub: str, table: pa.Table, name: str | None = None) -> str:
+        name = name or f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
         final = f"{self.base}/{sub}/{name}"
         if not self.local:
             with self.fs.open_output_stream(final) as out:
@@ -205,38 +211,36 @@ class PreferenceStore:
                  and i.path.endswith(".parquet")]
         return sorted(paths)
 
+    def _tables(self, sub: str) -> list[tuple[str, pa.Table]]:
+        """(path, table) of every part of `sub`, in write order. A part that vanished between
+        the listing and the read was merged by a compaction: list again."""
+        for attempt in range(5):
+            try:
+                return [(p, self._read(p)) for p in self._parts(sub)]
+            except _Vanished:
+                if attempt == 4:
+                    raise StoreError(f"{self.root}/{sub}: parts keep vanishing while read "
+                                     "(a compaction running in a loop?)") from None
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     def _read(self, path: str) -> pa.Table:
         try:
             with self.fs.open_input_file(path) as f:
                 return pq.read_table(f)
+        except FileNotFoundError:
+            raise _Vanished(f"{path}: gone while the store was read (compacted); read again") from None
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0]}); "
                              "run `rlhf-ray store check` to quarantine it") from None
 
     def labels(self) -> pa.Table:
         """Every acknowledged label, one row per query id (the first written wins)."""
-        parts = [self._read(p) for p in self._parts("labels")]
-        if not parts:
-            return LABEL_SCHEMA.empty_table()
-        table = pa.concat_tables([_conform(t, LABEL_SCHEMA) for t in parts])
-        seen: set[str] = set()
-        keep = []
-        for i, q in enumerate(table.column("query_id").to_pylist()):
-            if q not in seen:
-                seen.add(q)
-                keep.append(i)
-        return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
+        return _merge([t for _, t in self._tables("labels")], LABEL_SCHEMA, "query_id")
 
     def queries(self) -> pa.Table:
         """Every query ever asked (answered or not), one row per query id."""
-        parts = [_conform(self._read(p), QUERY_SCHEMA) for p in self._parts("queries")]
-        if not parts:
-            return QUERY_SCHEMA.empty_table()
-        table = pa.concat_tables(parts)
-        seen: set[str] = set()
-        keep = [i for i, q in enumerate(table.column("query_id").to_pylist())
-                if not (q in seen or seen.add(q))]
-        return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
+        return _merge([t for _, t in self._tables("queries")], QUERY_SCHEMA, "query_id")
 
     def pending_queries(self) -> list[QueryRecord]:
         """Queries asked but never answered (a ranking is answered once any of its pairs is)."""
@@ -250,9 +254,8 @@ class PreferenceStore:
     def texts(self, ids: list[str]) -> dict[str, tuple[str, str]]:
         """text id -> (prompt, response) for the ids asked."""
         want, found = set(ids), {}
-        for path in self._parts("texts"):
-            t = self._read(path).to_pylist()
-            for r in t:
+        for _, table in self._tables("texts"):
+            for r in table.to_pylist():
                 if r["text_id"] in want:
                     found[r["text_id"]] = (r["prompt"], r["response"])
         missing = [i for i in ids if i not in found]
@@ -267,8 +270,7 @@ class PreferenceStore:
         """The stored segments with these ids (all when None), in the order asked."""
         want = None if ids is None else set(ids)
         found: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
-        for path in self._parts("segments"):
-            table = self._read(path)
+        for _, table in self._tables("segments"):
             meta = json.loads(table.schema.metadata[b"rlhf_ray.arrays"])
             sid = table.column("segment_id").to_pylist()
             steps = table.column("env_steps").to_pylist()
@@ -292,6 +294,48 @@ class PreferenceStore:
                             arrays={n: np.stack([found[i][1][n] for i in order]) for n in names},
                             env_steps=np.array([found[i][0] for i in order], dtype=np.int64))
 
+    # ------------------------------------------------------------------ compaction
+    def compact(self, tables: tuple[str, ...] = ("labels", "queries", "texts", "segments"),
+                min_parts: int = 2) -> dict[str, tuple[int, int]]:
+        """Merge each table's parts into one part (segments: one per array layout). Returns
+        {table: (parts before, parts after)}. Nothing is lost at any point: the merged part
+        is durable before a merged part is deleted, rows stay in write order (the first
+        label written for a query still wins), and parts written while this runs are not
+        touched. An unreadable part stops it with the part's name, before anything changed
+        (`check(quarantine=True)` moves such parts aside)."""
+        keys = {"labels": ("query_id", LABEL_SCHEMA), "queries": ("query_id", QUERY_SCHEMA),
+                "texts": ("text_id", TEXT_SCHEMA), "segments": ("segment_id", None)}
+        out: dict[str, tuple[int, int]] = {}
+        for sub in tables:
+            if sub not in keys:
+                raise ValueError(f"table {sub!r}: one of {', '.join(keys)}")
+            key, schema = keys[sub]
+            parts = self._tables(sub)
+            if len(parts) < min_parts:
+                out[sub] = (len(parts), len(parts))
+                continue
+            groups: dict[bytes, list[pa.Table]] = {}
+            for _, table in parts:  # segments: parts of one array layout merge together
+                layout = (table.schema.metadata or {}).get(b"rlhf_ray.arrays", b"") \
+                    if schema is None else b""
+                groups.setdefault(layout, []).append(table)
+            last = os.path.basename(parts[-1][0]).removesuffix(".parquet")
+            written = []
+            for group in groups.values():
+                merged = _merge(group, schema, key)
+                # named after the newest part it holds: it sorts among the parts it replaces,
+                # before anything written later
+                written.append(self._write(sub, merged, f"{last}-c{uuid.uuid4().hex[:8]}.parquet"))
+            for path, _ in parts:
+                self.fs.delete_file(path)
+            if self.local:
+                dir_fd = os.open(f"{self.base}/{sub}", os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            out[sub] = (len(parts), len(written))
+        return out
 
     # ------------------------------------------------------------------ checking
     def check(self, quarantine: bool = False) -> dict:
@@ -356,6 +400,24 @@ class PreferenceStore:
                 self.fs.move(path, dest)
                 report["quarantined"].append(dest)
         return report
+
+
+class _Vanished(StoreError):
+    """A listed part was gone when read (merged by a compaction)."""
+
+
+def _merge(tables: list[pa.Table], schema: pa.Schema | None, key: str) -> pa.Table:
+    """Parts concatenated in write order, one row per `key` (the first written wins).
+    `schema` None (segments): the parts share their columns and array metadata."""
+    if not tables:
+        return schema.empty_table()
+    if schema is not None:
+        tables = [_conform(t, schema) for t in tables]
+    table = pa.concat_tables(tables)
+    seen: set[str] = set()
+    keep = [i for i, q in enumerate(table.column(key).to_pylist())
+            if not (q in seen or seen.add(q))]
+    return table.take(pa.array(keep, pa.int64())) if len(keep) < len(table) else table
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -113,3 +113,118 @@ def test_store_check_reports_and_quarantines_what_cannot_be_read(tmp_path, capsy
     rows = PreferenceStore(str(run / "preferences")).labels()
     assert sorted(rows.column("query_id").to_pylist()) == ["q1", "q2"]
     assert main(["store", "check", str(run)]) == 0
+
+
+def _snapshot(store, *id_groups):
+    arrays, steps = {}, []
+    for g, ids in enumerate(id_groups):  # one group per array layout
+        got = store.segments(ids)
+        arrays.update({(g, n): a.copy() for n, a in got.arrays.items()})
+        steps += got.env_steps.tolist()
+    return store.labels().to_pylist(), store.queries().to_pylist(), arrays, steps
+
+
+def test_compact_merges_parts_and_keeps_every_row(tmp_path, capsys):
+    from rlhf_ray.cli import main
+    from rlhf_ray.store import QueryRecord
+
+    run = tmp_path / "run"
+    store = PreferenceStore(str(run / "preferences"))
+    a, b = segs(seed=0), segs(seed=1)
+    store.write_segments(a)
+    store.write_segments(b)
+    other = segs(seed=2)
+    del other.arrays["state_qpos"]  # another array layout (e.g. Atari beside MuJoCo)
+    store.write_segments(other)
+    ids = a.ids + b.ids + other.ids
+    for i in range(6):
+        store.write_queries([QueryRecord(f"q{i}", "clip", [ids[i], ids[i + 1]], 1.0, 0)])
+        store.append_labels([label(f"q{i}", ids[i], ids[i + 1], ["left", "right", "equal"][i % 3])])
+    # a retry after a crash before the acknowledgement: the first write must keep winning
+    store.append_labels([label("q0", ids[0], ids[1], "right")])
+    before = _snapshot(store, a.ids + b.ids, other.ids)
+    assert main(["store", "compact", str(run)]) == 0
+    assert "labels 7 -> 1 parts" in capsys.readouterr().out
+    files = {sub: sorted(os.listdir(run / "preferences" / sub)) for sub in ("labels", "queries", "segments")}
+    assert len(files["labels"]) == 1 and len(files["queries"]) == 1
+    assert len(files["segments"]) == 2  # one merged part per array layout
+    again = PreferenceStore(str(run / "preferences"))
+    after = _snapshot(again, a.ids + b.ids, other.ids)
+    assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]
+    assert [r["label"] for r in after[0]][:1] == ["left"]
+    for name in before[2]:
+        assert np.array_equal(after[2][name], before[2][name])
+    assert len(again.labels()) == 6
+    # a part written after the compaction sorts after the merged one and is read as usual
+    again.append_labels([label("q9", ids[0], ids[2])])
+    assert again.labels().column("query_id").to_pylist()[-1] == "q9"
+    assert again.compact(("labels",)) == {"labels": (2, 1)}
+    assert again.compact(("labels",)) == {"labels": (1, 1)}  # nothing to do
+
+
+def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path):
+    store = PreferenceStore(str(tmp_path / "prefs"))
+    b = segs()
+    store.write_segments(b)
+    for i in range(3):
+        store.append_labels([label(f"q{i}", b.ids[i], b.ids[i + 1])])
+    before = store.labels().to_pylist()
+
+    class KilledBeforeDeleting:  # the process dies once the merged part is durable
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_file(self, path):
+            raise OSError("killed mid-compaction")
+
+    real = store.fs
+    store.fs = KilledBeforeDeleting(real)
+    with pytest.raises(OSError, match="killed"):
+        store.compact(("labels",))
+    store.fs = real
+    assert len(os.listdir(tmp_path / "prefs" / "labels")) == 4  # merged part + the 3 old ones
+    assert PreferenceStore(str(tmp_path / "prefs")).labels().to_pylist() == before
+    assert store.compact(("labels",)) == {"labels": (4, 1)}  # compacting again finishes it
+    assert PreferenceStore(str(tmp_path / "prefs")).labels().to_pylist() == before
+
+
+def test_compact_stops_at_an_unreadable_part_before_changing_anything(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    run = tmp_path / "run"
+    store = PreferenceStore(str(run / "preferences"))
+    b = segs()
+    store.write_segments(b)
+    store.append_labels([label("q1", b.ids[0], b.ids[1])])
+    good = store.append_labels([label("q2", b.ids[2], b.ids[3])])
+    bad = run / "preferences" / "labels" / "part-00000000000000000009-cut.parquet"
+    bad.write_bytes(open(good, "rb").read()[:40])
+    listing = sorted(os.listdir(run / "preferences" / "labels"))
+    assert main(["store", "compact", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert bad.name in err and "store check" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(run / "preferences" / "labels")) == listing
+
+
+def test_a_reader_lists_again_when_a_compaction_removed_parts_under_it(tmp_path):
+    store = PreferenceStore(str(tmp_path / "prefs"))
+    b = segs()
+    store.write_segments(b)
+    for i in range(3):
+        store.append_labels([label(f"q{i}", b.ids[i], b.ids[i + 1])])
+    reader = PreferenceStore(str(tmp_path / "prefs"))
+    real_parts, calls = reader._parts, []
+
+    def stale_then_fresh(sub):
+        calls.append(sub)
+        listed = real_parts(sub)
+        if len(calls) == 1:  # the listing is taken, then a compaction runs
+            PreferenceStore(str(tmp_path / "prefs")).compact(("labels",))
+        return listed
+
+    reader._parts = stale_then_fresh
+    assert reader.labels().column("query_id").to_pylist() == ["q0", "q1", "q2"]
+    assert len(calls) == 2
