@@ -113,7 +113,11 @@ def _cmd_store(args: argparse.Namespace) -> int:
     from rlhf_ray.store import PreferenceStore
 
     root = Path(args.run_dir)
-    if (root / "preferences").is_dir():
+    if "://" in args.run_dir:  # a store on an object store (run.storage_path=s3://...)
+        root = args.run_dir.rstrip("/")
+        if not root.endswith("/preferences"):
+            root += "/preferences"
+    elif (root / "preferences").is_dir():
         root = root / "preferences"
     elif not (root / "labels").is_dir():
         print(f"rlhf-ray: {args.run_dir}: neither a run folder (preferences/) nor a store "
@@ -123,7 +127,7 @@ def _cmd_store(args: argparse.Namespace) -> int:
         from rlhf_ray.store import StoreError
 
         try:
-            done = PreferenceStore(str(root)).compact()
+            done = PreferenceStore(str(root)).compact(min_age_s=args.min_age_s)
         except StoreError as exc:
             print(f"rlhf-ray: {exc}", file=sys.stderr)
             return 1
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", help="a run folder, or a store folder")
     s.add_argument("--quarantine", action="store_true",
                    help="move unreadable parts to preferences/quarantine/ (never deleted)")
+    s.add_argument("--min-age-s", type=float, default=60.0,
+                   help="compact: merge only parts written at least this long ago (default 60)")
     s.set_defaults(fn=_cmd_store)
     s = sub.add_parser("cluster", help="`cluster up`: a multi-node Ray cluster on this machine "
                        "(one raylet per node, custom resources per node) for trying placement")

@@ -161,14 +161,20 @@ class RewardEnsemble(nn.Module):
     def fit_input_normalizer(self, obs: torch.Tensor, act: torch.Tensor, preserve: bool,
                              min_std: float = 1e-2) -> bool:
         """Standardize every member's inputs by the mean and std of these transitions (MLP
-        members; frames are already scaled). Features that barely vary get `min_std`, so a
-        feature constant so far cannot blow up once it moves. Returns whether anything was
+        members; frames are already scaled). A feature whose std is below `min_std` (one
+        that has not moved yet: a contact flag, a joint at rest) is only centred, not
+        scaled, so it is not blown up once it moves (its first-layer weights got almost no
+        gradient); one-hot actions are left as they are. Returns whether anything was
         set."""
         if self.spec.net != "mlp" or obs.shape[0] < 2:
             return False
         rows = self.members[0].raw_inputs(obs, act).double()
         mean = rows.mean(dim=0).float()
-        std = rows.std(dim=0).float().clamp_min(min_std)
+        std = rows.std(dim=0).float()
+        std = torch.where(std < min_std, torch.ones_like(std), std)
+        if self.spec.discrete:
+            mean[-self.spec.act_dim:] = 0.0
+            std[-self.spec.act_dim:] = 1.0
         for m in self.members:
             m.set_input_normalizer(mean, std, preserve)
         return True

@@ -121,7 +121,10 @@ class RewardTrainer:
         if self.cfg.normalize_inputs:
             # inputs standardized over the labelled transitions; a trained ensemble keeps
             # its function through the change (only the round's training moves it)
-            self.ensemble.fit_input_normalizer(*self._transitions(d), preserve=self.version > 0)
+            if self.ensemble.fit_input_normalizer(*self._transitions(d), preserve=self.version > 0):
+                for opt, member in zip(self.opts, self.ensemble.members):
+                    for param in member.body[0].parameters():  # moments of the old scale
+                        opt.state.pop(param, None)
         stats = {"train_loss": [], "val_loss": [], "val_acc": [], "train_acc": []}
         self.ensemble.train()
         for k, member in enumerate(self.ensemble.members):

@@ -213,24 +213,30 @@ class PreferenceStore:
 
     def _tables(self, sub: str) -> list[tuple[str, pa.Table]]:
         """(path, table) of every part of `sub`, in write order. A part that vanished between
-        the listing and the read was merged by a compaction: list again."""
-        for attempt in range(5):
+        the listing and the read was merged by a compaction, whose merged part was written
+        first: list again and read only what is new (on an object store deleting thousands
+        of parts takes a while, so this waits as long as parts keep moving)."""
+        read: dict[str, pa.Table] = {}
+        for attempt in range(600):
+            listed = self._parts(sub)
             try:
-                return [(p, self._read(p)) for p in self._parts(sub)]
+                for p in listed:
+                    if p not in read:
+                        read[p] = self._read(p)
+                return [(p, read[p]) for p in listed]
             except _Vanished:
-                if attempt == 4:
-                    raise StoreError(f"{self.root}/{sub}: parts keep vanishing while read "
-                                     "(a compaction running in a loop?)") from None
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                time.sleep(min(1.0, 0.02 * (attempt + 1)))
+        raise StoreError(f"{self.root}/{sub}: parts kept vanishing while read for minutes "
+                         "(a compaction running in a loop?)")
 
     def _read(self, path: str) -> pa.Table:
         try:
             with self.fs.open_input_file(path) as f:
                 return pq.read_table(f)
-        except FileNotFoundError:
-            raise _Vanished(f"{path}: gone while the store was read (compacted); read again") from None
         except (pa.ArrowInvalid, OSError) as exc:
+            # an object store may report a part deleted under the read as a plain error
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                raise _Vanished(f"{path}: gone while the store was read (compacted)") from None
             raise StoreError(f"{path}: unreadable Parquet part ({str(exc).splitlines()[0]}); "
                              "run `rlhf-ray store check` to quarantine it") from None
 
@@ -296,13 +302,15 @@ class PreferenceStore:
 
     # ------------------------------------------------------------------ compaction
     def compact(self, tables: tuple[str, ...] = ("labels", "queries", "texts", "segments"),
-                min_parts: int = 2) -> dict[str, tuple[int, int]]:
+                min_parts: int = 2, min_age_s: float = 60.0) -> dict[str, tuple[int, int]]:
         """Merge each table's parts into one part (segments: one per array layout). Returns
-        {table: (parts before, parts after)}. Nothing is lost at any point: the merged part
-        is durable before a merged part is deleted, rows stay in write order (the first
-        label written for a query still wins), and parts written while this runs are not
-        touched. An unreadable part stops it with the part's name, before anything changed
-        (`check(quarantine=True)` moves such parts aside)."""
+        {table: (parts merged, parts they became)}. Nothing is lost at any point: the merged
+        part is durable before a merged part is deleted, and rows stay in write order (the
+        first label written for a query still wins). Only parts named over `min_age_s`
+        ago are merged: a part's name is taken when its write starts, so a younger one may
+        still be landing, and must keep sorting after the merged part. An unreadable part
+        stops it with the part's name before that table changed (`check(quarantine=True)`
+        moves such parts aside)."""
         keys = {"labels": ("query_id", LABEL_SCHEMA), "queries": ("query_id", QUERY_SCHEMA),
                 "texts": ("text_id", TEXT_SCHEMA), "segments": ("segment_id", None)}
         out: dict[str, tuple[int, int]] = {}
@@ -310,7 +318,8 @@ class PreferenceStore:
             if sub not in keys:
                 raise ValueError(f"table {sub!r}: one of {', '.join(keys)}")
             key, schema = keys[sub]
-            parts = self._tables(sub)
+            cutoff = time.time_ns() - int(min_age_s * 1e9)
+            parts = [(p, t) for p, t in self._tables(sub) if _named_at(p) < cutoff]
             if len(parts) < min_parts:
                 out[sub] = (len(parts), len(parts))
                 continue
@@ -327,7 +336,10 @@ class PreferenceStore:
                 # before anything written later
                 written.append(self._write(sub, merged, f"{last}-c{uuid.uuid4().hex[:8]}.parquet"))
             for path, _ in parts:
-                self.fs.delete_file(path)
+                try:
+                    self.fs.delete_file(path)
+                except FileNotFoundError:  # another compaction got there first
+                    pass
             if self.local:
                 dir_fd = os.open(f"{self.base}/{sub}", os.O_RDONLY)
                 try:
@@ -400,6 +412,12 @@ class PreferenceStore:
                 self.fs.move(path, dest)
                 report["quarantined"].append(dest)
         return report
+
+
+def _named_at(path: str) -> int:
+    """The time (ns) in a part's name, `part-<ns>-...`; 0 where the name has none."""
+    stamp = os.path.basename(path)[5:25]
+    return int(stamp) if stamp.isdigit() else 0
 
 
 class _Vanished(StoreError):

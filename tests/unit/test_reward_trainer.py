@@ -112,15 +112,27 @@ def test_input_normalizer_standardizes_and_a_refit_keeps_the_function():
     assert torch.allclose(z.mean(0), torch.zeros(5), atol=1e-4)
     assert torch.allclose(z.std(0), torch.ones(5), atol=1e-3)
     before = torch.stack([mem(obs, act) for mem in ens.members])
+    old_std = m.in_std.clone()
     # new data with other statistics: the refit moves the normalizer, not the predictions
     assert ens.fit_input_normalizer(obs * 3 + 1, act * 0.5, preserve=True)
     after = torch.stack([mem(obs, act) for mem in ens.members])
-    assert not torch.allclose(m.in_std, z.std(0))  # it did move
+    assert torch.allclose(m.in_std[:4], old_std[:4] * 3, rtol=1e-3)  # it did move
     assert torch.allclose(before, after, atol=1e-4)
-    # a feature that never varied gets the floor, not a division by ~0
-    still = torch.cat([obs[:, :3], torch.zeros(500, 1)], dim=1)
+    # a feature that has not moved yet (a contact flag) is centred, not blown up
+    still = torch.cat([obs[:, :3], torch.full((500, 1), 0.5)], dim=1)
     ens.fit_input_normalizer(still, act, preserve=True)
-    assert float(m.in_std[3]) == pytest.approx(1e-2)
+    assert float(m.in_std[3]) == 1.0 and float(m.in_mean[3]) == pytest.approx(0.5)
+
+
+def test_one_hot_actions_are_not_standardized():
+    s = RewardNetSpec(net="mlp", obs_shape=(3,), act_dim=4, discrete=True, hidden=(8,))
+    ens = RewardEnsemble(s)
+    obs = torch.randn(200, 3) * 5
+    act = torch.zeros(200, dtype=torch.long)  # action 0 only, so far
+    ens.fit_input_normalizer(obs, act, preserve=False)
+    m = ens.members[0]
+    assert torch.equal(m.in_mean[3:], torch.zeros(4)) and torch.equal(m.in_std[3:], torch.ones(4))
+    assert float(m.in_std[0]) > 2.0
 
 
 def test_trainer_fits_input_normalizer_only_when_configured():

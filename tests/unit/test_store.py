@@ -143,7 +143,7 @@ def test_compact_merges_parts_and_keeps_every_row(tmp_path, capsys):
     # a retry after a crash before the acknowledgement: the first write must keep winning
     store.append_labels([label("q0", ids[0], ids[1], "right")])
     before = _snapshot(store, a.ids + b.ids, other.ids)
-    assert main(["store", "compact", str(run)]) == 0
+    assert main(["store", "compact", str(run), "--min-age-s", "0"]) == 0
     assert "labels 7 -> 1 parts" in capsys.readouterr().out
     files = {sub: sorted(os.listdir(run / "preferences" / sub)) for sub in ("labels", "queries", "segments")}
     assert len(files["labels"]) == 1 and len(files["queries"]) == 1
@@ -158,8 +158,8 @@ def test_compact_merges_parts_and_keeps_every_row(tmp_path, capsys):
     # a part written after the compaction sorts after the merged one and is read as usual
     again.append_labels([label("q9", ids[0], ids[2])])
     assert again.labels().column("query_id").to_pylist()[-1] == "q9"
-    assert again.compact(("labels",)) == {"labels": (2, 1)}
-    assert again.compact(("labels",)) == {"labels": (1, 1)}  # nothing to do
+    assert again.compact(("labels",), min_age_s=0) == {"labels": (2, 1)}
+    assert again.compact(("labels",), min_age_s=0) == {"labels": (1, 1)}  # nothing to do
 
 
 def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path):
@@ -183,11 +183,11 @@ def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path)
     real = store.fs
     store.fs = KilledBeforeDeleting(real)
     with pytest.raises(OSError, match="killed"):
-        store.compact(("labels",))
+        store.compact(("labels",), min_age_s=0)
     store.fs = real
     assert len(os.listdir(tmp_path / "prefs" / "labels")) == 4  # merged part + the 3 old ones
     assert PreferenceStore(str(tmp_path / "prefs")).labels().to_pylist() == before
-    assert store.compact(("labels",)) == {"labels": (4, 1)}  # compacting again finishes it
+    assert store.compact(("labels",), min_age_s=0) == {"labels": (4, 1)}  # compacting again finishes it
     assert PreferenceStore(str(tmp_path / "prefs")).labels().to_pylist() == before
 
 
@@ -203,7 +203,7 @@ def test_compact_stops_at_an_unreadable_part_before_changing_anything(tmp_path, 
     bad = run / "preferences" / "labels" / "part-00000000000000000009-cut.parquet"
     bad.write_bytes(open(good, "rb").read()[:40])
     listing = sorted(os.listdir(run / "preferences" / "labels"))
-    assert main(["store", "compact", str(run)]) == 1
+    assert main(["store", "compact", str(run), "--min-age-s", "0"]) == 1
     err = capsys.readouterr().err
     assert bad.name in err and "store check" in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(run / "preferences" / "labels")) == listing
@@ -222,9 +222,29 @@ def test_a_reader_lists_again_when_a_compaction_removed_parts_under_it(tmp_path)
         calls.append(sub)
         listed = real_parts(sub)
         if len(calls) == 1:  # the listing is taken, then a compaction runs
-            PreferenceStore(str(tmp_path / "prefs")).compact(("labels",))
+            PreferenceStore(str(tmp_path / "prefs")).compact(("labels",), min_age_s=0)
         return listed
 
     reader._parts = stale_then_fresh
     assert reader.labels().column("query_id").to_pylist() == ["q0", "q1", "q2"]
     assert len(calls) == 2
+
+
+def test_compact_leaves_parts_that_may_still_be_landing(tmp_path):
+    """A part's name is taken when its write starts: one named just before the compaction
+    listed the folder may land after it, and must still sort after the merged part (else a
+    retried label would overtake the original). Young parts are therefore left alone."""
+    store = PreferenceStore(str(tmp_path / "prefs"))
+    b = segs()
+    store.write_segments(b)
+    labels_dir = tmp_path / "prefs" / "labels"
+    for i in range(3):  # three parts written long ago
+        path = store.append_labels([label(f"q{i}", b.ids[i], b.ids[i + 1], "left")])
+        os.rename(path, labels_dir / f"part-{1_000_000 + i:020d}-old{i}.parquet")
+    # a retry of q0 whose write started before the compaction and landed during it
+    store.append_labels([label("q0", b.ids[0], b.ids[1], "right")])
+    assert store.compact(("labels",)) == {"labels": (3, 1)}  # default: parts over 60 s old
+    assert len(os.listdir(labels_dir)) == 2
+    rows = PreferenceStore(str(tmp_path / "prefs")).labels().to_pylist()
+    assert [(r["query_id"], r["label"]) for r in rows] == [("q0", "left"), ("q1", "left"), ("q2", "left")]
+    assert store.compact(("labels",)) == {"labels": (1, 1)}  # the young one waits its turn
