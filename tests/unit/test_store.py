@@ -87,9 +87,8 @@ def test_bad_label_refused():
         label("q", "a", "b", "maybe").row()
 
 
-def test_store_check_reports_and_quarantines_what_cannot_be_read(tmp_path, capsys):
-    from rlhf_ray.cli import main
-
+def run_with_a_part_cut_short(tmp_path):
+    """A run folder whose store holds labels q1, q2 and a copy of q2's part cut short."""
     run = tmp_path / "run"
     store = PreferenceStore(str(run / "preferences"))
     b = segs()
@@ -97,7 +96,14 @@ def test_store_check_reports_and_quarantines_what_cannot_be_read(tmp_path, capsy
     store.append_labels([label("q1", b.ids[0], b.ids[1])])
     good = store.append_labels([label("q2", b.ids[2], b.ids[3])])
     truncated = run / "preferences" / "labels" / "part-00000000000000000002-cut.parquet"
-    truncated.write_bytes(open(good, "rb").read()[:40])  # a part cut short
+    truncated.write_bytes(open(good, "rb").read()[:40])
+    return run, good, truncated
+
+
+def test_store_check_reports_and_quarantines_what_cannot_be_read(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    run, good, truncated = run_with_a_part_cut_short(tmp_path)
     tmp = run / "preferences" / "labels" / ".tmp-part-3.parquet"
     tmp.write_bytes(b"PAR1 half")  # a write the crash interrupted
     with pytest.raises(StoreError, match="part-00000000000000000002-cut.parquet"):
@@ -162,12 +168,18 @@ def test_compact_merges_parts_and_keeps_every_row(tmp_path, capsys):
     assert again.compact(("labels",), min_age_s=0) == {"labels": (1, 1)}  # nothing to do
 
 
-def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path):
-    store = PreferenceStore(str(tmp_path / "prefs"))
+def three_label_parts(root):
+    """A store with labels q0, q1, q2, each in its own part."""
+    store = PreferenceStore(str(root))
     b = segs()
     store.write_segments(b)
     for i in range(3):
         store.append_labels([label(f"q{i}", b.ids[i], b.ids[i + 1])])
+    return store
+
+
+def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path):
+    store = three_label_parts(tmp_path / "prefs")
     before = store.labels().to_pylist()
 
     class KilledBeforeDeleting:  # the process dies once the merged part is durable
@@ -194,14 +206,7 @@ def test_compact_interrupted_before_deleting_loses_and_doubles_nothing(tmp_path)
 def test_compact_stops_at_an_unreadable_part_before_changing_anything(tmp_path, capsys):
     from rlhf_ray.cli import main
 
-    run = tmp_path / "run"
-    store = PreferenceStore(str(run / "preferences"))
-    b = segs()
-    store.write_segments(b)
-    store.append_labels([label("q1", b.ids[0], b.ids[1])])
-    good = store.append_labels([label("q2", b.ids[2], b.ids[3])])
-    bad = run / "preferences" / "labels" / "part-00000000000000000009-cut.parquet"
-    bad.write_bytes(open(good, "rb").read()[:40])
+    run, _, bad = run_with_a_part_cut_short(tmp_path)
     listing = sorted(os.listdir(run / "preferences" / "labels"))
     assert main(["store", "compact", str(run), "--min-age-s", "0"]) == 1
     err = capsys.readouterr().err
@@ -210,11 +215,7 @@ def test_compact_stops_at_an_unreadable_part_before_changing_anything(tmp_path, 
 
 
 def test_a_reader_lists_again_when_a_compaction_removed_parts_under_it(tmp_path):
-    store = PreferenceStore(str(tmp_path / "prefs"))
-    b = segs()
-    store.write_segments(b)
-    for i in range(3):
-        store.append_labels([label(f"q{i}", b.ids[i], b.ids[i + 1])])
+    store = three_label_parts(tmp_path / "prefs")
     reader = PreferenceStore(str(tmp_path / "prefs"))
     real_parts, calls = reader._parts, []
 
