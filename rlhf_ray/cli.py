@@ -110,7 +110,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_store(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.store import PreferenceStore, StoreError
 
     root = Path(args.run_dir)
     if "://" in args.run_dir:  # a store on an object store (run.storage_path=s3://...)
@@ -124,8 +124,6 @@ def _cmd_store(args: argparse.Namespace) -> int:
               "(labels/)", file=sys.stderr)
         return 2
     if args.action == "compact":
-        from rlhf_ray.store import StoreError
-
         try:
             done = PreferenceStore(str(root)).compact(min_age_s=args.min_age_s)
         except StoreError as exc:

@@ -135,12 +135,16 @@ class PreferenceStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        self._fsync_dir(sub)
+        return final
+
+    def _fsync_dir(self, sub: str) -> None:
+        """Make renames and deletes in a local table folder durable."""
         dir_fd = os.open(f"{self.base}/{sub}", os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        return final
 
     def write_segments(self, batch: SegmentBatch) -> str:
         cols: dict[str, pa.Array] = {
@@ -341,11 +345,7 @@ class PreferenceStore:
                 except FileNotFoundError:  # another compaction got there first
                     pass
             if self.local:
-                dir_fd = os.open(f"{self.base}/{sub}", os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                self._fsync_dir(sub)
             out[sub] = (len(parts), len(written))
         return out
 
