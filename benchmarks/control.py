@@ -29,7 +29,7 @@ PRESETS = {"Hopper-v5": "hopper", "HalfCheetah-v5": "halfcheetah"}
 
 def run_one(preset: str, overrides: list[str]) -> dict:
     from rlhf_ray.config import load_config
-    from rlhf_ray.control.loop import train
+    from rlhf_ray.train import train
 
     cfg = load_config(preset, overrides)
     rows: list[dict] = []

@@ -109,7 +109,7 @@ def main() -> None:
     import ray
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.control.loop import train
+    from rlhf_ray.train import train
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     overrides = ["labeler.source=human", "labels.budget=400", "run.total_env_steps=10000000",

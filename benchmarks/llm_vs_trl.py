@@ -51,7 +51,7 @@ def model_overrides(hidden: int, layers: int, intermediate: int) -> list[str]:
 def prepare(workdir: Path, seed: int, model: list[str]) -> tuple[str, str]:
     """SFT model and reward model, once, through this project's stages."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.llm.loop import train
+    from rlhf_ray.train import train
 
     cfg = load_config("llm-tiny", [f"seed={seed}", *model])
     run = train(cfg, run_dir=str(workdir / "prep"), stages="rm", progress=False)
@@ -60,7 +60,7 @@ def prepare(workdir: Path, seed: int, model: list[str]) -> tuple[str, str]:
 
 def run_ours(workdir: Path, sft: str, rm: str, overrides: list[str]) -> dict:
     from rlhf_ray.config import load_config
-    from rlhf_ray.llm.loop import train
+    from rlhf_ray.train import train
 
     cfg = load_config("llm-tiny", overrides + [f"model.sft_path={sft}", f"model.reward_path={rm}"])
     rows: list[dict] = []

@@ -68,7 +68,8 @@ def fit_and_score(data: dict, train_mask: np.ndarray, overrides: list[str], labe
     from rlhf_ray.core.oracle import SyntheticOracle
     from rlhf_ray.core.query_selection import candidate_pairs
     from rlhf_ray.reward_model import RewardNetSpec, as_tensors
-    from rlhf_ray.reward_trainer import Comparisons, RewardTrainer
+    from rlhf_ray.core.comparisons import Comparisons
+    from rlhf_ray.reward_trainer import RewardTrainer
 
     raw = apply_overrides({}, overrides)
     cfg = RewardModelConfig(**raw.get("reward_model", {}))

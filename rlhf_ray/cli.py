@@ -31,15 +31,44 @@ def _llm_stage(args: argparse.Namespace, stages: str) -> int:
     if cfg.workload != "llm":
         raise ConfigError(f"{args.config}: `rlhf-ray {args.command}` is a language-model stage; "
                           "this config is the control workload (use `rlhf-ray train`)")
-    from rlhf_ray.llm.loop import train as llm_train
+    return _run(args, cfg, stages)
 
-    resume = bool(getattr(args, "resume", None))
+
+def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
+    """Either workload's loop. Ray's, RLlib's and Serve's own output goes to the run folder's
+    driver.log unless --verbose; an error is one line here (its traceback in the log)."""
+    from rlhf_ray import console
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.metrics import progress_line, read_metrics
+    from rlhf_ray.train import train
+
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    verbose = getattr(args, "verbose", False)
     try:
-        run_dir = llm_train(cfg, run_dir=args.run_dir, stages=stages, progress=not args.quiet,
-                            resume=resume)
+        run_dir = train(cfg, run_dir=args.run_dir, stages=stages, progress=not args.quiet,
+                        resume=bool(getattr(args, "resume", None)), log_output=not verbose)
+    except (ConfigError, FileNotFoundError):
+        raise
     except ValueError as exc:  # bad data files: one line naming what was wrong
-        print(f"rlhf-ray: {exc}", file=sys.stderr)
+        print(f"rlhf-ray: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rlhf-ray: interrupted; `rlhf-ray train --resume RUN_DIR` continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the rest in the log
+        if verbose or console.last_log() is None:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"rlhf-ray: error: {type(exc).__name__}: {first} (traceback in "
+              f"{console.last_log()})", file=sys.stderr)
+        return 1
+    try:
+        rows = read_metrics(run_dir)
+    except FileNotFoundError:  # a stage with no iterations (sft, rm)
+        rows = []
+    if rows:
+        print(f"final: {progress_line(rows[-1], cfg.workload)}")
     print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
     return 0
 
@@ -60,18 +89,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.run_dir = args.resume
     elif not args.config:
         raise ConfigError("train: give a preset or YAML file (see `rlhf-ray presets`)")
-    cfg = load_config(args.config, args.overrides)
-    if cfg.workload == "llm":
-        return _llm_stage(args, "all")
-    os.environ.setdefault("MUJOCO_GL", "egl")
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Casting input x to numpy array.*")
-    from rlhf_ray.control.loop import train
-
-    run_dir = train(cfg, run_dir=args.run_dir, progress=not args.quiet, resume=bool(args.resume))
-    print(f"done: {run_dir}  (rlhf-ray report {run_dir})")
-    return 0
+    return _run(args, load_config(args.config, args.overrides))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -167,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint (its own config.yaml)")
     s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
+    s.add_argument("--verbose", action="store_true", help="show Ray's, RLlib's and Serve's own "
+                   "messages here (by default they go to RUN_DIR/driver.log)")
     s.set_defaults(fn=_cmd_train)
     for name, stages, text in (
             ("sft", "sft", "LLM stage 1: supervised fine-tuning (writes RUN_DIR/sft)"),
@@ -179,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. ppo.kl.target=3")
         s.add_argument("--run-dir", help="run folder (default: <run.storage_path>/<run name>)")
         s.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
+        s.add_argument("--verbose", action="store_true", help="show Ray's own messages here")
         s.set_defaults(fn=lambda a, st=stages: _llm_stage(a, st))
     s = sub.add_parser("sweep", help="a Ray Tune sweep over the whole loop (tune_configs/)")
     s.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. tune_configs/llm-kl-grid.yaml")

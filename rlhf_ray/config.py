@@ -111,21 +111,26 @@ class ClipConfig(_Strict):
     shadows: bool = Field(False, description="MuJoCo shadows and reflections (5x slower on CPU)")
 
 
-class LabelerConfig(_Strict):
-    """Who answers queries, and the labeling app humans use."""
+class LabelerSection(_Strict):
+    """Who answers queries, and the labeling page humans use (both workloads)."""
 
     source: Literal["oracle", "human", "mixed"] = Field(
         "oracle", description="oracle: synthetic labels; human: the labeling page; mixed: "
         "humans, with the oracle answering what they leave past `deadline_s`")
-    oracle: OracleConfig = Field(default_factory=OracleConfig)
-    text_oracle: str | None = Field(
-        None, description="`module:function` scoring (prompt, response) for text queries")
     host: str = Field("127.0.0.1", description="where the page listens; 0.0.0.0 exposes it")
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = Field("/label", pattern=r"^/[A-Za-z0-9_/-]*$")
     token: str | None = Field(None, min_length=16, description="access token; default: random")
     lease_s: float = Field(60.0, gt=0, description="a shown query is held this long per labeler")
     deadline_s: float = Field(120.0, gt=0, description="mixed: oracle answers after this")
+
+
+class LabelerConfig(LabelerSection):
+    """The control workload's labeler: a synthetic teacher on true env returns, and clips."""
+
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    text_oracle: str | None = Field(
+        None, description="`module:function` scoring (prompt, response) for text queries")
     clip_renderers: int = Field(1, ge=0, description="render actors keeping clips ahead")
     clips: ClipConfig = Field(default_factory=ClipConfig)
 
@@ -160,17 +165,23 @@ class RewardServeConfig(RoleResources):
     max_queued_requests: int = Field(256, ge=-1)
 
 
-class PlacementConfig(_Strict):
-    """Which role gets which resources. The one place placement is declared."""
+class PlacementSection(_Strict):
+    """Which role gets which resources: the one place placement is declared. The roles both
+    workloads have; each workload's own roles are in its subclass."""
+
+    reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
+    reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
+    labeler: RoleResources = Field(default_factory=RoleResources)
+    labeling_app: RoleResources = Field(default_factory=RoleResources)
+
+
+class PlacementConfig(PlacementSection):
+    """The control workload: rollout workers (RLlib EnvRunners), learners, clip renderers."""
 
     num_env_runners: int = Field(1, ge=0)
     env_runner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
     num_learners: int = Field(0, ge=0, description="0: the learner runs in the controller")
     learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
-    reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
-    reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
-    labeler: RoleResources = Field(default_factory=RoleResources)
-    labeling_app: RoleResources = Field(default_factory=RoleResources)
     batch_nice: int = Field(
         10, ge=0, le=19, description="CPU niceness added to the batch roles so the critical "
         "path answers first where roles share cores: the reward trainer always (it fills the "
@@ -182,16 +193,21 @@ class PlacementConfig(_Strict):
         5.0, gt=0, description="how long an iteration waits for a restarting rollout worker")
 
 
-class RunConfig(_Strict):
-    total_env_steps: int = Field(1_000_000, ge=1)
-    reward: Literal["learned", "env"] = Field(
-        "learned", description="`env` trains PPO on the true reward: the baseline"
-    )
+class RunSection(_Strict):
+    """Where a run lives and how it runs (both workloads)."""
+
     storage_path: str = Field("runs", description="local folder or s3:// / gs:// URI")
     run_name: str | None = None
     checkpoint_every: int = Field(10, ge=0, description="iterations; 0 = only at the end")
     torch_threads: int = Field(1, ge=1)
     ray_num_cpus: int | None = Field(None, ge=1, description="size of a local cluster we start")
+
+
+class RunConfig(RunSection):
+    total_env_steps: int = Field(1_000_000, ge=1)
+    reward: Literal["learned", "env"] = Field(
+        "learned", description="`env` trains PPO on the true reward: the baseline"
+    )
 
 
 class Config(_Strict):
@@ -326,7 +342,9 @@ class LMPPOConfig(_Strict):
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float | None = Field(0.2, gt=0)
     whiten_advantages: bool = True
-    normalize_reward: bool = Field(True, description="scale RM scores by running mean/std")
+    normalize_reward: bool = Field(
+        True, description="standardize RM scores by their mean and std on SFT samples, "
+        "measured once before PPO starts")
     reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -340,21 +358,21 @@ class LMLabelsConfig(_Strict):
     responses_per_query: int = Field(4, ge=2, le=9, description="K: 2 = pairs, >2 = rankings")
 
 
-class LMLabelerConfig(LabelerConfig):
-    oracle: str = Field(  # type: ignore[assignment]
+class LMLabelerConfig(LabelerSection):
+    """The LLM workload's labeler: people rank responses, or a text oracle does."""
+
+    oracle: str = Field(
         "rlhf_ray.llm.tiny:sentiment_oracle",
         description="`module:function` scoring (prompt, response) -> float")
 
 
-class LMPlacementConfig(_Strict):
+class LMPlacementConfig(PlacementSection):
+    """The LLM workload: generation workers and the DDP learner group."""
+
     num_generation_workers: int = Field(1, ge=1)
     generation_worker: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
     num_learners: int = Field(1, ge=1, description="torch.distributed ranks (DDP)")
     learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
-    reward_model: RewardServeConfig = Field(default_factory=lambda: RewardServeConfig(num_cpus=0.25))
-    reward_trainer: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.25))
-    labeler: RoleResources = Field(default_factory=RoleResources)
-    labeling_app: RoleResources = Field(default_factory=RoleResources)
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU")
     group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
@@ -363,13 +381,8 @@ class LMPlacementConfig(_Strict):
     group_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the group")
 
 
-class LMRunConfig(_Strict):
+class LMRunConfig(RunSection):
     iterations: int = Field(30, ge=1, description="PPO iterations")
-    storage_path: str = Field("runs", description="local folder or s3:// / gs:// URI")
-    run_name: str | None = None
-    checkpoint_every: int = Field(10, ge=0, description="iterations; 0 = only at the end")
-    torch_threads: int = Field(1, ge=1)
-    ray_num_cpus: int | None = Field(None, ge=1, description="size of a local cluster we start")
 
 
 class LLMConfig(_Strict):

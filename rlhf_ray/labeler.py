@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from rlhf_ray.core.comparisons import Comparisons
 from rlhf_ray.core.oracle import SyntheticOracle
 from rlhf_ray.core.segments import SegmentBatch
-from rlhf_ray.reward_trainer import Comparisons
 from rlhf_ray.store import MU, Label, PreferenceStore, QueryRecord
 
-LABELER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 RENDER_RETRY_S = 120.0
 
 

@@ -1,16 +1,103 @@
 """Run metrics: one JSON line per iteration in `metrics.jsonl`, mirrored to TensorBoard.
 
-The keys every control run writes (fixed here so tests, reports and Tune agree on them):
+Every key a controller writes is registered here, once, with the TensorBoard section it goes
+to (CleanRL's split: `charts/` for what a run is judged by, `losses/` for the optimizer's
+view, then `reward_model/`, `labels/`, `time/` and `counters/`). Keys both workloads write
+mean the same thing in both; a key is renamed only with its old name written beside it for a
+release (`ALIASES`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+# what both workloads write
+_SHARED = {
+    "iteration": "counters", "time_s": "time", "labeling_s": "time",
+    "kl_mean": "losses",  # the KL the penalty acts on (control: old vs new policy per PPO
+    "kl_coef": "losses",  # update, RLlib's; llm: policy vs the SFT reference per response)
+    "labels_total": "labels", "labels_requested": "labels", "labels_pending": "labels",
+    "labels_by_source": "labels", "labels_human": "labels", "labels_oracle": "labels",
+    "labeler_restarts": "counters",
+    "rm_version": "reward_model",  # the version behind the rewards PPO trained on
+    "rm_version_published": "reward_model", "rm_val_accuracy": "reward_model",
+    "rm_train_loss": "reward_model", "rm_train_s": "time",
+}
+
+CONTROL_METRICS: dict[str, str] = {
+    **_SHARED,
+    "env_steps": "counters", "initial_env_steps": "counters",
+    "true_return_mean": "charts", "episode_len_mean": "charts", "pred_return_mean": "charts",
+    "pred_reward_mean": "charts",
+    "rm_train_accuracy": "reward_model", "rm_val_loss": "reward_model",
+    "rm_l2_mean": "reward_model",
+    "ppo_iteration_s": "time", "sample_s": "time", "learn_s": "time", "relabel_s": "time",
+    "segment_cut_s": "time",
+}
+
+LLM_METRICS: dict[str, str] = {
+    **_SHARED,
+    "oracle_score_mean": "charts", "sft_oracle_score_mean": "charts", "rm_score_mean": "charts",
+    "response_len_mean": "charts", "tokens_per_s": "charts",
+    "kl_coef_next": "losses", "pg_loss": "losses", "vf_loss": "losses", "approx_kl": "losses",
+    "clipfrac": "losses",
+    "policy_version": "counters", "sample_policy_versions": "counters",
+    "generation_restarts": "counters",
+    "generate_s": "time", "score_s": "time", "learner_s": "time", "sync_s": "time",
+    "iteration_s": "time",
+}
+
+# old name -> new name, per workload: both are written until release 0.3 (renamed in 0.2)
+ALIASES = {"control": {"kl_coeff": "kl_coef", "rm_train_time_s": "rm_train_s"}, "llm": {}}
+
+# the keys every row has (tests, reports and Tune rely on them)
 CONTROL_KEYS = ("iteration", "env_steps", "labels_total", "true_return_mean", "pred_return_mean",
                 "rm_val_accuracy", "rm_version", "time_s")
+LLM_KEYS = ("iteration", "oracle_score_mean", "rm_score_mean", "kl_mean", "kl_coef",
+            "response_len_mean", "tokens_per_s", "policy_version")
+
+REGISTRY = {"control": CONTROL_METRICS, "llm": LLM_METRICS}
+
+# the progress line of each workload: (label, key, format)
+PROGRESS = {
+    "control": [("iter", "iteration", "4d"), ("steps", "env_steps", ">9,"),
+                ("true_return", "true_return_mean", "8.1f"),
+                ("pred_return", "pred_return_mean", "8.2f"), ("labels", "labels_total", "5d"),
+                ("rm_acc", "rm_val_accuracy", ".3f"), ("rm_v", "rm_version", "d")],
+    "llm": [("iter", "iteration", "4d"), ("oracle", "oracle_score_mean", "6.3f"),
+            ("sft", "sft_oracle_score_mean", ".3f"), ("rm", "rm_score_mean", "7.3f"),
+            ("kl", "kl_mean", "6.3f"), ("beta", "kl_coef", ".4f"),
+            ("len", "response_len_mean", "4.1f"), ("tok/s", "tokens_per_s", "6.0f"),
+            ("labels", "labels_total", "d"), ("v", "policy_version", "d")],
+}
+
+
+def clean(x) -> float | None:
+    """A metric value for JSON: None for missing, NaN or infinite, else rounded."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if not math.isfinite(x) else round(x, 6)
+
+
+def with_aliases(row: dict, workload: str) -> dict:
+    """The row with each renamed key also under its old name."""
+    out = dict(row)
+    for old, new in ALIASES[workload].items():
+        if new in row and old not in row:
+            out[old] = row[new]
+    return out
+
+
+def progress_line(m: dict, workload: str) -> str:
+    parts = []
+    for label, key, spec in PROGRESS[workload]:
+        v = m.get(key)
+        parts.append(f"{label} {'-' if v is None else format(v, spec)}")
+    return " | ".join(parts) + f" | {m.get('time_s', 0):.0f}s"
 
 
 def find_metric(result: dict, key: str) -> Any:
@@ -26,8 +113,13 @@ def find_metric(result: dict, key: str) -> Any:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path):
+    """Appends rows to `metrics.jsonl` and TensorBoard (`tb/`, each key in its registered
+    section, aliases left out; a key missing from the registry goes to `other/`)."""
+
+    def __init__(self, run_dir: Path, workload: str = "control"):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.sections = REGISTRY[workload]
+        self.aliases = set(ALIASES[workload])
         self._f = open(self.path, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
@@ -38,15 +130,19 @@ class MetricsWriter:
 
     def write(self, metrics: dict) -> None:
         self._f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
-            step = int(metrics.get("env_steps", metrics.get("iteration", 0)))
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key not in ("iteration", "env_steps"):
-                    self.tb.add_scalar(f"rlhf/{key}", value, step)
-                elif isinstance(value, dict):
-                    for k2, v2 in value.items():
-                        if isinstance(v2, (int, float)):
-                            self.tb.add_scalar(f"rlhf/{key}/{k2}", v2, step)
+        if self.tb is None:
+            return
+        step = int(metrics.get("env_steps", metrics.get("iteration", 0)))
+        for key, value in metrics.items():
+            if key in self.aliases:
+                continue
+            tag = f"{self.sections.get(key, 'other')}/{key}"
+            if isinstance(value, (int, float)) and key not in ("iteration", "env_steps"):
+                self.tb.add_scalar(tag, value, step)
+            elif isinstance(value, dict):
+                for k2, v2 in value.items():
+                    if isinstance(v2, (int, float)):
+                        self.tb.add_scalar(f"{tag}/{k2}", v2, step)
 
     def close(self) -> None:
         self._f.close()

@@ -35,6 +35,17 @@ class RewardNetSpec:
         return json.dumps(asdict(self))
 
     @staticmethod
+    def for_env(net: str, observation_space, action_space, cfg) -> "RewardNetSpec":
+        """The spec for an env's spaces and a `RewardModelConfig` (discrete actions are
+        one-hot: their number is the action size)."""
+        discrete = hasattr(action_space, "n")
+        act_dim = int(action_space.n) if discrete else int(np.prod(action_space.shape))
+        return RewardNetSpec(net=net, obs_shape=tuple(observation_space.shape), act_dim=act_dim,
+                             discrete=discrete, hidden=tuple(cfg.hidden),
+                             ensemble_size=cfg.ensemble_size, output_std=cfg.output_std,
+                             dropout=cfg.dropout)
+
+    @staticmethod
     def from_json(text: str) -> "RewardNetSpec":
         data = json.loads(text)
         data["obs_shape"] = tuple(data["obs_shape"])

@@ -7,46 +7,27 @@ are that member's validation set. The loss is the Bradley-Terry cross-entropy wi
 random-response model; the L2 coefficient of each member adapts to keep its validation loss
 within [1.1, 1.5] x its training loss. After each round every member's output is re-normalized.
 
-`RewardTrainer` is a plain class; the controller wraps it in a Ray actor so reward-model
-training overlaps rollouts as in the paper.
+`RewardTrainer` is a plain class; the wiring (`rlhf_ray.roles`) makes it an actor so
+reward-model training overlaps rollouts as in the paper, and publishes its weights.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rlhf_ray.config import RewardModelConfig
 from rlhf_ray.core.bradley_terry import adapt_l2, bradley_terry_loss
+from rlhf_ray.core.comparisons import Comparisons
 from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
-
-
-@dataclass
-class Comparisons:
-    """P labelled pairs. *_obs: [P, k, *obs_shape]; *_act: [P, k, *act_shape]; mu: [P]
-    (1 left better, 0 right better, 0.5 equal)."""
-
-    left_obs: np.ndarray
-    left_act: np.ndarray
-    right_obs: np.ndarray
-    right_act: np.ndarray
-    mu: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.mu)
 
 
 class RewardTrainer:
     def __init__(self, spec: RewardNetSpec, cfg: RewardModelConfig, seed: int = 0,
-                 torch_threads: int = 1, nice: int = 0):
+                 torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        if nice:  # a batch role: let the interactive ones answer first on shared cores
-            from rlhf_ray.control.envs import lower_priority
-
-            lower_priority(nice)
         self.spec, self.cfg = spec, cfg
         self.rng = np.random.default_rng(seed)
         self.ensemble = RewardEnsemble(spec, seed=seed)
@@ -98,7 +79,7 @@ class RewardTrainer:
         o, a = as_tensors(obs.reshape(b * t, *obs.shape[2:]), act.reshape(b * t, *act.shape[2:]))
         return self.ensemble.raw_member(k, o, a).reshape(b, t).sum(dim=1)
 
-    def _loss(self, k: int, idx: np.ndarray, d: Comparisons, train: bool) -> tuple[torch.Tensor, float]:
+    def _loss(self, k: int, idx: np.ndarray, d: Comparisons) -> tuple[torch.Tensor, float]:
         b = len(idx)
         # left and right segments in one forward pass: half the kernel launches of two
         both = self._returns(k, np.concatenate([d.left_obs[idx], d.right_obs[idx]]),
@@ -138,16 +119,16 @@ class RewardTrainer:
             for _ in range(steps):
                 idx = self.rng.choice(train_idx, size=min(self.cfg.batch_size, 4 * len(train_idx)),
                                       p=p)
-                loss, _ = self._loss(k, idx, d, train=True)
+                loss, _ = self._loss(k, idx, d)
                 l2 = sum((w ** 2).sum() for w in params)
                 self.opts[k].zero_grad()
                 (loss + self.l2[k] * l2).backward()
                 self.opts[k].step()
             member.eval()
             with torch.no_grad():
-                tl, ta = self._loss(k, train_idx[:1024], d, train=False)
+                tl, ta = self._loss(k, train_idx[:1024], d)
                 if len(val_idx):
-                    vl, va = self._loss(k, val_idx[:1024], d, train=False)
+                    vl, va = self._loss(k, val_idx[:1024], d)
                     vl = float(vl)
                 else:
                     vl, va = float("nan"), float("nan")
@@ -170,7 +151,7 @@ class RewardTrainer:
             "rm_val_accuracy": float(np.nanmean(stats["val_acc"])) if np.isfinite(stats["val_acc"]).any() else float("nan"),
             "rm_train_accuracy": float(np.nanmean(stats["train_acc"])),
             "rm_l2_mean": float(np.mean(self.l2)),
-            "rm_train_time_s": time.time() - t0,
+            "rm_train_s": time.time() - t0,
         }
         return self.last_stats
 
@@ -191,24 +172,6 @@ class RewardTrainer:
     # ------------------------------------------------------------------ weights / state
     def weights(self) -> tuple[int, dict[str, np.ndarray]]:
         return self.version, {k: v.numpy() for k, v in self.ensemble.flat_state().items()}
-
-    def train_and_publish(self, weight_store, steps: int | None = None) -> dict:
-        """One round, then publish the new version (the actor-side entry point)."""
-        import ray
-
-        stats = self.train(steps)
-        if stats.get("rm_version"):
-            version, weights = self.weights()
-            ray.get(weight_store.publish.remote(version, weights))
-        return stats
-
-    def publish(self, weight_store) -> int:
-        """Publish the current version (a resumed run: the Serve replicas load it)."""
-        import ray
-
-        version, weights = self.weights()
-        ray.get(weight_store.publish.remote(version, weights))
-        return version
 
     def restore(self, weights: dict, state: dict) -> int:
         """A checkpoint's ensemble (weights and output normalizers), version, L2 coefficients

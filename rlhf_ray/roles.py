@@ -1,9 +1,19 @@
-"""Ray wiring shared by both workloads' controllers: joining or starting a cluster, and
-starting a role's actor with the resources its config section gives it."""
+"""The Ray wiring both controllers share: joining or starting a cluster, the placement plan
+made from the config, actor and deployment options from a role's resources, process
+priority, retries, and the names of every role's actor and Serve application.
+
+Role classes are plain Python; this module is where they become actors or deployments, so
+no role imports Ray's scheduling concepts and no resource is hard-coded in a decorator.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass, field
+
+
+# ------------------------------------------------------------------------------ the cluster
 
 
 def init_ray(cfg) -> bool:
@@ -20,15 +30,146 @@ def init_ray(cfg) -> bool:
     return True
 
 
-def remote_role(cls, res, bundle: int | None = None, pg=None, **extra):
-    """`cls` as an actor with the role's resources; `bundle`: the index of the bundle to use
-    in `pg`, or else in the current placement group (a Tune trial's group: pinned bundles
-    never fragment)."""
-    import ray
+# ------------------------------------------------------------------------------ names
 
+
+@dataclass(frozen=True)
+class RoleNames:
+    """Every named actor, Serve application and placement group of one run (or trial): the
+    run id makes them unique on a shared cluster, the prefix says what each one is."""
+
+    run_id: str
+    workload: str = "control"
+
+    def of(self, role: str) -> str:
+        return f"rlhf-{role}-{self.run_id}"
+
+    labeler = property(lambda self: self.of("labeler"))
+    weights = property(lambda self: self.of("weights"))  # the reward model's weight store
+    pool = property(lambda self: self.of("pool"))  # the segment pool (control)
+    reward_app = property(lambda self: self.of("rm"))
+    label_app = property(lambda self: self.of("label"))
+    group = property(lambda self: self.of("llm" if self.workload == "llm" else "control"))
+
+    def renderer(self, i: int) -> str:
+        return f"{self.of('render')}-{i}"
+
+
+# the Serve applications a run starts (a sweep removes what stopped trials left behind)
+APP_PREFIXES = ("rlhf-rm-", "rlhf-label-")
+
+
+# ------------------------------------------------------------------------------ placement
+
+
+@dataclass
+class PlacementPlan:
+    """A run's placement group as the config declares it: bundle 0 for the driver (the
+    controller, and the control workload's in-driver learner), then one bundle per role
+    actor, and which bundles each role's actors take. Runs with `placement.group_strategy`
+    and Tune trials use the same plan."""
+
+    bundles: list[dict[str, float]]
+    roles: dict[str, list[int]] = field(default_factory=dict)
+
+    def bundle(self, role: str, i: int = 0) -> int | None:
+        idx = self.roles.get(role)
+        return idx[i] if idx and i < len(idx) else None
+
+
+def _bundle(res, cpu_floor: float = 0.0) -> dict[str, float]:
+    d = {"CPU": max(float(res.num_cpus), cpu_floor)}
+    if res.num_gpus:
+        d["GPU"] = float(res.num_gpus)
+    d.update(res.resources)
+    return d
+
+
+def placement_plan(cfg, driver: dict[str, float] | None = None) -> PlacementPlan:
+    """The plan from `cfg.placement`. `driver`: bundle 0 (default: a quarter CPU, or the
+    learner's resources where the control learner runs in the driver)."""
+    p = cfg.placement
+    if cfg.workload == "llm":
+        actors = ([("generation", p.generation_worker)] * p.num_generation_workers
+                  + [("learner", p.learner)] * p.num_learners)
+        first = driver or {"CPU": 0.25}
+    else:
+        actors = ([("env_runner", p.env_runner)] * p.num_env_runners
+                  + [("learner", p.learner)] * p.num_learners)
+        first = driver or (_bundle(p.learner, 0.25) if p.num_learners == 0 else {"CPU": 0.25})
+    actors.append(("reward_trainer", p.reward_trainer))
+    plan = PlacementPlan([dict(first)])
+    for role, res in actors:
+        b = _bundle(res)
+        if not any(v > 0 for v in b.values()):
+            if cfg.workload != "llm":
+                continue  # RLlib places its actors itself: an empty bundle holds nothing
+            b = {"CPU": 0.01}  # every LLM actor is pinned to a bundle of its own
+        plan.roles.setdefault(role, []).append(len(plan.bundles))
+        plan.bundles.append(b)
+    return plan
+
+
+def start_group(plan: PlacementPlan, strategy: str, timeout_s: float, name: str):
+    """A placement group of the plan's bundles (the driver's bundle included, so indices
+    match); a clear error when it cannot be placed in time."""
+    import ray
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group(plan.bundles, strategy=strategy, name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"placement.group_strategy={strategy}: the bundles {plan.bundles[1:]} could not be "
+            f"placed within {timeout_s:.0f} s (cluster resources: {ray.cluster_resources()}); "
+            "lower the roles' resources, add nodes or use PACK")
+    return pg
+
+
+# ------------------------------------------------------------------------------ actors
+
+
+def actor_options(res, **extra) -> dict:
+    """Ray actor options from a role's `RoleResources` (every actor and Serve replica)."""
     opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, **extra}
     if res.resources:
         opts["resources"] = dict(res.resources)
+    return opts
+
+
+def lower_priority(nice: int) -> None:
+    """Add `nice` to this process's niceness, once per process: batch roles yield the shared
+    cores to the critical path (see `placement.batch_nice`)."""
+    global _NICED
+    if nice and not _NICED:
+        os.nice(int(nice))
+        _NICED = True
+
+
+_NICED = False
+
+
+def _niced(cls, nice: int):
+    """`cls` whose actor process runs at `nice` (set before the role's own constructor, so
+    the threads it starts inherit it)."""
+
+    def __init__(self, *args, **kwargs):
+        lower_priority(nice)
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__})
+
+
+def remote_role(cls, res, bundle: int | None = None, pg=None, nice: int = 0, **extra):
+    """`cls` as an actor with the role's resources. `bundle`: the index of its bundle in
+    `pg`, or else in the current placement group (a Tune trial's: pinned bundles never
+    fragment). `nice`: see `lower_priority`."""
+    import ray
+
+    opts = actor_options(res, **extra)
     if bundle is not None:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -38,7 +179,46 @@ def remote_role(cls, res, bundle: int | None = None, pg=None, **extra):
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=bundle,
                 placement_group_capture_child_tasks=True)
-    return ray.remote(cls).options(**opts)
+    return ray.remote(_niced(cls, nice) if nice else cls).options(**opts)
+
+
+def kill_all(actors) -> None:
+    """Best effort at shutdown: an actor already gone is no error."""
+    import ray
+
+    for actor in actors:
+        if actor is None:
+            continue
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def retry_call(request, patience_s: float = 120.0, timeout_s: float = 120.0):
+    """`request()` -> a DeploymentResponse; its result, sending it again with backoff while
+    it fails (a replica Serve is replacing, back-pressure) for up to `patience_s`."""
+    give_up = time.monotonic() + patience_s
+    attempt = 0
+    while True:
+        try:
+            return request().result(timeout_s=timeout_s)
+        except Exception:  # noqa: BLE001 - replica death, back-pressure, timeout
+            if time.monotonic() > give_up:
+                raise
+        time.sleep(min(4.0, 0.25 * 2 ** attempt))
+        attempt += 1
+
+
+# ------------------------------------------------------------------------------ Serve
+
+
+def deployment_options(serve_cfg) -> dict:
+    """`serve.deployment(...).options(...)` from `placement.reward_model`."""
+    return {"num_replicas": serve_cfg.num_replicas,
+            "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+            "max_queued_requests": serve_cfg.max_queued_requests,
+            "ray_actor_options": actor_options(serve_cfg)}
 
 
 def run_app(app, name: str, route_prefix: str, wait: bool = True):
@@ -54,8 +234,6 @@ def run_app(app, name: str, route_prefix: str, wait: bool = True):
 def wait_running(name: str, timeout_s: float = 900.0) -> None:
     """Wait for a Serve application to be RUNNING; a failed deployment raises with Serve's
     own message."""
-    import time
-
     from ray import serve
 
     deadline = time.time() + timeout_s
@@ -76,36 +254,24 @@ def wait_running(name: str, timeout_s: float = 900.0) -> None:
         time.sleep(0.2)
 
 
-def run_bundles(cfg) -> list[dict[str, float]]:
-    """A run's placement group (a Tune trial's): the controller first, then one bundle per role
-    actor the controller starts, from the run config's placement."""
-    def b(res, cpu_floor=0.0):
-        d = {"CPU": max(float(res.num_cpus), cpu_floor)}
-        if res.num_gpus:
-            d["GPU"] = float(res.num_gpus)
-        d.update(res.resources)
-        return d
+def serve_apps() -> set[str]:
+    """The Serve applications running now (none when Serve is not up)."""
+    from ray import serve
 
-    p = cfg.placement
-    if cfg.workload == "llm":
-        out = [{"CPU": 0.25}]
-        out += [b(p.generation_worker) for _ in range(p.num_generation_workers)]
-        out += [b(p.learner) for _ in range(p.num_learners)]
-        out.append(b(p.reward_trainer))
-    else:
-        out = [b(p.learner, 0.25) if p.num_learners == 0 else {"CPU": 0.25}]
-        out += [b(p.env_runner) for _ in range(p.num_env_runners)]
-        out += [b(p.learner) for _ in range(p.num_learners)]
-        out.append(b(p.reward_trainer))
-    if cfg.workload == "llm":  # indices must match llm_bundle_map: keep every bundle
-        return [d if any(v > 0 for v in d.values()) else {"CPU": 0.01} for d in out]
-    return [d for i, d in enumerate(out) if i == 0 or any(v > 0 for v in d.values())]
+    try:
+        return set(serve.status().applications)
+    except Exception:  # noqa: BLE001 - Serve not running
+        return set()
 
 
-def llm_bundle_map(cfg) -> dict[str, list[int]]:
-    """Bundle indices of each LLM role in `run_bundles(cfg)` (same order): every actor goes to
-    its own bundle, so fractional CPUs never fragment the group."""
-    p = cfg.placement
-    g, n = p.num_generation_workers, p.num_learners
-    return {"generation": list(range(1, 1 + g)), "learner": list(range(1 + g, 1 + g + n)),
-            "reward_trainer": [1 + g + n]}
+def delete_app(name: str | None) -> None:
+    """Best effort: an application already gone (or no Ray at all) is no error."""
+    import ray
+    from ray import serve
+
+    if not name or not ray.is_initialized():
+        return
+    try:
+        serve.delete(name)
+    except Exception:  # noqa: BLE001
+        pass

@@ -46,9 +46,6 @@ class SegmentPool:
         idx = self.rng.choice(len(allb), size=min(n, len(allb)), replace=False)
         return allb.take(np.sort(idx))
 
-    def stats(self) -> dict:
-        return {"pool_size": self._size, "segments_total": self.total_added}
-
     # a checkpoint's query pool: the candidates and the draw RNG, so a resumed run asks from
     # the same segments it would have
     def snapshot(self) -> dict:

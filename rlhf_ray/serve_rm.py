@@ -10,50 +10,33 @@ carries the version that produced it.
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import torch
-from ray import serve
 
 from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors, load_weights
+from rlhf_ray.roles import retry_call
+from rlhf_ray.scoring import VersionedScorer, deploy as _deploy, standalone
 
 DEPLOYMENT_NAME = "RewardModel"
 
 
-class RewardModelServer:
+class RewardModelServer(VersionedScorer):
     def __init__(self, spec_json: str, weight_store: str, namespace: str,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
                  torch_threads: int = 1, weights_path: str | None = None):
-        import ray
-
         torch.set_num_threads(torch_threads)
         self.spec = RewardNetSpec.from_json(spec_json)
         self.ensemble = RewardEnsemble(self.spec).eval()
-        self.version = 0
+        version = 0
         if weights_path:  # fixed weights from a checkpoint (standalone `serve deploy`)
-            state, _, self.version = load_weights(weights_path)
+            state, _, version = load_weights(weights_path)
             self.ensemble.load_flat_state(state)
-        self.store = ray.get_actor(weight_store, namespace=namespace) if weight_store else None
-        self.batch_sizes: list[int] = []  # requests merged per forward pass (for tests/metrics)
-        self.started_at = time.time()
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        super().__init__(weight_store, namespace, max_batch_size, batch_wait_timeout_s, version)
 
-    async def _refresh(self) -> None:
-        if self.store is None:
-            return
-        new = await self.store.get_if_newer.remote(self.version)
-        if new is not None:
-            version, weights = new
-            self.ensemble.load_flat_state(weights)
-            self.version = version
+    def load(self, weights) -> None:
+        self.ensemble.load_flat_state(weights)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-        await self._refresh()
-        self.batch_sizes.append(len(requests))
+    def forward(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
         sizes = [len(o) for o, _ in requests]
         obs = np.concatenate([o for o, _ in requests])
         act = np.concatenate([a for _, a in requests])
@@ -87,25 +70,6 @@ class RewardModelServer:
         res = await self.score(obs, act)
         return {"reward": res["reward"].tolist(), "version": res["version"]}
 
-    def info(self) -> dict:
-        return {"version": self.version, "pid": os.getpid(), "batch_sizes": list(self.batch_sizes),
-                "started_at": self.started_at}
-
-
-def retry_call(request, patience_s: float = 120.0, timeout_s: float = 120.0):
-    """`request()` -> a DeploymentResponse; its result, sending it again with backoff while
-    it fails (a replica Serve is replacing, back-pressure) for up to `patience_s`."""
-    give_up = time.monotonic() + patience_s
-    attempt = 0
-    while True:
-        try:
-            return request().result(timeout_s=timeout_s)
-        except Exception:  # noqa: BLE001 - replica death, back-pressure, timeout
-            if time.monotonic() > give_up:
-                raise
-        time.sleep(min(4.0, 0.25 * 2 ** attempt))
-        attempt += 1
-
 
 def score_chunks(handle, obs: np.ndarray, act: np.ndarray, chunk: int,
                  patience_s: float = 120.0, timeout_s: float = 120.0) -> list[dict]:
@@ -126,27 +90,26 @@ def score_chunks(handle, obs: np.ndarray, act: np.ndarray, chunk: int,
     return results
 
 
+def segment_returns(handle, batch, chunk_segments: int = 256) -> np.ndarray:
+    """Each ensemble member's predicted return of each segment of a `SegmentBatch`: [K, N]
+    (one batched request per chunk, all in flight at once)."""
+    obs, act = batch.arrays["obs"], batch.arrays["actions"]
+    n, k = obs.shape[:2]
+    results = score_chunks(handle, obs.reshape(n * k, *obs.shape[2:]),
+                           act.reshape(n * k, *act.shape[2:]), chunk_segments * k)
+    members = np.concatenate([r["members"] for r in results], axis=1)
+    return members.reshape(members.shape[0], n, k).sum(axis=2)
+
+
 def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: str,
            serve_cfg, torch_threads: int = 1, route_prefix: str | None = None,
            wait: bool = True):
     """Start the reward-model application; resources and batching come from the config.
     `wait=False`: see `roles.run_app`."""
-    opts = {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}
-    if serve_cfg.resources:
-        opts["resources"] = dict(serve_cfg.resources)
-    dep = serve.deployment(RewardModelServer, name=DEPLOYMENT_NAME).options(
-        num_replicas=serve_cfg.num_replicas,
-        max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        max_queued_requests=serve_cfg.max_queued_requests,
-        ray_actor_options=opts,
-    )
-    app = dep.bind(spec.to_json(), weight_store, namespace, serve_cfg.max_batch_size,
-                   serve_cfg.batch_wait_timeout_s, torch_threads)
-    from rlhf_ray.roles import run_app
-
-    return run_app(app, app_name, route_prefix or f"/{app_name}", wait)
-
-
+    return _deploy(RewardModelServer, DEPLOYMENT_NAME,
+                   (spec.to_json(), weight_store, namespace, serve_cfg.max_batch_size,
+                    serve_cfg.batch_wait_timeout_s, torch_threads),
+                   app_name=app_name, serve_cfg=serve_cfg, route_prefix=route_prefix, wait=wait)
 
 
 def app_builder(args: dict):
@@ -159,11 +122,6 @@ def app_builder(args: dict):
     if not path:
         raise ValueError("reward-model app: set args.weights to a reward_model.safetensors file")
     _, spec, _ = load_weights(path)
-    dep = serve.deployment(RewardModelServer, name=DEPLOYMENT_NAME).options(
-        num_replicas=int(args.get("num_replicas", 1)),
-        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
-                           "num_gpus": float(args.get("num_gpus", 0))},
-    )
-    return dep.bind(spec.to_json(), "", "", int(args.get("max_batch_size", 16)),
-                    float(args.get("batch_wait_timeout_s", 0.01)),
-                    int(args.get("torch_threads", 1)), path)
+    return standalone(RewardModelServer, DEPLOYMENT_NAME, args, (
+        spec.to_json(), "", "", int(args.get("max_batch_size", 16)),
+        float(args.get("batch_wait_timeout_s", 0.01)), int(args.get("torch_threads", 1)), path))

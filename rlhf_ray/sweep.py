@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf_ray.config import (ConfigError, _read_source, apply_overrides, dump_config,
                              validate)
-from rlhf_ray.roles import llm_bundle_map
-from rlhf_ray.roles import run_bundles as _bundles
+from rlhf_ray.roles import APP_PREFIXES, delete_app, init_ray, placement_plan, serve_apps
 
 SPEC_FILE = "rlhf_sweep.json"
 
@@ -161,9 +160,9 @@ def _metric(sweep: SweepConfig, cfg) -> str:
 
 
 def _cleanup_serve(trial_id: str) -> None:
-    for name in _serve_apps():
-        if name.endswith(trial_id) and name.startswith(("rlhf-rm-", "rlhf-lm-rm-", "rlhf-label-")):
-            _delete_app(name)
+    for name in serve_apps():
+        if name.endswith(trial_id) and name.startswith(APP_PREFIXES):
+            delete_app(name)
 
 
 def run_trial(config: dict, spec: dict) -> None:
@@ -190,9 +189,11 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.checkpoint_every = 0  # checkpoints here are Tune's, at its perturbation interval
-    ctl = LLMController(cfg, str(run_dir), progress=False)
-    ctl.run_id = trial_id
-    ctl.bundles = llm_bundle_map(cfg)
+    ctl = LLMController(cfg, str(run_dir), progress=False, run_id=trial_id,
+                        plan=placement_plan(cfg))
+    # the checkpoint may be another trial's (a PBT donor, still running): its applications
+    # stay up, and this trial's rows stay (restores.jsonl says where each incarnation begins)
+    ctl.resume_own = False
 
     def report(m: dict) -> None:
         flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
@@ -240,8 +241,7 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
 def _run_control_trial(cfg, run_dir: Path, trial_id: str, tune) -> None:
     from rlhf_ray.control.loop import Controller
 
-    ctl = Controller(cfg, str(run_dir), progress=False)
-    ctl.run_id = trial_id
+    ctl = Controller(cfg, str(run_dir), progress=False, run_id=trial_id, plan=placement_plan(cfg))
     ctl.on_metrics = lambda m: tune.report(
         {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
     ctl.run()
@@ -252,7 +252,7 @@ def _run_control_trial(cfg, run_dir: Path, trial_id: str, tune) -> None:
 
 def _shared_stages(sweep: SweepConfig, root: Path, progress: bool) -> dict[str, str]:
     """llm: SFT and the first reward model once, so every trial starts from the same pair."""
-    from rlhf_ray.llm.loop import train
+    from rlhf_ray.train import train
 
     cfg = trial_config(sweep, {k: _first(v) for k, v in sweep.space.items()})
     if cfg.workload != "llm" or not sweep.shared_stages:
@@ -286,10 +286,7 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
         spec = {"sweep": sweep.model_dump(mode="json")}
     cfg0 = trial_config(sweep, {k: _first(v) for k, v in sweep.space.items()})
     metric = _metric(sweep, cfg0)
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg0.run.ray_num_cpus, log_to_driver=False, include_dashboard=False)
-        started = True
+    started = init_ray(cfg0)
     try:
         # Serve's controller and proxy start here, outside any trial's placement group (a
         # trial starting them would have them captured in its group, where they cannot fit)
@@ -306,7 +303,7 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
                                     **spec["shared"]})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec=spec),
-            tune.PlacementGroupFactory(_bundles(cfg0), strategy="PACK"))
+            tune.PlacementGroupFactory(placement_plan(cfg0).bundles, strategy="PACK"))
         if resume:
             tuner = tune.Tuner.restore(str(root / "tune"), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
@@ -322,36 +319,18 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
                     name="tune", storage_path=str(root), verbose=1 if progress else 0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                     failure_config=tune.FailureConfig(max_failures=0)))
-        apps_before = _serve_apps()
+        apps_before = serve_apps()
         try:
             grid = tuner.fit()
         finally:  # trials Tune stopped (ASHA, PBT) could not delete their Serve apps
-            for name in _serve_apps() - apps_before:
-                if name.startswith(("rlhf-rm-", "rlhf-lm-rm-", "rlhf-label-")):
-                    _delete_app(name)
+            for name in serve_apps() - apps_before:
+                if name.startswith(APP_PREFIXES):
+                    delete_app(name)
         summarize(grid, sweep, spec, root, metric, progress)
         return root
     finally:
         if started:
             ray.shutdown()
-
-
-def _serve_apps() -> set[str]:
-    from ray import serve
-
-    try:
-        return set(serve.status().applications)
-    except Exception:  # noqa: BLE001 - Serve not running
-        return set()
-
-
-def _delete_app(name: str) -> None:
-    from ray import serve
-
-    try:
-        serve.delete(name)
-    except Exception:  # noqa: BLE001 - best effort
-        pass
 
 
 def _search(sweep: SweepConfig):

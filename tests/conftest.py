@@ -99,3 +99,22 @@ def serve_http(ray_cluster):
     from rlhf_ray.labeling.service import ensure_serve_http
 
     return ensure_serve_http("127.0.0.1", 8000)
+
+
+# what `rlhf-ray train` itself prints; anything else on the terminal is Ray's, RLlib's or
+# Serve's, which belongs in the run folder's driver.log unless --verbose
+OWN_LINES = ("run folder:", "labeling page:", "stage ", "reward model:", "resuming from",
+             "iter ", "final:", "done:")
+
+
+def assert_own_lines_only(out, run_dir) -> None:
+    """`out`: a finished `rlhf-ray train` (subprocess.run, text). Every line it printed is
+    its own, and the run's driver.log holds what Ray, RLlib and Serve said."""
+    import re
+    from pathlib import Path
+
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]
+    foreign = [x for x in lines if not x.startswith(OWN_LINES)]
+    assert lines and not foreign, foreign[:5]
+    log = (Path(run_dir) / "driver.log").read_text()
+    assert re.search(r"\b(INFO|WARNING)\b.*(worker\.py|serve)", log), log[-2000:]

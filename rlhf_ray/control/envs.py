@@ -91,22 +91,11 @@ class RLHFInfo(gym.Wrapper):
         return obs, reward, terminated, truncated, self._info(obs, info)
 
 
-def lower_priority(nice: int) -> None:
-    """Add `nice` to this process's niceness, once per process (batch roles call it)."""
-    global _NICED
-    if nice and not _NICED:
-        import os
-
-        os.nice(int(nice))
-        _NICED = True
-
-
-_NICED = False
-
-
 def make_env(env_config: dict) -> gym.Env:
     """env_config: `EnvConfig.model_dump()`, plus `_nice` (rollout workers' priority) and
     `_rlhf_info` (False for the true-reward baseline: plain PPO copies nothing into `info`)."""
+    from rlhf_ray.roles import lower_priority
+
     lower_priority(int(env_config.get("_nice") or 0))
     env_id = env_config["id"]
     kwargs = dict(env_config.get("kwargs") or {})
@@ -130,30 +119,30 @@ def make_env(env_config: dict) -> gym.Env:
                     remove_termination=bool(env_config.get("remove_termination")))
 
 
-def env_dt(env_config: dict) -> float:
-    """Simulated seconds per env step (MuJoCo `dt`; 1/15 for Atari at frame skip 4)."""
-    if env_config.get("preprocessing") == "atari":
-        return 4 / 60
+@dataclass(frozen=True)
+class EnvProbe:
+    """What a run needs to know about its env before anything starts, from one instance:
+    spaces, simulated seconds per step, how `info["rlhf"]` is packed (None for Atari), and
+    the bounds of a Box action space (None otherwise)."""
+
+    observation_space: gym.Space
+    action_space: gym.Space
+    dt: float
+    layout: InfoLayout | None
+    action_bounds: tuple[np.ndarray, np.ndarray] | None
+
+
+def probe(env_config: dict) -> EnvProbe:
+    """Build the env once and read what the run's set-up needs (MuJoCo `dt`; 1/15 s for
+    Atari at frame skip 4)."""
     env = make_env(env_config)
     try:
-        return float(getattr(env.unwrapped, "dt", 0.05))
-    finally:
-        env.close()
-
-
-def info_layout(env_config: dict) -> InfoLayout | None:
-    """How `info["rlhf"]` is packed for this env (None for Atari: frames are the obs)."""
-    env = make_env(env_config)
-    try:
-        return env.layout
-    finally:
-        env.close()
-
-
-def spaces(env_config: dict) -> tuple[gym.Space, gym.Space]:
-    env = make_env(env_config)
-    try:
-        return env.observation_space, env.action_space
+        act = env.action_space
+        bounds = ((act.low.astype(np.float32), act.high.astype(np.float32))
+                  if isinstance(act, gym.spaces.Box) else None)
+        dt = 4 / 60 if env_config.get("preprocessing") == "atari" else \
+            float(getattr(env.unwrapped, "dt", 0.05))
+        return EnvProbe(env.observation_space, act, dt, env.layout, bounds)
     finally:
         env.close()
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_ray.config import Config
-from rlhf_ray.control.envs import ENV_NAME, INFO_KEY, InfoLayout, atari_to_uint8
+from rlhf_ray.control.envs import ENV_NAME, INFO_KEY, EnvProbe, InfoLayout, atari_to_uint8
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
 from rlhf_ray.serve_rm import score_chunks
 
@@ -170,31 +170,13 @@ def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=N
 # --------------------------------------------------------------------------- PPO config
 
 
-def info_layout(cfg: Config) -> InfoLayout | None:
-    """How the env packs raw obs and MuJoCo state into `info["rlhf"]` (None: Atari)."""
-    from rlhf_ray.control.envs import info_layout as layout_of
-
-    return layout_of(cfg.env.model_dump(mode="json"))
-
-
-def action_bounds(cfg: Config) -> tuple | None:
-    """(low, high) of a Box action space, else None."""
-    import gymnasium as gym
-
-    from rlhf_ray.control.envs import spaces
-
-    _, act = spaces(cfg.env.model_dump(mode="json"))
-    if isinstance(act, gym.spaces.Box):
-        return (act.low.astype(np.float32), act.high.astype(np.float32))
-    return None
-
-
-def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
+def build_ppo_config(cfg: Config, probe: EnvProbe, *, relabel: tuple[str, str] | None,
                      segments: dict | None):
     """RLlib PPOConfig for this run.
 
-    relabel: (serve app name, deployment name) of the reward model, or None to train on the
-    env reward (the true-reward baseline). segments: kwargs for `sample_segments`, or None.
+    probe: the run's `envs.probe` (layout and action bounds for relabelling). relabel: (serve
+    app name, deployment name) of the reward model, or None to train on the env reward (the
+    true-reward baseline). segments: kwargs for `sample_segments`, or None.
     """
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
@@ -228,8 +210,8 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
     if place.learner.resources and place.num_learners:
         learner_kw["custom_resources_per_learner"] = dict(place.learner.resources)
     if relabel is not None:
-        connector = make_relabel_connector(relabel[0], relabel[1], info_layout(cfg),
-                                           action_bounds=action_bounds(cfg))
+        connector = make_relabel_connector(relabel[0], relabel[1], probe.layout,
+                                           action_bounds=probe.action_bounds)
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
     # Rollout workers yield to the labeling path only while people label; with the oracle
     # they are the critical path and keep their priority (the reward trainer still yields).
@@ -261,3 +243,25 @@ def build_ppo_config(cfg: Config, *, relabel: tuple[str, str] | None,
     if segments is not None:
         config.callbacks(on_sample_end=functools.partial(_on_sample_end, rlhf=segments))
     return config
+
+
+# --------------------------------------------------------------------------- PPO's KL coefficient
+
+
+def kl_coeffs(algo) -> dict[str, float]:
+    """PPO's current KL coefficient per module (the first learner's: all ranks agree). RLlib's
+    checkpoints leave it out, so a resumed run would restart it from the config's value."""
+    out = algo.learner_group.foreach_learner(
+        lambda learner: {str(m): float(v) for m, v in learner.curr_kl_coeffs_per_module.items()})
+    for result in out:  # RLlib's RemoteCallResults: one CallResult per learner
+        return dict(result.get())
+    return {}
+
+
+def set_kl_coeffs(algo, coeffs: dict[str, float]) -> None:
+    def put(learner, c=dict(coeffs)):
+        for module_id, value in c.items():
+            learner.curr_kl_coeffs_per_module[module_id].data.fill_(value)
+        return True
+
+    algo.learner_group.foreach_learner(put)

@@ -11,10 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# A label is the paper's distribution mu over {left, right}: left=1.0, right=0.0, equal=0.5.
-MU = {"left": 1.0, "right": 0.0, "equal": 0.5}
-
-
 def preference_prob(returns_left: torch.Tensor, returns_right: torch.Tensor,
                     random_response_prob: float = 0.0) -> torch.Tensor:
     """P'(left > right) under Bradley-Terry plus uniform random responses.

@@ -15,6 +15,7 @@ any number of replicas can serve the page.
 
 import hmac
 import json
+import re
 import secrets
 from importlib import resources
 from typing import Literal
@@ -24,9 +25,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from rlhf_ray.labeler import LABELER_ID
 
 MAX_BODY = 64 * 1024
+LABELER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")  # who answered, as the store records it
 DEPLOYMENT_NAME = "LabelingApp"
 
 api = FastAPI(title="rlhf-ray labeling", docs_url=None, redoc_url=None, openapi_url=None)
@@ -178,12 +179,12 @@ class LabelingApp:
 
 
 def deploy(*, labeler_name: str, namespace: str, store_root: str, token: str, app_name: str,
-           route_prefix: str = "/label", num_replicas: int = 1, num_cpus: float = 0.0,
-           resources_: dict | None = None):
-    """Start the labeling app (non-blocking)."""
-    opts = {"num_cpus": num_cpus}
-    if resources_:
-        opts["resources"] = dict(resources_)
-    app = LabelingApp.options(num_replicas=num_replicas, ray_actor_options=opts).bind(
+           route_prefix: str = "/label", num_replicas: int = 1, res=None):
+    """Start the labeling app (non-blocking); `res`: `placement.labeling_app`."""
+    from rlhf_ray.config import RoleResources
+    from rlhf_ray.roles import actor_options
+
+    app = LabelingApp.options(num_replicas=num_replicas,
+                              ray_actor_options=actor_options(res or RoleResources())).bind(
         labeler_name, namespace, store_root, token)
     return serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)

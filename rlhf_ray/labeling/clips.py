@@ -125,14 +125,13 @@ class ClipRenderWorker:
 
     def __init__(self, labeler_name: str, namespace: str, store_root: str, env_config: dict,
                  width: int = 160, height: int = 120, fps: int = 25, frame_skip: int = 2,
-                 shadows: bool = False, nice: int = 0, poll_s: float = 0.25):
+                 shadows: bool = False, poll_s: float = 0.25):
         from rlhf_ray.store import PreferenceStore
 
         self.labeler_name, self.namespace = labeler_name, namespace
         self.store = PreferenceStore(store_root)
         self.args = (env_config, width, height, fps, frame_skip, shadows)
         self.poll_s = poll_s
-        self.nice = nice
         self.rendered = 0
         self.render_s = 0.0
         self.error: str | None = None
@@ -143,9 +142,6 @@ class ClipRenderWorker:
     def _loop(self) -> None:
         import ray
 
-        from rlhf_ray.control.envs import lower_priority
-
-        lower_priority(self.nice)
         renderer = ClipRenderer(*self.args)  # GL context lives in this thread
         labeler = ray.get_actor(self.labeler_name, namespace=self.namespace)
         while not self._stop.is_set():

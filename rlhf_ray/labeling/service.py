@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import Config, LLMConfig
+from rlhf_ray.roles import RoleNames, delete_app, kill_all, remote_role
 
 
 @dataclass
@@ -48,8 +49,9 @@ def public_url(host: str, port: int, route_prefix: str, token: str) -> str:
     return f"http://{shown}:{port}{prefix}/?token={token}"
 
 
-def start_labeling(cfg: Config | LLMConfig, *, labeler_name: str, namespace: str, store_root: str,
-                   run_id: str) -> LabelingRoles:
+def start_labeling(cfg: Config | LLMConfig, names: RoleNames, namespace: str,
+                   store_root: str) -> LabelingRoles:
+    """The labeling page for the labeler `names.labeler` (and, for clips, its renderers)."""
     from rlhf_ray.labeling import app as labeling_app
     from rlhf_ray.labeling.app import new_token
 
@@ -58,67 +60,36 @@ def start_labeling(cfg: Config | LLMConfig, *, labeler_name: str, namespace: str
     host, port = ensure_serve_http(lab.host, lab.port)
     renderers = []
     if cfg.workload == "control":  # clips to render; the LLM workload shows text only
-        renderers = _start_renderers(cfg, labeler_name, namespace, store_root, run_id)
-    app_res = cfg.placement.labeling_app
-    app_name = f"rlhf-label-{run_id}"
-    labeling_app.deploy(labeler_name=labeler_name, namespace=namespace, store_root=store_root,
-                        token=token, app_name=app_name, route_prefix=lab.route_prefix,
-                        num_cpus=app_res.num_cpus, resources_=app_res.resources)
-    return LabelingRoles(app_name, public_url(host, port, lab.route_prefix, token), token,
+        renderers = _start_renderers(cfg, names, namespace, store_root)
+    labeling_app.deploy(labeler_name=names.labeler, namespace=namespace, store_root=store_root,
+                        token=token, app_name=names.label_app, route_prefix=lab.route_prefix,
+                        res=cfg.placement.labeling_app)
+    return LabelingRoles(names.label_app, public_url(host, port, lab.route_prefix, token), token,
                          renderers)
 
 
-def _start_renderers(cfg: Config, labeler_name: str, namespace: str, store_root: str,
-                     run_id: str, nice: int | None = None,
-                     actor_opts: dict | None = None) -> list:
+def _start_renderers(cfg: Config, names: RoleNames, labeler_ns: str, store_root: str,
+                     nice: int | None = None, **actor_opts) -> list:
     """`labeler.clip_renderers` clip renderers for the labeler; `nice`: their niceness
-    (default `placement.batch_nice`); `actor_opts`: extra Ray actor options (namespace,
+    (default `placement.batch_nice`); `actor_opts`: more Ray actor options (namespace,
     lifetime, get_if_exists for the served app's detached ones)."""
-    import ray
-
     from rlhf_ray.labeling.clips import ClipRenderWorker
 
     lab = cfg.labeler
-    renderers = []
-    res = cfg.placement.clip_renderer
-    env_cfg = cfg.env.model_dump(mode="json")
     nice = cfg.placement.batch_nice if nice is None else nice
-    for i in range(lab.clip_renderers):
-        opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
-                "runtime_env": {"env_vars": {"MUJOCO_GL": "egl"}},
-                "name": f"rlhf-render-{run_id}-{i}", **(actor_opts or {})}
-        if res.resources:
-            opts["resources"] = dict(res.resources)
-        renderers.append(ray.remote(ClipRenderWorker).options(**opts).remote(
-            labeler_name, namespace, store_root, env_cfg, lab.clips.width, lab.clips.height,
-            lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows, nice))
-    return renderers
+    return [remote_role(ClipRenderWorker, cfg.placement.clip_renderer, nice=nice,
+                        name=names.renderer(i), runtime_env={"env_vars": {"MUJOCO_GL": "egl"}},
+                        **actor_opts).remote(
+        names.labeler, labeler_ns, store_root, cfg.env.model_dump(mode="json"), lab.clips.width,
+        lab.clips.height, lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows)
+        for i in range(lab.clip_renderers)]
 
 
 def stop_labeling(roles: LabelingRoles | None) -> None:
-    import ray
-    from ray import serve
-
     if roles is None:
         return
-    try:
-        serve.delete(roles.app_name)
-    except Exception:  # noqa: BLE001 - best effort at shutdown
-        pass
-    for r in roles.renderers:
-        try:
-            ray.kill(r)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def run_store_root(run_dir: str, cfg: Config) -> str:
-    from pathlib import Path
-
-    storage = cfg.run.storage_path
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{Path(run_dir).name}/preferences"
-    return str(Path(run_dir) / "preferences")
+    delete_app(roles.app_name)
+    kill_all(roles.renderers)
 
 
 def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: bool = False,
@@ -132,39 +103,27 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
     import ray
 
     from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.feedback import Feedback
     from rlhf_ray.roles import init_ray
-    from rlhf_ray.roles import remote_role as _remote
-    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.run_dir import RunDir
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(str(path), ["labeler.source=human", *(overrides or [])])
-    store_root = run_store_root(run_dir, cfg)
     started = init_ray(cfg)
-    run_id = "label-" + uuid.uuid4().hex[:6]
-    name = f"rlhf-labeler-{run_id}"
-    ns = ray.get_runtime_context().namespace
-    if cfg.workload == "llm":  # the oracle is a text scorer
-        oracle, text_oracle = None, cfg.labeler.oracle
-    else:
-        oracle, text_oracle = cfg.labeler.oracle.model_dump(), cfg.labeler.text_oracle
-    labeler = _remote(Labeler, cfg.placement.labeler, name=name).remote(
-        store_root, "human", oracle, cfg.seed, cfg.labels.budget,
-        cfg.labeler.lease_s, cfg.labeler.deadline_s, text_oracle)
-    roles = None
+    feedback = Feedback(cfg, RunDir(cfg, run_dir), RoleNames("label-" + uuid.uuid4().hex[:6]),
+                        kind="clip" if cfg.workload == "control" else "text")
     try:
-        stats = ray.get(labeler.stats.remote())
-        roles = start_labeling(cfg, labeler_name=name, namespace=ns, store_root=store_root,
-                               run_id=run_id)
-        print(f"labeling page: {roles.url}", flush=True)
+        feedback.start(url_file=False)
         if on_url is not None:
-            on_url(roles.url)
+            on_url(feedback.labeling.url)
+        stats = ray.get(feedback.labeler.stats.remote())
         print(f"{stats['labels_pending']} queries pending, {stats['labels_total']} answered",
               flush=True)
         last = None
         while True:
-            stats = ray.get(labeler.stats.remote())
+            stats = ray.get(feedback.labeler.stats.remote())
             now = (stats["labels_total"], stats["labels_pending"])
             if now != last:
                 print(f"answered {now[0]}, pending {now[1]}", flush=True)
@@ -176,8 +135,7 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
         print("stopped; every acknowledged label is in the store", file=sys.stderr)
         return 0
     finally:
-        stop_labeling(roles)
-        ray.kill(labeler)
+        feedback.stop()
         if started:
             ray.shutdown()
 
@@ -198,8 +156,10 @@ def app_builder(args: dict):
     import ray
 
     from rlhf_ray.config import load_config
+    from rlhf_ray.feedback import labeler_args
     from rlhf_ray.labeler import RESTART, Labeler
     from rlhf_ray.labeling.app import LabelingApp
+    from rlhf_ray.run_dir import RunDir
 
     run_dir = args.get("run_dir")
     if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
@@ -210,21 +170,13 @@ def app_builder(args: dict):
         raise ValueError("labeling app: set a token of 16+ characters (args.token_env names "
                          "the environment variable holding it)")
     cfg = load_config(str(Path(run_dir) / "config.yaml"), ["labeler.source=human"])
-    store_root = run_store_root(run_dir, cfg)
-    key = "served-" + Path(run_dir).resolve().name
-    name, namespace = f"rlhf-labeler-{key}", "rlhf-labeling"
-    if cfg.workload == "llm":
-        oracle, text_oracle = None, cfg.labeler.oracle
-    else:
-        oracle, text_oracle = cfg.labeler.oracle.model_dump(), cfg.labeler.text_oracle
-    ray.remote(Labeler).options(name=name, namespace=namespace, lifetime="detached",
-                                get_if_exists=True, num_cpus=0, **RESTART).remote(
-        store_root, "human", oracle, cfg.seed, cfg.labels.budget, cfg.labeler.lease_s,
-        cfg.labeler.deadline_s, text_oracle)
+    store_root = RunDir(cfg, run_dir).store_root
+    names, namespace = RoleNames("served-" + Path(run_dir).resolve().name), "rlhf-labeling"
+    detached = {"namespace": namespace, "lifetime": "detached", "get_if_exists": True}
+    ray.remote(Labeler).options(name=names.labeler, num_cpus=0, **detached, **RESTART).remote(
+        *labeler_args(cfg, store_root, "human"))
     if cfg.workload == "control":
-        _start_renderers(cfg, name, namespace, store_root, key, nice=0, actor_opts={
-            "namespace": namespace, "lifetime": "detached", "get_if_exists": True})
+        _start_renderers(cfg, names, namespace, store_root, nice=0, **detached)
     return LabelingApp.options(num_replicas=int(args.get("num_replicas", 1)),
                                ray_actor_options={"num_cpus": 0}).bind(
-        name, namespace, store_root, token)
-
+        names.labeler, namespace, store_root, token)

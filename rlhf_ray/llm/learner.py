@@ -34,33 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RunningMoments:
-    """Running mean and std of reward-model scores (Chan et al.'s parallel update)."""
-
-    def __init__(self) -> None:
-        self.mean, self.var, self.count = 0.0, 1.0, 0
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        if x.size == 0:
-            return
-        m, v, n = x.mean(), x.var(), x.size
-        delta, tot = m - self.mean, self.count + n
-        self.mean += delta * n / tot
-        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / tot) / tot
-        self.count = tot
-
-    @property
-    def std(self) -> float:
-        return float(np.sqrt(max(self.var, 1e-8)))
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.mean, self.var, self.count = float(s["mean"]), float(s["var"]), int(s["count"])
-
-
 class PPOLearner:
     def __init__(self, rank: int, world_size: int, policy_path: str, critic_path: str,
                  ppo: dict, temperature: float = 1.0, seed: int = 0, torch_threads: int = 1,

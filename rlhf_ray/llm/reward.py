@@ -82,10 +82,6 @@ class LMRewardTrainer:
             g["val"] = side.get(gid, g["val"])
         return n
 
-    def num_groups(self) -> tuple[int, int]:
-        val = sum(g["val"] for g in self.groups.values())
-        return len(self.groups) - val, val
-
     def _forward(self, groups: list[dict]):
         prompts, responses, left, right, mu, gidx = [], [], [], [], [], []
         for n, g in enumerate(groups):
@@ -150,24 +146,9 @@ class LMRewardTrainer:
             total += int(strict.sum())
         return right_n / total if total else float("nan")
 
-    @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        self.model.eval()
-        b = encode_pairs(self.tok, prompts, responses, self.max_prompt, self.max_response)
-        return last_token_scores(self.model, b.input_ids, b.attention_mask,
-                                 b.position_ids).numpy()
-
     # ---------------------------------------------------------------- publishing
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         return self.version, state_dict_cpu(self.model)
-
-    def train_and_publish(self, weight_store, steps: int | None = None,
-                          epochs: int | None = None) -> dict:
-        import ray
-
-        stats = self.train(steps=steps, epochs=epochs)
-        ray.get(weight_store.publish.remote(*self.weights()))
-        return stats
 
     def set_version(self, version: int) -> int:
         """Continue numbering from a checkpoint's reward-model version."""

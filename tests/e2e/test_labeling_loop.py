@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlparse
 
 from conftest import Http
 from rlhf_ray.config import load_config
-from rlhf_ray.control.loop import train
+from rlhf_ray.train import train
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.store import PreferenceStore
 

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from rlhf_ray.config import load_config
-from rlhf_ray.llm.loop import METRIC_KEYS, train
+from conftest import assert_own_lines_only
+from rlhf_ray.metrics import LLM_KEYS as METRIC_KEYS
+from rlhf_ray.metrics import LLM_METRICS
+from rlhf_ray.train import train
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.report import report
 from rlhf_ray.store import PreferenceStore
@@ -51,6 +54,8 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
     for row in rows:
         missing = [k for k in METRIC_KEYS if row.get(k) is None]
         assert not missing, f"metrics lack {missing}"
+        unregistered = set(row) - set(LLM_METRICS)
+        assert not unregistered, f"keys missing from the metrics registry: {unregistered}"
         # every sample was produced by the policy version synced after the previous step
         assert row["sample_policy_versions"] == [row["policy_version"] - 1]
     # the oracle score rises clearly over the SFT model's (the yardstick, never trained on)
@@ -91,6 +96,56 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
     after = PreferenceStore(str(run_dir / "preferences")).labels()
     asked = json.loads((run_dir / "final" / "controller.json").read_text())["labels_requested"]
     assert len(after) > stored and len(after) == asked * k * (k - 1) // 2  # every one stored
+
+
+TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
+        "labels.initial=16", "labels.per_iteration=2", "reward_model.initial_epochs=2",
+        "ppo.rollout_batch_size=16", "ppo.ppo_epochs=2", "run.iterations=2"]
+
+
+@pytest.mark.parametrize("storage", ["local", "uri"])
+def test_a_run_resumed_from_its_folder_sees_its_stored_labels(ray_cluster, tmp_path, storage):
+    """`rlhf-ray train llm-tiny-smoke --run-dir D`, then `rlhf-ray train --resume D`: the
+    resumed run reopens the same preference store and counts every ranking in it -- also
+    where run.storage_path is a URI and the store lives at <URI>/<run name>/preferences (the
+    LLM controller once ignored the folder's name, made up a new one on resume and opened an
+    empty store there). Both commands print only their own lines; Ray's, RLlib's and Serve's
+    go to D/driver.log."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "r1"
+    over, store_root = list(TINY), str(run / "preferences")
+    if storage == "uri":
+        over.append(f"run.storage_path=file://{tmp_path}/bucket")
+        store_root = f"file://{tmp_path}/bucket/r1/preferences"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    cli = [sys.executable, "-m", "rlhf_ray.cli", "train"]
+
+    def log_tail() -> str:
+        log = run / "driver.log"
+        return log.read_text()[-3000:] if log.exists() else ""
+
+    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", str(run), *over], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:] + log_tail()
+    assert_own_lines_only(first, run)
+    rows = read_metrics(run)
+    stored = PreferenceStore(store_root).labels()
+    assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
+    assert (run / "preferences").exists() == (storage == "local")
+
+    again = subprocess.run([*cli, "--resume", str(run), "run.iterations=3"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:] + log_tail()
+    assert_own_lines_only(again, run)
+    more = read_metrics(run)
+    assert [r["iteration"] for r in more] == [1, 2, 3]
+    # the resumed labeler opened the same store: every earlier ranking counts, new ones join
+    assert more[2]["labels_total"] == rows[-1]["labels_total"] + 2
+    after = set(PreferenceStore(store_root).labels().column("query_id").to_pylist())
+    assert set(stored.column("query_id").to_pylist()) < after
 
 
 def test_stages_run_alone_from_files(ray_cluster, tmp_path):

@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from rlhf_ray.config import load_config
-from rlhf_ray.control.loop import train
-from rlhf_ray.metrics import CONTROL_KEYS, read_metrics
+from rlhf_ray.train import train
+from conftest import assert_own_lines_only
+from rlhf_ray.metrics import ALIASES, CONTROL_KEYS, CONTROL_METRICS, read_metrics
 
 # checkpoints every 2 iterations, and the KL penalty on, so PPO's adaptive KL coefficient is
 # part of what must come back
@@ -47,13 +48,16 @@ def test_hopper_smoke_killed_and_resumed_learns_a_reward_model(ray_cluster, tmp_
     state = json.loads((ckpt / "controller.json").read_text())
     assert state["kl_coeffs"] and (ckpt / "pool").is_dir()
 
-    out = subprocess.run([*cli, "--resume", str(run), "--quiet"], env=env, capture_output=True,
+    out = subprocess.run([*cli, "--resume", str(run)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_own_lines_only(out, run)  # Ray's, RLlib's and Serve's lines are in driver.log
     rows = read_metrics(run)
     for row in rows:
         missing = [k for k in CONTROL_KEYS if k not in row]
         assert not missing, f"metrics lack {missing}"
+        unregistered = set(row) - set(CONTROL_METRICS) - set(ALIASES["control"])
+        assert not unregistered, f"keys missing from the metrics registry: {unregistered}"
     # one continuous run: the dead run's rows after its checkpoint were superseded
     assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
     assert (run / "metrics.superseded.jsonl").exists()

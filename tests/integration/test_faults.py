@@ -94,7 +94,7 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(ray_cluster, tmp_path)
             lambda er: os.getpid(), local_env_runner=False))
 
     def replica_pid():
-        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, ctl.roles.app_name)
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, ctl.names.reward_app)
         return handle.info.remote().result(timeout_s=120)["pid"]
 
     def on_metrics(m):

@@ -7,12 +7,17 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.control import envs
-from rlhf_ray.control.loop import reward_spec
-from rlhf_ray.control.rllib_glue import build_ppo_config, info_layout, make_relabel_connector
+from rlhf_ray.control.rllib_glue import build_ppo_config, make_relabel_connector
 from rlhf_ray.metrics import find_metric
-from rlhf_ray.reward_model import RewardEnsemble
+from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec
 from rlhf_ray.serve_rm import deploy
 from rlhf_ray.weights import WeightStore
+
+
+def reward_spec(cfg) -> RewardNetSpec:
+    probe = envs.probe(cfg.env.model_dump(mode="json"))
+    return RewardNetSpec.for_env(cfg.reward_net(), probe.observation_space, probe.action_space,
+                                 cfg.reward_model)
 
 
 def probe_connector():
@@ -62,9 +67,10 @@ def one_ppo_iteration(ray, cfg, spec, ens) -> dict:
     deploy(spec, app_name=app, weight_store=name, namespace=ray.get_runtime_context().namespace,
            serve_cfg=cfg.placement.reward_model)
     envs.register()
-    relabel = make_relabel_connector(app, "RewardModel", info_layout(cfg))
+    env = envs.probe(cfg.env.model_dump(mode="json"))
+    relabel = make_relabel_connector(app, "RewardModel", env.layout)
     probe = probe_connector()
-    config = build_ppo_config(cfg, relabel=(app, "RewardModel"), segments=None)
+    config = build_ppo_config(cfg, env, relabel=(app, "RewardModel"), segments=None)
     config.learners(learner_connector=lambda o, a: [relabel(o, a), probe(o, a)])
     algo = config.build_algo()
     try:

@@ -167,13 +167,13 @@ def test_stage_commands_reject_a_control_config(capsys):
 
 
 def test_checkpoint_of_another_format_is_refused_clearly(tmp_path):
-    from rlhf_ray.llm.loop import LLMController, latest_checkpoint
+    from rlhf_ray.llm.loop import LLMController
 
     ctl = LLMController(load_config("llm-tiny-smoke"), str(tmp_path / "run"), progress=False)
     ck = tmp_path / "run" / "checkpoints" / "iter_000002"
     ck.mkdir(parents=True)
     (ck / "controller.json").write_text(json.dumps({"format": 99, "workload": "llm"}))
-    assert latest_checkpoint(tmp_path / "run") == ck
+    assert ctl.folder.latest_checkpoint() == ck
     with pytest.raises(ValueError, match="format 99 .* reads format 1"):
         ctl.load_state(ck)
     (ck / "controller.json").write_text("{truncated")

@@ -1,0 +1,270 @@
+"""Feedback in the loop, the same for both workloads: the labeler actor (the only writer of the
+preference store) with its source -- the oracle, or people on the labeling page -- and the
+reward trainer's data set, fed as labels arrive.
+
+`Feedback` starts and stops the labeler and the page (writing the page's URL, token included,
+to the run folder), submits queries, hands new labels to the reward trainer, rebuilds the
+trainer's data from the store when the labeler restarted (its undrained labels died with it;
+the store has every acknowledged one), starts a training round when the controller's round
+rule says so and publishes the new weights, and counts labels for the metrics. What a query
+is -- a pair of segments or K responses to a prompt -- is the controller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from rlhf_ray import console
+from rlhf_ray.roles import RoleNames, kill_all, remote_role
+
+# the reward trainer's statistics each workload reports with every row
+REWARD_MODEL_KEYS = {
+    "clip": ("rm_val_accuracy", "rm_train_accuracy", "rm_val_loss", "rm_train_loss",
+             "rm_l2_mean", "rm_train_s"),
+    "text": ("rm_val_accuracy", "rm_train_loss", "rm_train_s"),
+}
+
+
+@dataclass(frozen=True)
+class Round:
+    """What a round rule decides on: labels answered now and when the last round began,
+    whether labels arrived since the last call, whether the labeler restarted."""
+
+    total: int
+    at_last_round: int
+    new: bool
+    restarted: bool
+
+
+def by_label_growth(growth: float) -> Callable[[Round], bool]:
+    """The control workload's rule: a round once the labels grew by `growth` (a fraction)
+    since the last one began. A round per handful of labels costs CPU the rollouts need and
+    moves the reward under PPO's critic every iteration."""
+    def due(r: Round) -> bool:
+        grown = r.total - r.at_last_round
+        return grown > 0 and grown >= growth * r.at_last_round
+    return due
+
+
+def on_new_labels(r: Round) -> bool:
+    """The LLM workload's rule: a round whenever rankings arrived (or the data was rebuilt)."""
+    return r.new or r.restarted
+
+
+def labeler_args(cfg, store_root: str, source: str | None = None) -> tuple:
+    """The `Labeler` constructor's arguments for a run's config (its oracle: the B-Pref
+    teacher on true returns for control, a text scorer for language models)."""
+    lab = cfg.labeler
+    if cfg.workload == "llm":
+        oracle, text_oracle = None, lab.oracle
+    else:
+        oracle, text_oracle = lab.oracle.model_dump(), lab.text_oracle
+    return (store_root, source or lab.source, oracle, cfg.seed, cfg.labels.budget, lab.lease_s,
+            lab.deadline_s, text_oracle)
+
+
+class Feedback:
+    def __init__(self, cfg, run, names: RoleNames, *, kind: str,
+                 round_rule: Callable[[Round], bool] = on_new_labels):
+        if kind not in REWARD_MODEL_KEYS:
+            raise ValueError(f"feedback kind {kind!r}: clip or text")
+        self.cfg, self.run, self.names, self.kind = cfg, run, names, kind
+        self.round_rule = round_rule
+        self.labeler = None
+        self.labeling = None  # the page's LabelingRoles while people label
+        self.trainer = self.weight_store = None
+        self.requested = 0  # queries asked for (they count against the label budget)
+        self.rm_stats: dict = {}  # the last finished round's statistics
+        self.labels_at_last_round = 0
+        self.restarts = 0  # labeler restarts seen
+        self._incarnation = None
+        self._round = None  # (stats ref, published ref) of the round in flight
+        self._submits: list = []
+
+    # ------------------------------------------------------------------ roles
+    def start(self, source: str | None = None, url_file: bool = True) -> None:
+        """The labeler (restarted by Ray when its process dies: it reopens the store), and the
+        labeling page when people label; the page's URL is printed and written to the run
+        folder. Serve's HTTP proxy must start with the labeler's host/port before any app."""
+        import ray
+
+        from rlhf_ray.labeler import RESTART, Labeler
+
+        source = source or self.cfg.labeler.source
+        self.labeler = remote_role(Labeler, self.cfg.placement.labeler, name=self.names.labeler,
+                                   **RESTART).remote(*labeler_args(self.cfg, self.run.store_root,
+                                                                   source))
+        if source != "oracle":
+            from rlhf_ray.labeling.service import start_labeling
+
+            self.labeling = start_labeling(self.cfg, self.names,
+                                           ray.get_runtime_context().namespace,
+                                           self.run.store_root)
+            console.note(f"labeling page: {self.labeling.url}")
+            if url_file:
+                self.run.write_private("labeling_url.txt", self.labeling.url + "\n")
+
+    def attach(self, trainer, weight_store) -> None:
+        """The reward trainer actor this feedback feeds, and where its weights go."""
+        self.trainer, self.weight_store = trainer, weight_store
+
+    def stop(self) -> None:
+        if self.labeling is not None:
+            from rlhf_ray.labeling.service import stop_labeling
+
+            stop_labeling(self.labeling)
+            self.labeling = None
+        kill_all([self.labeler])
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, n: int, *query, block: bool = True) -> None:
+        """Submit `n` queries (`Labeler.submit(left, right)` for clips, `submit_texts(prompts,
+        responses)` for text), tagged with the reward model's version. Without `block`, the
+        submission is waited for before the next checkpoint (`settle`)."""
+        import ray
+
+        submit = self.labeler.submit if self.kind == "clip" else self.labeler.submit_texts
+        ref = submit.remote(*query, int(self.rm_stats.get("rm_version", 0)))
+        if block:
+            ray.get(ref)
+        else:
+            self._submits = [r for r in self._submits if not ray.wait([r], timeout=0)[0]] + [ref]
+        self.requested += n
+
+    def settle(self) -> None:
+        """Every query asked for is in the store (before a checkpoint)."""
+        import ray
+
+        ray.get(self._submits)
+        self._submits = []
+
+    def expire_overdue(self) -> None:
+        """`labeler.source=mixed`: the oracle answers what people left past the deadline."""
+        import ray
+
+        if self.cfg.labeler.source == "mixed":
+            ray.get(self.labeler.expire_overdue.remote())
+
+    def wait_for_labels(self, n: int, timeout_s: float = 24 * 3600, poll_s: float = 2.0) -> None:
+        """Block until `n` queries are answered (people labeling the first batch)."""
+        import time
+
+        import ray
+
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            self.expire_overdue()
+            if ray.get(self.labeler.stats.remote())["labels_total"] >= n:
+                return
+            time.sleep(poll_s)
+
+    # ------------------------------------------------------------------ feeding the trainer
+    def _stored(self, clear_undrained: bool = False):
+        import ray
+
+        read = (self.labeler.stored_comparisons if self.kind == "clip"
+                else self.labeler.stored_text_comparisons)
+        return ray.get(read.remote(clear_undrained=clear_undrained))
+
+    def load_stored(self) -> int:
+        """Give the trainer every label already in the store (a reopened run: its labels
+        count, none is asked for twice); returns how many queries they answer."""
+        import ray
+
+        stored = self._stored()
+        if not stored:
+            return 0
+        ray.get(self.trainer.add.remote(stored))
+        if self.kind == "text":  # a ranking's pairs share its id
+            return len({c["ranking_id"] for c in stored})
+        return len(stored)
+
+    def feed(self, block: bool = False, **train_kwargs) -> None:
+        """Hand new labels to the trainer; start a training round when the last one is done
+        and the round rule says so (`block`: always, and wait for it). The paper's
+        asynchronous reward training: rollouts never wait for a round."""
+        import ray
+
+        drain = self.labeler.drain if self.kind == "clip" else self.labeler.drain_texts
+        new = ray.get(drain.remote())
+        stats = ray.get(self.labeler.stats.remote())
+        restarted = self._incarnation not in (None, stats["incarnation"])
+        if restarted:
+            # the labeler restarted and lost what it had not handed over yet: the store has
+            # every acknowledged label, so it becomes the trainer's whole data set again
+            self.trainer.replace.remote(self._stored(clear_undrained=True))
+            self.restarts += 1
+        elif new:
+            self.trainer.add.remote(new)
+        self._incarnation = stats["incarnation"]
+        if self._round is not None:
+            if not ray.wait([self._round[1]], timeout=None if block else 0)[0]:
+                return
+            self.finish_round()
+        rnd = Round(stats["labels_total"], self.labels_at_last_round, bool(new), restarted)
+        if block or self.round_rule(rnd):
+            self.labels_at_last_round = stats["labels_total"]
+            self.start_round(**train_kwargs)
+            if block:
+                self.finish_round()
+
+    def start_round(self, **train_kwargs) -> None:
+        """A training round on the trainer, then its weights to the weight store (where the
+        reward model's replicas pick them up by version)."""
+        kwargs = {k: v for k, v in train_kwargs.items() if v is not None}
+        stats = self.trainer.train.remote(**kwargs)
+        self._round = (stats, self.publish(wait=False))
+
+    def finish_round(self) -> None:
+        """Wait for the round in flight, if any, and keep its statistics."""
+        import ray
+
+        if self._round is not None:
+            stats, published = self._round
+            ray.get(published)
+            self.rm_stats = ray.get(stats) or self.rm_stats
+            self._round = None
+
+    def publish(self, wait: bool = True):
+        """The trainer's current weights to the weight store (a stale version is ignored)."""
+        import ray
+
+        version, weights = self.trainer.weights.options(num_returns=2).remote()
+        ref = self.weight_store.publish.remote(version, weights)
+        return ray.get(ref) if wait else ref
+
+    # ------------------------------------------------------------------ state and metrics
+    def state(self) -> dict:
+        return {"labels_requested": self.requested, "rm_stats": self.rm_stats,
+                "labels_at_last_round": self.labels_at_last_round}
+
+    def restore(self, state: dict) -> None:
+        """A checkpoint's counts. Queries asked for after the checkpoint are in the store
+        (answered, or pending in it): they count against the budget, so a resumed run ends
+        with the same label budget."""
+        import ray
+
+        self.rm_stats = dict(state.get("rm_stats") or {})
+        self.labels_at_last_round = int(state.get("labels_at_last_round", 0))
+        st = ray.get(self.labeler.stats.remote())
+        self.requested = max(int(state["labels_requested"]),
+                             st["labels_total"] + st["labels_pending"])
+
+    def metrics(self) -> dict:
+        """Label counts (in all and by source: the oracle, each person) and the reward
+        trainer's last round."""
+        import ray
+
+        from rlhf_ray.metrics import clean
+
+        m = {k: clean(self.rm_stats.get(k)) for k in REWARD_MODEL_KEYS[self.kind]}
+        m["rm_version_published"] = int(self.rm_stats.get("rm_version", 0))
+        if self.labeler is None:
+            return {"labels_total": 0, "labels_human": 0, "labels_oracle": 0, **m}
+        st = ray.get(self.labeler.stats.remote())
+        by = dict(st["labels_by_source"])
+        return {"labels_total": int(st["labels_total"]), "labels_requested": self.requested,
+                "labels_by_source": by, "labels_pending": st["labels_pending"],
+                "labels_human": sum(v for k, v in by.items() if k.startswith("human:")),
+                "labels_oracle": by.get("oracle", 0), "labeler_restarts": self.restarts, **m}

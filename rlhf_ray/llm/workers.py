@@ -1,0 +1,142 @@
+"""The LLM controller's two actor groups, each driven as if it were one local object (verl's
+worker groups): the generation workers (prompts split over them, all calls in flight at
+once, a restarted worker given the current policy before it is asked again) and the PPO
+learner group (one torch.distributed group; every rank steps on its shard at once).
+
+The role classes are `generation.HFGenerationWorker` / `VLLMGenerationWorker` and
+`learner.PPOLearner`; this module is their wiring.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from rlhf_ray.roles import remote_role
+
+Bundle = Callable[[str, int], "int | None"]  # (role, i) -> a bundle of the run's plan
+
+
+class GenerationGroup:
+    def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None):
+        from rlhf_ray.llm.generation import generation_worker_class
+
+        place = cfg.placement
+        cls = generation_worker_class(cfg.generation.backend)
+        self.workers = [remote_role(cls, place.generation_worker, bundle("generation", i), pg=pg,
+                                    max_restarts=-1).remote(
+            policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
+            cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype)
+            for i in range(place.num_generation_workers)]
+        self.restarts = 0  # worker restarts seen
+        self._synced = None  # (version, weights ref) last pushed
+
+    def generate(self, prompts: list[str], n: int = 1) -> dict:
+        """n samples of each prompt, merged in the workers' order; each part records the
+        policy version that produced it (`versions`)."""
+        import ray
+
+        k = len(self.workers)
+        parts = [prompts[i::k] for i in range(k)]
+        done: dict[int, dict] = {}
+        for attempt in range(5):
+            refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers)
+                    if parts[i] and i not in done}
+            for i, ref in refs.items():
+                try:
+                    done[i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if attempt == 4:
+                        raise
+                    # Ray restarts it with the weights it started from
+                    self.restarts += 1
+                    self._resync(self.workers[i])
+            if all(i in done for i in range(k) if parts[i]):
+                break
+        outs = [done[i] for i in sorted(done)]
+        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": []}
+        for o in outs:
+            for key in merged:
+                merged[key] += o[key]
+        merged["versions"] = [o["version"] for o in outs]
+        merged["tokens"] = sum(o["tokens"] for o in outs)
+        merged["generate_s"] = max(o["generate_s"] for o in outs)
+        return merged
+
+    def push(self, version: int, weights) -> None:
+        """The learner's policy to every worker, through one `ray.put`."""
+        import ray
+
+        self._synced = (version, ray.put(weights))  # what a restarted worker is given
+        ray.get([w.update_weights.remote(*self._synced) for w in self.workers])
+
+    def set_version(self, version: int) -> None:
+        """The version of the weights the workers started from (a resumed run's policy)."""
+        import ray
+
+        ray.get([w.set_version.remote(version) for w in self.workers])
+
+    def _resync(self, worker, patience_s: float = 120.0) -> None:
+        import ray
+
+        give_up = time.monotonic() + patience_s
+        while self._synced is not None:
+            try:
+                ray.get(worker.update_weights.remote(*self._synced))
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.5)
+
+
+class LearnerGroup:
+    def __init__(self, cfg, policy_path: str, critic_path: str, ref_path: str,
+                 bundle: Bundle, pg=None, state_path: str | None = None):
+        """`ref_path`: the frozen reference (the SFT model); `state_path`: a checkpoint's
+        optimizer.pt to continue from."""
+        import ray
+
+        from rlhf_ray.llm.learner import PPOLearner
+        from rlhf_ray.llm.modeling import load_tokenizer
+
+        place = cfg.placement
+        pad = load_tokenizer(policy_path).pad_token_id
+        n = place.num_learners
+        self.ranks = [remote_role(PPOLearner, place.learner, bundle("learner", r), pg=pg).remote(
+            r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
+            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, ref_path, state_path)
+            for r in range(n)]
+        addr, port = ray.get(self.ranks[0].address.remote())
+        ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])
+
+    def step(self, out: dict, scores: np.ndarray, beta: float) -> dict:
+        """One PPO step of every rank on its shard of `out` (generated samples); rank 0's
+        statistics, which are global (the ranks all-reduce them)."""
+        import ray
+
+        n = len(self.ranks)
+        p_len = max(len(x) for x in out["prompt_ids"])
+        r_len = max(len(y) for y in out["response_ids"])
+        return ray.get([lr.step.remote(
+            {"prompt_ids": out["prompt_ids"][r::n], "response_ids": out["response_ids"][r::n],
+             "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)
+            for r, lr in enumerate(self.ranks)])[0]
+
+    def policy_weights(self):
+        """(version, state dict) of the policy (rank 0's: DDP keeps the ranks equal)."""
+        import ray
+
+        return ray.get(self.ranks[0].policy_weights.remote())
+
+    def version(self) -> int:
+        import ray
+
+        return ray.get(self.ranks[0].get_version.remote())
+
+    def save(self, out_dir: str, tokenizer_path: str | None) -> None:
+        import ray
+
+        ray.get(self.ranks[0].save.remote(out_dir, tokenizer_path))

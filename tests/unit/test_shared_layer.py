@@ -1,0 +1,202 @@
+"""The layer both controllers share, without Ray: the run folder and the one resume path,
+the placement plan, the metrics registry, the round rules, the env probe, quiet output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.run_dir import RunDir
+
+CONTROL, LLM = "hopper-smoke", "llm-tiny-smoke"
+
+
+@pytest.mark.parametrize("preset", [CONTROL, LLM])
+def test_the_run_folder_names_the_run_and_its_store(preset, tmp_path):
+    """A given folder names the run, so a run resumed from its folder finds its store again,
+    on a local disk and under a URI alike (the LLM side once made up a new name)."""
+    local = RunDir(load_config(preset), tmp_path / "runs" / "r1")
+    assert local.name == "r1" and local.store_root == str(tmp_path / "runs" / "r1" / "preferences")
+    uri = RunDir(load_config(preset, ["run.storage_path=s3://bucket/rlhf/"]), tmp_path / "x" / "r1")
+    assert uri.store_root == "s3://bucket/rlhf/r1/preferences"
+    named = RunDir(load_config(preset, ["run.run_name=given", "run.storage_path=s3://b"]), None)
+    assert str(named.path) == "runs/given" and named.store_root == "s3://b/given/preferences"
+    made_up = RunDir(load_config(preset), None)
+    assert made_up.name.startswith(preset) and made_up.store_root.endswith(f"{made_up.name}/preferences")
+
+
+def _checkpoint(folder: RunDir, name: str, state: dict):
+    path = folder.path / name
+    path.mkdir(parents=True)
+    (path / "controller.json").write_text(json.dumps(state))
+    return path
+
+
+@pytest.mark.parametrize("preset,key,limit", [(CONTROL, "env_steps", "run.total_env_steps"),
+                                              (LLM, "iteration", "run.iterations")])
+def test_one_resume_path_refuses_the_same_way_for_both_workloads(preset, key, limit, tmp_path):
+    from rlhf_ray.train import controller_class
+
+    cfg = load_config(preset)
+    folder = RunDir(cfg, tmp_path / "run")
+    budget = controller_class(cfg).budget(cfg)
+    assert budget[:2] == (key, limit)
+    with pytest.raises(ConfigError, match="no checkpoint with a controller.json"):
+        folder.resume_point(budget)
+    ck = _checkpoint(folder, "checkpoints/iter_000002", {"format": 99, "workload": cfg.workload})
+    with pytest.raises(ConfigError, match=f"format 99 .* reads format 1 of the {cfg.workload}"):
+        folder.resume_point(budget)
+    other = "llm" if cfg.workload == "control" else "control"
+    (ck / "controller.json").write_text(json.dumps({"format": 1, "workload": other}))
+    with pytest.raises(ConfigError, match=f"workload '{other}'"):
+        folder.resume_point(budget)
+    (ck / "controller.json").write_text(json.dumps(
+        {"format": 1, "workload": cfg.workload, "iteration": 2, key: budget[2]}))
+    with pytest.raises(ConfigError) as err:
+        folder.resume_point(budget)
+    assert str(err.value) == (f"--resume {folder.path}: the run is complete ({budget[2]} {key} >= "
+                              f"{limit}={budget[2]}); raise {limit} to go on")
+    (ck / "controller.json").write_text(json.dumps(
+        {"format": 1, "workload": cfg.workload, "iteration": 2, key: budget[2] - 1}))
+    assert folder.resume_point(budget)[0] == ck
+
+
+def test_the_latest_checkpoint_is_the_furthest_one(tmp_path):
+    """`final/` of a finished run, then a resumed run killed after iter_000012: the newer
+    checkpoint wins; an incomplete one (no controller.json) never does."""
+    folder = RunDir(load_config(LLM), tmp_path / "run")
+    _checkpoint(folder, "final", {"iteration": 10})
+    assert folder.latest_checkpoint() == folder.path / "final"
+    later = _checkpoint(folder, "checkpoints/iter_000012", {"iteration": 12})
+    (folder.path / "checkpoints" / "iter_000014").mkdir()  # killed while writing it
+    assert folder.latest_checkpoint() == later
+
+
+def test_superseded_metrics_rows_move_aside(tmp_path):
+    folder = RunDir(load_config(CONTROL), tmp_path / "run")
+    folder.path.mkdir(parents=True)
+    folder.metrics_path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2, 3))
+                                   + '{"iteration": 4, "cut sh')
+    folder.truncate_metrics(2)
+    assert [json.loads(x)["iteration"] for x in folder.metrics_path.read_text().splitlines()] == [1, 2]
+    assert len((folder.path / "metrics.superseded.jsonl").read_text().splitlines()) == 2
+
+
+def test_placement_plan_pins_each_role_to_its_bundle():
+    from rlhf_ray.roles import placement_plan
+
+    plan = placement_plan(load_config(CONTROL, ["placement.num_env_runners=2"]))
+    # the driver holds the in-driver learner; empty bundles are left out (RLlib places its own)
+    assert plan.bundles[0] == {"CPU": 1.0}
+    assert plan.roles == {"env_runner": [1, 2], "reward_trainer": [3]}
+    assert plan.bundle("reward_trainer") == 3 and plan.bundle("learner") is None
+    plan = placement_plan(load_config(CONTROL, ["placement.num_learners=2",
+                                                "placement.learner.resources={learner: 1}",
+                                                "placement.learner.num_cpus=1"]))
+    assert plan.bundles[0] == {"CPU": 0.25}
+    assert [plan.bundles[i] for i in plan.roles["learner"]] == [{"CPU": 1.0, "learner": 1.0}] * 2
+    llm = placement_plan(load_config(LLM, ["placement.num_generation_workers=2",
+                                           "placement.num_learners=2",
+                                           "placement.generation_worker.num_cpus=0",
+                                           "ppo.micro_batch_size=8"]), driver={"CPU": 0.01})
+    assert llm.bundles[0] == {"CPU": 0.01}
+    assert llm.roles == {"generation": [1, 2], "learner": [3, 4], "reward_trainer": [5]}
+    assert llm.bundles[1] == {"CPU": 0.01}  # an actor asking for nothing still gets its own
+
+
+def test_metrics_registry_covers_the_required_keys_and_aliases():
+    from rlhf_ray.metrics import (ALIASES, CONTROL_KEYS, LLM_KEYS, REGISTRY, progress_line,
+                                  with_aliases)
+
+    assert set(CONTROL_KEYS) <= set(REGISTRY["control"])
+    assert set(LLM_KEYS) <= set(REGISTRY["llm"])
+    shared = set(REGISTRY["control"]) & set(REGISTRY["llm"])
+    assert {"kl_coef", "kl_mean", "rm_train_s", "labels_total", "rm_version"} <= shared
+    for workload, aliases in ALIASES.items():
+        assert set(aliases.values()) <= set(REGISTRY[workload])
+        assert not set(aliases) & set(REGISTRY[workload])  # an old name is never a new one
+    row = with_aliases({"iteration": 3, "kl_coef": 0.3, "rm_train_s": 1.5}, "control")
+    assert row["kl_coeff"] == 0.3 and row["rm_train_time_s"] == 1.5
+    assert "kl_coeff" not in with_aliases({"kl_coef": 0.3}, "llm")
+    line = progress_line({"iteration": 3, "env_steps": 12000, "true_return_mean": 10.0,
+                          "time_s": 4.2}, "control")
+    assert line.startswith("iter    3 | steps    12,000 | true_return     10.0 | pred_return -")
+    assert line.endswith("| 4s")
+
+
+def test_round_rules():
+    from rlhf_ray.feedback import Round, by_label_growth, on_new_labels
+
+    grow = by_label_growth(0.1)
+    assert grow(Round(total=110, at_last_round=100, new=True, restarted=False))
+    assert not grow(Round(total=105, at_last_round=100, new=True, restarted=False))
+    assert grow(Round(total=1, at_last_round=0, new=True, restarted=False))
+    assert not grow(Round(total=100, at_last_round=100, new=False, restarted=True))
+    assert by_label_growth(0.0)(Round(total=101, at_last_round=100, new=True, restarted=False))
+    assert on_new_labels(Round(5, 5, new=True, restarted=False))
+    assert on_new_labels(Round(5, 5, new=False, restarted=True))
+    assert not on_new_labels(Round(5, 5, new=False, restarted=False))
+
+
+def test_the_env_is_built_once_for_everything_the_set_up_needs(monkeypatch):
+    """Spaces, dt, the info layout and the action bounds come from one probe; the reward
+    model's spec and RLlib's config are made from it without building the env again."""
+    from rlhf_ray.control import envs, rllib_glue
+    from rlhf_ray.core.segments import default_segment_length
+    from rlhf_ray.reward_model import RewardNetSpec
+
+    made = []
+    real = envs.make_env
+    monkeypatch.setattr(envs, "make_env", lambda c: made.append(c) or real(c))
+    cfg = load_config(CONTROL)
+    probe = envs.probe(cfg.env.model_dump(mode="json"))
+    spec = RewardNetSpec.for_env(cfg.reward_net(), probe.observation_space, probe.action_space,
+                                 cfg.reward_model)
+    rllib_glue.build_ppo_config(cfg, probe, relabel=("app", "RewardModel"),
+                                segments={"layout": probe.layout})
+    assert len(made) == 1
+    assert spec.obs_shape == (11,) and spec.act_dim == 3 and not spec.discrete
+    assert probe.layout.nq == 6 and probe.layout.nv == 6
+    assert abs(probe.dt - 0.008) < 1e-9 and default_segment_length(probe.dt, 1.5) > 1
+    low, high = probe.action_bounds
+    assert (low == -1).all() and (high == 1).all()
+
+
+def test_quiet_sends_everything_but_the_runs_own_lines_to_the_log(tmp_path):
+    """What the process writes to its file descriptors 1 and 2 -- as Ray's C++ core does --
+    and Python logging and warnings go to the log; `note` and `progress` reach the
+    terminal; an error is written to the log with its traceback and still raised."""
+    log = tmp_path / "run" / "driver.log"
+    script = textwrap.dedent(f"""
+        import logging, os, sys, warnings
+        from rlhf_ray import console
+        logging.basicConfig(level=logging.INFO)  # a handler on sys.stderr, made before
+        with console.quiet({str(log)!r}):
+            os.write(2, b"C++ core line\\n")
+            os.write(1, b"raw stdout line\\n")
+            logging.getLogger("ray").warning("python logging line")
+            warnings.warn("a deprecation line")
+            print("a print")
+            console.note("run folder: here")
+            console.progress("iter    1 | ok")
+        console.note("after")
+        try:
+            with console.quiet({str(log)!r}):
+                raise RuntimeError("boom")
+        except RuntimeError:
+            console.note("caught")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["iter    1 | ok"]
+    assert out.stderr.splitlines() == ["run folder: here", "after", "caught"]
+    text = log.read_text()
+    for line in ("C++ core line", "raw stdout line", "python logging line", "a deprecation line",
+                 "a print", "RuntimeError: boom", "Traceback"):
+        assert line in text, line
