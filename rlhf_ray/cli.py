@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user, the rest in the log
         if verbose or console.last_log() is None:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = (str(exc).strip().splitlines() or [""])[0]
         print(f"rlhf-ray: error: {type(exc).__name__}: {first} (traceback in "
               f"{console.last_log()})", file=sys.stderr)
         return 1
