@@ -49,7 +49,7 @@ class RoleNames:
     pool = property(lambda self: self.of("pool"))  # the segment pool (control)
     reward_app = property(lambda self: self.of("rm"))
     label_app = property(lambda self: self.of("label"))
-    group = property(lambda self: self.of("llm" if self.workload == "llm" else "control"))
+    group = property(lambda self: self.of(self.workload))  # a run's own placement group
 
     def renderer(self, i: int) -> str:
         return f"{self.of('render')}-{i}"

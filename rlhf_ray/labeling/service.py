@@ -153,9 +153,7 @@ def app_builder(args: dict):
     import os
     from pathlib import Path
 
-    import ray
-
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config import RoleResources, load_config
     from rlhf_ray.feedback import labeler_args
     from rlhf_ray.labeler import RESTART, Labeler
     from rlhf_ray.labeling.app import LabelingApp
@@ -173,7 +171,7 @@ def app_builder(args: dict):
     store_root = RunDir(cfg, run_dir).store_root
     names, namespace = RoleNames("served-" + Path(run_dir).resolve().name), "rlhf-labeling"
     detached = {"namespace": namespace, "lifetime": "detached", "get_if_exists": True}
-    ray.remote(Labeler).options(name=names.labeler, num_cpus=0, **detached, **RESTART).remote(
+    remote_role(Labeler, RoleResources(), name=names.labeler, **detached, **RESTART).remote(
         *labeler_args(cfg, store_root, "human"))
     if cfg.workload == "control":
         _start_renderers(cfg, names, namespace, store_root, nice=0, **detached)
