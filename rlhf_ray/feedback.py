@@ -57,11 +57,11 @@ def labeler_args(cfg, store_root: str, source: str | None = None) -> tuple:
     teacher on true returns for control, a text scorer for language models)."""
     lab = cfg.labeler
     if cfg.workload == "llm":
-        oracle, text_oracle = None, lab.oracle
+        oracle, text_oracle, data = None, lab.oracle, cfg.data.model_dump(mode="json")
     else:
-        oracle, text_oracle = lab.oracle.model_dump(), lab.text_oracle
+        oracle, text_oracle, data = lab.oracle.model_dump(), lab.text_oracle, None
     return (store_root, source or lab.source, oracle, cfg.seed, cfg.labels.budget, lab.lease_s,
-            lab.deadline_s, text_oracle)
+            lab.deadline_s, text_oracle, data)
 
 
 class Feedback:

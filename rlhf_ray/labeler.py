@@ -51,27 +51,31 @@ class Query:
     lease_until: float = 0.0
 
 
-def load_text_oracle(path: str):
-    """`module:function` -> the callable scoring (prompt, response) -> float."""
+def load_text_oracle(path: str, data_cfg: dict | None = None):
+    """`module:function` -> the callable scoring (prompt, response) -> float. A function
+    marked `from_data_config` is a factory: called with the run's `data` section, it builds
+    the oracle (one trained on its own split of a task's data)."""
     mod, _, fn = path.partition(":")
     if not mod or not fn:
         raise ValueError(f"text oracle {path!r}: expected 'module:function'")
     try:
-        return getattr(importlib.import_module(mod), fn)
+        obj = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"text oracle {path!r}: {exc}") from None
+    return obj(data_cfg or {}) if getattr(obj, "from_data_config", False) else obj
 
 
 class Labeler:
     def __init__(self, store_root: str, source: str = "oracle", oracle: dict | None = None,
                  seed: int = 0, budget: int | None = None, lease_s: float = 60.0,
-                 deadline_s: float = 120.0, text_oracle: str | None = None):
+                 deadline_s: float = 120.0, text_oracle: str | None = None,
+                 oracle_data: dict | None = None):
         if source not in ("oracle", "human", "mixed"):
             raise ValueError(f"labeler source {source!r}: must be oracle, human or mixed")
         self.store = PreferenceStore(store_root)
         self.source = source
         self.oracle = SyntheticOracle(**(oracle or {}))
-        self.text_oracle = load_text_oracle(text_oracle) if text_oracle else None
+        self.text_oracle = load_text_oracle(text_oracle, oracle_data) if text_oracle else None
         self.rng = np.random.default_rng(seed)
         self.budget = budget
         self.lease_s = lease_s

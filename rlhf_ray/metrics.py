@@ -48,6 +48,12 @@ LLM_METRICS: dict[str, str] = {
     "generation_restarts": "counters",
     "generate_s": "time", "score_s": "time", "learner_s": "time", "sync_s": "time",
     "iteration_s": "time",
+    # held-out evaluations (every eval.every iterations and the last): the yardstick's
+    # scores (eval_score_mean, and any other it gives, e.g. eval_vader_mean), the reward
+    # model's, the SFT model's beside them, and the over-optimization warning
+    "eval_score_mean": "charts", "eval_vader_mean": "charts", "eval_rm_score_mean": "charts",
+    "sft_eval_score_mean": "charts", "sft_eval_vader_mean": "charts",
+    "sft_eval_rm_score_mean": "charts", "rm_judge_diverging": "charts",
 }
 
 # old name -> new name, per workload: both are written until release 0.3 (renamed in 0.2)
@@ -97,7 +103,12 @@ def progress_line(m: dict, workload: str) -> str:
     for label, key, spec in PROGRESS[workload]:
         v = m.get(key)
         parts.append(f"{label} {'-' if v is None else format(v, spec)}")
-    return " | ".join(parts) + f" | {m.get('time_s', 0):.0f}s"
+    line = " | ".join(parts) + f" | {m.get('time_s', 0):.0f}s"
+    if m.get("eval_score_mean") is not None:
+        line += f" | held-out {m['eval_score_mean']:.3f} (sft {m.get('sft_eval_score_mean') or 0:.3f})"
+    if m.get("rm_judge_diverging"):
+        line += " | WARNING rm rising, yardstick not"
+    return line
 
 
 def find_metric(result: dict, key: str) -> Any:

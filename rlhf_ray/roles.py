@@ -275,3 +275,26 @@ def delete_app(name: str | None) -> None:
         serve.delete(name)
     except Exception:  # noqa: BLE001
         pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_memory(actors: dict) -> dict[str, float]:
+    """Peak resident memory (MiB) of each named actor's process, asked of the actor itself;
+    an actor that is gone is left out."""
+    import ray
+
+    refs = {name: a.__ray_call__.remote(lambda self: peak_rss_mb()) for name, a in actors.items()
+            if a is not None}
+    out = {}
+    for name, ref in refs.items():
+        try:
+            out[name] = round(float(ray.get(ref, timeout=30)), 1)
+        except Exception:  # noqa: BLE001 - a dead or busy role: nothing to report
+            continue
+    return out

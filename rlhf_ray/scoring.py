@@ -49,8 +49,10 @@ class VersionedScorer:
         return self.forward(requests)
 
     def info(self) -> dict:
+        from rlhf_ray.roles import peak_rss_mb
+
         return {"version": self.version, "pid": os.getpid(), "batch_sizes": list(self.batch_sizes),
-                "started_at": self.started_at}
+                "started_at": self.started_at, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def deploy(server_cls, name: str, bind_args: tuple, *, app_name: str, serve_cfg,

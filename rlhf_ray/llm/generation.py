@@ -32,23 +32,31 @@ class HFGenerationWorker:
     """transformers `generate` with sampling; prompts left padded, KV cache on."""
 
     def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
-                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None):
-        from rlhf_ray.llm.modeling import load_policy, load_tokenizer
+                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
+                 prompt_format: dict | None = None, lora: dict | None = None,
+                 adapter_path: str | None = None):
+        """`prompt_format`: `PromptFormat.settings(cfg.data)` (chat template, instruction).
+        `lora`: the policy trains LoRA adapters on this model (the SFT model): updates carry
+        adapter weights, merged into the weights here (`adapter_path`: a checkpoint's)."""
+        from rlhf_ray.llm.modeling import (PromptFormat, load_policy, load_tokenizer, lora_on,
+                                           with_lora)
 
         torch.set_num_threads(torch_threads)
         self.gen = GenerationConfig.model_validate(gen)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(model_path)
         self.model = load_policy(model_path, dtype, self.device).eval()
-        self.max_prompt = max_prompt_tokens
+        self.lora = lora_on(lora)
+        if self.lora:
+            self.model = with_lora(self.model, lora, adapter_path, trainable=False).eval()
+            self.model.merge_adapter()
+        self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.version = 0
         self.seed = seed
         self.calls = 0
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        return [bos + self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt:]
-                for p in prompts]
+        return [self.fmt.encode(p) for p in prompts]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
@@ -84,6 +92,16 @@ class HFGenerationWorker:
         """Load the learner's policy weights in place; stale versions are ignored."""
         if version <= self.version:
             return self.version
+        if self.lora:  # adapter weights: out of the weights, replaced, merged back in
+            from peft import set_peft_model_state_dict
+
+            self.model.unmerge_adapter()
+            res = set_peft_model_state_dict(self.model, weights)
+            self.model.merge_adapter()
+            if res.unexpected_keys:
+                raise ValueError(f"adapter sync v{version}: unexpected {res.unexpected_keys[:3]}")
+            self.version = version
+            return self.version
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [m for m in missing if "rotary" not in m]:
             raise ValueError(f"weight sync v{version}: missing {missing[:3]}, "
@@ -108,7 +126,14 @@ class VLLMGenerationWorker:
     state dict through the model's own `load_weights` (no engine restart)."""
 
     def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
-                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None):
+                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
+                 prompt_format: dict | None = None, lora: dict | None = None,
+                 adapter_path: str | None = None):
+        from rlhf_ray.llm.modeling import lora_on
+
+        if lora_on(lora):
+            raise ValueError("model.lora with generation.backend=vllm: not supported yet "
+                             "(use backend hf, or full fine-tuning)")
         try:
             from vllm import LLM
         except ImportError:
@@ -119,11 +144,13 @@ class VLLMGenerationWorker:
         # weight pushes send a function to the engine's workers (collective_rpc with a callable)
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.gen = GenerationConfig.model_validate(gen)
+        from rlhf_ray.llm.modeling import PromptFormat
+
         self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.llm = LLM(model=model_path, seed=seed, dtype="auto" if dtype == "float32" else dtype,
                        gpu_memory_utilization=self.gen.vllm_gpu_memory_utilization,
                        enable_prefix_caching=True)
-        self.max_prompt = max_prompt_tokens
         self.version = 0
         self.seed = seed
         self.calls = 0
@@ -137,9 +164,7 @@ class VLLMGenerationWorker:
             n=n, temperature=self.gen.temperature, top_k=self.gen.top_k or -1,
             top_p=self.gen.top_p, max_tokens=self.gen.max_new_tokens,
             seed=(self.seed * 1_000_003 + self.calls) if seed is None else seed)
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        pids = [bos + self.tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt:]
-                for p in prompts]
+        pids = [self.fmt.encode(p) for p in prompts]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in pids], params, use_tqdm=False)
         resp, texts = [], []
         for o in outs:

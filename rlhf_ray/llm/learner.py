@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.core import lm_ppo
-from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, load_policy, load_scalar_model, make_batch,
-                                   response_logprobs, response_values, save_model,
-                                   state_dict_cpu)
+from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu, load_policy,
+                                   load_scalar_model, lora_on, make_batch, response_logprobs,
+                                   response_values, save_model, state_dict_cpu, with_lora)
 
 
 def free_port() -> int:
@@ -38,10 +38,15 @@ class PPOLearner:
     def __init__(self, rank: int, world_size: int, policy_path: str, critic_path: str,
                  ppo: dict, temperature: float = 1.0, seed: int = 0, torch_threads: int = 1,
                  dtype: str = "float32", device: str | None = None, pad_id: int = 0,
-                 ref_path: str | None = None, state_path: str | None = None):
+                 ref_path: str | None = None, state_path: str | None = None,
+                 lora: dict | None = None, adapter_path: str | None = None,
+                 gradient_checkpointing: bool = False):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
-        state_path: a checkpoint's optimizer.pt to continue from."""
+        state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
+        `model.lora` section), policy_path is the base (the SFT model), the policy trains
+        adapters on it (`adapter_path`: a checkpoint's), and the reference is the same model
+        with its adapters off: no second copy."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
@@ -50,9 +55,17 @@ class PPOLearner:
                                  if torch.cuda.is_available() else "cpu")
         self.temperature = temperature
         self.pad_id = pad_id
-        self.policy = load_policy(policy_path, dtype, self.device)
-        self.ref = load_policy(ref_path or policy_path, dtype, self.device).eval().requires_grad_(False)
-        self.critic = TokenValueModel(load_scalar_model(critic_path, dtype, self.device))
+        self.lora = lora if lora_on(lora) else None
+        self.policy = with_lora(load_policy(policy_path, dtype, self.device), self.lora, adapter_path)
+        self.ref = None if self.lora else (
+            load_policy(ref_path or policy_path, dtype, self.device).eval().requires_grad_(False))
+        critic = load_scalar_model(critic_path, dtype, self.device)
+        if gradient_checkpointing:  # activations recomputed in backward: memory for time
+            self.policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            critic.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.critic = TokenValueModel(critic)
         self.policy.config.use_cache = False
         self.rng = np.random.default_rng(seed + 7919 * rank)
         self.version = 0
@@ -61,7 +74,8 @@ class PPOLearner:
         self._opts()
 
     def _opts(self) -> None:
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr)
+        self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
+                                     lr=self.cfg.lr)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr)
         if self._state_path and os.path.exists(self._state_path):  # resuming: same moments
             state = torch.load(self._state_path, map_location=self.device, weights_only=True)
@@ -125,7 +139,11 @@ class PPOLearner:
             m = b.select(slice(s, s + mb))
             args = (m.input_ids, m.attention_mask, m.position_ids)
             old_lp.append(response_logprobs(policy, *args, b.prompt_len, self.temperature))
-            ref_lp.append(response_logprobs(self.ref, *args, b.prompt_len, self.temperature))
+            if self.ref is None:  # LoRA: the reference is the base, adapters off
+                with policy.disable_adapter():
+                    ref_lp.append(response_logprobs(policy, *args, b.prompt_len, self.temperature))
+            else:
+                ref_lp.append(response_logprobs(self.ref, *args, b.prompt_len, self.temperature))
             values.append(response_values(critic, *args, b.prompt_len))
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
         mask = b.response_mask
@@ -161,7 +179,7 @@ class PPOLearner:
         loss = pg + vf
         if ent is not None:
             loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask)
-        stats = {"pg_loss": float(pg), "vf_loss": float(vf), **pg_stats, **vf_stats}
+        stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vf.detach()), **pg_stats, **vf_stats}
         return loss * scale, stats
 
     def _micro_batches(self, idx: np.ndarray) -> list[np.ndarray]:
@@ -244,13 +262,22 @@ class PPOLearner:
         return self.version
 
     def policy_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """What the generation workers load: the whole state dict, or with LoRA the adapters."""
+        if self.lora:
+            return self.version, adapter_state_cpu(self.policy)
         return self.version, state_dict_cpu(self.policy)
 
     def save(self, out_dir: str, tokenizer_path: str | None = None) -> dict:
         from rlhf_ray.llm.modeling import load_tokenizer
 
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-        pol = save_model(self.policy, tok, os.path.join(out_dir, "policy"))
+        policy = self._unwrap(self.policy)
+        if self.lora:  # the adapters (to resume from) and the merged policy (to use)
+            import copy
+
+            policy.save_pretrained(os.path.join(out_dir, "policy_adapter"))
+            policy = copy.deepcopy(policy).merge_and_unload()
+        pol = save_model(policy, tok, os.path.join(out_dir, "policy"))
         cri = save_model(self._unwrap(self.critic).model, tok, os.path.join(out_dir, "critic"))
         torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                     "version": self.version}, os.path.join(out_dir, "optimizer.pt"))

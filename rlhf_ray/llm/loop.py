@@ -39,10 +39,16 @@ def kl_controller(cfg):
     return FixedKLController(k.init_coef)
 
 
-def text_oracle(cfg):
-    from rlhf_ray.labeler import load_text_oracle
+def yardstick(cfg):
+    from rlhf_ray.llm.yardstick import load_yardstick
 
-    return load_text_oracle(cfg.labeler.oracle)
+    return load_yardstick(cfg)
+
+
+def rm_max_response_tokens(cfg) -> int:
+    """What the reward model reads as one response: a policy's continuation, or a whole text
+    of a preference file (the reviews task's comparisons are whole snippets)."""
+    return cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens + 1
 
 
 class LLMController(RunController):
@@ -51,11 +57,16 @@ class LLMController(RunController):
     def __init__(self, cfg, run_dir=None, on_metrics=None, progress: bool = True,
                  stop_event=None, **kwargs):
         super().__init__(cfg, run_dir, on_metrics, progress, stop_event, **kwargs)
+        lm_data.check(cfg)
         self.kl_ctl = kl_controller(cfg)
         self.score_mean, self.score_std = 0.0, 1.0
         self.sft_oracle = None
+        self.sft_eval: dict = {}  # the SFT policy on the held-out prompts (means)
+        self.evals: list[dict] = []  # every held-out evaluation so far (means)
+        self.judge = None  # the yardstick, loaded when PPO starts
+        self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
         self.prompts = lm_data.load_prompts(cfg)
-        self.eval_prompts = lm_data.load_prompts(cfg, split="eval")[:64]
+        self.eval_prompts = lm_data.load_prompts(cfg, split="eval")[:cfg.eval.num_prompts]
         self.cursor, self.order = 0, np.arange(0)
         self.sft_path = None
         self.generation: GenerationGroup | None = None
@@ -90,8 +101,11 @@ class LLMController(RunController):
             self.sft_path = state["sft_path"] if state else self.sft()
             if stages == "sft":
                 return {"sft_path": self.sft_path}
-            policy = str(ckpt / "policy") if state else self.sft_path
-            self.start_generation(policy)
+            # with LoRA every role holds the SFT model and a checkpoint's adapters on it
+            lora = self.cfg.model.lora.r > 0
+            adapter = str(ckpt / "policy_adapter") if state and lora else None
+            policy = str(ckpt / "policy") if state and not lora else self.sft_path
+            self.start_generation(policy, adapter)
             # 2. the reward model: from rankings of SFT samples or a file, or a given one
             fixed = bool(cfg.model.reward_path) and stages != "rm" and state is None
             rm_path = (str(ckpt / "reward_model") if state else
@@ -113,7 +127,8 @@ class LLMController(RunController):
             critic = (str(ckpt / "critic") if state else
                       rm_path if cfg.model.critic_init == "reward_model" else self.sft_path)
             self.deploy_reward_model(rm_path)
-            self.start_learners(policy, critic, str(ckpt / "optimizer.pt") if state else None)
+            self.start_learners(policy, critic, str(ckpt / "optimizer.pt") if state else None,
+                                adapter)
             if state:  # the workers hold the checkpoint's policy version
                 self.generation.set_version(self.learner.version())
             from rlhf_ray.roles import wait_running
@@ -138,6 +153,9 @@ class LLMController(RunController):
         self.actors.append(task)
         self.log("stage 1/3: supervised fine-tuning")
         path = ray.get(task.run.remote(cfg, out))
+        from rlhf_ray.roles import peak_memory
+
+        self.stage_memory.update({f"sft_{k}": v for k, v in peak_memory({"task": task}).items()})
         ray.kill(task)
         return path
 
@@ -147,14 +165,23 @@ class LLMController(RunController):
         import ray
 
         cfg = self.cfg
-        if cfg.data.preferences_path:
+        given = lm_data.initial_preferences(cfg)
+        if given is not None:
+            import json
+
             from rlhf_ray.llm.reward import rankings_to_comparisons
 
-            self.log("stage 2/3: reward model from data.preferences_path")
-            ray.get(self.trainer.add.remote(rankings_to_comparisons(
-                lm_data.load_preferences(cfg.data.preferences_path))))
+            rankings, stats = given
+            where = "data.preferences_path" if cfg.data.preferences_path else "human ratings"
+            self.log(f"stage 2/3: reward model from {len(rankings)} rankings ({where})")
+            if stats:
+                (self.run_dir / "reward_data.json").write_text(json.dumps(stats, indent=1))
+                self.log(f"comparisons: {stats['pairs']} pairs, mean-rating gap >= "
+                         f"{stats['min_margin']}; raters disagree on "
+                         f"{100 * stats['rater_disagreement']:.1f}% of rater pairs")
+            ray.get(self.trainer.add.remote(rankings_to_comparisons(rankings)))
             self.feedback.rm_stats = ray.get(self.trainer.train.remote(
-                epochs=cfg.reward_model.initial_epochs))
+                epochs=cfg.reward_model.initial_epochs, threads=self.stage_threads()))
         else:
             have = self.feedback.requested = self.feedback.load_stored()
             want = max(0, cfg.labels.initial - have)
@@ -163,28 +190,67 @@ class LLMController(RunController):
             self.ask_for_labels(want, block=True)
             if cfg.labeler.source != "oracle":
                 self.feedback.wait_for_labels(cfg.labels.initial)
-            self.feedback.feed(block=True, epochs=cfg.reward_model.initial_epochs)
+            self.feedback.feed(block=True, epochs=cfg.reward_model.initial_epochs,
+                               threads=self.stage_threads())
         out = str((self.run_dir / "reward_model").resolve())
         ray.get(self.trainer.save.remote(out))
         acc = self.feedback.rm_stats.get("rm_val_accuracy")
         self.log(f"reward model: val accuracy {'-' if acc is None else format(acc, '.3f')}")
         return out
 
+    def stage_threads(self) -> int:
+        """The first reward-model fit runs alone: the reward trainer's node's cores."""
+        import ray
+
+        if self.cfg.run.stage_threads:
+            return self.cfg.run.stage_threads
+        cpus = {n["NodeID"]: n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]}
+        node = ray.get(self.trainer.__ray_call__.remote(
+            lambda self: __import__("ray").get_runtime_context().get_node_id()))
+        return max(self.cfg.run.torch_threads, int(cpus.get(node, 1)))
+
     def calibrate(self) -> None:
-        """Reward normalization: the reward model's mean and std on SFT samples (InstructGPT
-        normalizes so that the SFT model scores 0 on average); fixed for the run."""
-        out = self.generation.generate(self.eval_prompts)
-        res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
-        s = np.asarray(res["scores"], dtype=np.float64)
+        """Reward normalization: the reward model's mean and std on SFT samples of the
+        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
+        fixed for the run. The same samples are the SFT model's held-out evaluation."""
+        ev = self.evaluate(final=False)
+        s = np.asarray(ev.pop("_rm_raw"), dtype=np.float64)
         if self.cfg.ppo.normalize_reward and len(s) > 1:
             self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
-        oracle = text_oracle(self.cfg)
-        self.sft_oracle = float(np.mean([oracle(p, r) for p, r in zip(out["prompts"], out["texts"])]))
+        self.sft_eval = {k: v for k, v in ev.items() if not k.startswith("_")}
+        self.sft_oracle = self.sft_eval["eval_score_mean"]
+        self.write_samples("sft", ev["_samples"])
+
+    def evaluate(self, final: bool = True) -> dict:
+        """The policy on the held-out prompts: its reward-model score and the yardstick's
+        (never trained on, never the training signal)."""
+        out = self.generation.generate(self.eval_prompts)
+        res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
+        if self.judge is None:
+            self.judge = yardstick(self.cfg)
+        judged = self.judge.score(out["prompts"], out["texts"])
+        ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
+        ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
+        ev["_rm_raw"] = list(res["scores"])
+        ev["_samples"] = [{"prompt": p, "response": r, "rm_score": float(q),
+                           **{k: float(v[i]) for k, v in judged.items()}}
+                          for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
+                                                            res["scores"]))]
+        return ev
+
+    def write_samples(self, tag: str, samples: list[dict]) -> None:
+        """The held-out samples of one evaluation (`samples_<tag>.jsonl`; the report's table)."""
+        import json
+
+        with open(self.run_dir / f"samples_{tag}.jsonl", "w", encoding="utf-8") as f:
+            for row in samples:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def ppo(self, online: bool) -> dict:
         cfg = self.cfg
         self.log(f"stage 3/3: PPO for {cfg.run.iterations} iterations")
-        oracle = text_oracle(cfg)  # the yardstick: never trained on
+        if self.judge is None:
+            self.judge = yardstick(cfg)  # never trained on, never the training signal
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
         while self.iteration < cfg.run.iterations and not self.should_stop():
@@ -211,14 +277,66 @@ class LLMController(RunController):
                     self.ask_for_labels(cfg.labels.per_iteration, block=False)
                     self.feedback.feed()  # a refit on new rankings, asynchronously
             t.append(time.perf_counter())
-            oracle_scores = [oracle(p, r) for p, r in zip(out["prompts"], out["texts"])]
-            last = self.emit(self.metrics(out, res, raw, oracle_scores, stats, beta, version, t))
+            oracle_scores = self.judge.score(out["prompts"], out["texts"])["score"]
+            row = self.metrics(out, res, raw, oracle_scores, stats, beta, version, t)
+            done = self.iteration >= cfg.run.iterations or self.should_stop()
+            if (cfg.eval.every and self.iteration % cfg.eval.every == 0) or done:
+                row.update(self.held_out(final=done))
+            last = self.emit(row)
             every = cfg.run.checkpoint_every
             if every and self.iteration % every == 0 and self.iteration < cfg.run.iterations:
                 self.checkpoint()
         self.feedback.finish_round()
         self.checkpoint(final=self.iteration >= cfg.run.iterations)
+        self.write_resources()
         return last
+
+    def write_resources(self) -> None:
+        """`RUN/resources.json`: each role's peak resident memory (MiB) and the run's time,
+        for the report."""
+        import json
+
+        from rlhf_ray.roles import peak_memory, peak_rss_mb
+
+        roles = {f"generation_{i}": w for i, w in enumerate(self.generation.workers)}
+        roles.update({f"learner_{r}": lr for r, lr in enumerate(self.learner.ranks)})
+        roles.update(reward_trainer=self.trainer, labeler=self.labeler)
+        mem = peak_memory(roles)
+        try:
+            mem["reward_model_server"] = self.rm_handle.info.remote().result(
+                timeout_s=30)["peak_rss_mb"]
+        except Exception:  # noqa: BLE001 - a replica that is gone: nothing to report
+            pass
+        mem["controller"] = round(peak_rss_mb(), 1)
+        together = round(sum(mem.values()), 1)  # roles alive at once (an upper bound)
+        mem.update(self.stage_memory)
+        (self.run_dir / "resources.json").write_text(json.dumps(
+            {"peak_rss_mb": mem, "ppo_roles_peak_rss_sum_mb": together,
+             "ppo_wall_s": self.elapsed_s(), "iterations": self.iteration}, indent=1))
+
+    def held_out(self, final: bool) -> dict:
+        """A held-out evaluation's row entries, the SFT model's beside them, and Gao et al.
+        2022's warning: the reward model's score rising while the yardstick's does not."""
+        from rlhf_ray import console
+        from rlhf_ray.llm.yardstick import disagreement
+
+        ev = self.evaluate()
+        samples = ev.pop("_samples")
+        ev.pop("_rm_raw")
+        self.evals.append({"iteration": self.iteration, **ev})
+        if final:
+            self.write_samples("final", samples)
+        row = {k: clean(v) for k, v in ev.items()}
+        row.update({f"sft_{k}": clean(v) for k, v in self.sft_eval.items()})
+        gap = disagreement([e["eval_rm_score_mean"] for e in self.evals],
+                           [e["eval_score_mean"] for e in self.evals])
+        row["rm_judge_diverging"] = gap is not None
+        if gap is not None:
+            console.note(f"warning: iteration {self.iteration}: the reward model's held-out score "
+                         f"keeps rising ({gap['rm_slope']:+.2f}/eval) while the yardstick's does "
+                         f"not ({gap['yardstick_slope']:+.2f}/eval): the policy may be exploiting "
+                         "the reward model (Gao et al. 2022)")
+        return row
 
     def metrics(self, out, res, raw, oracle_scores, stats, beta, version, t) -> dict:
         return {
@@ -256,7 +374,7 @@ class LLMController(RunController):
         self.trainer = remote_role(LMRewardTrainer, place.reward_trainer,
                                    self.bundle("reward_trainer"), pg=self.pg).remote(
             rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.generation.max_new_tokens + 1, seed=cfg.seed,
+            max_response_tokens=rm_max_response_tokens(cfg), seed=cfg.seed,
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype)
         self.actors += [weights, self.trainer]
         self.feedback.attach(self.trainer, weights)
@@ -276,18 +394,18 @@ class LLMController(RunController):
             namespace=ray.get_runtime_context().namespace, serve_cfg=self.cfg.placement.reward_model,
             torch_threads=self.cfg.run.torch_threads,
             max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-            max_response_tokens=self.cfg.generation.max_new_tokens + 1, wait=False)
+            max_response_tokens=rm_max_response_tokens(self.cfg), wait=False)
         self.apps.append(self.names.reward_app)
 
-    def start_generation(self, policy_path: str) -> None:
-        self.generation = GenerationGroup(self.cfg, policy_path, self.bundle, self.pg)
+    def start_generation(self, policy_path: str, adapter_path: str | None = None) -> None:
+        self.generation = GenerationGroup(self.cfg, policy_path, self.bundle, self.pg, adapter_path)
         self.actors += self.generation.workers
 
     def start_learners(self, policy_path: str, critic_path: str,
-                       state_path: str | None = None) -> None:
+                       state_path: str | None = None, adapter_path: str | None = None) -> None:
         """N ranks of one torch.distributed group; the reference is the SFT model."""
         self.learner = LearnerGroup(self.cfg, policy_path, critic_path, self.sft_path,
-                                    self.bundle, self.pg, state_path)
+                                    self.bundle, self.pg, state_path, adapter_path)
         self.actors += self.learner.ranks
 
     @property
@@ -331,6 +449,7 @@ class LLMController(RunController):
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
             "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
             "score_std": self.score_std, "sft_oracle": self.sft_oracle,
+            "sft_eval": self.sft_eval, "evals": self.evals,
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
     def restore(self, ckpt: Path, override_kl: bool = False) -> dict:
@@ -349,5 +468,7 @@ class LLMController(RunController):
             self.order = np.asarray(state["prompt_order"])
         self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
         self.sft_oracle = float(state["sft_oracle"])
+        self.sft_eval = dict(state.get("sft_eval") or {})
+        self.evals = [e for e in state.get("evals") or [] if e["iteration"] <= self.iteration]
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state

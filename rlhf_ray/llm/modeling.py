@@ -21,6 +21,15 @@ import torch.nn.functional as F
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that computes in it, else float32 (CPUs here run bf16
+    matmuls slower than fp32)."""
+    if dtype == "auto":
+        ok = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else torch.float32
+    return DTYPES[dtype]
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -34,7 +43,76 @@ def load_tokenizer(path: str):
 def load_policy(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device)
+
+
+def lora_on(lora: dict | None) -> bool:
+    return bool(lora and lora.get("r"))
+
+
+def with_lora(model, lora: dict | None, adapter_path: str | None = None,
+              trainable: bool = True):
+    """`model` with LoRA adapters (`model.lora` as a dict) through peft: fresh ones (B = 0,
+    so the model is unchanged), or a saved adapter folder's. Without LoRA, `model` itself."""
+    if not lora_on(lora):
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    return get_peft_model(model, LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+
+
+def adapter_state_cpu(model) -> dict[str, torch.Tensor]:
+    """A LoRA policy's adapter weights (all a generation worker needs to follow it)."""
+    from peft import get_peft_model_state_dict
+
+    model = getattr(model, "module", model)
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+class PromptFormat:
+    """How the policy reads a prompt: the tokenizer's chat template around the task's
+    instruction (the user's turn), the prompt text starting the assistant's turn; or, with no
+    template, BOS + the prompt text. A long prompt loses its first tokens, never the
+    template's. The reward model and the judges read the plain text (`encode_pairs`)."""
+
+    def __init__(self, tok, instruction: str = "", chat_template: str = "auto",
+                 max_prompt_tokens: int = 64):
+        self.tok, self.max_prompt = tok, max_prompt_tokens
+        has = bool(getattr(tok, "chat_template", None))
+        if chat_template == "on" and not has:
+            raise ValueError(f"data.chat_template=on: the tokenizer "
+                             f"({getattr(tok, 'name_or_path', '?')}) has no chat template")
+        self.templated = has and chat_template != "off"
+        if self.templated:
+            text = tok.apply_chat_template([{"role": "user", "content": instruction}],
+                                           tokenize=False, add_generation_prompt=True)
+            self.prefix = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            self.prefix = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        if len(self.prefix) >= max_prompt_tokens:
+            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens}: the chat template "
+                             f"and instruction alone take {len(self.prefix)} tokens")
+
+    @classmethod
+    def from_dict(cls, tok, d: dict | None, max_prompt_tokens: int = 64) -> "PromptFormat":
+        d = d or {}
+        return cls(tok, d.get("instruction", ""), d.get("chat_template", "auto"),
+                   d.get("max_prompt_tokens", max_prompt_tokens))
+
+    @staticmethod
+    def settings(data_cfg) -> dict:
+        """What a role needs of the `data` section to read prompts as the policy does."""
+        return {"instruction": data_cfg.instruction, "chat_template": data_cfg.chat_template,
+                "max_prompt_tokens": data_cfg.max_prompt_tokens}
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        keep = self.max_prompt - len(self.prefix)
+        return self.prefix + ids[-keep:] if ids else list(self.prefix)
 
 
 def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
@@ -43,7 +121,7 @@ def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[dtype])
+        path, num_labels=1, dtype=resolve_dtype(dtype, device))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device)
@@ -155,12 +233,17 @@ def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
-                 max_response_tokens: int) -> TokenBatch:
-    """Text (prompt, response) pairs -> a TokenBatch; responses end with EOS."""
-    pids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
-    pids = [[tokenizer.bos_token_id] + x if tokenizer.bos_token_id is not None else x for x in pids]
-    rids = [tokenizer(r, add_special_tokens=False)["input_ids"][:max_response_tokens - 1]
-            + [tokenizer.eos_token_id] for r in responses]
+                 max_response_tokens: int, fmt: PromptFormat | None = None) -> TokenBatch:
+    """Text (prompt, response) pairs -> a TokenBatch; responses end with EOS unless cut at
+    `max_response_tokens`. `fmt`: read
+    prompts as the policy does (chat template); default BOS + plain text."""
+    fmt = fmt or PromptFormat(tokenizer, chat_template="off", max_prompt_tokens=max_prompt_tokens + 1)
+    pids = [fmt.encode(p) for p in prompts]
+    rids = []
+    for r in responses:  # a response cut at the limit gets no EOS (it did not end there)
+        ids = tokenizer(r, add_special_tokens=False)["input_ids"]
+        rids.append(ids[:max_response_tokens] if len(ids) >= max_response_tokens
+                    else ids + [tokenizer.eos_token_id])
     return make_batch(pids, rids, tokenizer.pad_token_id)
 
 

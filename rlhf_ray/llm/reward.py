@@ -28,7 +28,8 @@ def rankings_to_comparisons(rankings: list[dict]) -> list[dict]:
         resp = r["responses"]
         for i in range(len(resp)):
             for j in range(i + 1, len(resp)):
-                out.append({"prompt": r["prompt"], "left": resp[i], "right": resp[j], "mu": 1.0,
+                out.append({"prompt": r["prompt"], "left": resp[i], "right": resp[j],
+                            "mu": float(r.get("mu", 1.0)),
                             "ranking_id": r.get("ranking_id", f"file-{n}")})
     return out
 
@@ -101,9 +102,18 @@ class LMRewardTrainer:
         return scores, t(left), t(right), t(mu, torch.float32), t(gidx)
 
     # ---------------------------------------------------------------- training
-    def train(self, steps: int | None = None, epochs: int | None = None) -> dict:
+    def train(self, steps: int | None = None, epochs: int | None = None,
+              threads: int | None = None) -> dict:
         """`steps` gradient steps (default: `steps_per_round`), or `epochs` passes over the
-        training prompts. Returns loss, accuracy on held-out prompts and the new version."""
+        training prompts. Returns loss, accuracy on held-out prompts and the new version.
+        `threads`: torch threads for this call only (the first fit runs alone)."""
+        if threads:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return self.train(steps, epochs)
+            finally:
+                torch.set_num_threads(before)
         train = [g for g in self.groups.values() if not g["val"]]
         if not train:
             return {"rm_train_loss": float("nan"), "rm_val_accuracy": float("nan"),

@@ -17,15 +17,24 @@ from rlhf_ray.config import LLMConfig
 from rlhf_ray.llm import data as lm_data
 
 
+def stage_threads(cfg: LLMConfig) -> int:
+    """A stage that runs alone has the node's cores to itself (`run.stage_threads`)."""
+    if cfg.run.stage_threads:
+        return cfg.run.stage_threads
+    return max(cfg.run.torch_threads, len(os.sched_getaffinity(0)))
+
+
 def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
     """Supervised fine-tuning on (prompt, response) demonstrations: cross-entropy on the
     response tokens (and EOS) only. Builds the tiny model first when `model.policy: tiny`.
     Saves a Hugging Face model folder (safetensors) to `out_dir`; returns it."""
     import torch
 
-    from rlhf_ray.llm.modeling import encode_pairs, load_policy, load_tokenizer, save_model
+    from rlhf_ray import assets
+    from rlhf_ray.llm.modeling import (PromptFormat, encode_pairs, load_policy, load_tokenizer,
+                                       save_model)
 
-    torch.set_num_threads(cfg.run.torch_threads)
+    torch.set_num_threads(stage_threads(cfg))
     torch.manual_seed(cfg.seed)
     src = cfg.model.policy
     if src == "tiny":
@@ -35,8 +44,13 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
         t = cfg.model.tiny
         build_model(src, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size,
                     seed=cfg.seed)
+    else:
+        src = assets.resolve(src)
     tok = load_tokenizer(src)
     model = load_policy(src, cfg.model.dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    fmt = PromptFormat(tok, cfg.data.instruction, cfg.data.chat_template, cfg.data.max_prompt_tokens)
     rows = lm_data.load_sft(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr)
     rng = np.random.default_rng(cfg.seed)
@@ -48,7 +62,7 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
         for s in range(0, len(rows), bs):
             part = [rows[i] for i in perm[s:s + bs]]
             b = encode_pairs(tok, [r["prompt"] for r in part], [r["response"] for r in part],
-                             cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens)
+                             cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens, fmt)
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                            position_ids=b.position_ids).logits[:, b.prompt_len - 1:-1]
             target = b.input_ids[:, b.prompt_len:]

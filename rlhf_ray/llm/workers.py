@@ -20,15 +20,18 @@ Bundle = Callable[[str, int], "int | None"]  # (role, i) -> a bundle of the run'
 
 
 class GenerationGroup:
-    def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None):
+    def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None,
+                 adapter_path: str | None = None):
         from rlhf_ray.llm.generation import generation_worker_class
+        from rlhf_ray.llm.modeling import PromptFormat
 
         place = cfg.placement
         cls = generation_worker_class(cfg.generation.backend)
         self.workers = [remote_role(cls, place.generation_worker, bundle("generation", i), pg=pg,
                                     max_restarts=-1).remote(
             policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
-            cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype)
+            cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype, None,
+            PromptFormat.settings(cfg.data), cfg.model.lora.model_dump(), adapter_path)
             for i in range(place.num_generation_workers)]
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
@@ -94,7 +97,8 @@ class GenerationGroup:
 
 class LearnerGroup:
     def __init__(self, cfg, policy_path: str, critic_path: str, ref_path: str,
-                 bundle: Bundle, pg=None, state_path: str | None = None):
+                 bundle: Bundle, pg=None, state_path: str | None = None,
+                 adapter_path: str | None = None):
         """`ref_path`: the frozen reference (the SFT model); `state_path`: a checkpoint's
         optimizer.pt to continue from."""
         import ray
@@ -107,7 +111,8 @@ class LearnerGroup:
         n = place.num_learners
         self.ranks = [remote_role(PPOLearner, place.learner, bundle("learner", r), pg=pg).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
-            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, ref_path, state_path)
+            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, ref_path, state_path,
+            cfg.model.lora.model_dump(), adapter_path, cfg.model.gradient_checkpointing)
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])

@@ -36,9 +36,12 @@ def _rollout(tiny_paths, n: int, seed: int = 0) -> dict:
     return out
 
 
-def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths):
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r):
     """Global advantage whitening and global token normalization make DDP over 2 gloo
-    ranks compute the gradients of the whole batch, though the ranks' token counts differ."""
+    ranks compute the gradients of the whole batch, though the ranks' token counts differ;
+    also when the policy trains LoRA adapters (peft) and its reference is itself, adapters
+    off."""
     ray = ray_cluster
     from rlhf_ray.llm.learner import PPOLearner
 
@@ -53,10 +56,14 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
                     (batch[k][rows] if isinstance(batch[k], np.ndarray) else batch[k]))
                 for k in ("prompt_ids", "response_ids", "scores", "prompt_len", "response_len")}
 
-    one = Learner.remote(0, 1, tiny_paths, tiny_paths, ppo, pad_id=pad)
+    from rlhf_ray.config import LoRAConfig
+
+    lora = LoRAConfig(r=lora_r).model_dump()
+    one = Learner.remote(0, 1, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora)
     full = ray.get(one.gradients.remote(shard(list(range(8))), 0.1))
     ray.kill(one)
-    pair = [Learner.remote(r, 2, tiny_paths, tiny_paths, ppo, pad_id=pad) for r in range(2)]
+    pair = [Learner.remote(r, 2, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora)
+            for r in range(2)]
     addr, port = ray.get(pair[0].address.remote())
     assert ray.get([lr.init_group.remote(addr, port, "gloo") for lr in pair]) == [2, 2]
     halves = ray.get([pair[0].gradients.remote(shard([0, 2, 4, 6]), 0.1),
@@ -72,6 +79,8 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
         np.testing.assert_allclose(halves[0][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
     assert lens[0] != lens[1]  # unequal token counts: the case that needs global normalization
     assert any(np.abs(g).max() > 0 for g in full.values())
+    policy = [n for n in full if n.startswith("policy.")]
+    assert policy and all(("lora_" in n) == bool(lora_r) for n in policy)
 
 
 @pytest.fixture(scope="module")

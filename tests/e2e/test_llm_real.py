@@ -1,0 +1,74 @@
+"""The LLM workload on a real pretrained model and real human ratings: `rlhf-ray train
+smollm2-reviews-smoke` (SmolLM2-135M-Instruct, the Rotten Tomatoes ratings, the MiniLM
+yardstick) end to end on the session's Ray cluster, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import assert_own_lines_only
+from rlhf_ray.config import load_config
+from rlhf_ray.llm.data import load_prompts
+from rlhf_ray.metrics import LLM_KEYS, LLM_METRICS, read_metrics
+from rlhf_ray.store import PreferenceStore
+
+pytestmark = pytest.mark.e2e
+
+
+def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_cluster, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "smollm2-reviews-smoke",
+                          "--run-dir", str(run)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    log = (run / "driver.log").read_text()[-3000:] if (run / "driver.log").exists() else ""
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + log
+    assert_own_lines_only(out, run)
+    assert "comparisons: 24 pairs" in out.stderr and "raters disagree on" in out.stderr
+    cfg = load_config("smollm2-reviews-smoke")
+    rows = read_metrics(run)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for row in rows:
+        assert not [k for k in LLM_KEYS if row.get(k) is None], row
+        assert not set(row) - set(LLM_METRICS)
+        assert 0 <= row["oracle_score_mean"] <= 1  # the MiniLM probe's P(positive)
+    last = rows[-1]
+    for key in ("eval_score_mean", "eval_vader_mean", "eval_rm_score_mean",
+                "sft_eval_score_mean", "sft_eval_vader_mean", "sft_eval_rm_score_mean"):
+        assert last.get(key) is not None, key
+    assert -1 <= last["eval_vader_mean"] <= 1 and last["rm_judge_diverging"] in (True, False)
+    # held-out samples of the SFT model and the final policy, on held-out prompts only
+    held = set(load_prompts(cfg, "eval"))
+    for tag in ("sft", "final"):
+        samples = [json.loads(x) for x in (run / f"samples_{tag}.jsonl").read_text().splitlines()]
+        assert len(samples) == cfg.eval.num_prompts
+        assert {s["prompt"] for s in samples} <= held
+        assert all(s["response"].strip() and 0 <= s["score"] <= 1 for s in samples)
+    # the reward model's data: human comparisons with the raters' agreement
+    stats = json.loads((run / "reward_data.json").read_text())
+    assert stats["pairs"] == 24 and 0 <= stats["rater_disagreement"] < 0.5
+    # online rankings from the simulated rater during PPO, in the store
+    store = PreferenceStore(str(run / "preferences"))
+    labels = store.labels()
+    assert len(set(labels.column("ranking_id").to_pylist())) == last["labels_total"] >= 1
+    asked = store.texts(labels.column("left_id").to_pylist())
+    assert {p for p, _ in asked.values()} <= set(load_prompts(cfg, "train"))
+    # the saved policy is an ordinary HF folder with the real tokenizer and chat template
+    pol = run / "final" / "policy"
+    assert (pol / "model.safetensors").exists() and (pol / "chat_template.jinja").exists()
+    assert json.loads((pol / "config.json").read_text())["vocab_size"] == 49152
+    # time and memory per role; the report's table of held-out prompts and continuations
+    res = json.loads((run / "resources.json").read_text())
+    assert {"generation_0", "learner_0", "reward_trainer", "controller",
+            "reward_model_server", "sft_task"} <= set(res["peak_rss_mb"])
+    assert 0 < res["ppo_roles_peak_rss_sum_mb"] < 12 * 1024
+    from rlhf_ray.report import report
+
+    report(str(run))
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| yardstick |" in md and "final continuation" in md and "learner_0" in md
