@@ -297,6 +297,10 @@ class LMModelConfig(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the learners' backward (less memory)")
+    train_top_layers: int | None = Field(
+        None, ge=1, description="train only the top N transformer blocks (and the heads) of "
+        "every model (SFT, reward model, policy, critic; LoRA goes on those blocks): the "
+        "backward pass stops below them. null: all")
 
 
 class ReviewsSplit(_Strict):
@@ -370,6 +374,8 @@ class LMRewardConfig(_Strict):
     initial_epochs: int = Field(8, ge=1, description="passes over the initial labels")
     steps_per_round: int = Field(20, ge=0, description="gradient steps per online round")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="rankings held out for accuracy")
+    val_max: int = Field(64, ge=1, description="held-out rankings scored after each round "
+                         "(the first ones held out: a fixed set)")
 
 
 class KLConfig(_Strict):
@@ -399,6 +405,9 @@ class LMPPOConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)
+    async_generation: bool = Field(
+        False, description="generate the next batch while the learner steps on this one: "
+        "one step off-policy (verl's and OpenRLHF's async modes); the lag is `policy_lag`")
 
 
 class LMEvalConfig(_Strict):

@@ -44,7 +44,7 @@ LLM_METRICS: dict[str, str] = {
     "response_len_mean": "charts", "tokens_per_s": "charts",
     "kl_coef_next": "losses", "pg_loss": "losses", "vf_loss": "losses", "approx_kl": "losses",
     "clipfrac": "losses",
-    "policy_version": "counters", "sample_policy_versions": "counters",
+    "policy_version": "counters", "sample_policy_versions": "counters", "policy_lag": "counters",
     "generation_restarts": "counters",
     "generate_s": "time", "score_s": "time", "learner_s": "time", "sync_s": "time",
     "iteration_s": "time",

@@ -164,5 +164,9 @@ def _report_llm_md(run: Path, rows: list[dict], evals: list[dict], png: Path) ->
         mem = json.loads(res.read_text())
         lines += ["", "| role | peak memory (MiB) |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in sorted(mem["peak_rss_mb"].items())]
-        lines.append(f"| PPO roles together (sum of peaks) | {mem['ppo_roles_peak_rss_sum_mb']:.0f} |")
+        lines.append(f"| PPO roles together (sum of peaks, shared pages counted in each) | "
+                     f"{mem['ppo_roles_peak_rss_sum_mb']:.0f} |")
+        if mem.get("machine_used_peak_mb"):
+            lines.append(f"| the machine's used memory, peak over the run | "
+                         f"{mem['machine_used_peak_mb']:.0f} |")
     (run / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -34,7 +34,7 @@ class HFGenerationWorker:
     def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
                  torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
                  prompt_format: dict | None = None, lora: dict | None = None,
-                 adapter_path: str | None = None):
+                 adapter_path: str | None = None, train_top_layers: int | None = None):
         """`prompt_format`: `PromptFormat.settings(cfg.data)` (chat template, instruction).
         `lora`: the policy trains LoRA adapters on this model (the SFT model): updates carry
         adapter weights, merged into the weights here (`adapter_path`: a checkpoint's)."""
@@ -48,7 +48,8 @@ class HFGenerationWorker:
         self.model = load_policy(model_path, dtype, self.device).eval()
         self.lora = lora_on(lora)
         if self.lora:
-            self.model = with_lora(self.model, lora, adapter_path, trainable=False).eval()
+            self.model = with_lora(self.model, lora, adapter_path, trainable=False,
+                                   top=train_top_layers).eval()
             self.model.merge_adapter()
         self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.version = 0
@@ -128,7 +129,7 @@ class VLLMGenerationWorker:
     def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
                  torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
                  prompt_format: dict | None = None, lora: dict | None = None,
-                 adapter_path: str | None = None):
+                 adapter_path: str | None = None, train_top_layers: int | None = None):
         from rlhf_ray.llm.modeling import lora_on
 
         if lora_on(lora):

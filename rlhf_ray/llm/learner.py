@@ -26,6 +26,7 @@ from rlhf_ray.core import lm_ppo
 from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu, load_policy,
                                    load_scalar_model, lora_on, make_batch, response_logprobs,
                                    response_values, save_model, state_dict_cpu, with_lora)
+from rlhf_ray.llm.modeling import train_top_layers as freeze_below
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ class PPOLearner:
                  dtype: str = "float32", device: str | None = None, pad_id: int = 0,
                  ref_path: str | None = None, state_path: str | None = None,
                  lora: dict | None = None, adapter_path: str | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, train_top_layers: int | None = None):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
         state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
@@ -56,10 +57,14 @@ class PPOLearner:
         self.temperature = temperature
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
-        self.policy = with_lora(load_policy(policy_path, dtype, self.device), self.lora, adapter_path)
+        self.policy = with_lora(load_policy(policy_path, dtype, self.device), self.lora,
+                                adapter_path, top=train_top_layers)
+        if not self.lora:
+            freeze_below(self.policy, train_top_layers)
         self.ref = None if self.lora else (
             load_policy(ref_path or policy_path, dtype, self.device).eval().requires_grad_(False))
         critic = load_scalar_model(critic_path, dtype, self.device)
+        freeze_below(critic, train_top_layers)
         if gradient_checkpointing:  # activations recomputed in backward: memory for time
             self.policy.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -76,7 +81,8 @@ class PPOLearner:
     def _opts(self) -> None:
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                      lr=self.cfg.lr)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr)
+        self.critic_opt = torch.optim.AdamW([p for p in self.critic.parameters() if p.requires_grad],
+                                            lr=self.cfg.critic_lr)
         if self._state_path and os.path.exists(self._state_path):  # resuming: same moments
             state = torch.load(self._state_path, map_location=self.device, weights_only=True)
             self.opt.load_state_dict(state["opt"])

@@ -65,6 +65,9 @@ class LLMController(RunController):
         self.evals: list[dict] = []  # every held-out evaluation so far (means)
         self.judge = None  # the yardstick, loaded when PPO starts
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
+        from rlhf_ray.roles import MemorySampler
+
+        self.memory_sampler = MemorySampler()  # the machine's used memory over the run
         self.prompts = lm_data.load_prompts(cfg)
         self.eval_prompts = lm_data.load_prompts(cfg, split="eval")[:cfg.eval.num_prompts]
         self.cursor, self.order = 0, np.arange(0)
@@ -95,6 +98,7 @@ class LLMController(RunController):
         cfg = self.cfg
         ckpt = Path(resume_from).resolve() if resume_from is not None else None
         with self.session():
+            self.memory_sampler.start()
             self.start_group()
             state = self.restore(ckpt, override_kl) if ckpt else None
             # 1. supervised fine-tuning
@@ -253,9 +257,12 @@ class LLMController(RunController):
             self.judge = yardstick(cfg)  # never trained on, never the training signal
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
+        batch = cfg.ppo.rollout_batch_size
+        pending = None  # async_generation: the next batch, sampled while the learner steps
         while self.iteration < cfg.run.iterations and not self.should_stop():
             t = [time.perf_counter()]
-            out = self.generation.generate(self.next_prompts(cfg.ppo.rollout_batch_size))  # v
+            out = self.generation.collect(pending or self.generation.submit(self.next_prompts(batch)))
+            pending = None
             t.append(time.perf_counter())
             res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
             raw = np.asarray(res["scores"], dtype=np.float64)
@@ -263,6 +270,8 @@ class LLMController(RunController):
             if cfg.ppo.reward_clip:
                 scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
             t.append(time.perf_counter())
+            if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
+                pending = self.generation.submit(self.next_prompts(batch))  # still policy v
             beta = self.kl_ctl.beta
             stats = self.learner.step(out, scores, beta)  # PPO, KL-penalized token rewards
             t.append(time.perf_counter())
@@ -300,7 +309,8 @@ class LLMController(RunController):
 
         roles = {f"generation_{i}": w for i, w in enumerate(self.generation.workers)}
         roles.update({f"learner_{r}": lr for r, lr in enumerate(self.learner.ranks)})
-        roles.update(reward_trainer=self.trainer, labeler=self.labeler)
+        roles.update(reward_trainer=self.trainer, labeler=self.labeler,
+                     weight_store=self.feedback.weight_store)
         mem = peak_memory(roles)
         try:
             mem["reward_model_server"] = self.rm_handle.info.remote().result(
@@ -312,6 +322,7 @@ class LLMController(RunController):
         mem.update(self.stage_memory)
         (self.run_dir / "resources.json").write_text(json.dumps(
             {"peak_rss_mb": mem, "ppo_roles_peak_rss_sum_mb": together,
+             "machine_used_peak_mb": self.memory_sampler.peak_mb(),
              "ppo_wall_s": self.elapsed_s(), "iterations": self.iteration}, indent=1))
 
     def held_out(self, final: bool) -> dict:
@@ -349,6 +360,7 @@ class LLMController(RunController):
             "response_len_mean": clean(stats["response_len_mean"]),
             "tokens_per_s": clean(out["tokens"] / (t[5] - t[0])),
             "policy_version": int(version), "sample_policy_versions": sorted(set(out["versions"])),
+            "policy_lag": int(version - 1 - min(out["versions"])),
             "generation_restarts": self.generation.restarts,
             "labeler_restarts": self.feedback.restarts, "rm_version": int(res["version"]),
             **self.feedback.metrics(),
@@ -375,7 +387,10 @@ class LLMController(RunController):
                                    self.bundle("reward_trainer"), pg=self.pg).remote(
             rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_response_tokens=rm_max_response_tokens(cfg), seed=cfg.seed,
-            torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype)
+            # it refits beside the learner: the CPUs it reserves (its first fit, alone,
+            # takes the node's: stage_threads)
+            torch_threads=max(1, int(place.reward_trainer.num_cpus)), dtype=cfg.model.dtype,
+            train_top_layers=cfg.model.train_top_layers)
         self.actors += [weights, self.trainer]
         self.feedback.attach(self.trainer, weights)
         if with_labeler:

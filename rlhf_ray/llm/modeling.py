@@ -46,23 +46,58 @@ def load_policy(path: str, dtype: str = "float32", device: str = "cpu"):
     return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device)
 
 
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
+    """The transformer blocks: the first ModuleList called `layers` (or `h`)."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
+            return name, m
+    raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
+
+
+def top_layers(model, k: int | None) -> list[int] | None:
+    """Indices of the top `k` blocks (None: all)."""
+    if not k:
+        return None
+    n = len(decoder_layers(model)[1])
+    return list(range(max(0, n - k), n))
+
+
+def train_top_layers(model, k: int | None) -> None:
+    """Freeze all but the top `k` blocks, the final norm and the heads (`model.
+    train_top_layers`): backward stops at the lowest trainable block, so a step costs a
+    forward pass and a fraction of the backward. Embeddings (and a head tied to them) freeze."""
+    keep = top_layers(model, k)
+    if keep is None:
+        return
+    import re
+
+    prefix = re.escape(decoder_layers(model)[0])
+    for name, p in model.named_parameters():
+        m = re.search(prefix + r"\.(\d+)\.", name)
+        p.requires_grad_(int(m.group(1)) in keep if m else "embed" not in name)
+
+
 def lora_on(lora: dict | None) -> bool:
     return bool(lora and lora.get("r"))
 
 
 def with_lora(model, lora: dict | None, adapter_path: str | None = None,
-              trainable: bool = True):
+              trainable: bool = True, top: int | None = None):
     """`model` with LoRA adapters (`model.lora` as a dict) through peft: fresh ones (B = 0,
-    so the model is unchanged), or a saved adapter folder's. Without LoRA, `model` itself."""
+    so the model is unchanged), or a saved adapter folder's; `top`: on the top blocks only.
+    Without LoRA, `model` itself."""
     if not lora_on(lora):
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    keep = top_layers(model, top)
     return get_peft_model(model, LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+        layers_to_transform=keep, layers_pattern=decoder_layers(model)[0].rsplit(".", 1)[-1]
+        if keep else None))
 
 
 def adapter_state_cpu(model) -> dict[str, torch.Tensor]:

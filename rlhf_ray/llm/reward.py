@@ -37,15 +37,19 @@ def rankings_to_comparisons(rankings: list[dict]) -> list[dict]:
 class LMRewardTrainer:
     def __init__(self, init_path: str, cfg: LMRewardConfig, *, max_prompt_tokens: int = 64,
                  max_response_tokens: int = 64, seed: int = 0, torch_threads: int = 1,
-                 dtype: str = "float32", device: str = "cpu"):
+                 dtype: str = "float32", device: str = "cpu", train_top_layers: int | None = None):
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.cfg = cfg
         self.tok = load_tokenizer(init_path)
         self.model = load_scalar_model(init_path, dtype, device)
         self.model.config.pad_token_id = self.tok.pad_token_id
+        from rlhf_ray.llm.modeling import train_top_layers as freeze_below
+
+        freeze_below(self.model, train_top_layers)
         self.device = device
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=cfg.lr)
         self.rng = np.random.default_rng(seed)
         self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
         self.groups: dict[str, dict] = {}  # ranking id -> {prompt, responses, pairs, val}
@@ -143,22 +147,26 @@ class LMRewardTrainer:
 
     @torch.no_grad()
     def accuracy(self, val: bool = True) -> float:
-        groups = [g for g in self.groups.values() if g["val"] == val]
+        groups = [g for g in self.groups.values() if g["val"] == val][:self.cfg.val_max]
         if not groups:
             return float("nan")
         self.model.eval()
         right_n, total = 0, 0
         for s in range(0, len(groups), 64):
             scores, left, right, mu, _ = self._forward(groups[s:s + 64])
-            strict = mu != 0.5
-            pred = (scores[left] > scores[right]).float()
-            right_n += int((pred[strict] == mu[strict]).sum())
+            strict = mu != 0.5  # soft labels count by the side they favour
+            pred = scores[left] > scores[right]
+            right_n += int((pred[strict] == (mu[strict] > 0.5)).sum())
             total += int(strict.sum())
         return right_n / total if total else float("nan")
 
     # ---------------------------------------------------------------- publishing
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        return self.version, state_dict_cpu(self.model)
+        """What a refit changed: the trainable parameters (all of them, or with
+        `model.train_top_layers` the top blocks and the head); the replica keeps the rest."""
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        full = state_dict_cpu(self.model)
+        return self.version, {k: v for k, v in full.items() if k in trainable} or full
 
     def set_version(self, version: int) -> int:
         """Continue numbering from a checkpoint's reward-model version."""

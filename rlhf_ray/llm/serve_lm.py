@@ -31,7 +31,11 @@ class LMRewardServer(VersionedScorer):
         super().__init__(weight_store, namespace, max_batch_size, batch_wait_timeout_s)
 
     def load(self, weights) -> None:
-        self.model.load_state_dict(weights)
+        """Published weights: all, or the trainable part (the rest never changes)."""
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or (missing and len(weights) == len(self.model.state_dict())):
+            raise ValueError(f"reward-model weights: unexpected {unexpected[:3]}, "
+                             f"missing {missing[:3]}")
 
     def forward(self, requests: list[tuple[list[str], list[str]]]) -> list[dict]:
         from rlhf_ray.llm.modeling import encode_pairs, last_token_scores

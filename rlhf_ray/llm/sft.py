@@ -32,7 +32,7 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
 
     from rlhf_ray import assets
     from rlhf_ray.llm.modeling import (PromptFormat, encode_pairs, load_policy, load_tokenizer,
-                                       save_model)
+                                       save_model, train_top_layers)
 
     torch.set_num_threads(stage_threads(cfg))
     torch.manual_seed(cfg.seed)
@@ -48,11 +48,12 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
         src = assets.resolve(src)
     tok = load_tokenizer(src)
     model = load_policy(src, cfg.model.dtype)
+    train_top_layers(model, cfg.model.train_top_layers)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     fmt = PromptFormat(tok, cfg.data.instruction, cfg.data.chat_template, cfg.data.max_prompt_tokens)
     rows = lm_data.load_sft(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr)
     rng = np.random.default_rng(cfg.seed)
     bs = cfg.sft.batch_size
     t0 = time.time()

@@ -31,7 +31,8 @@ class GenerationGroup:
                                     max_restarts=-1).remote(
             policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
             cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype, None,
-            PromptFormat.settings(cfg.data), cfg.model.lora.model_dump(), adapter_path)
+            PromptFormat.settings(cfg.data), cfg.model.lora.model_dump(), adapter_path,
+            cfg.model.train_top_layers)
             for i in range(place.num_generation_workers)]
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
@@ -39,14 +40,26 @@ class GenerationGroup:
     def generate(self, prompts: list[str], n: int = 1) -> dict:
         """n samples of each prompt, merged in the workers' order; each part records the
         policy version that produced it (`versions`)."""
-        import ray
+        return self.collect(self.submit(prompts, n))
 
+    def submit(self, prompts: list[str], n: int = 1) -> tuple:
+        """Start generating (every worker at once); `collect` waits for the samples. The
+        workers sample with the weights they hold when they get to it."""
         k = len(self.workers)
         parts = [prompts[i::k] for i in range(k)]
+        refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers) if parts[i]}
+        return parts, n, refs
+
+    def collect(self, pending: tuple) -> dict:
+        import ray
+
+        parts, n, refs = pending
+        k = len(self.workers)
         done: dict[int, dict] = {}
         for attempt in range(5):
-            refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers)
-                    if parts[i] and i not in done}
+            if attempt:
+                refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers)
+                        if parts[i] and i not in done}
             for i, ref in refs.items():
                 try:
                     done[i] = ray.get(ref)
@@ -112,7 +125,8 @@ class LearnerGroup:
         self.ranks = [remote_role(PPOLearner, place.learner, bundle("learner", r), pg=pg).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
             cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, ref_path, state_path,
-            cfg.model.lora.model_dump(), adapter_path, cfg.model.gradient_checkpointing)
+            cfg.model.lora.model_dump(), adapter_path, cfg.model.gradient_checkpointing,
+            cfg.model.train_top_layers)
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])

@@ -108,6 +108,27 @@ def test_chromium_labels_ten_pairs(labeling, tmp_path):
     assert {r["source"] for r in rows} == {"human:tester"}
 
 
+def _deploy_text_page(ray, labeler_name, root, run, serve_http, instruction="") -> str:
+    """The labeling app for `labeler_name`; returns the page's URL (token included)."""
+    from rlhf_ray.labeling import app as labeling_app
+
+    token = labeling_app.new_token()
+    labeling_app.deploy(labeler_name=labeler_name, namespace=ray.get_runtime_context().namespace,
+                        store_root=root, token=token, app_name=f"label-{run}",
+                        route_prefix=f"/label-{run}", instruction=instruction)
+    host, port = serve_http
+    return f"http://{host}:{port}/label-{run}/?token={token}&labeler=reader"
+
+
+def _open(p, url, query_id):
+    """Chromium on the page, once it shows `query_id`."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(url)
+    page.wait_for_function(f"document.body.dataset.queryId === '{query_id}'", timeout=30_000)
+    return browser, page
+
+
 def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_path):
     """The same page: a prompt with two responses (keys), a ranking typed with number keys,
     a ranking put in order by dragging."""
@@ -116,7 +137,6 @@ def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_pa
     from ray import serve
 
     from rlhf_ray.labeler import Labeler
-    from rlhf_ray.labeling import app as labeling_app
     from rlhf_ray.store import PreferenceStore
 
     root = str(tmp_path / "preferences")
@@ -126,17 +146,10 @@ def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_pa
     q_text, q_keys, q_drag = ray.get(labeler.submit_texts.remote(
         ["Greet me.", "Order these numbers.", "Pick the longest."],
         [["hello", "go away"], ["one", "two", "three", "four"], ["a", "bb", "ccc"]]))
-    token = labeling_app.new_token()
-    labeling_app.deploy(labeler_name=name, namespace=ray.get_runtime_context().namespace,
-                        store_root=root, token=token, app_name=f"label-{run}",
-                        route_prefix=f"/label-{run}")
-    host, port = serve_http
+    url = _deploy_text_page(ray, name, root, run, serve_http)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
-            page.goto(f"http://{host}:{port}/label-{run}/?token={token}&labeler=reader")
-            page.wait_for_function(f"document.body.dataset.queryId === '{q_text}'", timeout=30_000)
+            browser, page = _open(p, url, q_text)
             assert page.inner_text("#prompt") == "Greet me."
             assert page.inner_text("#left pre") == "hello"
             page.keyboard.press("ArrowLeft")
@@ -170,5 +183,44 @@ def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_pa
         drag = better(q_drag)  # ccc > a > bb
         assert drag == {("a", "bb"): "left", ("a", "ccc"): "right", ("bb", "ccc"): "right"}
     finally:
+        serve.delete(f"label-{run}")
+        ray.kill(labeler)
+
+
+def test_chromium_shows_a_real_tokenizers_continuations_and_the_task(ray_cluster, serve_http,
+                                                                      tmp_path):
+    """Continuations decoded by SmolLM2's tokenizer (Unicode, leading spaces, a newline, runs
+    of spaces) appear exactly as decoded, under the preset's instruction text."""
+    ray = ray_cluster
+    from playwright.sync_api import sync_playwright
+
+    from rlhf_ray import assets
+    from rlhf_ray.config import load_config
+    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.llm.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(assets.get("smollm2-135m", quiet=True)))
+    raw = [" a café crème of a film — 10/10 ✨", " dull,\n  and  \"long\" (2 h)…", " 映画 good"]
+    texts = [tok.decode(tok(t, add_special_tokens=False)["input_ids"]) for t in raw]
+    assert texts == raw  # the byte-level BPE round-trips them
+    instruction = load_config("smollm2-reviews").labeler.instruction
+    root = str(tmp_path / "preferences")
+    run = uuid.uuid4().hex[:6]
+    name = f"rlhf-labeler-real-{run}"
+    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, "human")
+    (qid,) = ray.get(labeler.submit_texts.remote(["Amélie is a"], [texts]))
+    url = _deploy_text_page(ray, name, root, run, serve_http, instruction)
+    try:
+        with sync_playwright() as p:
+            browser, page = _open(p, url, qid)
+            assert page.inner_text("#task") == instruction
+            assert page.inner_text("#prompt") == "Amélie is a"
+            shown = page.eval_on_selector_all("#ranklist li span:last-child",
+                                              "xs => xs.map(x => x.textContent)")
+            assert shown == texts
+            browser.close()
+    finally:
+        from ray import serve
+
         serve.delete(f"label-{run}")
         ray.kill(labeler)

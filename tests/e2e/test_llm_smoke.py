@@ -206,6 +206,15 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert rows[-1]["sample_policy_versions"] == [1]  # ... that sampled with the synced policy
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
+    # ppo.async_generation: the next batch is sampled while the learner steps, one step
+    # off-policy, and the rows say so
+    rows = read_metrics(train(load_config("llm-tiny-smoke", base + [
+        f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
+        "ppo.async_generation=true", "run.iterations=3"]), run_dir=str(tmp_path / "d"),
+        stages="ppo", progress=False))
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert [r["sample_policy_versions"] for r in rows] == [[0], [0], [1]]
+    assert [r["policy_lag"] for r in rows] == [0, 1, 1]
 
 
 def test_a_placement_group_that_cannot_fit_is_refused_clearly(ray_cluster, tmp_path):

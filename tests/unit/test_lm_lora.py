@@ -26,7 +26,8 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path):
+@pytest.mark.parametrize("top", [None, 1])
+def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path, top):
     from rlhf_ray.llm.generation import HFGenerationWorker
     from rlhf_ray.llm.learner import PPOLearner
     from rlhf_ray.llm.modeling import load_policy
@@ -34,8 +35,10 @@ def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path):
     lora = LoRAConfig(r=4, alpha=8).model_dump()
     ppo = LMPPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, ppo_epochs=2,
                       lr=5e-2).model_dump()
-    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 6}, seed=0, lora=lora)
-    learner = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id, lora=lora)
+    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 6}, seed=0, lora=lora,
+                             train_top_layers=top)
+    learner = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id, lora=lora,
+                         train_top_layers=top)
     assert learner.ref is None  # no second copy of the model
     trainable = [n for n, p in learner.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -62,8 +65,27 @@ def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path):
     merged = load_policy(str(tmp_path / "policy")).eval()
     assert torch.allclose(_logits(merged, ids), trained, atol=1e-5)
     again = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id, lora=lora,
-                       adapter_path=str(tmp_path / "policy_adapter"))
+                       adapter_path=str(tmp_path / "policy_adapter"), train_top_layers=top)
     assert torch.allclose(_logits(again.policy.eval(), ids), trained, atol=1e-5)
     resumed = HFGenerationWorker(tiny_path, {"max_new_tokens": 6}, lora=lora,
-                                 adapter_path=str(tmp_path / "policy_adapter"))
+                                 adapter_path=str(tmp_path / "policy_adapter"),
+                                 train_top_layers=top)
     assert torch.allclose(_logits(resumed.model, ids), trained, atol=1e-5)
+
+
+def test_train_top_layers_freezes_the_rest_and_backward_stops_there(tmp_path):
+    """Only the top blocks, the final norm and the heads train; the embeddings and the
+    lower blocks get no gradient at all."""
+    from rlhf_ray.llm.modeling import load_scalar_model, train_top_layers
+
+    path = tmp_path / "m"
+    tiny.build_model(path, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    model = load_scalar_model(str(path))
+    train_top_layers(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers.2." in n or "norm" in n or "score" in n for n in trainable)
+    assert any(".layers.2." in n for n in trainable) and not any("embed" in n for n in trainable)
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    model(input_ids=ids).logits.sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n

@@ -131,6 +131,24 @@ def test_reward_trainer_learns_oracle_rankings(tiny_model):
     assert stats["rm_val_accuracy"] > 0.75 and stats["rm_val_accuracy"] > before + 0.1
 
 
+def test_soft_labels_count_by_the_side_they_favour(tiny_model):
+    """Accuracy with soft labels (the raters' agreement, e.g. mu = 0.9) is the accuracy of
+    the side each favours: the same as with hard labels (it once compared pred == mu and
+    counted every soft pair wrong)."""
+    from rlhf_ray.config import LMRewardConfig
+    from rlhf_ray.llm.reward import LMRewardTrainer
+
+    prompts = tiny.prompts(40, seed=5)
+    pairs = [{"prompt": p, "left": f"good {p.split()[-2]}", "right": "bad sad", "mu": 1.0,
+              "ranking_id": f"r{i}"} for i, p in enumerate(prompts)]
+    t = LMRewardTrainer(tiny_model, LMRewardConfig(val_fraction=0.5))
+    t.add(pairs)
+    hard = t.accuracy(val=True)
+    t.replace([{**c, "mu": 0.9} if i % 2 else {**c, "left": c["right"], "right": c["left"],
+                                                "mu": 0.1} for i, c in enumerate(pairs)])
+    assert t.accuracy(val=True) == hard and 0 < hard < 1
+
+
 def test_preference_files_and_errors(tmp_path):
     from rlhf_ray.llm.data import load_preferences, read_rows
 

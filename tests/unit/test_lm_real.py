@@ -282,3 +282,17 @@ def test_the_judges_are_independent_models_that_agree_with_people(reviews):
     assert acc_probe > 0.68 and acc_oracle > 0.65 and acc_probe > acc_vader, (
         acc_probe, acc_oracle, acc_vader)
     assert probe.held_out_accuracy > 0.68
+
+
+def test_the_over_optimization_warning_fires_when_the_proxy_rises_and_the_judge_does_not():
+    from rlhf_ray.llm.yardstick import disagreement
+
+    # the picture measured on llm-tiny: reward model 0.9 -> 11.4, the oracle flat near 0
+    rm = [0.9, 3.0, 5.5, 7.9, 9.6, 11.4]
+    flat = [-0.25, 0.0, 0.01, -0.01, 0.0, 0.0]
+    assert disagreement(rm, flat) is not None
+    assert disagreement(rm, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) is None  # both rise: fine
+    assert disagreement(rm[:4], flat[:4]) is None  # too few evaluations to say
+    falling = [0.6, 0.55, 0.5, 0.45, 0.4, 0.35]
+    gap = disagreement(rm, falling)
+    assert gap["rm_slope"] > 0 and gap["yardstick_slope"] < 0
