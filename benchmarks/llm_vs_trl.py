@@ -14,6 +14,15 @@ held-out prompts with the same seed and sampling settings, scored by the task's 
     python benchmarks/llm_vs_trl.py                      # 20 iterations, seed 0, 0.3M model
     python benchmarks/llm_vs_trl.py --iterations 30 --seeds 0 1
     python benchmarks/llm_vs_trl.py --hidden 256 --layers 3 --intermediate 512   # ~2M (llm-tiny)
+    python benchmarks/llm_vs_trl.py --model smollm2 --iterations 8 --lr 1e-5 --tag llm_vs_trl_smollm2
+
+`--model smollm2`: SmolLM2-135M-Instruct on the reviews task (the smollm2-reviews preset's SFT
+and reward model, its prompts through the chat template, 16 responses of up to 20 tokens, one
+PPO epoch, both sides fully fine-tuned), judged by the preset's yardstick (the MiniLM probe) on
+its held-out prompts. TRL's PPO finds sequence ends and padding by the pad token id, and
+SmolLM2's pad is its EOS `<|im_end|>`, which its chat template also puts inside every prompt:
+TRL is given `<|endoftext|>` as its pad token so that it reads the prompts right (this
+project masks by lengths and needs no such change).
 
 Needs the `bench` extra (TRL 1.12.0, the last release with its PPO trainer).
 """
@@ -29,12 +38,17 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH, MICRO, EPOCHS = 64, 16, 4
+BATCH, MICRO, EPOCHS, RESPONSE = 64, 16, 4, 12
+PRESET = "llm-tiny"
+SMOLLM2 = {"batch": 16, "micro": 8, "epochs": 1, "response": 20}
+# both sides fully fine-tuned, no online labels: the same trainable parameters
+SMOLLM2_OURS = ["model.lora.r=0", "model.train_top_layers=null", "eval.every=0"]
 
 
 def settings(iterations: int, seed: int, kl_coef: float, lr: float) -> list[str]:
-    """The shared PPO settings, as overrides of the llm-tiny preset."""
+    """The shared PPO settings, as overrides of the preset."""
     return [f"seed={seed}", f"run.iterations={iterations}", "run.checkpoint_every=0",
+            f"generation.max_new_tokens={RESPONSE}",
             f"ppo.rollout_batch_size={BATCH}", f"ppo.minibatch_size={BATCH}",
             f"ppo.micro_batch_size={MICRO}", f"ppo.ppo_epochs={EPOCHS}", f"ppo.lr={lr}",
             f"ppo.critic_lr={lr}", "ppo.kl.controller=fixed", f"ppo.kl.init_coef={kl_coef}",
@@ -53,7 +67,7 @@ def prepare(workdir: Path, seed: int, model: list[str]) -> tuple[str, str]:
     from rlhf_ray.config import load_config
     from rlhf_ray.train import train
 
-    cfg = load_config("llm-tiny", [f"seed={seed}", *model])
+    cfg = load_config(PRESET, [f"seed={seed}", *model])
     run = train(cfg, run_dir=str(workdir / "prep"), stages="rm", progress=False)
     return str(run / "sft"), str(run / "reward_model")
 
@@ -62,7 +76,7 @@ def run_ours(workdir: Path, sft: str, rm: str, overrides: list[str]) -> dict:
     from rlhf_ray.config import load_config
     from rlhf_ray.train import train
 
-    cfg = load_config("llm-tiny", overrides + [f"model.sft_path={sft}", f"model.reward_path={rm}"])
+    cfg = load_config(PRESET, overrides + [f"model.sft_path={sft}", f"model.reward_path={rm}"])
     rows: list[dict] = []
     t0 = time.time()
     run = train(cfg, run_dir=str(workdir / "ours"), stages="ppo", on_metrics=rows.append,
@@ -84,13 +98,23 @@ def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coe
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(sft)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    ids = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if PRESET == "llm-tiny":
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    else:  # the prompts as the policy reads them (chat template), as our side does
+        from rlhf_ray.config import load_config
+        from rlhf_ray.llm.modeling import PromptFormat
+
+        d = load_config(PRESET).data
+        fmt = PromptFormat(tok, d.instruction, d.chat_template, d.max_prompt_tokens)
+        ids = [fmt.encode(p) for p in prompts]
+        if tok.pad_token_id == tok.eos_token_id:  # see the module docstring
+            tok.pad_token = "<|endoftext|>"
     ds = Dataset.from_dict({"input_ids": ids})
     args = PPOConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=BATCH // MICRO, num_mini_batches=1,
-        num_ppo_epochs=EPOCHS, total_episodes=iterations * BATCH, response_length=12,
+        num_ppo_epochs=EPOCHS, total_episodes=iterations * BATCH, response_length=RESPONSE,
         stop_token="eos", temperature=1.0, kl_coef=kl_coef, kl_estimator="k1",
         cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, gamma=1.0, lam=0.95,
         learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=1.0,
@@ -131,13 +155,19 @@ def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coe
 
 
 def evaluate(policy: str, prompts: list[str], seed: int) -> float:
-    """Mean oracle score of responses sampled from `policy` (same prompts, seed, settings)."""
+    """Mean yardstick score of responses sampled from `policy` (same prompts, seed, settings):
+    the tiny task's oracle, or the reviews task's MiniLM probe."""
+    from rlhf_ray.config import load_config
     from rlhf_ray.llm.generation import HFGenerationWorker
-    from rlhf_ray.llm.tiny import sentiment_oracle
+    from rlhf_ray.llm.modeling import PromptFormat
+    from rlhf_ray.llm.yardstick import load_yardstick
 
-    w = HFGenerationWorker(policy, {"max_new_tokens": 12, "temperature": 1.0}, seed=seed)
-    out = w.generate(prompts, n=4, seed=seed + 12345)
-    return statistics.fmean(sentiment_oracle(p, r) for p, r in zip(out["prompts"], out["texts"]))
+    cfg = load_config(PRESET)
+    w = HFGenerationWorker(policy, {"max_new_tokens": RESPONSE, "temperature": 1.0},
+                           cfg.data.max_prompt_tokens, seed=seed,
+                           prompt_format=PromptFormat.settings(cfg.data))
+    out = w.generate(prompts, n=4 if PRESET == "llm-tiny" else 2, seed=seed + 12345)
+    return statistics.fmean(load_yardstick(cfg).score(out["prompts"], out["texts"])["score"])
 
 
 def plot(record: dict, path: Path) -> None:
@@ -173,12 +203,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for TRL (default: every core, as it runs alone)")
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model width")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=256)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--tag", default="llm_vs_trl")
     args = ap.parse_args()
+    global BATCH, MICRO, EPOCHS, RESPONSE, PRESET
+    extra: list[str] = []
+    if args.model == "smollm2":
+        BATCH, MICRO, EPOCHS, RESPONSE = (SMOLLM2[k] for k in ("batch", "micro", "epochs",
+                                                               "response"))
+        PRESET, extra = "smollm2-reviews", SMOLLM2_OURS
 
     import ray
 
@@ -190,18 +227,29 @@ def main() -> None:
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "iterations": args.iterations,
               "batch": BATCH, "micro_batch": MICRO, "ppo_epochs": EPOCHS, "kl_coef": args.kl_coef,
               "lr": args.lr, "trl_threads": args.trl_threads,
-              "model": {"hidden": args.hidden, "layers": args.layers,
-                        "intermediate": args.intermediate},
+              "model": ({"hidden": args.hidden, "layers": args.layers,
+                         "intermediate": args.intermediate} if args.model == "tiny"
+                        else {"preset": PRESET, "ours_overrides": extra}),
+              "response_length": RESPONSE,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "seeds": []}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="llm-vs-trl-") as tmp:
             work = Path(tmp)
-            sft, rm = prepare(work, seed, model_overrides(args.hidden, args.layers,
-                                                          args.intermediate))
-            eval_prompts = tiny.prompts(128, seed=seed + 999)
-            train_prompts = tiny.prompts(512, seed=seed)
+            if PRESET == "llm-tiny":
+                sft, rm = prepare(work, seed, model_overrides(args.hidden, args.layers,
+                                                              args.intermediate))
+                eval_prompts = tiny.prompts(128, seed=seed + 999)
+                train_prompts = tiny.prompts(512, seed=seed)
+            else:
+                from rlhf_ray.config import load_config
+                from rlhf_ray.llm.data import load_prompts
+
+                sft, rm = prepare(work, seed, [])
+                eval_prompts = load_prompts(load_config(PRESET), "eval")[:48]
+                train_prompts = load_prompts(load_config(PRESET), "train")
             sft_score = evaluate(sft, eval_prompts, seed)
-            ours = run_ours(work, sft, rm, settings(args.iterations, seed, args.kl_coef, args.lr))
+            ours = run_ours(work, sft, rm, settings(args.iterations, seed, args.kl_coef, args.lr)
+                            + extra)
             ours["oracle"] = evaluate(ours["policy"], eval_prompts, seed)
             trl = run_trl(work, sft, rm, args.iterations, seed, args.kl_coef, args.lr,
                           train_prompts, args.trl_threads)
