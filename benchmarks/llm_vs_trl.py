@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for TRL (default: every core, as it runs alone)")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra overrides for our side only, e.g. ppo.async_generation=true")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model width")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=256)
@@ -216,6 +218,7 @@ def main() -> None:
         BATCH, MICRO, EPOCHS, RESPONSE = (SMOLLM2[k] for k in ("batch", "micro", "epochs",
                                                                "response"))
         PRESET, extra = "smollm2-reviews", SMOLLM2_OURS
+    extra = [*extra, *args.ours]
 
     import ray
 
