@@ -51,17 +51,18 @@ class Query:
     lease_until: float = 0.0
 
 
-def load_text_oracle(path: str, data_cfg: dict | None = None):
+def load_text_oracle(path: str, data_cfg: dict | None = None, what: str = "text oracle"):
     """`module:function` -> the callable scoring (prompt, response) -> float. A function
     marked `from_data_config` is a factory: called with the run's `data` section, it builds
-    the oracle (one trained on its own split of a task's data)."""
+    the oracle (one trained on its own split of a task's data). `what`: the setting's name
+    in the error."""
     mod, _, fn = path.partition(":")
     if not mod or not fn:
-        raise ValueError(f"text oracle {path!r}: expected 'module:function'")
+        raise ValueError(f"{what} {path!r}: expected 'module:function'")
     try:
         obj = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"text oracle {path!r}: {exc}") from None
+        raise ValueError(f"{what} {path!r}: {exc}") from None
     return obj(data_cfg or {}) if getattr(obj, "from_data_config", False) else obj
 
 

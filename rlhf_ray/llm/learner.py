@@ -25,8 +25,8 @@ from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.core import lm_ppo
 from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu, load_policy,
                                    load_scalar_model, lora_on, make_batch, response_logprobs,
-                                   response_values, save_model, state_dict_cpu, with_lora)
-from rlhf_ray.llm.modeling import train_top_layers as freeze_below
+                                   response_values, save_model, state_dict_cpu,
+                                   train_top_layers as freeze_below, with_lora)
 
 
 def free_port() -> int:

@@ -185,7 +185,7 @@ class LLMController(RunController):
                          f"{100 * stats['rater_disagreement']:.1f}% of rater pairs")
             ray.get(self.trainer.add.remote(rankings_to_comparisons(rankings)))
             self.feedback.rm_stats = ray.get(self.trainer.train.remote(
-                epochs=cfg.reward_model.initial_epochs, threads=self.stage_threads()))
+                epochs=cfg.reward_model.initial_epochs, threads=cfg.run.stage_threads or 0))
         else:
             have = self.feedback.requested = self.feedback.load_stored()
             want = max(0, cfg.labels.initial - have)
@@ -195,23 +195,12 @@ class LLMController(RunController):
             if cfg.labeler.source != "oracle":
                 self.feedback.wait_for_labels(cfg.labels.initial)
             self.feedback.feed(block=True, epochs=cfg.reward_model.initial_epochs,
-                               threads=self.stage_threads())
+                               threads=cfg.run.stage_threads or 0)
         out = str((self.run_dir / "reward_model").resolve())
         ray.get(self.trainer.save.remote(out))
         acc = self.feedback.rm_stats.get("rm_val_accuracy")
         self.log(f"reward model: val accuracy {'-' if acc is None else format(acc, '.3f')}")
         return out
-
-    def stage_threads(self) -> int:
-        """The first reward-model fit runs alone: the reward trainer's node's cores."""
-        import ray
-
-        if self.cfg.run.stage_threads:
-            return self.cfg.run.stage_threads
-        cpus = {n["NodeID"]: n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]}
-        node = ray.get(self.trainer.__ray_call__.remote(
-            lambda self: __import__("ray").get_runtime_context().get_node_id()))
-        return max(self.cfg.run.torch_threads, int(cpus.get(node, 1)))
 
     def calibrate(self) -> None:
         """Reward normalization: the reward model's mean and std on SFT samples of the

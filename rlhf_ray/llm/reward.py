@@ -110,10 +110,13 @@ class LMRewardTrainer:
               threads: int | None = None) -> dict:
         """`steps` gradient steps (default: `steps_per_round`), or `epochs` passes over the
         training prompts. Returns loss, accuracy on held-out prompts and the new version.
-        `threads`: torch threads for this call only (the first fit runs alone)."""
-        if threads:
+        `threads`: torch threads for this call only (the first fit runs alone; 0: this
+        node's cores)."""
+        if threads is not None:
+            from rlhf_ray.llm.modeling import stage_threads
+
             before = torch.get_num_threads()
-            torch.set_num_threads(threads)
+            torch.set_num_threads(stage_threads(threads or None))
             try:
                 return self.train(steps, epochs)
             finally:

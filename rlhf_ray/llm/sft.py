@@ -17,13 +17,6 @@ from rlhf_ray.config import LLMConfig
 from rlhf_ray.llm import data as lm_data
 
 
-def stage_threads(cfg: LLMConfig) -> int:
-    """A stage that runs alone has the node's cores to itself (`run.stage_threads`)."""
-    if cfg.run.stage_threads:
-        return cfg.run.stage_threads
-    return max(cfg.run.torch_threads, len(os.sched_getaffinity(0)))
-
-
 def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
     """Supervised fine-tuning on (prompt, response) demonstrations: cross-entropy on the
     response tokens (and EOS) only. Builds the tiny model first when `model.policy: tiny`.
@@ -32,9 +25,9 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
 
     from rlhf_ray import assets
     from rlhf_ray.llm.modeling import (PromptFormat, encode_pairs, load_policy, load_tokenizer,
-                                       save_model, train_top_layers)
+                                       save_model, stage_threads, train_top_layers)
 
-    torch.set_num_threads(stage_threads(cfg))
+    torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
     torch.manual_seed(cfg.seed)
     src = cfg.model.policy
     if src == "tiny":

@@ -15,7 +15,6 @@ different kind of model altogether) is reported beside it as `vader`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 
 import numpy as np
@@ -108,16 +107,11 @@ class _PerPair:
 
 
 def load_scorer(spec: str, data_cfg: dict | None = None, what: str = "eval.yardstick"):
-    """`module:function` -> an object with `score(prompts, responses) -> dict`."""
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise ValueError(f"{what} {spec!r}: expected 'module:function'")
-    try:
-        obj = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{what} {spec!r}: {exc}") from None
-    if getattr(obj, "from_data_config", False):
-        obj = obj(data_cfg or {})
+    """`module:function` (loaded as the labeler loads its oracle) -> an object with
+    `score(prompts, responses) -> dict`."""
+    from rlhf_ray.labeler import load_text_oracle
+
+    obj = load_text_oracle(spec, data_cfg, what)
     return obj if hasattr(obj, "score") else _PerPair(obj)
 
 
@@ -139,9 +133,3 @@ def disagreement(rm: list[float], judge: list[float], window: int = 5) -> dict |
     if sr > 0.2 and sj <= 0.05:
         return {"rm_slope": sr, "yardstick_slope": sj}
     return None
-
-
-def rows_for_table(prompts, sft, final, sft_scores, final_scores, n: int = 8) -> list[dict]:
-    """The report's table: prompts with their SFT and final continuations and scores."""
-    return [{"prompt": p, "sft": a, "sft_score": float(sa), "final": b, "final_score": float(sb)}
-            for p, a, b, sa, sb in list(zip(prompts, sft, final, sft_scores, final_scores))[:n]]
