@@ -5,7 +5,13 @@ For each mode -- full fine-tuning, LoRA on every block, LoRA on the top N blocks
 SmolLM2 folder: 16 responses (smollm2-reviews' prompts, its chat template, 20 new tokens),
 then `--steps` PPO steps and weight syncs, timed; the first step is warm-up. Writes JSON.
 
+`--micro`: the preset's mode (LoRA on the top N blocks) with one minibatch of the whole batch
+split into micro batches by rows (all, half, a quarter) or by a token budget
+(`ppo.micro_batch_tokens`), each in a fresh process so that its peak resident memory is its
+own: what a micro batch costs in memory and time, to size `micro_batch_tokens` by memory.
+
     python benchmarks/llm_step_cost.py --threads 2 --out docs/results/llm_step_cost.json
+    python benchmarks/llm_step_cost.py --micro --out docs/results/llm_micro_batch.json
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import time
 from pathlib import Path
 
 
-def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps: int) -> dict:
+def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps: int,
+            micro: dict | None = None) -> dict:
+    """`micro`: {"minibatch_size", "micro_batch_size", "micro_batch_tokens"} for the learner."""
+    import resource
+
     import numpy as np
 
     from rlhf_ray import assets
@@ -33,8 +43,8 @@ def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps:
     gen = HFGenerationWorker(path, {"max_new_tokens": 20}, cfg.data.max_prompt_tokens, 0, threads,
                              prompt_format=PromptFormat.settings(cfg.data), lora=lora,
                              train_top_layers=top)
-    ppo = LMPPOConfig(rollout_batch_size=batch, minibatch_size=batch // 2,
-                      micro_batch_size=batch // 2, ppo_epochs=1, lr=1e-5).model_dump()
+    micro = micro or {"minibatch_size": batch // 2, "micro_batch_size": batch // 2}
+    ppo = LMPPOConfig(rollout_batch_size=batch, ppo_epochs=1, lr=1e-5, **micro).model_dump()
     learner = PPOLearner(0, 1, path, path, ppo, torch_threads=threads, pad_id=gen.tok.pad_token_id,
                          lora=lora, train_top_layers=top)
     t = time.perf_counter()
@@ -51,10 +61,56 @@ def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps:
         gen.update_weights(version, weights)
         sync_s.append(time.perf_counter() - t)
     sent = sum(v.numel() * v.element_size() for v in weights.values())
-    return {"mode": mode, "train_top_layers": top, "lora_r": r, "generate_s": gen_s,
+    import torch
+
+    b = learner._batch(out)
+    plan = learner._micro_batches(b, np.arange(len(b)))
+    p_len, r_len = b.lengths()
+    return {"mode": mode, "train_top_layers": top, "lora_r": r, "generate_s": gen_s, **micro,
+            "micro_batch_rows": [len(m) for m in plan],
+            "micro_batch_padded_tokens": [int(len(m) * (p_len[m].max() + r_len[m].max()))
+                                          for m in plan],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_threads": torch.get_num_threads(),
             "step_s": step_s, "step_s_median_after_warmup": statistics.median(step_s[1:] or step_s),
             "sync_s_median": statistics.median(sync_s), "sync_mb": sent / 2 ** 20,
             "tokens": out["tokens"]}
+
+
+def _child(args: tuple, queue) -> None:
+    queue.put(measure(*args))
+
+
+def micro_grid(args) -> int:
+    """Micro batches by rows and by tokens, one fresh process each (peak RSS is per process)."""
+    import multiprocessing as mp
+
+    b = args.batch
+    specs = [("rows_all", {"micro_batch_size": b}), ("rows_half", {"micro_batch_size": b // 2}),
+             ("rows_quarter", {"micro_batch_size": b // 4}),
+             *((f"tokens_{n}", {"micro_batch_tokens": n}) for n in args.budgets)]
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name, micro in specs:
+        q = ctx.Queue()
+        micro = {"minibatch_size": b, **micro}
+        p = ctx.Process(target=_child, args=((name, args.top, 16, args.threads, b, args.steps,
+                                              micro), q))
+        p.start()
+        rows.append(q.get())
+        p.join()
+        m = rows[-1]
+        print(f"{name:14s} step {m['step_s_median_after_warmup']:5.1f} s  peak RSS "
+              f"{m['peak_rss_mb']:6.0f} MiB  micro batches {m['micro_batch_rows']} rows, "
+              f"{m['micro_batch_padded_tokens']} tokens", flush=True)
+    base = rows[0]
+    for m in rows:
+        m["step_ratio_vs_one_micro_batch"] = m["step_s_median_after_warmup"] / base["step_s_median_after_warmup"]
+        m["peak_rss_minus_one_micro_batch_mb"] = m["peak_rss_mb"] - base["peak_rss_mb"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "batch": b, "top": args.top,
+                                          "rows": rows}, indent=1))
+    return 0
 
 
 def main() -> int:
@@ -64,7 +120,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--out", default="docs/results/llm_step_cost.json")
+    ap.add_argument("--micro", action="store_true", help="micro batches by rows vs by tokens")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[512, 256])
     args = ap.parse_args()
+    if args.micro:
+        return micro_grid(args)
     rows = []
     for mode, top, r in (("full", None, 0), ("lora", None, 16), (f"lora_top{args.top}", args.top, 16)):
         rows.append(measure(mode, top, r, args.threads, args.batch, args.steps))

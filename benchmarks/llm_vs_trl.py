@@ -18,8 +18,12 @@ held-out prompts with the same seed and sampling settings, scored by the task's 
 
 `--model smollm2`: SmolLM2-135M-Instruct on the reviews task (the smollm2-reviews preset's SFT
 and reward model, its prompts through the chat template, 16 responses of up to 20 tokens, one
-PPO epoch, both sides fully fine-tuned), judged by the preset's yardstick (the MiniLM probe) on
-its held-out prompts. TRL's PPO finds sequence ends and padding by the pad token id, and
+PPO epoch), judged by the preset's yardstick (the MiniLM probe) on 256 held-out prompts, two
+samples each. `--finetune full`: both sides fully fine-tuned. `--finetune preset` (the
+preset's own mode): LoRA r=16 on the top 8 of 30 blocks of the policy (TRL: the same peft
+`LoraConfig` with `layers_to_transform`; the reference is the policy with adapters off on
+both sides) and the critic's top 8 blocks trained, the rest frozen (TRL's value model frozen
+the same way, by the same function). TRL's PPO finds sequence ends and padding by the pad token id, and
 SmolLM2's pad is its EOS `<|im_end|>`, which its chat template also puts inside every prompt:
 TRL is given `<|endoftext|>` as its pad token so that it reads the prompts right (this
 project masks by lengths and needs no such change).
@@ -43,6 +47,7 @@ PRESET = "llm-tiny"
 SMOLLM2 = {"batch": 16, "micro": 8, "epochs": 1, "response": 20}
 # both sides fully fine-tuned, no online labels: the same trainable parameters
 SMOLLM2_OURS = ["model.lora.r=0", "model.train_top_layers=null", "eval.every=0"]
+FINETUNE = "full"  # smollm2: "full", or "preset" (LoRA on the top blocks, as the preset trains)
 
 
 def settings(iterations: int, seed: int, kl_coef: float, lr: float) -> list[str]:
@@ -125,6 +130,21 @@ def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coe
     ref = AutoModelForCausalLM.from_pretrained(sft)
     reward = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1)
+    peft_config = None
+    if FINETUNE == "preset":  # the preset's trainable parameters, on TRL's side
+        from peft import LoraConfig
+
+        from rlhf_ray.config import load_config
+        from rlhf_ray.llm.modeling import decoder_layers, top_layers, train_top_layers
+
+        m = load_config(PRESET).model
+        peft_config = LoraConfig(
+            r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+            target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM",
+            layers_to_transform=top_layers(policy, m.train_top_layers),
+            layers_pattern=decoder_layers(policy)[0].rsplit(".", 1)[-1])
+        train_top_layers(value, m.train_top_layers)
+        ref = None  # TRL then takes the policy with its adapters off, as ours does
     stamps: list[float] = []
     logs: list[dict] = []
 
@@ -142,12 +162,15 @@ def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coe
     stamps_logs = logs
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref,
                          reward_model=reward, train_dataset=ds, value_model=value,
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], peft_config=peft_config)
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
     out = str(workdir / "trl_policy")
-    trainer.model.policy.save_pretrained(out) if hasattr(trainer.model, "policy") else policy.save_pretrained(out)
+    trained = trainer.model.policy if hasattr(trainer.model, "policy") else policy
+    if hasattr(trained, "merge_and_unload"):  # peft: the merged model, as ours saves it
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(out)
     tok.save_pretrained(out)
     return {"wall_s": wall, "iteration_s": [b - a for a, b in zip(stamps, stamps[1:])],
             "policy": out, "kl": [g.get("objective/kl") for g in logs if "objective/kl" in g],
@@ -204,6 +227,9 @@ def main() -> None:
     ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for TRL (default: every core, as it runs alone)")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--finetune", choices=["full", "preset"], default="full",
+                    help="smollm2: both sides fully fine-tuned, or the preset's LoRA on the "
+                         "top blocks on both")
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra overrides for our side only, e.g. ppo.async_generation=true")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model width")
@@ -212,12 +238,13 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--tag", default="llm_vs_trl")
     args = ap.parse_args()
-    global BATCH, MICRO, EPOCHS, RESPONSE, PRESET
+    global BATCH, MICRO, EPOCHS, RESPONSE, PRESET, FINETUNE
     extra: list[str] = []
     if args.model == "smollm2":
         BATCH, MICRO, EPOCHS, RESPONSE = (SMOLLM2[k] for k in ("batch", "micro", "epochs",
                                                                "response"))
-        PRESET, extra = "smollm2-reviews", SMOLLM2_OURS
+        PRESET, FINETUNE = "smollm2-reviews", args.finetune
+        extra = SMOLLM2_OURS if FINETUNE == "full" else ["eval.every=0"]
     extra = [*extra, *args.ours]
 
     import ray
@@ -232,7 +259,7 @@ def main() -> None:
               "lr": args.lr, "trl_threads": args.trl_threads,
               "model": ({"hidden": args.hidden, "layers": args.layers,
                          "intermediate": args.intermediate} if args.model == "tiny"
-                        else {"preset": PRESET, "ours_overrides": extra}),
+                        else {"preset": PRESET, "finetune": FINETUNE, "ours_overrides": extra}),
               "response_length": RESPONSE,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "seeds": []}
     for seed in args.seeds:
@@ -248,7 +275,7 @@ def main() -> None:
                 from rlhf_ray.llm.data import load_prompts
 
                 sft, rm = prepare(work, seed, [])
-                eval_prompts = load_prompts(load_config(PRESET), "eval")[:48]
+                eval_prompts = load_prompts(load_config(PRESET), "eval")[:256]
                 train_prompts = load_prompts(load_config(PRESET), "train")
             sft_score = evaluate(sft, eval_prompts, seed)
             ours = run_ours(work, sft, rm, settings(args.iterations, seed, args.kl_coef, args.lr)

@@ -390,6 +390,10 @@ class LMPPOConfig(_Strict):
     rollout_batch_size: int = Field(64, ge=1, description="prompts (responses) per iteration")
     minibatch_size: int = Field(16, ge=1, description="responses per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="responses per forward (grad accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="size micro batches by tokens instead (verl's dynamic batch "
+        "size): rows longest first, each micro batch at most this many tokens padded to its own "
+        "longest prompt + response; memory follows tokens. null: micro_batch_size rows")
     ppo_epochs: int = Field(4, ge=1)
     lr: float = Field(3e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)
@@ -405,6 +409,11 @@ class LMPPOConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)
+    old_logprobs: Literal["generation", "learner"] = Field(
+        "generation", description="PPO's old log-probs: generation: the sampler's own, from "
+        "the logits it sampled with (TRL's way; one forward pass fewer; the hf backend: vLLM's "
+        "kernels differ, so there the learner recomputes them); learner: a forward pass of the "
+        "learner (verl's and OpenRLHF's way)")
     async_generation: bool = Field(
         False, description="generate the next batch while the learner steps on this one: "
         "one step off-policy (verl's and OpenRLHF's async modes); the lag is `policy_lag`")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -126,6 +127,36 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     with torch.no_grad():
         frac = masked_mean((err_clipped > err).to(values.dtype), mask)
     return loss, {"vf_clipfrac": float(frac)}
+
+
+def micro_batches(idx: np.ndarray, prompt_lens: np.ndarray, response_lens: np.ndarray,
+                  max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Split the rows `idx` of a minibatch into micro batches (one forward/backward each).
+
+    Fixed size: `max_rows` rows at a time, in the given order. With `max_tokens` (verl's
+    dynamic batch size): rows longest first, packed greedily so that a micro batch padded to
+    its own longest prompt and response, rows x (P_max + T_max), holds at most `max_tokens`
+    tokens (a row longer than that goes alone). Activation memory follows tokens, not rows,
+    so a token budget sizes micro batches by memory whatever the lengths.
+    prompt_lens, response_lens: [B] real lengths of every row of the batch.
+    """
+    idx = np.asarray(idx)
+    if max_tokens is None:
+        return [idx[s:s + max_rows] for s in range(0, len(idx), max_rows)]
+    order = idx[np.argsort(-(prompt_lens[idx] + response_lens[idx]), kind="stable")]
+    out: list[np.ndarray] = []
+    cur: list[int] = []
+    p_max = t_max = 0
+    for i in order:
+        p, t = max(p_max, int(prompt_lens[i])), max(t_max, int(response_lens[i]))
+        if cur and (len(cur) + 1) * (p + t) > max_tokens:
+            out.append(np.asarray(cur))
+            cur, p, t = [], int(prompt_lens[i]), int(response_lens[i])
+        cur.append(int(i))
+        p_max, t_max = p, t
+    if cur:
+        out.append(np.asarray(cur))
+    return out
 
 
 @dataclass

@@ -60,9 +60,13 @@ class HFGenerationWorker:
         return [self.fmt.encode(p) for p in prompts]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None,
+                 logprobs: bool = False) -> dict:
         """n samples per prompt (grouped: prompt i's samples at rows i*n .. i*n+n-1).
-        Returns prompt_ids, response_ids (up to and including EOS), texts, version."""
+        Returns prompt_ids, response_ids (up to and including EOS), texts, version; with
+        `logprobs`, also each response token's log pi(y_t | x, y_<t) under the sampling
+        policy (log_softmax(logits / temperature), as the learner computes it): PPO's old
+        log-probs without another forward pass, as TRL takes them from its generation."""
         t0 = time.time()
         self.calls += 1
         torch.manual_seed(self.seed * 1_000_003 + self.calls if seed is None else seed)
@@ -79,15 +83,28 @@ class HFGenerationWorker:
             input_ids=ids, attention_mask=attn, do_sample=True,
             max_new_tokens=self.gen.max_new_tokens, temperature=self.gen.temperature,
             top_k=self.gen.top_k or None, top_p=self.gen.top_p, num_return_sequences=n,
-            pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
-        resp = [_cut_at_eos(row.tolist(), self.tok.eos_token_id, pad) for row in out[:, p:]]
+            pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
+            return_dict_in_generate=logprobs, output_logits=logprobs)
+        seqs = out.sequences if logprobs else out
+        resp = [_cut_at_eos(row.tolist(), self.tok.eos_token_id, pad) for row in seqs[:, p:]]
         resp = [r if r else [self.tok.eos_token_id] for r in resp]
+        extra = {"logprobs": self._token_logprobs(out.logits, resp)} if logprobs else {}
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in resp]
         prompt_rows = [x for x in pids for _ in range(n)]
         tokens = sum(len(r) for r in resp)
         return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
                 "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
-                "tokens": tokens, "generate_s": time.time() - t0}
+                "tokens": tokens, "generate_s": time.time() - t0, **extra}
+
+    def _token_logprobs(self, step_logits: tuple, resp: list[list[int]]) -> list[list[float]]:
+        """Each response token's log-prob from the raw logits of the step that sampled it."""
+        tokens = torch.zeros((len(resp), len(step_logits)), dtype=torch.long, device=self.device)
+        for i, r in enumerate(resp):
+            tokens[i, :len(r)] = torch.tensor(r[:len(step_logits)], device=self.device)
+        lp = torch.stack([torch.log_softmax(x.float() / self.gen.temperature, -1)
+                          .gather(1, tokens[:, j:j + 1]).squeeze(1)
+                          for j, x in enumerate(step_logits)], 1).cpu()
+        return [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load the learner's policy weights in place; stale versions are ignored."""
@@ -156,7 +173,10 @@ class VLLMGenerationWorker:
         self.seed = seed
         self.calls = 0
 
-    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None,
+                 logprobs: bool = False) -> dict:
+        """`logprobs` is not answered: vLLM's kernels differ from the learner's, so the
+        learner recomputes the old log-probs (as verl and OpenRLHF do)."""
         from vllm import SamplingParams
 
         t0 = time.time()

@@ -137,21 +137,32 @@ class PPOLearner:
                           response_len=shard.get("response_len")).to(self.device)
 
     @torch.no_grad()
-    def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float) -> dict:
-        mb = self.cfg.micro_batch_size
-        old_lp, ref_lp, values = [], [], []
+    def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float,
+                    old_logprobs: list[list[float]] | None = None) -> dict:
+        """Old and reference log-probs, values, KL-penalized rewards, GAE. `old_logprobs`:
+        the sampling policy's per-token log-probs from generation (else a forward pass
+        here)."""
         policy, critic = self._unwrap(self.policy), self._unwrap(self.critic)
-        for s in range(0, len(b), mb):
-            m = b.select(slice(s, s + mb))
+        shape = b.response_mask.shape
+        old_lp, ref_lp, values = (torch.zeros(shape, device=self.device) for _ in range(3))
+        given = old_logprobs is not None  # the sampler's own (one forward pass fewer)
+        if given:
+            for i, x in enumerate(old_logprobs):
+                old_lp[i, :min(len(x), shape[1])] = torch.as_tensor(x[:shape[1]])
+        for idx in self._micro_batches(b, np.arange(len(b))):
+            m = b.select(idx).trimmed()
+            t = m.response_mask.shape[1]
             args = (m.input_ids, m.attention_mask, m.position_ids)
-            old_lp.append(response_logprobs(policy, *args, b.prompt_len, self.temperature))
+            if not given:
+                old_lp[idx, :t] = response_logprobs(policy, *args, m.prompt_len, self.temperature)
             if self.ref is None:  # LoRA: the reference is the base, adapters off
                 with policy.disable_adapter():
-                    ref_lp.append(response_logprobs(policy, *args, b.prompt_len, self.temperature))
+                    ref_lp[idx, :t] = response_logprobs(policy, *args, m.prompt_len,
+                                                        self.temperature)
             else:
-                ref_lp.append(response_logprobs(self.ref, *args, b.prompt_len, self.temperature))
-            values.append(response_values(critic, *args, b.prompt_len))
-        old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
+                ref_lp[idx, :t] = response_logprobs(self.ref, *args, m.prompt_len,
+                                                    self.temperature)
+            values[idx, :t] = response_values(critic, *args, m.prompt_len).float()
         mask = b.response_mask
         kl = lm_ppo.kl_estimate(old_lp, ref_lp, self.cfg.kl.estimator) * mask
         rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
@@ -168,19 +179,19 @@ class PPOLearner:
     # ---------------------------------------------------------------- the PPO step
     def _minibatch_loss(self, b: TokenBatch, exp: dict, idx: np.ndarray, tokens_global: float,
                         sync: bool) -> tuple[torch.Tensor, dict]:
-        m = b.select(idx)
-        mask = m.response_mask
+        m = b.select(idx).trimmed()  # this micro batch's own padding only
+        mask, t = m.response_mask, m.response_mask.shape[1]
+        exp = {k: exp[k][idx, :t] for k in ("old_lp", "adv", "values", "returns")}
         args = (m.input_ids, m.attention_mask, m.position_ids)
         want_ent = self.cfg.entropy_coef > 0
-        out = response_logprobs(self.policy, *args, b.prompt_len, self.temperature, want_ent)
+        out = response_logprobs(self.policy, *args, m.prompt_len, self.temperature, want_ent)
         lp, ent = (out if want_ent else (out, None))
-        values = response_values(self.critic, *args, b.prompt_len)
+        values = response_values(self.critic, *args, m.prompt_len)
         # per-token sums over this micro batch, divided by the whole minibatch's token count
         # on all ranks; times world size because DDP averages gradients over ranks
         scale = float(mask.sum()) / tokens_global * self.world
-        pg, pg_stats = lm_ppo.policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], mask,
-                                          self.cfg.cliprange)
-        vf, vf_stats = lm_ppo.value_loss(values, exp["values"][idx], exp["returns"][idx], mask,
+        pg, pg_stats = lm_ppo.policy_loss(lp, exp["old_lp"], exp["adv"], mask, self.cfg.cliprange)
+        vf, vf_stats = lm_ppo.value_loss(values, exp["values"], exp["returns"], mask,
                                          self.cfg.cliprange_value)
         loss = pg + vf
         if ent is not None:
@@ -188,14 +199,16 @@ class PPOLearner:
         stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vf.detach()), **pg_stats, **vf_stats}
         return loss * scale, stats
 
-    def _micro_batches(self, idx: np.ndarray) -> list[np.ndarray]:
-        mb = self.cfg.micro_batch_size
-        return [idx[s:s + mb] for s in range(0, len(idx), mb)]
+    def _micro_batches(self, b: TokenBatch, idx: np.ndarray) -> list[np.ndarray]:
+        """`ppo.micro_batch_size` rows at a time, or as many as `ppo.micro_batch_tokens`
+        holds (lengths differ: memory follows tokens, see `lm_ppo.micro_batches`)."""
+        return lm_ppo.micro_batches(idx, *b.lengths(), self.cfg.micro_batch_size,
+                                    self.cfg.micro_batch_tokens)
 
     def _backward(self, b: TokenBatch, exp: dict, idx: np.ndarray) -> list[dict]:
         """Accumulate the gradients of one minibatch (this rank's part, `idx`)."""
         (tokens_global,) = self._allreduce(float(b.response_mask[idx].sum()))
-        micros = self._micro_batches(idx)
+        micros = self._micro_batches(b, idx)
         stats = []
         for k, micro in enumerate(micros):
             last = k == len(micros) - 1
@@ -213,13 +226,14 @@ class PPOLearner:
 
     def step(self, shard: dict, beta: float) -> dict:
         """One PPO iteration on this rank's shard: {prompt_ids, response_ids, scores
-        (normalized RM scores), prompt_len, response_len}. All ranks call it together."""
+        (normalized RM scores), prompt_len, response_len, and optionally old_logprobs (the
+        sampling policy's, from generation)}. All ranks call it together."""
         t0 = time.time()
         self.policy.train()
         self.critic.train()
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
-        exp = self._experience(b, scores, beta)
+        exp = self._experience(b, scores, beta, shard.get("old_logprobs"))
         n = len(b)
         per_rank_mb = self.cfg.minibatch_size // self.world
         stats: list[dict] = []
@@ -253,7 +267,7 @@ class PPOLearner:
         2 ranks with half a batch each must match 1 rank with all of it."""
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
-        exp = self._experience(b, scores, beta)
+        exp = self._experience(b, scores, beta, shard.get("old_logprobs"))
         self.opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         self._backward(b, exp, np.arange(len(b)))
@@ -272,6 +286,14 @@ class PPOLearner:
         if self.lora:
             return self.version, adapter_state_cpu(self.policy)
         return self.version, state_dict_cpu(self.policy)
+
+    def put_policy_weights(self) -> tuple[int, list]:
+        """`policy_weights` into this process's object store: (version, [ObjectRef]) (a
+        list, so the caller gets the reference, not the weights through its own process)."""
+        import ray
+
+        version, weights = self.policy_weights()
+        return version, [ray.put(weights)]
 
     def save(self, out_dir: str, tokenizer_path: str | None = None) -> dict:
         from rlhf_ray.llm.modeling import load_tokenizer

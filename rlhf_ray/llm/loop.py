@@ -248,9 +248,11 @@ class LLMController(RunController):
         last: dict = {}
         batch = cfg.ppo.rollout_batch_size
         pending = None  # async_generation: the next batch, sampled while the learner steps
+        with_lp = cfg.ppo.old_logprobs == "generation"
         while self.iteration < cfg.run.iterations and not self.should_stop():
             t = [time.perf_counter()]
-            out = self.generation.collect(pending or self.generation.submit(self.next_prompts(batch)))
+            out = self.generation.collect(pending or self.generation.submit(
+                self.next_prompts(batch), logprobs=with_lp))
             pending = None
             t.append(time.perf_counter())
             res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
@@ -260,7 +262,8 @@ class LLMController(RunController):
                 scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
             t.append(time.perf_counter())
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
-                pending = self.generation.submit(self.next_prompts(batch))  # still policy v
+                # still policy v: its log-probs make PPO's ratio against the sampler
+                pending = self.generation.submit(self.next_prompts(batch), logprobs=with_lp)
             beta = self.kl_ctl.beta
             stats = self.learner.step(out, scores, beta)  # PPO, KL-penalized token rewards
             t.append(time.perf_counter())

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -198,10 +199,19 @@ def last_token_scores(model, input_ids, attention_mask, position_ids) -> torch.T
 
 def response_logprobs(model, input_ids, attention_mask, position_ids, prompt_len: int,
                       temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) of each response token: [B, T] (and the entropy, [B, T])."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids, use_cache=False).logits
-    logits = logits[:, prompt_len - 1:-1].float() / temperature
+    """log pi(y_t | x, y_<t) of each response token: [B, T] (and the entropy, [B, T]).
+
+    Only the T positions that predict response tokens go through the LM head
+    (`logits_to_keep`): with a 49k vocabulary the head is about a fifth of a small model's
+    forward FLOPs, and its [B, L, V] logits dominate the memory of a short-response batch."""
+    keep = input_ids.shape[1] - prompt_len + 1
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # a model class without `logits_to_keep`: every position
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).logits
+    logits = logits[:, -keep:-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, prompt_len:]
     logp = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
@@ -246,6 +256,24 @@ class TokenBatch:
     def select(self, idx) -> "TokenBatch":
         return TokenBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
                           self.response_mask[idx], self.prompt_len)
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's real prompt and response length: [B], [B]."""
+        p = self.prompt_len
+        return (self.attention_mask[:, :p].sum(1).cpu().numpy(),
+                self.response_mask.sum(1).cpu().numpy())
+
+    def trimmed(self) -> "TokenBatch":
+        """The same rows without the columns that are padding in every one of them (leading
+        prompt columns, trailing response columns), so a micro batch pays for its own
+        longest prompt and response, not the whole batch's. Per-token outputs are then
+        [B, T'] (T' <= T), aligned with [:, :T'] of the untrimmed batch."""
+        p = self.prompt_len
+        lead = p - int(self.attention_mask[:, :p].sum(1).max())
+        t = max(1, int(self.response_mask.sum(1).max()))
+        cols = slice(lead, p + t)
+        return TokenBatch(self.input_ids[:, cols], self.attention_mask[:, cols],
+                          self.position_ids[:, cols], self.response_mask[:, :t], p - lead)
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device),

@@ -42,24 +42,26 @@ class GenerationGroup:
         policy version that produced it (`versions`)."""
         return self.collect(self.submit(prompts, n))
 
-    def submit(self, prompts: list[str], n: int = 1) -> tuple:
+    def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False) -> tuple:
         """Start generating (every worker at once); `collect` waits for the samples. The
-        workers sample with the weights they hold when they get to it."""
+        workers sample with the weights they hold when they get to it. `logprobs`: with the
+        sampling policy's token log-probs, where the backend gives them (hf)."""
         k = len(self.workers)
         parts = [prompts[i::k] for i in range(k)]
-        refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers) if parts[i]}
-        return parts, n, refs
+        refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
+                for i, w in enumerate(self.workers) if parts[i]}
+        return parts, n, refs, logprobs
 
     def collect(self, pending: tuple) -> dict:
         import ray
 
-        parts, n, refs = pending
+        parts, n, refs, logprobs = pending
         k = len(self.workers)
         done: dict[int, dict] = {}
         for attempt in range(5):
             if attempt:
-                refs = {i: w.generate.remote(parts[i], n) for i, w in enumerate(self.workers)
-                        if parts[i] and i not in done}
+                refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
+                        for i, w in enumerate(self.workers) if parts[i] and i not in done}
             for i, ref in refs.items():
                 try:
                     done[i] = ray.get(ref)
@@ -76,16 +78,20 @@ class GenerationGroup:
         for o in outs:
             for key in merged:
                 merged[key] += o[key]
+        if outs and all("logprobs" in o for o in outs):
+            merged["logprobs"] = [x for o in outs for x in o["logprobs"]]
         merged["versions"] = [o["version"] for o in outs]
         merged["tokens"] = sum(o["tokens"] for o in outs)
         merged["generate_s"] = max(o["generate_s"] for o in outs)
         return merged
 
     def push(self, version: int, weights) -> None:
-        """The learner's policy to every worker, through one `ray.put`."""
+        """The learner's policy to every worker: the learner's own object-store copy (an
+        ObjectRef, never through this process), or a state dict put once."""
         import ray
 
-        self._synced = (version, ray.put(weights))  # what a restarted worker is given
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        self._synced = (version, ref)  # what a restarted worker is given
         ray.get([w.update_weights.remote(*self._synced) for w in self.workers])
 
     def set_version(self, version: int) -> None:
@@ -139,16 +145,21 @@ class LearnerGroup:
         n = len(self.ranks)
         p_len = max(len(x) for x in out["prompt_ids"])
         r_len = max(len(y) for y in out["response_ids"])
+        # the sampler's token log-probs, where generation gave them, are PPO's old log-probs
+        keys = {"prompt_ids": "prompt_ids", "response_ids": "response_ids",
+                "logprobs": "old_logprobs"}
         return ray.get([lr.step.remote(
-            {"prompt_ids": out["prompt_ids"][r::n], "response_ids": out["response_ids"][r::n],
+            {**{to: out[k][r::n] for k, to in keys.items() if k in out},
              "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)
             for r, lr in enumerate(self.ranks)])[0]
 
     def policy_weights(self):
-        """(version, state dict) of the policy (rank 0's: DDP keeps the ranks equal)."""
+        """(version, ObjectRef of the state dict) of the policy (rank 0's: DDP keeps the
+        ranks equal); the weights go from the learner's object store to the workers'."""
         import ray
 
-        return ray.get(self.ranks[0].policy_weights.remote())
+        version, (ref,) = ray.get(self.ranks[0].put_policy_weights.remote())
+        return version, ref
 
     def version(self) -> int:
         import ray

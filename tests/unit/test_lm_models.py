@@ -83,6 +83,69 @@ def test_grouped_loss_equals_ranking_loss_for_full_rankings():
     assert abs(float(tie) - np.log(2)) < 1e-6
 
 
+def test_trimmed_micro_batches_leave_experience_and_gradients_unchanged(tiny_model):
+    """Micro batches sized by a token budget and trimmed to their own padding give the same
+    experience (old and reference log-probs, values) and the same minibatch gradient as one
+    micro batch holding every row: only memory and time change."""
+    from rlhf_ray.config import LMPPOConfig
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+
+    w = HFGenerationWorker(tiny_model, {"max_new_tokens": 6}, seed=0)
+    prompts = [("the fox : " * (1 + i % 4)).strip() for i in range(8)]  # prompts of 4 lengths
+    out = w.generate(prompts, n=1, seed=0)
+    shard = {"prompt_ids": out["prompt_ids"],
+             "response_ids": [r[:1 + (i * 5) % 6] for i, r in enumerate(out["response_ids"])],
+             "scores": np.random.default_rng(0).normal(size=8).astype(np.float32)}
+    runs = {}
+    for name, extra in {"one": {"micro_batch_size": 8}, "rows": {"micro_batch_size": 3},
+                        "tokens": {"micro_batch_tokens": 24}}.items():
+        ppo = LMPPOConfig(rollout_batch_size=8, minibatch_size=8, **extra).model_dump()
+        lr = PPOLearner(0, 1, tiny_model, tiny_model, ppo, pad_id=0)
+        b = lr._batch(shard)
+        plan = lr._micro_batches(b, np.arange(8))
+        exp = lr._experience(b, torch.as_tensor(shard["scores"]), 0.1)
+        runs[name] = (plan, exp, lr.gradients(shard, 0.1))
+    plan = runs["tokens"][0]
+    assert len(plan) > 2 and len({len(m) for m in plan}) > 1
+    for name in ("rows", "tokens"):
+        # what lies past a response's end is never read
+        mask = make_batch(shard["prompt_ids"], shard["response_ids"], 0).response_mask.bool()
+        for k in ("old_lp", "ref_lp", "values", "adv", "returns"):
+            torch.testing.assert_close(runs[name][1][k][mask], runs["one"][1][k][mask],
+                                       atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        for k, g in runs["one"][2].items():
+            np.testing.assert_allclose(runs[name][2][k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(np.abs(g).max() > 0 for g in runs["one"][2].values())
+
+
+def test_generation_logprobs_are_the_learners_old_logprobs(tiny_model):
+    """The sampler's token log-probs (from the logits it sampled with, at its temperature)
+    equal the learner's forward pass over the same tokens, so PPO's experience is the same
+    with them, one forward pass fewer."""
+    from rlhf_ray.config import LMPPOConfig
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+
+    w = HFGenerationWorker(tiny_model, {"max_new_tokens": 6, "temperature": 0.7}, seed=0)
+    out = w.generate(["the fox :", "write about the fox :"], n=3, seed=1, logprobs=True)
+    assert [len(x) for x in out["logprobs"]] == [len(r) for r in out["response_ids"]]
+    assert all(v < 0 for x in out["logprobs"] for v in x)
+    ppo = LMPPOConfig(rollout_batch_size=6, minibatch_size=6, micro_batch_size=4).model_dump()
+    lr = PPOLearner(0, 1, tiny_model, tiny_model, ppo, temperature=0.7,
+                    pad_id=w.tok.pad_token_id)
+    b = lr._batch(out)
+    scores = torch.linspace(-1, 1, 6)
+    mine = lr._experience(b, scores, 0.1)
+    given = lr._experience(b, scores, 0.1, out["logprobs"])
+    mask = b.response_mask.bool()
+    assert int(mask.sum()) == sum(len(r) for r in out["response_ids"])
+    for k in ("old_lp", "kl", "rewards", "adv", "returns"):
+        torch.testing.assert_close(given[k][mask], mine[k][mask], atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert "logprobs" not in w.generate(["the fox :"], n=1, seed=1)
+
+
 def test_sentiment_oracle_by_hand():
     assert tiny.sentiment_oracle("write about the fox :", "good happy fox") == pytest.approx(2 / 3 + 0.5)
     assert tiny.sentiment_oracle("write about the fox :", "bad dog") == pytest.approx(-0.5)

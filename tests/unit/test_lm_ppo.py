@@ -3,6 +3,7 @@
 import math
 from itertools import combinations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from rlhf_ray.core.lm_ppo import (
     kl_estimate,
     masked_mean,
     masked_whiten,
+    micro_batches,
     policy_loss,
     token_rewards,
     value_loss,
@@ -183,3 +185,29 @@ def test_ranking_loss_k2_is_the_pair_loss_and_one_prompt_weighs_the_same_whateve
         assert ranking_loss(torch.zeros(3, k), torch.arange(k).repeat(3, 1)).item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="at least 2 responses"):
         ranking_loss(torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_micro_batches_by_rows_and_by_tokens():
+    """Fixed size: chunks in order. Token budget: every row once, each micro batch padded to
+    its own longest prompt and response within the budget (a longer row alone), short rows
+    packed more densely than long ones."""
+    rng = np.random.default_rng(0)
+    p_len = rng.integers(3, 30, size=40)
+    r_len = rng.integers(1, 20, size=40)
+    idx = rng.permutation(40)[:32]
+    fixed = micro_batches(idx, p_len, r_len, max_rows=5)
+    assert [len(m) for m in fixed] == [5] * 6 + [2]
+    assert np.array_equal(np.concatenate(fixed), idx)
+    for budget in (40, 100, 300):
+        plan = micro_batches(idx, p_len, r_len, max_rows=5, max_tokens=budget)
+        assert sorted(np.concatenate(plan).tolist()) == sorted(idx.tolist())
+        for m in plan:
+            cost = len(m) * (p_len[m].max() + r_len[m].max())
+            assert cost <= budget or len(m) == 1
+    plan = micro_batches(idx, p_len, r_len, max_rows=5, max_tokens=100)
+    assert len({len(m) for m in plan}) > 1  # rows per micro batch follow the lengths
+    first, last = plan[0], plan[-1]  # longest rows first
+    assert (p_len[first] + r_len[first]).min() >= (p_len[last] + r_len[last]).max()
+    assert len(micro_batches(idx, p_len, r_len, 5, max_tokens=10**6)) == 1
+    long = micro_batches(np.arange(3), np.array([50, 50, 50]), np.array([20, 20, 20]), 5, 60)
+    assert [len(m) for m in long] == [1, 1, 1]
