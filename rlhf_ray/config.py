@@ -357,6 +357,9 @@ class GenerationConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0: no top-k filtering")
     top_p: float = Field(1.0, gt=0, le=1)
+    max_batch_size: int | None = Field(
+        64, ge=1, description="hf backend: sequences (prompts x samples) per generate call; "
+        "bounds the KV cache and per-step logits (null: all at once). vLLM batches itself")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
 
 

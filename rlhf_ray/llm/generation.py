@@ -71,6 +71,26 @@ class HFGenerationWorker:
         self.calls += 1
         torch.manual_seed(self.seed * 1_000_003 + self.calls if seed is None else seed)
         pids = self.encode_prompts(prompts)
+        # at most `generation.max_batch_size` sequences per call: the KV cache and the
+        # per-step logits grow with them (256 SmolLM2 prompts at once peaked at 2.8 GB)
+        step = max(1, (self.gen.max_batch_size or len(pids) * n) // n)
+        resp: list[list[int]] = []
+        lps: list[list[float]] = []
+        for s in range(0, len(pids), step):
+            r, lp = self._sample(pids[s:s + step], n, logprobs)
+            resp += r
+            lps += lp
+        extra = {"logprobs": lps} if logprobs else {}
+        texts = [self.tok.decode(r, skip_special_tokens=True) for r in resp]
+        prompt_rows = [x for x in pids for _ in range(n)]
+        tokens = sum(len(r) for r in resp)
+        return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
+                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
+                "tokens": tokens, "generate_s": time.time() - t0, **extra}
+
+    def _sample(self, pids: list[list[int]], n: int,
+                logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:
+        """One `generate` call: responses (cut after EOS) and, with `logprobs`, theirs."""
         p = max(len(x) for x in pids)
         pad = self.tok.pad_token_id
         ids = torch.full((len(pids), p), pad, dtype=torch.long)
@@ -88,13 +108,7 @@ class HFGenerationWorker:
         seqs = out.sequences if logprobs else out
         resp = [_cut_at_eos(row.tolist(), self.tok.eos_token_id, pad) for row in seqs[:, p:]]
         resp = [r if r else [self.tok.eos_token_id] for r in resp]
-        extra = {"logprobs": self._token_logprobs(out.logits, resp)} if logprobs else {}
-        texts = [self.tok.decode(r, skip_special_tokens=True) for r in resp]
-        prompt_rows = [x for x in pids for _ in range(n)]
-        tokens = sum(len(r) for r in resp)
-        return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
-                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
-                "tokens": tokens, "generate_s": time.time() - t0, **extra}
+        return resp, (self._token_logprobs(out.logits, resp) if logprobs else [])
 
     def _token_logprobs(self, step_logits: tuple, resp: list[list[int]]) -> list[list[float]]:
         """Each response token's log-prob from the raw logits of the step that sampled it."""

@@ -122,13 +122,18 @@ def test_trimmed_micro_batches_leave_experience_and_gradients_unchanged(tiny_mod
 def test_generation_logprobs_are_the_learners_old_logprobs(tiny_model):
     """The sampler's token log-probs (from the logits it sampled with, at its temperature)
     equal the learner's forward pass over the same tokens, so PPO's experience is the same
-    with them, one forward pass fewer."""
+    with them, one forward pass fewer; also when a batch is generated in several calls."""
     from rlhf_ray.config import LMPPOConfig
     from rlhf_ray.llm.generation import HFGenerationWorker
     from rlhf_ray.llm.learner import PPOLearner
 
-    w = HFGenerationWorker(tiny_model, {"max_new_tokens": 6, "temperature": 0.7}, seed=0)
-    out = w.generate(["the fox :", "write about the fox :"], n=3, seed=1, logprobs=True)
+    # 3 sequences per generate call: the 6 rows come from 2 calls (memory bound)
+    w = HFGenerationWorker(tiny_model, {"max_new_tokens": 6, "temperature": 0.7,
+                                        "max_batch_size": 3}, seed=0)
+    prompts = ["the fox :", "write about the fox :"]
+    out = w.generate(prompts, n=3, seed=1, logprobs=True)
+    assert out["prompts"] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert out["prompt_ids"] == [w.encode_prompts([q])[0] for q in out["prompts"]]
     assert [len(x) for x in out["logprobs"]] == [len(r) for r in out["response_ids"]]
     assert all(v < 0 for x in out["logprobs"] for v in x)
     ppo = LMPPOConfig(rollout_batch_size=6, minibatch_size=6, micro_batch_size=4).model_dump()
