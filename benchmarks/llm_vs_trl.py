@@ -15,6 +15,8 @@ held-out prompts with the same seed and sampling settings, scored by the task's 
     python benchmarks/llm_vs_trl.py --iterations 30 --seeds 0 1
     python benchmarks/llm_vs_trl.py --hidden 256 --layers 3 --intermediate 512   # ~2M (llm-tiny)
     python benchmarks/llm_vs_trl.py --model smollm2 --iterations 8 --lr 1e-5 --tag llm_vs_trl_smollm2
+    python benchmarks/llm_vs_trl.py --model smollm2 --finetune preset --epochs 4 --iterations 10 \
+        --lr 5e-4 --tag llm_vs_trl_smollm2_e4
 
 `--model smollm2`: SmolLM2-135M-Instruct on the reviews task (the smollm2-reviews preset's SFT
 and reward model, its prompts through the chat template, 16 responses of up to 20 tokens, one
@@ -227,6 +229,8 @@ def main() -> None:
     ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for TRL (default: every core, as it runs alone)")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="PPO epochs over each batch on both sides (default: 4 tiny, 1 smollm2)")
     ap.add_argument("--finetune", choices=["full", "preset"], default="full",
                     help="smollm2: both sides fully fine-tuned, or the preset's LoRA on the "
                          "top blocks on both")
@@ -246,6 +250,7 @@ def main() -> None:
         PRESET, FINETUNE = "smollm2-reviews", args.finetune
         extra = SMOLLM2_OURS if FINETUNE == "full" else ["eval.every=0"]
     extra = [*extra, *args.ours]
+    EPOCHS = args.epochs or EPOCHS
 
     import ray
 
