@@ -108,17 +108,13 @@ class HFGenerationWorker:
         seqs = out.sequences if logprobs else out
         resp = [_cut_at_eos(row.tolist(), self.tok.eos_token_id, pad) for row in seqs[:, p:]]
         resp = [r if r else [self.tok.eos_token_id] for r in resp]
-        return resp, (self._token_logprobs(out.logits, resp) if logprobs else [])
-
-    def _token_logprobs(self, step_logits: tuple, resp: list[list[int]]) -> list[list[float]]:
-        """Each response token's log-prob from the raw logits of the step that sampled it."""
-        tokens = torch.zeros((len(resp), len(step_logits)), dtype=torch.long, device=self.device)
-        for i, r in enumerate(resp):
-            tokens[i, :len(r)] = torch.tensor(r[:len(step_logits)], device=self.device)
+        if not logprobs:
+            return resp, []
+        # each sampled token's log-prob, from the raw logits of the step that sampled it
         lp = torch.stack([torch.log_softmax(x.float() / self.gen.temperature, -1)
-                          .gather(1, tokens[:, j:j + 1]).squeeze(1)
-                          for j, x in enumerate(step_logits)], 1).cpu()
-        return [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
+                          .gather(1, seqs[:, p + j:p + j + 1]).squeeze(1)
+                          for j, x in enumerate(out.logits)], 1).cpu()
+        return resp, [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load the learner's policy weights in place; stale versions are ignored."""

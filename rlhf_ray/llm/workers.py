@@ -85,13 +85,12 @@ class GenerationGroup:
         merged["generate_s"] = max(o["generate_s"] for o in outs)
         return merged
 
-    def push(self, version: int, weights) -> None:
-        """The learner's policy to every worker: the learner's own object-store copy (an
-        ObjectRef, never through this process), or a state dict put once."""
+    def push(self, version: int, weights_ref) -> None:
+        """The learner's policy to every worker: an ObjectRef of the learner's own
+        object-store copy (`LearnerGroup.policy_weights`), never through this process."""
         import ray
 
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        self._synced = (version, ref)  # what a restarted worker is given
+        self._synced = (version, weights_ref)  # what a restarted worker is given
         ray.get([w.update_weights.remote(*self._synced) for w in self.workers])
 
     def set_version(self, version: int) -> None:
