@@ -387,6 +387,8 @@ class KLConfig(_Strict):
     init_coef: float = Field(0.1, ge=0, description="beta at the start")
     target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
     horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
+    min_coef: float = Field(0.0, ge=0, description="adaptive: beta never falls below this "
+                            "(stops the windup while the policy has not reached the target yet)")
 
 
 class LMPPOConfig(_Strict):

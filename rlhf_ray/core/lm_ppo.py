@@ -179,20 +179,26 @@ class AdaptiveKLController:
         e_t = clip(KL_t / target - 1, -0.2, 0.2),   beta_{t+1} = beta_t (1 + K_beta e_t),
 
     with K_beta = n_steps / horizon (n_steps: samples in the batch that measured KL_t).
+
+    `min_beta` bounds beta from below. Without it, the iterations in which the policy has not
+    yet moved (KL far under the target) cut beta by the full 20% clip each time, and once the
+    KL does arrive, beta needs as many iterations to climb back as it spent falling: the KL
+    overshoots its target by 2x (integral windup; measured on smollm2-reviews, docs/llm.md).
     """
 
     beta: float
     target: float
     horizon: float = 10_000
+    min_beta: float = 0.0
 
     def update(self, kl: float, n_steps: int) -> float:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        self.beta = max(self.beta * (1.0 + error * n_steps / self.horizon), self.min_beta)
         return self.beta
 
     def state_dict(self) -> dict:
         return {"kind": "adaptive", "beta": self.beta, "target": self.target,
-                "horizon": self.horizon}
+                "horizon": self.horizon, "min_beta": self.min_beta}
 
 
 def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLController:
@@ -202,5 +208,5 @@ def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLContr
         return FixedKLController(float(state["beta"]))
     if kind == "adaptive":
         return AdaptiveKLController(float(state["beta"]), float(state["target"]),
-                                    float(state["horizon"]))
+                                    float(state["horizon"]), float(state.get("min_beta", 0.0)))
     raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed' or 'adaptive'")

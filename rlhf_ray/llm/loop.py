@@ -35,7 +35,7 @@ from rlhf_ray.roles import remote_role, retry_call
 def kl_controller(cfg):
     k = cfg.ppo.kl
     if k.controller == "adaptive":
-        return AdaptiveKLController(k.init_coef, k.target, k.horizon)
+        return AdaptiveKLController(k.init_coef, k.target, k.horizon, k.min_coef)
     return FixedKLController(k.init_coef)
 
 

@@ -110,6 +110,22 @@ def test_adaptive_kl_controller_on_known_numbers():
     assert FixedKLController(0.05).update(100.0, 256) == 0.05
 
 
+def test_adaptive_kl_floor_stops_windup_and_beta_still_climbs():
+    free = AdaptiveKLController(beta=0.05, target=6.0, horizon=32)
+    floored = AdaptiveKLController(beta=0.05, target=6.0, horizon=32, min_beta=0.025)
+    for _ in range(17):  # the policy has not moved yet: KL far under target
+        free.update(0.5, 16)
+        floored.update(0.5, 16)
+    assert free.beta == pytest.approx(0.05 * 0.9**17)  # the windup: ~0.008
+    assert floored.beta == 0.025
+    assert floored.update(12.0, 16) == pytest.approx(0.025 * 1.1)  # over target: climbs at once
+    again = kl_controller_from_state(floored.state_dict())
+    assert again == floored and again.min_beta == 0.025
+    # checkpoints from before the floor existed resume without one
+    old = {"kind": "adaptive", "beta": 0.1, "target": 6.0, "horizon": 500}
+    assert kl_controller_from_state(old).min_beta == 0.0
+
+
 def test_kl_controller_state_round_trips_for_resume():
     c = AdaptiveKLController(beta=0.1, target=6.0, horizon=500)
     for kl in (9.0, 3.0, 7.0):
