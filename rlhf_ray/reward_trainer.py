@@ -92,6 +92,24 @@ class RewardTrainer:
         acc = float(correct.mean()) if decided.any() else float("nan")
         return loss, acc
 
+    @torch.no_grad()
+    def _evaluate(self, k: int, idx: np.ndarray, d: Comparisons,
+                  chunk: int = 1024) -> tuple[float, float]:
+        """Member k's loss and accuracy (on decided comparisons) over every row of `idx`, in
+        chunks: the L2 rule and the reported accuracy see the newest labels as well as the
+        oldest."""
+        if len(idx) == 0:
+            return float("nan"), float("nan")
+        loss_sum, correct, decided = 0.0, 0.0, 0
+        for s in range(0, len(idx), chunk):
+            part = idx[s:s + chunk]
+            loss, acc = self._loss(k, part, d)
+            loss_sum += float(loss) * len(part)
+            n = int((d.mu[part] != 0.5).sum())
+            if n:
+                correct, decided = correct + acc * n, decided + n
+        return loss_sum / len(idx), (correct / decided if decided else float("nan"))
+
     def train(self, steps: int | None = None) -> dict:
         """One round: `steps` gradient steps per member, then L2 adaptation and normalization."""
         if self.num_labels == 0:
@@ -125,13 +143,8 @@ class RewardTrainer:
                 (loss + self.l2[k] * l2).backward()
                 self.opts[k].step()
             member.eval()
-            with torch.no_grad():
-                tl, ta = self._loss(k, train_idx[:1024], d)
-                if len(val_idx):
-                    vl, va = self._loss(k, val_idx[:1024], d)
-                    vl = float(vl)
-                else:
-                    vl, va = float("nan"), float("nan")
+            tl, ta = self._evaluate(k, train_idx, d)
+            vl, va = self._evaluate(k, val_idx, d)
             member.train()
             if self.cfg.adapt_l2 and np.isfinite(vl):
                 lo, hi = self.cfg.val_loss_ratio

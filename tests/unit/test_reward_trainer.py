@@ -41,6 +41,29 @@ def test_ensemble_learns_preferences_and_generalizes():
     assert (pred_left.numpy() == (test.mu > 0.5)).mean() > 0.85
 
 
+def test_validation_and_the_l2_rule_see_every_label_not_the_oldest():
+    """Past 1,024 held-out comparisons a member's validation accuracy and loss are still over
+    all of them: the newest labels here contradict the oldest, so an estimate from the first
+    rows alone would be far off."""
+    trainer = RewardTrainer(spec(ensemble_size=2), RewardModelConfig(lr=3e-3, batch_size=32), seed=0)
+    data, _ = make_comparisons(4000)
+    data.mu[2500:] = 1.0 - data.mu[2500:]  # later labels disagree with the earlier ones
+    trainer.add(data)
+    stats = trainer.train(steps=50)
+    accs = []
+    for k in range(2):
+        val = np.flatnonzero(trainer._counts[k] == 0)
+        assert len(val) > 1024
+        ens = trainer.ensemble
+        ret = [ens.raw_member(k, *as_tensors(o[val].reshape(-1, 4), a[val].reshape(-1, 1)))
+               .reshape(len(val), -1).sum(1).detach().numpy()
+               for o, a in ((data.left_obs, data.left_act), (data.right_obs, data.right_act))]
+        accs.append(((ret[0] > ret[1]) == (data.mu[val] > 0.5)).mean())
+        first = val[:1024]
+        assert abs(((ret[0] > ret[1])[:1024] == (data.mu[first] > 0.5)).mean() - accs[-1]) > 0.1
+    assert stats["rm_val_accuracy"] == pytest.approx(np.mean(accs), abs=1e-6)
+
+
 def test_bootstrap_holds_out_about_one_over_e():
     trainer = RewardTrainer(spec(ensemble_size=4), RewardModelConfig(), seed=1)
     trainer.add(make_comparisons(3000)[0])
