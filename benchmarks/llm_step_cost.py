@@ -10,8 +10,13 @@ split into micro batches by rows (all, half, a quarter) or by a token budget
 (`ppo.micro_batch_tokens`), each in a fresh process so that its peak resident memory is its
 own: what a micro batch costs in memory and time, to size `micro_batch_tokens` by memory.
 
+`--trunk`: the preset's mode with 1 and 4 PPO epochs, the frozen blocks' output cached for the
+epochs (`ppo.cache_frozen_blocks`) or recomputed in each, side by side in one process: what an
+epoch costs with and without the cache.
+
     python benchmarks/llm_step_cost.py --threads 2 --out docs/results/llm_step_cost.json
     python benchmarks/llm_step_cost.py --micro --out docs/results/llm_micro_batch.json
+    python benchmarks/llm_step_cost.py --trunk --out docs/results/llm_trunk_cache.json
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 
 def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps: int,
             micro: dict | None = None) -> dict:
-    """`micro`: {"minibatch_size", "micro_batch_size", "micro_batch_tokens"} for the learner."""
+    """`micro`: PPO settings for the learner ({"minibatch_size", "micro_batch_size",
+    "micro_batch_tokens", "ppo_epochs", "cache_frozen_blocks"}); one epoch by default."""
     import resource
 
     import numpy as np
@@ -44,7 +50,7 @@ def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps:
                              prompt_format=PromptFormat.settings(cfg.data), lora=lora,
                              train_top_layers=top)
     micro = micro or {"minibatch_size": batch // 2, "micro_batch_size": batch // 2}
-    ppo = LMPPOConfig(rollout_batch_size=batch, ppo_epochs=1, lr=1e-5, **micro).model_dump()
+    ppo = LMPPOConfig(rollout_batch_size=batch, lr=1e-5, **{"ppo_epochs": 1, **micro}).model_dump()
     learner = PPOLearner(0, 1, path, path, ppo, torch_threads=threads, pad_id=gen.tok.pad_token_id,
                          lora=lora, train_top_layers=top)
     t = time.perf_counter()
@@ -113,6 +119,30 @@ def micro_grid(args) -> int:
     return 0
 
 
+def trunk_grid(args) -> int:
+    """Cache on and off at 1 and 4 epochs: the per-epoch cost is the difference."""
+    b = args.batch
+    rows = []
+    for epochs in (1, 4):
+        for cache in (False, True):
+            micro = {"minibatch_size": b // 2, "micro_batch_size": b // 2, "ppo_epochs": epochs,
+                     "cache_frozen_blocks": cache}
+            rows.append(measure(f"e{epochs}_{'cached' if cache else 'recomputed'}", args.top, 16,
+                                args.threads, b, args.steps, micro))
+            m = rows[-1]
+            print(f"{m['mode']:16s} step {m['step_s_median_after_warmup']:5.2f} s", flush=True)
+    t = {m["mode"]: m["step_s_median_after_warmup"] for m in rows}
+    summary = {f"epoch_s_{c}": (t[f"e4_{c}"] - t[f"e1_{c}"]) / 3 for c in ("recomputed", "cached")}
+    summary.update({f"step_ratio_e{e}_cached_vs_recomputed": t[f"e{e}_cached"] / t[f"e{e}_recomputed"]
+                    for e in (1, 4)})
+    summary["epoch_ratio_cached_vs_recomputed"] = summary["epoch_s_cached"] / summary["epoch_s_recomputed"]
+    print(json.dumps(summary, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "batch": b, "top": args.top,
+                                          "summary": summary, "rows": rows}, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -122,9 +152,13 @@ def main() -> int:
     ap.add_argument("--out", default="docs/results/llm_step_cost.json")
     ap.add_argument("--micro", action="store_true", help="micro batches by rows vs by tokens")
     ap.add_argument("--budgets", type=int, nargs="+", default=[512, 256])
+    ap.add_argument("--trunk", action="store_true",
+                    help="frozen blocks cached for the epochs vs recomputed, 1 and 4 epochs")
     args = ap.parse_args()
     if args.micro:
         return micro_grid(args)
+    if args.trunk:
+        return trunk_grid(args)
     rows = []
     for mode, top, r in (("full", None, 0), ("lora", None, 16), (f"lora_top{args.top}", args.top, 16)):
         rows.append(measure(mode, top, r, args.threads, args.batch, args.steps))

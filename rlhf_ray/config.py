@@ -419,6 +419,11 @@ class LMPPOConfig(_Strict):
         "the logits it sampled with (TRL's way; one forward pass fewer; the hf backend: vLLM's "
         "kernels differ, so there the learner recomputes them); learner: a forward pass of the "
         "learner (verl's and OpenRLHF's way)")
+    cache_frozen_blocks: bool = Field(
+        True, description="with model.train_top_layers: run the frozen blocks below the "
+        "trained ones once per iteration (in the experience pass) and feed their output to the "
+        "top blocks in every PPO epoch, instead of recomputing it in each (checked against the "
+        "full forward once per learner; off by itself where a model family differs)")
     async_generation: bool = Field(
         False, description="generate the next batch while the learner steps on this one: "
         "one step off-policy (verl's and OpenRLHF's async modes); the lag is `policy_lag`")

@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.core import lm_ppo
-from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu, load_policy,
-                                   load_scalar_model, lora_on, make_batch, response_logprobs,
-                                   response_values, save_model, state_dict_cpu,
-                                   train_top_layers as freeze_below, with_lora)
+from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu,
+                                   decoder_layers, load_policy, load_scalar_model, lora_on,
+                                   make_batch, only_blocks, response_logprobs, response_values,
+                                   save_model, state_dict_cpu, train_top_layers as freeze_below,
+                                   trunk_states, with_lora)
 
 
 def free_port() -> int:
@@ -72,6 +73,12 @@ class PPOLearner:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.critic = TokenValueModel(critic)
         self.policy.config.use_cache = False
+        # The frozen trunk: blocks below the trained ones run once per iteration, not per epoch
+        self.trunk = {"policy": 0, "critic": 0}
+        if train_top_layers and self.cfg.cache_frozen_blocks:
+            for role, model in (("policy", self.policy), ("critic", self.critic)):
+                self.trunk[role] = max(0, len(decoder_layers(model)[1]) - train_top_layers)
+        self._trunk_checked = False
         self.rng = np.random.default_rng(seed + 7919 * rank)
         self.version = 0
         self._ddp = False
@@ -136,33 +143,97 @@ class PPOLearner:
                           prompt_len=shard.get("prompt_len"),
                           response_len=shard.get("response_len")).to(self.device)
 
+    # ---------------------------------------------------------------- forward passes
+    def _logprobs(self, model, m: TokenBatch, trunk: torch.Tensor | None, with_entropy=False):
+        """The policy's (or, adapters off, the reference's) response log-probs for micro batch
+        `m`; from the cached output of its frozen blocks when `trunk` is given."""
+        args = (m.input_ids, m.attention_mask, m.position_ids, m.prompt_len, self.temperature,
+                with_entropy)
+        if trunk is None:
+            return response_logprobs(model, *args)
+        with only_blocks(self._unwrap(model), slice(self.trunk["policy"], None)):
+            return response_logprobs(model, *args, inputs_embeds=trunk)
+
+    def _values(self, m: TokenBatch, trunk: torch.Tensor | None) -> torch.Tensor:
+        args = (m.input_ids, m.attention_mask, m.position_ids, m.prompt_len)
+        if trunk is None:
+            return response_values(self.critic, *args)
+        with only_blocks(self._unwrap(self.critic), slice(self.trunk["critic"], None)):
+            return response_values(self.critic, *args, inputs_embeds=trunk)
+
+    def _check_trunk(self, m: TokenBatch, trunks: dict) -> None:
+        """Once per learner: the top blocks fed the cached trunk must give the full forward's
+        log-probs and values (a model family that transforms `inputs_embeds`, as Gemma scales
+        them, would not): else the cache turns itself off, with one line saying so."""
+        self._trunk_checked = True
+        modes = [(mod, mod.training) for mod in (self.policy, self.critic)]
+        for mod, _ in modes:  # no dropout: the two passes must be comparable
+            mod.eval()
+        try:
+            self._compare_trunk(m, trunks)
+        finally:
+            for mod, training in modes:
+                mod.train(training)
+
+    def _compare_trunk(self, m: TokenBatch, trunks: dict) -> None:
+        tol = 1e-3 if m.input_ids.device.type == "cpu" and next(
+            self._unwrap(self.policy).parameters()).dtype == torch.float32 else 5e-2
+        checks = {}
+        if trunks["policy"] is not None:
+            checks["policy"] = (self._logprobs(self.policy, m, None),
+                                self._logprobs(self.policy, m, trunks["policy"]))
+        if trunks["critic"] is not None:
+            checks["critic"] = (self._values(m, None), self._values(m, trunks["critic"]))
+        for role, (full, cached) in checks.items():
+            err = float((full.float() - cached.float()).abs().max())
+            if not err <= tol:
+                print(f"[learner {self.rank}] ppo.cache_frozen_blocks off for the {role}: "
+                      f"its top blocks from the cached trunk differ from its full forward by "
+                      f"{err:.2g}", flush=True)
+                self.trunk[role] = 0
+                trunks[role] = None
+
     @torch.no_grad()
     def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float,
                     old_logprobs: list[list[float]] | None = None) -> dict:
         """Old and reference log-probs, values, KL-penalized rewards, GAE. `old_logprobs`:
         the sampling policy's per-token log-probs from generation (else a forward pass
-        here)."""
-        policy, critic = self._unwrap(self.policy), self._unwrap(self.critic)
+        here). With a frozen trunk (`ppo.cache_frozen_blocks`) its output is kept for the
+        epochs: `trunk_policy`, `trunk_critic`, [B, P + T, H]."""
+        policy = self._unwrap(self.policy)
         shape = b.response_mask.shape
         old_lp, ref_lp, values = (torch.zeros(shape, device=self.device) for _ in range(3))
         given = old_logprobs is not None  # the sampler's own (one forward pass fewer)
         if given:
             for i, x in enumerate(old_logprobs):
                 old_lp[i, :min(len(x), shape[1])] = torch.as_tensor(x[:shape[1]])
+        caches: dict[str, torch.Tensor | None] = {"policy": None, "critic": None}
         for idx in self._micro_batches(b, np.arange(len(b))):
-            m = b.select(idx).trimmed()
+            sub = b.select(idx)
+            m, cols = sub.trimmed(), sub.kept_columns()
             t = m.response_mask.shape[1]
             args = (m.input_ids, m.attention_mask, m.position_ids)
+            trunks = {}
+            for role, model in (("policy", policy), ("critic", self._unwrap(self.critic))):
+                k = self.trunk[role]
+                trunks[role] = trunk_states(model, k, *args) if k else None
+            if not self._trunk_checked:
+                self._check_trunk(m, trunks)
+            for role, h in trunks.items():
+                if h is not None:
+                    if caches[role] is None:
+                        caches[role] = h.new_zeros((len(b), b.input_ids.shape[1], h.shape[-1]))
+                    caches[role][torch.as_tensor(idx)[:, None],
+                                 torch.arange(cols.start, cols.stop)[None, :]] = h
             if not given:
-                old_lp[idx, :t] = response_logprobs(policy, *args, m.prompt_len, self.temperature)
+                old_lp[idx, :t] = self._logprobs(policy, m, trunks["policy"])
             if self.ref is None:  # LoRA: the reference is the base, adapters off
                 with policy.disable_adapter():
-                    ref_lp[idx, :t] = response_logprobs(policy, *args, m.prompt_len,
-                                                        self.temperature)
-            else:
+                    ref_lp[idx, :t] = self._logprobs(policy, m, trunks["policy"])
+            else:  # its own blocks throughout (a second copy; the trunk is the policy's)
                 ref_lp[idx, :t] = response_logprobs(self.ref, *args, m.prompt_len,
                                                     self.temperature)
-            values[idx, :t] = response_values(critic, *args, m.prompt_len).float()
+            values[idx, :t] = self._values(m, trunks["critic"]).float()
         mask = b.response_mask
         kl = lm_ppo.kl_estimate(old_lp, ref_lp, self.cfg.kl.estimator) * mask
         rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
@@ -170,7 +241,8 @@ class PPOLearner:
         if self.cfg.whiten_advantages:
             adv = self._whiten(adv, mask)
         return {"old_lp": old_lp, "ref_lp": ref_lp, "values": values, "adv": adv,
-                "returns": returns, "kl": kl, "rewards": rewards}
+                "returns": returns, "kl": kl, "rewards": rewards,
+                "trunk_policy": caches["policy"], "trunk_critic": caches["critic"]}
 
     @staticmethod
     def _unwrap(m):
@@ -179,14 +251,17 @@ class PPOLearner:
     # ---------------------------------------------------------------- the PPO step
     def _minibatch_loss(self, b: TokenBatch, exp: dict, idx: np.ndarray, tokens_global: float,
                         sync: bool) -> tuple[torch.Tensor, dict]:
-        m = b.select(idx).trimmed()  # this micro batch's own padding only
+        sub = b.select(idx)
+        m, cols = sub.trimmed(), sub.kept_columns()  # this micro batch's own padding only
+        trunk = {role: (None if exp[f"trunk_{role}"] is None or not self.trunk[role]
+                        else exp[f"trunk_{role}"][torch.as_tensor(idx)][:, cols])
+                 for role in ("policy", "critic")}
         mask, t = m.response_mask, m.response_mask.shape[1]
         exp = {k: exp[k][idx, :t] for k in ("old_lp", "adv", "values", "returns")}
-        args = (m.input_ids, m.attention_mask, m.position_ids)
         want_ent = self.cfg.entropy_coef > 0
-        out = response_logprobs(self.policy, *args, m.prompt_len, self.temperature, want_ent)
+        out = self._logprobs(self.policy, m, trunk["policy"], want_ent)
         lp, ent = (out if want_ent else (out, None))
-        values = response_values(self.critic, *args, m.prompt_len)
+        values = self._values(m, trunk["critic"])
         # per-token sums over this micro batch, divided by the whole minibatch's token count
         # on all ranks; times world size because DDP averages gradients over ranks
         scale = float(mask.sum()) / tokens_global * self.world

@@ -12,6 +12,7 @@ a position, and `response_mask` is 1 on response tokens up to and including EOS.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,49 @@ def train_top_layers(model, k: int | None) -> None:
     for name, p in model.named_parameters():
         m = re.search(prefix + r"\.(\d+)\.", name)
         p.requires_grad_(int(m.group(1)) in keep if m else "embed" not in name)
+
+
+@contextmanager
+def only_blocks(model, blocks: slice):
+    """Run `model` (unwrapped) with only `blocks` of its transformer blocks in place; the
+    others are skipped, not run."""
+    name, layers = decoder_layers(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[attr] = torch.nn.ModuleList(list(layers)[blocks])
+    try:
+        yield
+    finally:
+        parent._modules[attr] = layers
+
+
+def block_stack(model):
+    """The module that owns the transformer blocks (LlamaModel in LlamaForCausalLM): it takes
+    `inputs_embeds` and skips the heads."""
+    name = decoder_layers(model)[0]
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+@torch.no_grad()
+def trunk_states(model, k: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The output of blocks 0..k-1 at every position, [B, L, H], running those blocks only.
+    Fed back as `inputs_embeds` with `only_blocks(model, slice(k, None))`, the model's top
+    blocks give what its full forward gives (checked once per learner: `FrozenTrunk`)."""
+    layers = decoder_layers(model)[1]
+    out = {}
+
+    def grab(_mod, _args, output):
+        out["h"] = output[0] if isinstance(output, tuple) else output
+
+    hook = layers[k - 1].register_forward_hook(grab)
+    try:
+        with only_blocks(model, slice(0, k)):
+            block_stack(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return out["h"]
 
 
 def lora_on(lora: dict | None) -> bool:
@@ -182,9 +226,11 @@ def scalar_head(model):
     raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) found")
 
 
-def token_scalars(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+def token_scalars(model, input_ids, attention_mask, position_ids,
+                  inputs_embeds=None) -> torch.Tensor:
     """The scalar head at every position: [B, L] (the critic's values)."""
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+    feed = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    hidden = backbone(model)(**feed, attention_mask=attention_mask,
                              position_ids=position_ids, use_cache=False).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()
 
@@ -198,19 +244,22 @@ def last_token_scores(model, input_ids, attention_mask, position_ids) -> torch.T
 
 
 def response_logprobs(model, input_ids, attention_mask, position_ids, prompt_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False):
+                      temperature: float = 1.0, with_entropy: bool = False, inputs_embeds=None):
     """log pi(y_t | x, y_<t) of each response token: [B, T] (and the entropy, [B, T]).
 
     Only the T positions that predict response tokens go through the LM head
     (`logits_to_keep`): with a 49k vocabulary the head is about a fifth of a small model's
-    forward FLOPs, and its [B, L, V] logits dominate the memory of a short-response batch."""
+    forward FLOPs, and its [B, L, V] logits dominate the memory of a short-response batch.
+    `inputs_embeds`: what enters the blocks instead of `input_ids`' embeddings (a frozen
+    trunk's output; the ids then only name the targets)."""
     keep = input_ids.shape[1] - prompt_len + 1
+    feed = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits
+        logits = model(**feed, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=keep).logits
     except TypeError:  # a model class without `logits_to_keep`: every position
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False).logits
+        logits = model(**feed, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
     logits = logits[:, -keep:-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, prompt_len:]
@@ -229,14 +278,15 @@ class TokenValueModel(torch.nn.Module):
         super().__init__()
         self.model = scalar_model
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        return token_scalars(self.model, input_ids, attention_mask, position_ids)
+    def forward(self, input_ids, attention_mask, position_ids, inputs_embeds=None):
+        return token_scalars(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
 
 
-def response_values(critic, input_ids, attention_mask, position_ids, prompt_len: int):
+def response_values(critic, input_ids, attention_mask, position_ids, prompt_len: int,
+                    inputs_embeds=None):
     """V(x, y_<t): the critic's value of the state before each response token, [B, T].
     `critic`: a TokenValueModel (or DDP around one)."""
-    values = critic(input_ids, attention_mask, position_ids)
+    values = critic(input_ids, attention_mask, position_ids, inputs_embeds)
     return values[:, prompt_len - 1:-1]
 
 
@@ -263,17 +313,21 @@ class TokenBatch:
         return (self.attention_mask[:, :p].sum(1).cpu().numpy(),
                 self.response_mask.sum(1).cpu().numpy())
 
+    def kept_columns(self) -> slice:
+        """The columns `trimmed()` keeps."""
+        p = self.prompt_len
+        lead = p - int(self.attention_mask[:, :p].sum(1).max())
+        return slice(lead, p + max(1, int(self.response_mask.sum(1).max())))
+
     def trimmed(self) -> "TokenBatch":
         """The same rows without the columns that are padding in every one of them (leading
         prompt columns, trailing response columns), so a micro batch pays for its own
         longest prompt and response, not the whole batch's. Per-token outputs are then
         [B, T'] (T' <= T), aligned with [:, :T'] of the untrimmed batch."""
-        p = self.prompt_len
-        lead = p - int(self.attention_mask[:, :p].sum(1).max())
-        t = max(1, int(self.response_mask.sum(1).max()))
-        cols = slice(lead, p + t)
+        cols = self.kept_columns()
         return TokenBatch(self.input_ids[:, cols], self.attention_mask[:, cols],
-                          self.position_ids[:, cols], self.response_mask[:, :t], p - lead)
+                          self.position_ids[:, cols], self.response_mask[:, :cols.stop - self.prompt_len],
+                          self.prompt_len - cols.start)
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device),

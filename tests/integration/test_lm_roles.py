@@ -18,7 +18,7 @@ from rlhf_ray.llm import tiny
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-roles")
-    tiny.build_model(path, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    tiny.build_model(path, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     return str(path)
 
 
@@ -36,12 +36,13 @@ def _rollout(tiny_paths, n: int, seed: int = 0) -> dict:
     return out
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r):
+@pytest.mark.parametrize("lora_r,top", [(0, None), (4, 1)])
+def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r,
+                                                                 top):
     """Global advantage whitening and global token normalization make DDP over 2 gloo
     ranks compute the gradients of the whole batch, though the ranks' token counts differ;
-    also when the policy trains LoRA adapters (peft) and its reference is itself, adapters
-    off."""
+    also when the policy trains LoRA adapters (peft) on its top block, its reference is itself
+    with adapters off, and the frozen block's output is cached for the epochs."""
     ray = ray_cluster
     from rlhf_ray.llm.learner import PPOLearner
 
@@ -59,11 +60,12 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
     from rlhf_ray.config import LoRAConfig
 
     lora = LoRAConfig(r=lora_r).model_dump()
-    one = Learner.remote(0, 1, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora)
+    one = Learner.remote(0, 1, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora,
+                         train_top_layers=top)
     full = ray.get(one.gradients.remote(shard(list(range(8))), 0.1))
     ray.kill(one)
-    pair = [Learner.remote(r, 2, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora)
-            for r in range(2)]
+    pair = [Learner.remote(r, 2, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora,
+                           train_top_layers=top) for r in range(2)]
     addr, port = ray.get(pair[0].address.remote())
     assert ray.get([lr.init_group.remote(addr, port, "gloo") for lr in pair]) == [2, 2]
     halves = ray.get([pair[0].gradients.remote(shard([0, 2, 4, 6]), 0.1),

@@ -89,3 +89,67 @@ def test_train_top_layers_freezes_the_rest_and_backward_stops_there(tmp_path):
     model(input_ids=ids).logits.sum().backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (n in trainable), n
+
+
+@pytest.fixture(scope="module")
+def tiny3_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-3-blocks")
+    tiny.build_model(path, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    return str(path)
+
+
+def _shard(path):
+    from rlhf_ray.llm.generation import HFGenerationWorker
+
+    w = HFGenerationWorker(path, {"max_new_tokens": 6}, seed=0)
+    prompts = [("the fox : " * (1 + i % 3)).strip() for i in range(6)]  # 3 prompt lengths
+    out = w.generate(prompts, n=1, seed=0, logprobs=True)
+    out["response_ids"] = [r[:1 + (i * 5) % 6] for i, r in enumerate(out["response_ids"])]
+    out["logprobs"] = [x[:len(r)] for x, r in zip(out["logprobs"], out["response_ids"])]
+    out["scores"] = np.random.default_rng(0).normal(size=6).astype(np.float32)
+    return out, w.tok.pad_token_id
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_cached_frozen_trunk_gives_the_full_forwards_experience_gradients_and_steps(
+        tiny3_path, lora, monkeypatch):
+    """With the top block trained, the two frozen blocks run once per iteration and feed every
+    PPO epoch (`ppo.cache_frozen_blocks`): experience, gradients and whole PPO steps equal the
+    uncached ones. A trunk that does not reproduce the full forward turns the cache off."""
+    from rlhf_ray.llm import learner as learner_mod
+    from rlhf_ray.llm.learner import PPOLearner
+
+    shard, pad = _shard(tiny3_path)
+    lora = LoRAConfig(**lora).model_dump() if lora else None
+
+    def make(cache: bool) -> PPOLearner:
+        ppo = LMPPOConfig(rollout_batch_size=6, minibatch_size=3, micro_batch_tokens=20,
+                          ppo_epochs=2, cache_frozen_blocks=cache).model_dump()
+        return PPOLearner(0, 1, tiny3_path, tiny3_path, ppo, pad_id=pad, lora=lora,
+                          train_top_layers=1)
+
+    on, off = make(True), make(False)
+    assert on.trunk == {"policy": 2, "critic": 2} and off.trunk == {"policy": 0, "critic": 0}
+    b = on._batch(shard)
+    scores = torch.as_tensor(shard["scores"])
+    e_on, e_off = on._experience(b, scores, 0.1), off._experience(b, scores, 0.1)
+    assert on.trunk == {"policy": 2, "critic": 2}  # the check passed: still on
+    assert e_on["trunk_policy"].shape[:2] == b.input_ids.shape and e_off["trunk_policy"] is None
+    mask = b.response_mask.bool()
+    for k in ("old_lp", "ref_lp", "values", "adv"):
+        torch.testing.assert_close(e_on[k][mask], e_off[k][mask], atol=1e-5, rtol=1e-4)
+    g_on, g_off = on.gradients(shard, 0.1), off.gradients(shard, 0.1)
+    assert g_on.keys() == g_off.keys() and any(np.abs(g).max() > 0 for g in g_off.values())
+    for k, g in g_off.items():
+        np.testing.assert_allclose(g_on[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+    s_on, s_off = on.step(shard, 0.1), off.step(shard, 0.1)
+    for k in ("pg_loss", "vf_loss", "kl_mean"):
+        assert s_on[k] == pytest.approx(s_off[k], rel=1e-3, abs=1e-6), k
+    # a trunk that is not what the top blocks expect (as a model that rescales inputs_embeds)
+    real = learner_mod.trunk_states
+    monkeypatch.setattr(learner_mod, "trunk_states", lambda *a: 2.0 * real(*a))
+    wrong = make(True)
+    e_wrong = wrong._experience(b, scores, 0.1)
+    assert wrong.trunk == {"policy": 0, "critic": 0}
+    for k in ("old_lp", "ref_lp", "values"):
+        torch.testing.assert_close(e_wrong[k][mask], e_off[k][mask], atol=1e-5, rtol=1e-4)
