@@ -34,6 +34,9 @@ class EnvConfig(_Strict):
     )
     max_episode_steps: int | None = Field(None, ge=1)
     num_envs_per_env_runner: int = Field(1, ge=1)
+    episodic_life: bool = Field(
+        False, description="Atari: end an episode at each lost life (RLlib's and DQN's "
+        "preprocessing). Off as in the paper, whose agents were not told about lost lives")
 
 
 class PPOConfig(_Strict):
@@ -81,6 +84,10 @@ class RewardModelConfig(_Strict):
         0.1, ge=0, le=1, description="the paper's 10% chance of a uniformly random label"
     )
     output_std: float = Field(1.0, gt=0, description="1 for MuJoCo, 0.05 for Atari")
+    score_area: Literal["auto"] | list[tuple[int, int, int, int]] = Field(
+        "auto", description="CNN: [row0, row1, col0, col1) boxes of the 84x84 frames that the "
+        "reward model sees blank (the paper blanked the score: it must not read the reward "
+        "off the screen); auto: the game's known score area; []: nothing blanked")
     dropout: float = Field(0.0, ge=0, lt=1)
     normalize_inputs: bool = Field(
         True, description="standardize the MLP's (obs, action) inputs by the labelled "
@@ -242,6 +249,21 @@ class Config(_Strict):
                 f"labels.initial_fraction={self.labels.initial_fraction}: gives no initial labels "
                 f"with labels.budget={self.labels.budget}; the reward model needs some to start"
             )
+        if self.reward_net() == "cnn" and self.reward_model.score_area == "auto" \
+                and self.run.reward == "learned":
+            from rlhf_ray.control.envs import ATARI_SCORE_AREAS, atari_game
+
+            if atari_game(self.env.id) not in ATARI_SCORE_AREAS:
+                raise ValueError(
+                    f"reward_model.score_area=auto: no known score area for env.id="
+                    f"{self.env.id!r} (known: {sorted(ATARI_SCORE_AREAS)}); give the boxes "
+                    "[[row0, row1, col0, col1], ...] of the 84x84 frames, or [] to let the "
+                    "reward model see the score")
+        for box in ([] if self.reward_model.score_area == "auto" else self.reward_model.score_area):
+            r0, r1, c0, c1 = box
+            if not (0 <= r0 < r1 <= 84 and 0 <= c0 < c1 <= 84):
+                raise ValueError(f"reward_model.score_area box {list(box)}: need 0 <= row0 < "
+                                 "row1 <= 84 and 0 <= col0 < col1 <= 84")
         pl = self.placement
         if pl.num_learners == 0 and (pl.learner.resources or pl.learner.num_gpus):
             raise ValueError(
@@ -255,6 +277,17 @@ class Config(_Strict):
         if self.reward_model.net != "auto":
             return self.reward_model.net
         return "cnn" if self.env.preprocessing == "atari" else "mlp"
+
+    def score_area(self) -> list[tuple[int, int, int, int]]:
+        """The boxes the CNN reward model sees blank (none for the MLP)."""
+        if self.reward_net() != "cnn":
+            return []
+        area = self.reward_model.score_area
+        if area != "auto":
+            return [tuple(b) for b in area]
+        from rlhf_ray.control.envs import atari_score_area
+
+        return atari_score_area(self.env.id)
 
 
 # --------------------------------------------------------------------------- LLM workload

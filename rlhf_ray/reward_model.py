@@ -35,15 +35,18 @@ class RewardNetSpec:
         return json.dumps(asdict(self))
 
     @staticmethod
-    def for_env(net: str, observation_space, action_space, cfg) -> "RewardNetSpec":
+    def for_env(net: str, observation_space, action_space, cfg,
+                score_area: list | None = None) -> "RewardNetSpec":
         """The spec for an env's spaces and a `RewardModelConfig` (discrete actions are
-        one-hot: their number is the action size)."""
+        one-hot: their number is the action size); `score_area`: boxes the CNN sees blank."""
         discrete = hasattr(action_space, "n")
         act_dim = int(action_space.n) if discrete else int(np.prod(action_space.shape))
         return RewardNetSpec(net=net, obs_shape=tuple(observation_space.shape), act_dim=act_dim,
                              discrete=discrete, hidden=tuple(cfg.hidden),
                              ensemble_size=cfg.ensemble_size, output_std=cfg.output_std,
-                             dropout=cfg.dropout)
+                             dropout=cfg.dropout,
+                             extra={"score_area": [list(b) for b in score_area]}
+                             if score_area else {})
 
     @staticmethod
     def from_json(text: str) -> "RewardNetSpec":
@@ -109,10 +112,13 @@ class MLPReward(nn.Module):
 
 class CNNReward(nn.Module):
     """r(o) on stacked 84x84 frames: the paper's Atari predictor (4 conv layers of 16 filters,
-    7x7/5x5/3x3/3x3, strides 3/2/1/1, leaky ReLU, then a 64-unit layer). Actions are not used."""
+    7x7/5x5/3x3/3x3, strides 3/2/1/1, leaky ReLU, then a 64-unit layer). Actions are not used.
+    The boxes of `spec.extra["score_area"]` are blanked in every frame it sees (training,
+    scoring, the Serve deployment alike): it cannot read the reward off the screen."""
 
     def __init__(self, spec: RewardNetSpec):
         super().__init__()
+        self.score_area = [tuple(b) for b in spec.extra.get("score_area", [])]
         h, w, c = spec.obs_shape  # HWC as the Atari wrappers emit
         convs: list[nn.Module] = []
         for k, s in ((7, 3), (5, 2), (3, 1), (3, 1)):
@@ -130,6 +136,10 @@ class CNNReward(nn.Module):
         x = obs.float()
         if obs.dtype == torch.uint8:
             x = x / 255.0
+        if self.score_area:
+            x = x.clone() if x is obs else x
+            for r0, r1, c0, c1 in self.score_area:
+                x[:, r0:r1, c0:c1] = 0.0
         x = x.permute(0, 3, 1, 2)
         return self.head(self.convs(x)).squeeze(-1)
 

@@ -1,9 +1,14 @@
 """Environments for the control workload: any gymnasium id, plus what RLHF needs from it.
 
 `make_env` builds the env an RLlib EnvRunner steps. On top of the plain env it
-- applies the standard Atari preprocessing (84x84 grayscale, frame skip 4, 4 stacked frames)
-  when `preprocessing: atari`;
-- optionally removes termination (the paper's fixed-length episodes: the time limit ends them);
+- applies the standard Atari preprocessing (84x84 grayscale, frame skip 4 with max pooling,
+  up to 30 no-ops at reset, FIRE at reset where the game needs it, 4 stacked frames) when
+  `preprocessing: atari`; a lost life ends an episode only with `episodic_life` (the paper's
+  agents were not told about lives);
+- optionally removes termination (the paper's fixed-length episodes: the time limit ends them).
+  An Atari game cannot go on after game over, so there termination becomes truncation: the
+  game restarts and PPO bootstraps through the end as through a time limit, so the agent is
+  not told that the game ended (Christiano et al. 2017, appendix A.2);
 - puts into `info` what the reward model and clip rendering need and RLlib's connectors may
   rewrite or drop: the raw observation (before any observation filter) and the MuJoCo
   simulator state (qpos, qvel), packed into ONE float64 array under `info["rlhf"]`
@@ -20,6 +25,45 @@ import gymnasium as gym
 import numpy as np
 
 ENV_NAME = "rlhf_ray_env"
+
+# Where each game shows its score in the 84x84 preprocessed frames: [row0, row1, col0, col1)
+# boxes the CNN reward model sees blank. Measured on ALE frames through `make_env` (the rows
+# whose pixels change when a point is scored; tests/unit/test_atari.py checks Pong's).
+ATARI_SCORE_AREAS: dict[str, list[tuple[int, int, int, int]]] = {
+    "Pong": [(0, 10, 0, 84)],  # both scores in rows 0-8, above the top wall (rows 9-12)
+}
+
+
+def atari_game(env_id: str) -> str:
+    """'ALE/Pong-v5' -> 'Pong', 'PongNoFrameskip-v4' -> 'Pong'."""
+    name = env_id.split("/")[-1].split("-v")[0]
+    for suffix in ("NoFrameskip", "Deterministic"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def atari_score_area(env_id: str) -> list[tuple[int, int, int, int]]:
+    game = atari_game(env_id)
+    if game not in ATARI_SCORE_AREAS:
+        raise ValueError(f"no known score area for {env_id!r}: set reward_model.score_area")
+    return list(ATARI_SCORE_AREAS[game])
+
+
+def wrap_atari(env: gym.Env, episodic_life: bool = False) -> gym.Env:
+    """RLlib's Atari preprocessing (`wrap_atari_for_new_api_stack` at dim 84, frame skip 4,
+    4 stacked frames), with the lost-life episode end optional."""
+    from ray.rllib.env.wrappers.atari_wrappers import (EpisodicLifeEnv, FireResetEnv, FrameStack,
+                                                       MaxAndSkipEnv, NoopResetEnv,
+                                                       NormalizedImageEnv, WarpFrame)
+
+    env = gym.wrappers.TimeLimit(env, max_episode_steps=108_000)
+    env = NormalizedImageEnv(WarpFrame(env, dim=84, grayscale=True))
+    env = NoopResetEnv(MaxAndSkipEnv(env, skip=4), noop_max=30)
+    if episodic_life:
+        env = EpisodicLifeEnv(env)
+    if "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireResetEnv(env)
+    return FrameStack(env, k=4)
 
 
 def atari_to_uint8(obs: np.ndarray) -> np.ndarray:
@@ -53,10 +97,12 @@ class InfoLayout:
 class RLHFInfo(gym.Wrapper):
     """Packs the raw observation and MuJoCo state into `info["rlhf"]` every step."""
 
-    def __init__(self, env: gym.Env, keep_obs: bool, remove_termination: bool):
+    def __init__(self, env: gym.Env, keep_obs: bool, remove_termination: bool,
+                 restart_on_termination: bool = False):
         super().__init__(env)
         self.keep_obs = keep_obs
         self.remove_termination = remove_termination
+        self.restart = restart_on_termination  # a game that cannot go on: truncate instead
         data = getattr(env.unwrapped, "data", None)
         self.mujoco = data is not None and hasattr(data, "qpos") and hasattr(data, "qvel")
 
@@ -86,8 +132,8 @@ class RLHFInfo(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if self.remove_termination:
-            terminated = False
+        if self.remove_termination and terminated:
+            terminated, truncated = False, truncated or self.restart
         return obs, reward, terminated, truncated, self._info(obs, info)
 
 
@@ -105,18 +151,16 @@ def make_env(env_config: dict) -> gym.Env:
 
         gym.register_envs(ale_py)
     if atari:
-        from ray.rllib.env.wrappers.atari_wrappers import wrap_atari_for_new_api_stack
-
         kwargs.setdefault("frameskip", 1)  # the wrapper skips frames itself (max over 4)
-        env = gym.make(env_id, **kwargs)
-        env = wrap_atari_for_new_api_stack(env, dim=84, frameskip=4, framestack=4)
+        env = wrap_atari(gym.make(env_id, **kwargs), bool(env_config.get("episodic_life")))
     else:
         env = gym.make(env_id, **kwargs)
     if env_config.get("max_episode_steps"):
         env = gym.wrappers.TimeLimit(env, max_episode_steps=int(env_config["max_episode_steps"]))
     rlhf_info = bool(env_config.get("_rlhf_info", True))
     return RLHFInfo(env, keep_obs=rlhf_info and not atari,
-                    remove_termination=bool(env_config.get("remove_termination")))
+                    remove_termination=bool(env_config.get("remove_termination")),
+                    restart_on_termination=atari)
 
 
 @dataclass(frozen=True)

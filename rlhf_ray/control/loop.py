@@ -110,7 +110,8 @@ class Controller(RunController):
 
         cfg, place, names = self.cfg, self.cfg.placement, self.names
         self.spec = RewardNetSpec.for_env(cfg.reward_net(), self.env.observation_space,
-                                          self.env.action_space, cfg.reward_model)
+                                          self.env.action_space, cfg.reward_model,
+                                          cfg.score_area())
         weights = remote_role(WeightStore, place.labeler, name=names.weights).remote()
         self.pool = remote_role(SegmentPool, place.labeler, name=names.pool).remote(
             cfg.labels.pool_size, cfg.seed)
