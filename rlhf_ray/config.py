@@ -88,7 +88,13 @@ class RewardModelConfig(_Strict):
         "auto", description="CNN: [row0, row1, col0, col1) boxes of the 84x84 frames that the "
         "reward model sees blank (the paper blanked the score: it must not read the reward "
         "off the screen); auto: the game's known score area; []: nothing blanked")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="after each hidden layer (the "
+                           "paper's Atari predictor: 0.5 on every conv layer)")
+    batch_norm: bool = Field(False, description="CNN: batch norm after each conv layer (the "
+                             "paper's Atari predictor)")
+    label_buffer: int | None = Field(
+        None, ge=1, description="train and validate on the most recent N labels only (the "
+        "paper's Atari runs kept 3,000); the store keeps every label. null: all of them")
     normalize_inputs: bool = Field(
         True, description="standardize the MLP's (obs, action) inputs by the labelled "
         "transitions' mean and std, refitted each round without changing the function")

@@ -29,6 +29,7 @@ class RewardNetSpec:
     ensemble_size: int = 3
     output_std: float = 1.0
     dropout: float = 0.0
+    batch_norm: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -44,7 +45,7 @@ class RewardNetSpec:
         return RewardNetSpec(net=net, obs_shape=tuple(observation_space.shape), act_dim=act_dim,
                              discrete=discrete, hidden=tuple(cfg.hidden),
                              ensemble_size=cfg.ensemble_size, output_std=cfg.output_std,
-                             dropout=cfg.dropout,
+                             dropout=cfg.dropout, batch_norm=cfg.batch_norm,
                              extra={"score_area": [list(b) for b in score_area]}
                              if score_area else {})
 
@@ -122,13 +123,17 @@ class CNNReward(nn.Module):
         h, w, c = spec.obs_shape  # HWC as the Atari wrappers emit
         convs: list[nn.Module] = []
         for k, s in ((7, 3), (5, 2), (3, 1), (3, 1)):
-            convs += [nn.Conv2d(c, 16, k, s), nn.LeakyReLU(0.01)]
+            convs.append(nn.Conv2d(c, 16, k, s))
+            if spec.batch_norm:
+                convs.append(nn.BatchNorm2d(16))
+            convs.append(nn.LeakyReLU(0.01))
             if spec.dropout:
                 convs.append(nn.Dropout2d(spec.dropout))
             c = 16
-        self.convs = nn.Sequential(*convs)
+        self.convs = nn.Sequential(*convs).eval()  # sizing pass: batch norm's stats untouched
         with torch.no_grad():
             n = self.convs(torch.zeros(1, spec.obs_shape[2], h, w)).numel()
+        self.convs.train()
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(n, 64), nn.LeakyReLU(0.01),
                                   nn.Linear(64, 1))
 

@@ -126,12 +126,16 @@ class RewardTrainer:
                         opt.state.pop(param, None)
         stats = {"train_loss": [], "val_loss": [], "val_acc": [], "train_acc": []}
         self.ensemble.train()
+        # the paper's Atari label buffer: only the most recent labels train and validate
+        oldest = max(0, self.num_labels - (self.cfg.label_buffer or self.num_labels))
         for k, member in enumerate(self.ensemble.members):
             weights = self._counts[k].astype(np.float64)
+            weights[:oldest] = 0.0
             train_idx = np.flatnonzero(weights > 0)
-            val_idx = np.flatnonzero(weights == 0)
+            val_idx = oldest + np.flatnonzero(weights[oldest:] == 0)
             if len(train_idx) == 0:
-                train_idx, weights = np.arange(self.num_labels), np.ones(self.num_labels)
+                train_idx = np.arange(oldest, self.num_labels)
+                weights = np.ones(self.num_labels)
             p = weights[train_idx] / weights[train_idx].sum()
             params = [w for n, w in member.named_parameters() if n.endswith("weight")]
             for _ in range(steps):
@@ -159,6 +163,7 @@ class RewardTrainer:
         self.last_stats = {
             "rm_version": self.version,
             "rm_num_labels": self.num_labels,
+            "rm_labels_in_buffer": self.num_labels - oldest,
             "rm_train_loss": float(np.mean(stats["train_loss"])),
             "rm_val_loss": float(np.nanmean(stats["val_loss"])) if np.isfinite(stats["val_loss"]).any() else float("nan"),
             "rm_val_accuracy": float(np.nanmean(stats["val_acc"])) if np.isfinite(stats["val_acc"]).any() else float("nan"),

@@ -64,6 +64,44 @@ def test_validation_and_the_l2_rule_see_every_label_not_the_oldest():
     assert stats["rm_val_accuracy"] == pytest.approx(np.mean(accs), abs=1e-6)
 
 
+def test_label_buffer_trains_on_the_most_recent_labels_only():
+    """The paper's Atari buffer (`reward_model.label_buffer`): with the old labels reversed,
+    a member trained on the recent ones alone learns the recent preference."""
+    data, _ = make_comparisons(1200)
+    data.mu[:800] = 1.0 - data.mu[:800]  # the first 800 labels say the opposite
+    accs = {}
+    for buffer in (None, 400):
+        trainer = RewardTrainer(spec(ensemble_size=1), RewardModelConfig(
+            lr=3e-3, batch_size=32, label_buffer=buffer), seed=0)
+        trainer.add(data)
+        stats = trainer.train(steps=300)
+        assert stats["rm_labels_in_buffer"] == (buffer or 1200)
+        test, _ = make_comparisons(300, rng=np.random.default_rng(5))
+        r = [trainer.ensemble.member_rewards(*as_tensors(o.reshape(-1, 4), a.reshape(-1, 1)))[0]
+             .reshape(300, -1).sum(1).numpy()
+             for o, a in ((test.left_obs, test.left_act), (test.right_obs, test.right_act))]
+        accs[buffer] = ((r[0] > r[1]) == (test.mu > 0.5)).mean()  # the recent preference
+    assert accs[400] > 0.8 > 0.5 > accs[None]
+
+
+def test_batch_norm_cnn_member_trains_and_serves_in_eval_mode():
+    cnn = RewardNetSpec(net="cnn", obs_shape=(84, 84, 4), act_dim=6, discrete=True,
+                        ensemble_size=1, dropout=0.5, batch_norm=True)
+    trainer = RewardTrainer(cnn, RewardModelConfig(batch_size=4), seed=0)
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 255, size=(2, 8, 3, 84, 84, 4), dtype=np.uint8)
+    act = np.zeros((2, 8, 3, 6), dtype=np.float32)
+    trainer.add(Comparisons(obs[0], act[0], obs[1], act[1], np.ones(8, dtype=np.float32)))
+    stats = trainer.train(steps=3)
+    assert np.isfinite(stats["rm_train_loss"])
+    state = trainer.ensemble.flat_state()
+    assert any(k.endswith("running_mean") for k in state)  # batch norm's statistics travel
+    served = RewardEnsemble(RewardNetSpec.from_json(cnn.to_json())).eval()
+    served.load_flat_state(state)
+    o, a = as_tensors(obs[0, :2].reshape(-1, 84, 84, 4), act[0, :2].reshape(-1, 6))
+    torch.testing.assert_close(served.member_rewards(o, a), trainer.ensemble.member_rewards(o, a))
+
+
 def test_bootstrap_holds_out_about_one_over_e():
     trainer = RewardTrainer(spec(ensemble_size=4), RewardModelConfig(), seed=1)
     trainer.add(make_comparisons(3000)[0])
