@@ -1,17 +1,26 @@
-"""Side-by-side benchmark: RLHF from synthetic labels vs PPO on the true reward.
+"""RLHF from synthetic labels vs PPO on the true reward, over seeds, with intervals.
 
-On the same machine, seeds and env-step budget, for each env: RLlib PPO on the true reward,
-and this loop with 350, 700 and 1400 synthetic labels. Prints, per env and label budget,
-  (a) final true return of RLHF / final true return of true-reward PPO
-  (b) env steps per second of the RLHF loop / of plain PPO
-and writes a JSON record plus a learning-curve PNG under docs/results/.
+For each env: RLlib PPO on the true reward, and this loop at each label budget (and, with
+`--ablations`, the paper's ablations at 700 labels: uniform queries instead of the ensemble's
+disagreement, one predictor instead of an ensemble, no 10% random-response term), each over
+`--seeds`. Every (env, variant, seed) is one run, kept in the JSON record as soon as it ends:
+run the script again and only what is missing runs, so a grid of many hours is finished a
+part at a time.
 
-    python benchmarks/control.py                                  # full: 1M steps, 2 envs
-    python benchmarks/control.py --steps 150000 --seeds 0         # what fits in a short session
+Per run: the final policy's true return on fresh episodes (`run.final_eval_episodes`, actions
+at the policy's mean; RUN/final_eval.json), the area under the learning curve (mean true
+episode return over the iterations), env steps per second, and the machine's load while it
+ran. Per env and variant: each seed's value, the mean, and the return ratio RLHF / true reward
+with a 95% percentile-bootstrap interval (seeds of the two resampled independently). Over
+envs, per variant: the interquartile mean of the normalized final return (each run / the
+true-reward mean of its env) with rliable's stratified bootstrap interval (rlhf_ray.core.stats).
+Throughput ratios count only runs that had the machine to themselves (`alone`: mean 1-minute
+load under cores + 1.5 while it ran; the record keeps the load).
 
-Final return = mean of the last `--final-window` iterations' true episode return.
-Steps/s = env steps per second over the PPO iterations (setup and the initial labelling
-phase excluded; reported separately as `wall_s`).
+    python benchmarks/control.py --envs Hopper-v5 HalfCheetah-v5 Ant-v5 Reacher-v5 \\
+        --labels 350 700 1400 --seeds 0 1 2 3 4 --steps 500000 --tag control_grid
+    python benchmarks/control.py --envs Hopper-v5 --ablations --seeds 0 1 2 --tag control_ablations
+    python benchmarks/control.py --recompute docs/results/control_grid.json
 """
 
 from __future__ import annotations
@@ -21,10 +30,40 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
-PRESETS = {"Hopper-v5": "hopper", "HalfCheetah-v5": "halfcheetah"}
+PRESETS = {"Hopper-v5": "hopper", "HalfCheetah-v5": "halfcheetah", "Ant-v5": "ant",
+           "Reacher-v5": "reacher"}
+TRUE = "true reward"
+ABLATIONS = {  # the paper's, at 700 labels (Christiano et al. 2017, section 3.3)
+    "RLHF 700 uniform queries": ["labels.budget=700", "labels.query_selection=uniform"],
+    "RLHF 700 no ensemble": ["labels.budget=700", "reward_model.ensemble_size=1",
+                             "labels.query_selection=uniform"],
+    "RLHF 700 no random-response term": ["labels.budget=700",
+                                         "reward_model.random_response_prob=0"],
+}
+
+
+class LoadSampler:
+    """The 1-minute load average every `every` seconds while a run goes on."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.values, self._stop = every, [], threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.values.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_one(preset: str, overrides: list[str]) -> dict:
@@ -34,23 +73,92 @@ def run_one(preset: str, overrides: list[str]) -> dict:
     cfg = load_config(preset, overrides)
     rows: list[dict] = []
     t0 = time.time()
-    run_dir = train(cfg, on_metrics=rows.append, progress=False)
+    with LoadSampler() as load:
+        run_dir = train(cfg, on_metrics=rows.append, progress=False)
     wall = time.time() - t0
-    return {"run_dir": str(run_dir), "rows": rows, "wall_s": wall}
+    final_eval = Path(run_dir) / "final_eval.json"
+    cpus = os.cpu_count() or 1
+    mean_load = statistics.fmean(load.values) if load.values else os.getloadavg()[0]
+    return {"run_dir": str(run_dir), "rows": rows, "wall_s": wall,
+            "final_eval": json.loads(final_eval.read_text()) if final_eval.exists() else None,
+            "load_mean": mean_load, "load_max": max(load.values, default=mean_load),
+            "alone": mean_load < cpus + 1.5}
 
 
-def summarize(rows: list[dict], window: int) -> dict:
+def summarize(res: dict, window: int) -> dict:
+    rows = res["rows"]
     rets = [r["true_return_mean"] for r in rows if r.get("true_return_mean") is not None]
-    final = statistics.fmean(rets[-window:]) if rets else float("nan")
     if len(rows) >= 2:
         steps = rows[-1]["env_steps"] - rows[0]["env_steps"]
         secs = rows[-1]["time_s"] - rows[0]["time_s"]
         sps = steps / secs if secs > 0 else float("nan")
     else:
         sps = float("nan")
-    return {"final_true_return": final, "env_steps_per_s": sps,
+    fe = res.get("final_eval")
+    return {"final_return": fe["return_mean"] if fe else float("nan"),
+            "final_eval_episodes": fe["episodes"] if fe else 0,
+            "final_window_return": statistics.fmean(rets[-window:]) if rets else float("nan"),
+            "auc_return": statistics.fmean(rets) if rets else float("nan"),
+            "env_steps_per_s": sps,
             "labels_total": rows[-1].get("labels_total", 0) if rows else 0,
             "rm_val_accuracy": rows[-1].get("rm_val_accuracy") if rows else None}
+
+
+def variants(labels: list[int], ablations: bool) -> dict[str, list[str]]:
+    out = {TRUE: ["run.reward=env"]}
+    out.update({f"RLHF {n} labels": [f"labels.budget={n}"] for n in labels})
+    if ablations:
+        out.update(ABLATIONS)
+    return out
+
+
+def env_summary(runs: dict[str, dict]) -> dict:
+    """Per variant: seeds' values, means with intervals, ratios to the true reward."""
+    from rlhf_ray.core.stats import mean_ci, ratio_ci
+
+    def values(variant: str, key: str) -> list[float]:
+        return [r[key] for _, r in sorted(runs.get(variant, {}).items(), key=lambda kv: int(kv[0]))]
+
+    base = values(TRUE, "final_return")
+    base_auc = values(TRUE, "auc_return")
+    base_sps = [r["env_steps_per_s"] for r in runs.get(TRUE, {}).values() if r.get("alone")]
+    out = {}
+    for variant, seeds in runs.items():
+        fin, auc = values(variant, "final_return"), values(variant, "auc_return")
+        sps = [r["env_steps_per_s"] for r in seeds.values() if r.get("alone")]
+        row = {"seeds": sorted(int(s) for s in seeds), "final_return": fin,
+               "final_return_mean": mean_ci(fin), "auc_return": auc,
+               "auc_return_mean": mean_ci(auc)}
+        if variant != TRUE and base:
+            row["return_ratio"] = ratio_ci(fin, base)
+            row["auc_ratio"] = ratio_ci(auc, base_auc)
+            row["throughput_ratio"] = (statistics.fmean(sps) / statistics.fmean(base_sps)
+                                       if sps and base_sps else None)
+            row["throughput_runs_alone"] = [len(sps), len(base_sps)]
+        out[variant] = row
+    return out
+
+
+def aggregate(record: dict) -> dict:
+    """Per RLHF variant, over envs: IQM of final returns normalized by the env's true-reward
+    mean, with the stratified bootstrap interval (needs every env to have the variant)."""
+    from rlhf_ray.core.stats import iqm_ci
+
+    out = {}
+    envs = record["envs"]
+    names = {v for e in envs.values() for v in e["runs"] if v != TRUE}
+    for variant in sorted(names):
+        per_env = []
+        for e in envs.values():
+            base = [r["final_return"] for r in e["runs"].get(TRUE, {}).values()]
+            runs = e["runs"].get(variant)
+            if not base or not runs:
+                continue
+            b = statistics.fmean(base)
+            per_env.append([r["final_return"] / b for r in runs.values()])
+        if per_env:
+            out[variant] = {"envs": len(per_env), **iqm_ci(per_env)}
+    return out
 
 
 def plot(record: dict, path: Path) -> None:
@@ -58,129 +166,124 @@ def plot(record: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     envs = list(record["envs"])
     fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4.2), squeeze=False)
+    colors = ["black", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red",
+              "tab:brown", "tab:olive"]
     for ax, env in zip(axes[0], envs):
-        colors = ["black", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red"]
-        for (name, runs), color in zip(record["envs"][env]["runs"].items(), colors):
-            for i, run in enumerate(runs):  # one color per variant, one line style per seed
-                xs = [r["env_steps"] for r in run["curve"]]
-                ys = [r["true_return_mean"] for r in run["curve"]]
-                ax.plot(xs, ys, label=f"{name} (seed {run['seed']})", color=color,
-                        ls=["-", "--", ":", "-."][i % 4],
-                        lw=2 if name == "true reward" else 1.2)
+        for (name, seeds), color in zip(record["envs"][env]["runs"].items(), colors):
+            curves = [s["curve"] for s in seeds.values() if s["curve"]]
+            for c in curves:  # each seed thin, the mean over seeds thick
+                ax.plot([r["env_steps"] for r in c], [r["true_return_mean"] for r in c],
+                        color=color, lw=0.5, alpha=0.4)
+            n = min(len(c) for c in curves) if curves else 0
+            if n:
+                xs = [r["env_steps"] for r in curves[0][:n]]
+                ys = np.mean([[r["true_return_mean"] or np.nan for r in c[:n]] for c in curves], 0)
+                summary = record["envs"][env].get("summary", {}).get(name, {})
+                label = f"{name} ({len(curves)} seeds)"
+                if "return_ratio" in summary:
+                    rr = summary["return_ratio"]
+                    label += f": {rr['ratio']:.2f} [{rr['ci95'][0]:.2f}, {rr['ci95'][1]:.2f}]"
+                ax.plot(xs, ys, color=color, lw=2 if name == TRUE else 1.4, label=label)
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylabel("true episode return")
         ax.legend(fontsize=7)
-    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward")
+    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward (final-return ratio "
+                 "[95% bootstrap interval] in the legend)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def finish(record: dict, out: Path, tag: str) -> None:
+    for e in record["envs"].values():
+        e["summary"] = env_summary(e["runs"])
+    record["aggregate"] = aggregate(record)
+    json_path = out / f"{tag}.json"
+    json_path.write_text(json.dumps(record, indent=1))
+    plot(record, out / f"{tag}.png")
+    print("\nfinal true return, RLHF / true-reward PPO, with 95% bootstrap intervals over seeds")
+    for env, e in record["envs"].items():
+        for name, r in e["summary"].items():
+            vals = " ".join(f"{v:.0f}" for v in r["final_return"])
+            if name == TRUE:
+                print(f"{env:15s} {name:34s} seeds [{vals}]")
+                continue
+            rr, tr = r["return_ratio"], r.get("throughput_ratio")
+            print(f"{env:15s} {name:34s} ratio {rr['ratio']:.3f} [{rr['ci95'][0]:.3f}, "
+                  f"{rr['ci95'][1]:.3f}]  seeds [{vals}]  throughput "
+                  f"{'n/a' if tr is None else f'{tr:.3f}'}")
+    for name, a in record["aggregate"].items():
+        print(f"IQM over {a['envs']} envs, {name:34s} {a['iqm']:.3f} [{a['ci95'][0]:.3f}, "
+              f"{a['ci95'][1]:.3f}]")
+    print(f"wrote {json_path} and {out / (tag + '.png')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--envs", nargs="+", default=list(PRESETS))
-    ap.add_argument("--labels", nargs="+", type=int, default=[350, 700, 1400])
-    ap.add_argument("--steps", type=int, default=1_000_000)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"],
+                    choices=list(PRESETS))
+    ap.add_argument("--labels", nargs="+", type=int, default=[700])
+    ap.add_argument("--ablations", action="store_true", help="the paper's ablations at 700 labels")
+    ap.add_argument("--no-true-reward", action="store_true",
+                    help="skip the baseline (a record that has it already)")
+    ap.add_argument("--steps", type=int, default=500_000)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--final-window", type=int, default=5)
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--tag", default="control")
-    ap.add_argument("--recompute", metavar="JSON", help="only recompute ratios and plot of a record")
+    ap.add_argument("--tag", default="control_grid")
+    ap.add_argument("--recompute", metavar="JSON", help="only recompute summaries and plot")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
     if args.recompute:
-        return recompute(args.recompute)
+        p = Path(args.recompute)
+        return finish(json.loads(p.read_text()), p.parent, p.stem)
     os.environ.setdefault("MUJOCO_GL", "egl")
-
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
-              "seeds": args.seeds, "labels": args.labels, "overrides": args.overrides,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "envs": {}}
     json_path = out / f"{args.tag}.json"
+    record = json.loads(json_path.read_text()) if json_path.exists() else {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
+        "overrides": args.overrides, "envs": {},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    if record["steps"] != args.steps or record["overrides"] != args.overrides:
+        raise SystemExit(f"{json_path}: a record of {record['steps']} steps with overrides "
+                         f"{record['overrides']}; use another --tag for other settings")
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    todo = variants(args.labels, args.ablations)
+    if args.no_true_reward:
+        todo.pop(TRUE)
     for env in args.envs:
         preset = PRESETS[env]
-        runs: dict[str, list] = {}
-        variants = [("true reward", ["run.reward=env"])] + [
-            (f"RLHF {n} labels", [f"labels.budget={n}"]) for n in args.labels]
-        for name, extra in variants:
+        runs = record["envs"].setdefault(env, {"runs": {}})["runs"]
+        for name, extra in todo.items():
             for seed in args.seeds:
+                if str(seed) in runs.get(name, {}):
+                    continue  # done in an earlier sitting
                 ov = [f"run.total_env_steps={args.steps}", f"seed={seed}", "run.checkpoint_every=0",
                       f"run.run_name=bench-{preset}-{name.replace(' ', '_')}-s{seed}-{int(time.time())}",
                       *extra, *args.overrides]
                 res = run_one(preset, ov)
-                s = summarize(res["rows"], args.final_window)
+                s = summarize(res, args.final_window)
                 keep = ("env_steps", "true_return_mean", "pred_return_mean", "labels_total",
                         "rm_val_accuracy", "time_s")
-                runs.setdefault(name, []).append({
+                runs.setdefault(name, {})[str(seed)] = {
                     "seed": seed, "wall_s": res["wall_s"], **s, "run_dir": res["run_dir"],
-                    "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]})
-                print(f"{env:15s} {name:16s} seed {seed}: final true return {s['final_true_return']:8.1f}"
-                      f"  steps/s {s['env_steps_per_s']:7.1f}  wall {res['wall_s']:.0f}s", flush=True)
-                record["envs"][env] = {"runs": runs}  # partial: a cut-off run keeps what is done
-                json_path.write_text(json.dumps(record, indent=1))
-        record["envs"][env] = {"runs": runs, **env_ratios(runs)}
-        json_path.write_text(json.dumps(record, indent=1))
+                    "load_mean": res["load_mean"], "load_max": res["load_max"],
+                    "alone": res["alone"], "final_eval": res["final_eval"],
+                    "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]}
+                print(f"{env:15s} {name:34s} seed {seed}: final return {s['final_return']:8.1f} "
+                      f"(AUC {s['auc_return']:.1f})  steps/s {s['env_steps_per_s']:7.1f}  wall "
+                      f"{res['wall_s']:.0f}s  load {res['load_mean']:.1f}", flush=True)
+                json_path.write_text(json.dumps(record, indent=1))  # kept at once: resumable
     finish(record, out, args.tag)
     ray.shutdown()
-
-
-def env_ratios(runs: dict[str, list]) -> dict:
-    """Baseline figures and, per RLHF variant, (a) return ratio and (b) throughput ratios:
-    over the PPO iterations, and end to end (setup and the initial labelling included)."""
-
-    def mean(rs, key):
-        return statistics.fmean(r[key] for r in rs)
-
-    def end_to_end(r):
-        return r["curve"][-1]["env_steps"] / r["wall_s"] if r["curve"] else float("nan")
-
-    base = runs["true reward"]
-    base_ret, base_sps = mean(base, "final_true_return"), mean(base, "env_steps_per_s")
-    base_e2e = statistics.fmean(end_to_end(r) for r in base)
-    ratios = {}
-    for name, rs in runs.items():
-        if name == "true reward":
-            continue
-        ret, sps = mean(rs, "final_true_return"), mean(rs, "env_steps_per_s")
-        e2e = statistics.fmean(end_to_end(r) for r in rs)
-        ratios[name] = {"return_ratio": ret / base_ret if base_ret else float("nan"),
-                        "throughput_ratio": sps / base_sps if base_sps else float("nan"),
-                        "end_to_end_throughput_ratio": e2e / base_e2e if base_e2e else float("nan"),
-                        "final_true_return": ret, "env_steps_per_s": sps,
-                        "end_to_end_env_steps_per_s": e2e}
-    return {"baseline": {"final_true_return": base_ret, "env_steps_per_s": base_sps,
-                         "end_to_end_env_steps_per_s": base_e2e}, "ratios": ratios}
-
-
-def finish(record: dict, out: Path, tag: str) -> None:
-    """Write the JSON and the plot, and print the ratios."""
-    json_path = out / f"{tag}.json"
-    json_path.write_text(json.dumps(record, indent=1))
-    plot(record, out / f"{tag}.png")
-    print("\n(a) final true return RLHF / true-reward PPO   (b) env steps/s RLHF / plain PPO "
-          "over the PPO iterations [end to end, setup and initial labels included]")
-    for env, e in record["envs"].items():
-        for name, r in e["ratios"].items():
-            print(f"{env:15s} {name:16s} (a) {r['return_ratio']:.3f}   (b) {r['throughput_ratio']:.3f}"
-                  f" [{r['end_to_end_throughput_ratio']:.3f}]")
-    print(f"wrote {json_path} and {out / (tag + '.png')}")
-
-
-def recompute(path: str) -> None:
-    """Recompute the ratios and the plot of an existing record (no new runs)."""
-    p = Path(path)
-    record = json.loads(p.read_text())
-    for env, e in record["envs"].items():
-        record["envs"][env] = {"runs": e["runs"], **env_ratios(e["runs"])}
-    finish(record, p.parent, p.stem)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,9 @@ class RunConfig(RunSection):
     reward: Literal["learned", "env"] = Field(
         "learned", description="`env` trains PPO on the true reward: the baseline"
     )
+    final_eval_episodes: int = Field(
+        10, ge=0, description="after training, the final policy's true return on this many "
+        "fresh episodes, actions at the policy's mean (RUN/final_eval.json); 0: none")
 
 
 class Config(_Strict):

@@ -65,6 +65,11 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(dump_config(cfg))
 
+    def write_json(self, name: str, data: dict) -> Path:
+        path = self.path / name
+        path.write_text(json.dumps(data, indent=1))
+        return path
+
     def write_private(self, name: str, text: str) -> Path:
         """A file only the owner reads (it carries a token)."""
         path = self.path / name

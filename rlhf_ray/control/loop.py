@@ -96,7 +96,39 @@ class Controller(RunController):
                     break
             if learned:
                 self.feedback.finish_round()
+            self.final_evaluation()
             return last
+
+    def final_evaluation(self) -> dict | None:
+        """The final policy's true return on `run.final_eval_episodes` fresh episodes, actions
+        at the policy's mean (`explore=False`), on the rollout workers (whose observation
+        filters are the policy's): the benchmark's yardstick, where RLlib's smoothed
+        `episode_return_mean` lags the policy by its 100-episode window."""
+        n = self.cfg.run.final_eval_episodes
+        if not n:
+            return None
+        import math
+
+        t0 = time.perf_counter()
+        group = self.algo.env_runner_group
+        remote = group.num_remote_env_runners() if group is not None else 0
+
+        def returns(runner, k=math.ceil(n / max(1, remote))):
+            return [float(ep.get_return()) for ep in runner.sample(num_episodes=k, explore=False)]
+
+        if remote:
+            per_runner = group.foreach_env_runner(returns, local_env_runner=False)
+        else:
+            per_runner = [returns(self.algo.env_runner)]
+        values = [r for rs in per_runner for r in rs]
+        out = {"episodes": len(values), "returns": values,
+               "return_mean": sum(values) / len(values) if values else float("nan"),
+               "explore": False, "env_steps": self.env_steps, "iteration": self.iteration,
+               "eval_s": time.perf_counter() - t0}
+        self.folder.write_json("final_eval.json", out)
+        self.log(f"final policy: true return {out['return_mean']:.1f} over {len(values)} "
+                 "fresh episodes (mean actions)")
+        return out
 
     # ------------------------------------------------------------------ 0. roles
     def start_reward_roles(self) -> None:

@@ -50,7 +50,9 @@ def ratio_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, seed: 
     """mean(x) / mean(y) with a percentile-bootstrap interval, x's and y's runs resampled
     independently (two variants' seeds are not paired)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ratio = float(x.mean() / y.mean()) if len(x) and len(y) and y.mean() else float("nan")
+    if not len(x) or not len(y) or y.mean() == 0:
+        return {"ratio": float("nan"), "ci95": [float("nan")] * 2, "n": [len(x), len(y)]}
+    ratio = float(x.mean() / y.mean())
     lo, hi = _interval([x, y], lambda a, b, axis: a.mean(axis=axis) / b.mean(axis=axis), level,
                        seed)
     return {"ratio": ratio, "ci95": [lo, hi], "n": [int(len(x)), int(len(y))]}

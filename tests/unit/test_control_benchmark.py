@@ -1,0 +1,62 @@
+"""benchmarks/control.py's summaries on a record written by hand: ratios from the final
+evaluation (not the smoothed curve), throughput from runs that had the machine alone, the
+IQM over envs, and a grid that resumes where it stopped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("control_bench", ROOT / "benchmarks/control.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(final, window, sps, alone):
+    curve = [{"env_steps": s, "true_return_mean": window, "time_s": s / sps} for s in (0, 1000)]
+    return {"final_return": final, "auc_return": window, "final_window_return": window,
+            "env_steps_per_s": sps, "alone": alone, "curve": curve}
+
+
+def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
+    b = _bench()
+    record = {"steps": 1000, "overrides": [], "envs": {}}
+    for env, scale in (("Hopper-v5", 1000.0), ("Reacher-v5", 10.0)):
+        record["envs"][env] = {"runs": {
+            b.TRUE: {str(s): _run(scale * (1 + 0.1 * s), 0.0, 100.0, True) for s in range(3)},
+            "RLHF 700 labels": {str(s): _run(scale * 0.9 * (1 + 0.1 * s), 5.0,
+                                             90.0 if s else 10.0, bool(s)) for s in range(3)}}}
+    b.finish(record, tmp_path, "grid")
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    hop = saved["envs"]["Hopper-v5"]["summary"]["RLHF 700 labels"]
+    assert hop["return_ratio"]["ratio"] == pytest.approx(0.9)
+    assert hop["return_ratio"]["ci95"][0] < 0.9 < hop["return_ratio"]["ci95"][1]
+    assert hop["final_return"] == pytest.approx([900, 990, 1080])
+    assert hop["throughput_ratio"] == pytest.approx(0.9)  # seed 0 (10 steps/s) was not alone
+    assert hop["throughput_runs_alone"] == [2, 3]
+    agg = saved["aggregate"]["RLHF 700 labels"]
+    assert agg["envs"] == 2 and agg["runs_per_task"] == [3, 3]
+    assert agg["iqm"] == pytest.approx(0.9, abs=0.05)
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
+
+
+def test_variants_and_ablations():
+    b = _bench()
+    v = b.variants([350, 700], ablations=True)
+    assert list(v)[:3] == [b.TRUE, "RLHF 350 labels", "RLHF 700 labels"]
+    assert "reward_model.random_response_prob=0" in v["RLHF 700 no random-response term"]
+    assert "reward_model.ensemble_size=1" in v["RLHF 700 no ensemble"]
+    from rlhf_ray.config import load_config
+
+    for overrides in b.ABLATIONS.values():  # every ablation is a valid config
+        load_config("hopper", overrides)
