@@ -1,4 +1,5 @@
-"""`rlhf-ray report RUN_DIR`: learning curves of a run as one PNG."""
+"""`rlhf-ray report RUN_DIR`: learning curves of a run as one PNG; for a control run also the
+final policy's video (`final_policy.webm`) from its first evaluation episode."""
 
 from __future__ import annotations
 
@@ -44,11 +45,54 @@ def report(run_dir: str, output: str | None = None) -> str:
     ax.legend()
     ax.set_title("reward-model accuracy on held-out comparisons")
     ax.set_xlabel("env steps")
+    final = _final_eval(run_dir)
+    if final:
+        axes[0, 0].axhline(final["return_mean"], color="black", ls="--", lw=1,
+                           label=f"final policy, {final['episodes']} fresh episodes")
+        axes[0, 0].legend(fontsize=8)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
     out = output or str(Path(run_dir) / "report.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    video = final_policy_video(run_dir, Path(out).parent)
+    print(f"final policy video: {video}" if video else
+          "no final policy video: the run kept no final episode (final_episode.npz)")
+    return out
+
+
+def _final_eval(run_dir: str) -> dict | None:
+    import json
+
+    path = Path(run_dir) / "final_eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def final_policy_video(run_dir: str, out_dir: Path, fps: int = 25,
+                       max_frames: int = 300) -> Path | None:
+    """The final policy's first evaluation episode as a WebM (`final_policy.webm`), MuJoCo
+    re-rendered from its simulator states at about real time, Atari from its frames; at most
+    `max_frames` frames."""
+    import numpy as np
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.labeling.clips import ClipRenderer
+
+    path = Path(run_dir) / "final_episode.npz"
+    if not path.exists():
+        return None
+    arrays = dict(np.load(path))
+    env = load_config(str(Path(run_dir) / "config.yaml")).env.model_dump(mode="json")
+    if env.get("preprocessing") == "atari":
+        skip = 1
+    else:
+        from rlhf_ray.control.envs import probe
+
+        skip = max(1, round(1.0 / (probe(env).dt * fps)))  # about real time
+    renderer = ClipRenderer(env, width=320, height=240, fps=fps, frame_skip=skip)
+    arrays = {k: v[: max_frames * skip] for k, v in arrays.items()}
+    out = out_dir / "final_policy.webm"
+    out.write_bytes(renderer.render(arrays))
     return out
 
 

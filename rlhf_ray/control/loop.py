@@ -113,14 +113,31 @@ class Controller(RunController):
         group = self.algo.env_runner_group
         remote = group.num_remote_env_runners() if group is not None else 0
 
+        layout = self.env.layout
+
         def returns(runner, k=math.ceil(n / max(1, remote))):
-            return [float(ep.get_return()) for ep in runner.sample(num_episodes=k, explore=False)]
+            """Returns of k fresh episodes, and the first one's arrays (its simulator states
+            or frames: `rlhf-ray report` renders them into the final policy's video)."""
+            from rlhf_ray.control.rllib_glue import episode_arrays
+
+            eps = runner.sample(num_episodes=k, explore=False)
+            first = None
+            if eps and (layout is None or eps[0].get_infos(0).get(envs.INFO_KEY) is not None):
+                first = episode_arrays(eps[0], len(eps[0]), layout, with_state=True)
+                if layout is None:  # Atari: the newest of each stacked frame is the video
+                    first["obs"] = first["obs"][..., -1:]
+            return [float(ep.get_return()) for ep in eps], first
 
         if remote:
             per_runner = group.foreach_env_runner(returns, local_env_runner=False)
         else:
             per_runner = [returns(self.algo.env_runner)]
-        values = [r for rs in per_runner for r in rs]
+        values = [r for rs, _ in per_runner for r in rs]
+        first = next((ep for _, ep in per_runner if ep is not None), None)
+        if first is not None:
+            import numpy as np
+
+            np.savez_compressed(self.run_dir / "final_episode.npz", **first)
         out = {"episodes": len(values), "returns": values,
                "return_mean": sum(values) / len(values) if values else float("nan"),
                "explore": False, "env_steps": self.env_steps, "iteration": self.iteration,

@@ -93,8 +93,13 @@ def test_hopper_smoke_killed_and_resumed_learns_a_reward_model(ray_cluster, tmp_
     final = sorted((run / "checkpoints").iterdir())[-1]
     assert (final / "reward_model.safetensors").exists()
     assert json.loads((final / "controller.json").read_text())["labels_requested"] == cfg.labels.budget
+    # the final policy on fresh episodes (the benchmark's yardstick) and its video
+    final_eval = json.loads((run / "final_eval.json").read_text())
+    assert final_eval["episodes"] >= cfg.run.final_eval_episodes and not final_eval["explore"]
+    assert all(np.isfinite(final_eval["returns"]))
     png = report(str(run))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (run / "final_policy.webm").read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # WebM
     from ray import serve
 
     assert f"rlhf-rm-{state['run_id']}" not in serve.status().applications
