@@ -116,8 +116,11 @@ class PPOLearner:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [torch.device(self.device)] if self.device.startswith("cuda") else None
-        self.policy = DDP(self.policy, device_ids=ids)
-        self.critic = DDP(self.critic, device_ids=ids)
+        # no buffer broadcast: the models' buffers (rotary frequencies) never change, and a
+        # broadcast in every forward would make the ranks' forward counts a collective, which
+        # token-budget micro batches (a different number per rank) would break
+        self.policy = DDP(self.policy, device_ids=ids, broadcast_buffers=False)
+        self.critic = DDP(self.critic, device_ids=ids, broadcast_buffers=False)
         self._ddp = True
         self._opts()
         return dist.get_world_size()
@@ -154,19 +157,22 @@ class PPOLearner:
         with only_blocks(self._unwrap(model), slice(self.trunk["policy"], None)):
             return response_logprobs(model, *args, inputs_embeds=trunk)
 
-    def _values(self, m: TokenBatch, trunk: torch.Tensor | None) -> torch.Tensor:
+    def _values(self, critic, m: TokenBatch, trunk: torch.Tensor | None) -> torch.Tensor:
+        """The critic's values for micro batch `m` (`critic`: the DDP-wrapped one to train, the
+        bare one for experience, whose passes need no collectives)."""
         args = (m.input_ids, m.attention_mask, m.position_ids, m.prompt_len)
         if trunk is None:
-            return response_values(self.critic, *args)
-        with only_blocks(self._unwrap(self.critic), slice(self.trunk["critic"], None)):
-            return response_values(self.critic, *args, inputs_embeds=trunk)
+            return response_values(critic, *args)
+        with only_blocks(self._unwrap(critic), slice(self.trunk["critic"], None)):
+            return response_values(critic, *args, inputs_embeds=trunk)
 
     def _check_trunk(self, m: TokenBatch, trunks: dict) -> None:
         """Once per learner: the top blocks fed the cached trunk must give the full forward's
         log-probs and values (a model family that transforms `inputs_embeds`, as Gemma scales
         them, would not): else the cache turns itself off, with one line saying so."""
         self._trunk_checked = True
-        modes = [(mod, mod.training) for mod in (self.policy, self.critic)]
+        modes = [(mod, mod.training) for mod in (self._unwrap(self.policy),
+                                                   self._unwrap(self.critic))]
         for mod, _ in modes:  # no dropout: the two passes must be comparable
             mod.eval()
         try:
@@ -179,11 +185,13 @@ class PPOLearner:
         tol = 1e-3 if m.input_ids.device.type == "cpu" and next(
             self._unwrap(self.policy).parameters()).dtype == torch.float32 else 5e-2
         checks = {}
+        policy, critic = self._unwrap(self.policy), self._unwrap(self.critic)
         if trunks["policy"] is not None:
-            checks["policy"] = (self._logprobs(self.policy, m, None),
-                                self._logprobs(self.policy, m, trunks["policy"]))
+            checks["policy"] = (self._logprobs(policy, m, None),
+                                self._logprobs(policy, m, trunks["policy"]))
         if trunks["critic"] is not None:
-            checks["critic"] = (self._values(m, None), self._values(m, trunks["critic"]))
+            checks["critic"] = (self._values(critic, m, None),
+                                self._values(critic, m, trunks["critic"]))
         for role, (full, cached) in checks.items():
             err = float((full.float() - cached.float()).abs().max())
             if not err <= tol:
@@ -233,7 +241,7 @@ class PPOLearner:
             else:  # its own blocks throughout (a second copy; the trunk is the policy's)
                 ref_lp[idx, :t] = response_logprobs(self.ref, *args, m.prompt_len,
                                                     self.temperature)
-            values[idx, :t] = self._values(m, trunks["critic"]).float()
+            values[idx, :t] = self._values(self._unwrap(self.critic), m, trunks["critic"]).float()
         mask = b.response_mask
         kl = lm_ppo.kl_estimate(old_lp, ref_lp, self.cfg.kl.estimator) * mask
         rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
@@ -261,7 +269,7 @@ class PPOLearner:
         want_ent = self.cfg.entropy_coef > 0
         out = self._logprobs(self.policy, m, trunk["policy"], want_ent)
         lp, ent = (out if want_ent else (out, None))
-        values = self._values(m, trunk["critic"])
+        values = self._values(self.critic, m, trunk["critic"])
         # per-token sums over this micro batch, divided by the whole minibatch's token count
         # on all ranks; times world size because DDP averages gradients over ranks
         scale = float(mask.sum()) / tokens_global * self.world

@@ -36,19 +36,27 @@ def _rollout(tiny_paths, n: int, seed: int = 0) -> dict:
     return out
 
 
-@pytest.mark.parametrize("lora_r,top", [(0, None), (4, 1)])
+@pytest.mark.parametrize("lora_r,top,tokens", [(0, None, None), (4, 1, 14)])
 def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r,
-                                                                 top):
+                                                                 top, tokens):
     """Global advantage whitening and global token normalization make DDP over 2 gloo
     ranks compute the gradients of the whole batch, though the ranks' token counts differ;
     also when the policy trains LoRA adapters (peft) on its top block, its reference is itself
-    with adapters off, and the frozen block's output is cached for the epochs."""
+    with adapters off, the frozen block's output is cached for the epochs, and micro batches
+    sized by tokens give the two ranks different numbers of forward passes."""
     ray = ray_cluster
+    from rlhf_ray.core.lm_ppo import micro_batches
     from rlhf_ray.llm.learner import PPOLearner
+    from rlhf_ray.llm.modeling import make_batch
 
     batch = _rollout(tiny_paths, 8)
     ppo = LMPPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2,
-                      entropy_coef=0.01).model_dump()
+                      micro_batch_tokens=tokens, entropy_coef=0.01).model_dump()
+    if tokens:  # the ranks' plans differ in length: DDP must not need equal forward counts
+        plans = [micro_batches(np.arange(4), *make_batch(
+            [batch["prompt_ids"][i] for i in rows], [batch["response_ids"][i] for i in rows],
+            0).lengths(), 2, tokens) for rows in ([0, 2, 4, 6], [1, 3, 5, 7])]
+        assert len(plans[0]) != len(plans[1]), plans
     pad = 0
     Learner = ray.remote(PPOLearner).options(num_cpus=0.5)
 
