@@ -43,6 +43,9 @@ def summarize(run: Path) -> dict:
     evals = [r for r in rows if r.get("eval_score_mean") is not None]
     last = evals[-1]
     res = json.loads((run / "resources.json").read_text())
+    import yaml
+
+    target = yaml.safe_load((run / "config.yaml").read_text())["ppo"]["kl"]["target"]
     its = sorted(r["iteration_s"] for r in rows)
     tps = sorted(r["tokens_per_s"] for r in rows)
     return {
@@ -52,6 +55,8 @@ def summarize(run: Path) -> dict:
         "sft_vader": last.get("sft_eval_vader_mean"), "final_vader": last.get("eval_vader_mean"),
         "sft_rm": last.get("sft_eval_rm_score_mean"), "final_rm": last.get("eval_rm_score_mean"),
         "kl_final": rows[-1]["kl_mean"], "beta_final": rows[-1]["kl_coef_next"],
+        "kl_last10_mean": statistics.fmean(r["kl_mean"] for r in rows[-10:]),
+        "kl_target": target,
         "rm_val_accuracy": rows[-1].get("rm_val_accuracy"),
         "diverging_at": [r["iteration"] for r in evals if r.get("rm_judge_diverging")],
         "curve": [(r["iteration"], r["kl_mean"], r["eval_score_mean"], r["eval_rm_score_mean"])
@@ -79,7 +84,8 @@ def main() -> int:
         s = per_seed[seed]
         print(f"seed {seed}: yardstick {s['sft_score']:.3f} -> {s['final_score']:.3f} "
               f"(gain {s['gain']:+.3f}); VADER {s['sft_vader']:.3f} -> {s['final_vader']:.3f}; "
-              f"RM {s['sft_rm']:.2f} -> {s['final_rm']:.2f}; KL {s['kl_final']:.2f}; "
+              f"RM {s['sft_rm']:.2f} -> {s['final_rm']:.2f}; KL {s['kl_final']:.2f} (last 10 "
+              f"iterations {s['kl_last10_mean']:.2f}, target {s['kl_target']}); "
               f"{s['iteration_s_median']:.1f} s/iteration", flush=True)
     gains = [s["gain"] for s in per_seed.values()]
     finals = [s["final_score"] for s in per_seed.values()]
