@@ -104,7 +104,7 @@ def serve_http(ray_cluster):
 # what `rlhf-ray train` itself prints; anything else on the terminal is Ray's, RLlib's or
 # Serve's, which belongs in the run folder's driver.log unless --verbose
 OWN_LINES = ("run folder:", "labeling page:", "stage ", "reward model:", "resuming from",
-             "iter ", "final:", "done:", "comparisons:", "warning: iteration")
+             "iter ", "final:", "final policy:", "done:", "comparisons:", "warning: iteration")
 
 
 def assert_own_lines_only(out, run_dir) -> None:
