@@ -92,8 +92,7 @@ def only_blocks(model, blocks: slice):
     """Run `model` (unwrapped) with only `blocks` of its transformer blocks in place; the
     others are skipped, not run."""
     name, layers = decoder_layers(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, attr = block_stack(model), name.rpartition(".")[2]
     parent._modules[attr] = torch.nn.ModuleList(list(layers)[blocks])
     try:
         yield
