@@ -74,8 +74,6 @@ def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rlhf_ray.config import ConfigError, load_config
 
     if args.resume:  # the run's own resolved config, plus overrides (e.g. more iterations)
@@ -83,8 +81,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.overrides = [args.config, *args.overrides]
         elif args.config:
             raise ConfigError("train --resume RUN_DIR takes no preset: the run's config.yaml is used")
-        args.config = str(Path(args.resume) / "config.yaml")
-        if not Path(args.config).is_file():
+        from rlhf_ray import storage
+
+        storage.check(args.resume, "--resume")  # the bucket, credentials, the endpoint
+        args.config = storage.join(storage.normalize(args.resume), "config.yaml")
+        if not storage.is_file(args.config):
             raise ConfigError(f"--resume {args.resume}: not a run folder (no config.yaml)")
         args.run_dir = args.resume
     elif not args.config:
@@ -133,11 +134,13 @@ def _cmd_store(args: argparse.Namespace) -> int:
 
     from rlhf_ray.store import PreferenceStore, StoreError
 
+    from rlhf_ray import storage
+
     root = Path(args.run_dir)
-    if "://" in args.run_dir:  # a store on an object store (run.storage_path=s3://...)
-        root = args.run_dir.rstrip("/")
-        if not root.endswith("/preferences"):
-            root += "/preferences"
+    if storage.is_remote(args.run_dir):  # a run folder or a store on object storage
+        root = storage.normalize(args.run_dir)
+        if not storage.is_dir(storage.join(root, "labels")):
+            root = storage.join(root, "preferences")
     elif (root / "preferences").is_dir():
         root = root / "preferences"
     elif not (root / "labels").is_dir():

@@ -575,8 +575,19 @@ def preset_text(name: str) -> str:
 
 
 def _read_source(preset_or_path: str) -> dict[str, Any]:
+    if preset_or_path.startswith("file://"):
+        preset_or_path = preset_or_path[len("file://"):]
     path = Path(preset_or_path)
-    if preset_or_path.endswith((".yaml", ".yml")) or path.exists():
+    if "://" in preset_or_path:  # a run folder's config.yaml on object storage
+        from rlhf_ray import storage
+
+        try:
+            text = storage.read_text(preset_or_path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {preset_or_path!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"{preset_or_path}: cannot read ({str(exc).splitlines()[0]})") from None
+    elif preset_or_path.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {preset_or_path!r} does not exist")
         text = path.read_text()

@@ -45,6 +45,7 @@ class RunController:
         self.apps: list[str] = []  # every Serve application likewise
         self.t_start = time.time()
         self.resume_own = True  # a checkpoint of this run (False: a Tune trial given another's)
+        self.young_resume = False  # --resume of a run killed before its first checkpoint
         self._writer: MetricsWriter | None = None
 
     @property
@@ -64,6 +65,8 @@ class RunController:
         import ray
 
         self.folder.create(self.cfg)
+        if self.young_resume:  # every row the dead run wrote is written again
+            self.folder.truncate_metrics(0)
         started = init_ray(self.cfg)
         self.t_start = time.time()
         try:
@@ -72,7 +75,10 @@ class RunController:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-            self.stop()
+            try:
+                self.stop()
+            finally:
+                self.folder.sync()
             if started:
                 ray.shutdown()
 
@@ -103,6 +109,7 @@ class RunController:
         if self._writer is None:
             self._writer = MetricsWriter(self.run_dir, self.cfg.workload)
         self._writer.write(row)
+        self.folder.sync()
         if self.on_metrics:
             self.on_metrics(row)
         if self.progress:
@@ -113,7 +120,7 @@ class RunController:
         return round(time.time() - self.t_start, 3)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_state(self, path: Path, state: dict) -> Path:
+    def save_state(self, path: str, state: dict) -> str:
         """The controller's part of a checkpoint (the roles' parts are already in `path`)."""
         if self.feedback is not None:
             state = {**self.feedback.state(), **state}
@@ -121,7 +128,7 @@ class RunController:
                                        "rng": self.rng.bit_generator.state, **state})
         return path
 
-    def load_state(self, ckpt: str | Path) -> dict:
+    def load_state(self, ckpt: str) -> dict:
         """The controller's part of a checkpoint: iteration and RNG here, the rest returned.
         Rows the dead run wrote after it are superseded, and the Serve applications it left
         running are removed."""

@@ -154,6 +154,7 @@ class MetricsWriter:
                 for k2, v2 in value.items():
                     if isinstance(v2, (int, float)):
                         self.tb.add_scalar(f"{tag}/{k2}", v2, step)
+        self.tb.flush()  # the events are on disk before the folder is pushed
 
     def close(self) -> None:
         self._f.close()
@@ -162,7 +163,12 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's rows, from its folder (a path or a URI)."""
+    from rlhf_ray import storage
+
+    path = storage.join(storage.normalize(run_dir), "metrics.jsonl")
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)") from None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

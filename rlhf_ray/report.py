@@ -9,6 +9,35 @@ from rlhf_ray.metrics import read_metrics
 
 
 def report(run_dir: str, output: str | None = None) -> str:
+    """The report of a run folder (a path or a URI: a remote run is read into a local working
+    copy, drawn there, and the report's files are written back beside the run's)."""
+    from rlhf_ray import storage
+
+    if storage.is_remote(run_dir):
+        import tempfile
+
+        from rlhf_ray.run_dir import ROLE_WRITTEN
+
+        uri = storage.normalize(run_dir)
+        if not storage.is_file(storage.join(uri, "metrics.jsonl")):
+            raise FileNotFoundError(f"{uri}/metrics.jsonl: no metrics (is {uri} a run folder?)")
+        local = Path(tempfile.mkdtemp(prefix="rlhf-report-")) / storage.name(uri)
+        mirror = storage.Mirror(local, uri, exclude=ROLE_WRITTEN)
+        mirror.pull(skip=ROLE_WRITTEN)
+        out = _report(str(local), None, shown_as=uri)
+        mirror.push()
+        if output:
+            import shutil
+
+            shutil.copy(out, output)
+            return output
+        return storage.join(uri, Path(out).name)
+    return _report(run_dir, output)
+
+
+def _report(run_dir: str, output: str | None = None, shown_as: str | None = None) -> str:
+    """`shown_as`: the run's own location, for what is printed (a remote run is drawn in a
+    local copy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,6 +85,8 @@ def report(run_dir: str, output: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     video = final_policy_video(run_dir, Path(out).parent)
+    if video and shown_as:
+        video = f"{shown_as}/{Path(video).name}"
     print(f"final policy video: {video}" if video else
           "no final policy video: the run kept no final episode (final_episode.npz)")
     return out

@@ -10,13 +10,18 @@
     <run>/labeling_url.txt            the labeling page with its token (mode 600)
     <run>/driver.log                  Ray's, RLlib's and Serve's own output (the CLI's default)
 
-The run's name is `run.run_name`, else the folder's name, else one made up; with an `s3://` or
-`gs://` `run.storage_path` the store lives at `<storage_path>/<name>/preferences`, so a run
-resumed from its folder finds its labels again.
+The folder is a location (`rlhf_ray.storage`): a local path or an `s3://` / `gs://` URI, given
+by `--run-dir`, else `<run.storage_path>/<run name>`. The run's name is `run.run_name`, else
+the folder's name, else one made up. Roles write their parts of a checkpoint (and the LLM
+stages their models) straight to the location, from whatever node they run on; the driver
+keeps a local working copy of what it writes itself (config, metrics, TensorBoard, the driver
+log, samples, reports) and pushes it after every iteration and checkpoint. A remote run is
+resumed, reported on and labeled from its URI by any job on any node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray import storage
 from rlhf_ray.config import ConfigError, dump_config
 
 CHECKPOINT_FORMAT = 1
+# written by the roles straight to the location (never through the driver's working copy)
+ROLE_WRITTEN = ("checkpoints", "final", "preferences", "sft", "reward_model")
 
 
 def _json_default(o):
@@ -41,16 +49,25 @@ def _json_default(o):
 class RunDir:
     def __init__(self, cfg, path: str | Path | None = None):
         self.workload = cfg.workload
-        storage = cfg.run.storage_path
-        self.name = cfg.run.run_name or (Path(path).name if path else None) or \
+        given = storage.normalize(path) if path else None
+        self.name = cfg.run.run_name or (storage.name(given) if given else None) or \
             f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-        remote = "://" in storage
-        self.path = Path(path) if path else Path("runs" if remote else storage) / self.name
-        self.store_root = (f"{storage.rstrip('/')}/{self.name}/preferences" if remote
-                           else str(self.path / "preferences"))
+        self.uri = given or storage.join(storage.normalize(cfg.run.storage_path), self.name)
+        self.remote = storage.is_remote(self.uri)
+        if self.remote:  # the driver's working copy of the files it writes itself
+            key = hashlib.sha1(self.uri.encode()).hexdigest()[:10]
+            self.path = storage.cache_root().parent / "runs" / f"{self.name}-{key}"
+            self.mirror = storage.Mirror(self.path, self.uri, exclude=ROLE_WRITTEN)
+        else:
+            self.path, self.mirror = Path(self.uri), None
+        self.store_root = storage.join(self.uri, "preferences")
 
     def __str__(self) -> str:
-        return str(self.path)
+        return self.uri
+
+    def loc(self, *parts: str) -> str:
+        """A location under the run folder (a path, or a URI for a remote run)."""
+        return storage.join(self.uri, *parts)
 
     @property
     def log_path(self) -> Path:
@@ -60,14 +77,32 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    def check(self) -> None:
+        """Refuse a location the run cannot write to (one line), before anything starts."""
+        storage.check(self.uri, "run folder")
+
     def create(self, cfg) -> None:
         """The folder, with the resolved config the run runs with."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(dump_config(cfg))
+        self.sync()
+
+    def pull(self) -> None:
+        """A remote run's own files (config, metrics, TensorBoard, samples) into the working
+        copy: a resumed run appends to them, a report draws them."""
+        if self.mirror is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.mirror.pull(skip=ROLE_WRITTEN)
+
+    def sync(self) -> None:
+        """The working copy's new and changed files to the remote location."""
+        if self.mirror is not None:
+            self.mirror.push()
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.path / name
         path.write_text(json.dumps(data, indent=1))
+        self.sync()
         return path
 
     def write_private(self, name: str, text: str) -> Path:
@@ -75,25 +110,30 @@ class RunDir:
         path = self.path / name
         path.write_text(text)
         os.chmod(path, 0o600)
+        self.sync()
         return path
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dir(self, iteration: int, final: bool = False) -> Path:
-        path = self.path / ("final" if final else f"checkpoints/iter_{iteration:06d}")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def checkpoint_dir(self, iteration: int, final: bool = False) -> str:
+        """Where a checkpoint's parts go (local: created)."""
+        loc = self.loc("final" if final else f"checkpoints/iter_{iteration:06d}")
+        if not self.remote:
+            os.makedirs(loc, exist_ok=True)
+        return loc
 
-    def write_state(self, ckpt: Path, state: dict) -> None:
+    def write_state(self, ckpt: str, state: dict) -> None:
         """The controller's part of a checkpoint, written last: a checkpoint counts once its
         controller.json exists."""
         state = {"format": CHECKPOINT_FORMAT, "workload": self.workload, **state}
-        (Path(ckpt) / "controller.json").write_text(json.dumps(state, default=_json_default))
+        storage.write_text(storage.join(str(ckpt), "controller.json"),
+                           json.dumps(state, default=_json_default))
+        self.sync()
 
     def read_state(self, ckpt: str | Path) -> dict:
         """A checkpoint's controller.json; ConfigError (one line) when it is unreadable or of
         another format or workload."""
         try:
-            state = json.loads((Path(ckpt) / "controller.json").read_text())
+            state = json.loads(storage.read_text(storage.join(str(ckpt), "controller.json")))
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"checkpoint {ckpt}: unreadable controller.json ({exc})") from None
         if state.get("format") != CHECKPOINT_FORMAT or \
@@ -103,34 +143,41 @@ class RunDir:
                               f"{CHECKPOINT_FORMAT} of the {self.workload} workload")
         return state
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> str | None:
         """The checkpoint with a complete controller.json and the highest iteration
         (`final/` wins a tie)."""
-        cands = sorted((self.path / "checkpoints").glob("iter_*"))
+        cands = [self.loc("checkpoints", n) for n in storage.listdir(self.loc("checkpoints"))
+                 if n.startswith("iter_")]
         best, best_it = None, -1
-        for c in cands + [self.path / "final"]:
-            if not (c / "controller.json").exists():
+        for c in cands + [self.loc("final")]:
+            try:
+                text = storage.read_text(storage.join(c, "controller.json"))
+            except OSError:
                 continue
             try:
-                it = int(json.loads((c / "controller.json").read_text()).get("iteration", 0))
-            except (OSError, ValueError, AttributeError):
-                it = int(c.name[5:]) if c.name.startswith("iter_") else 0
+                it = int(json.loads(text).get("iteration", 0))
+            except (ValueError, AttributeError):
+                base = storage.name(c)
+                it = int(base[5:]) if base.startswith("iter_") else 0
             if it >= best_it:
                 best, best_it = c, it
         return best
 
-    def resume_point(self, budget: tuple[str, str, int]) -> tuple[Path, dict]:
-        """The checkpoint `--resume` continues from and its state. `budget`: (state key,
-        config key, its value) that says when the run is complete. A missing, incompatible or
-        complete run is refused with one line (ConfigError), the same for both workloads."""
+    def resume_point(self, budget: tuple[str, str, int]) -> tuple[str | None, dict | None]:
+        """The checkpoint `--resume` continues from and its state; (None, None) for a run
+        killed before its first checkpoint (its labels are in the store: the learners start
+        afresh on them). `budget`: (state key, config key, its value) that says when the run
+        is complete. An incompatible or complete run is refused with one line (ConfigError),
+        the same for both workloads."""
+        if not storage.is_file(self.loc("config.yaml")):
+            raise ConfigError(f"--resume {self.uri}: not a run folder (no config.yaml)")
         ckpt = self.latest_checkpoint()
         if ckpt is None:
-            raise ConfigError(f"--resume {self.path}: no checkpoint with a controller.json "
-                              "under checkpoints/ (run.checkpoint_every sets how often)")
+            return None, None
         state = self.read_state(ckpt)
         key, cfg_key, limit = budget
         if int(state.get(key, 0)) >= limit:
-            raise ConfigError(f"--resume {self.path}: the run is complete ({state[key]} {key} "
+            raise ConfigError(f"--resume {self.uri}: the run is complete ({state[key]} {key} "
                               f">= {cfg_key}={limit}); raise {cfg_key} to go on")
         return ckpt, state
 

@@ -31,8 +31,14 @@ def prepare(cfg, run_dir: str | Path | None = None, *, resume: bool = False,
                           "workload's; this config is the control workload")
     cls = controller_class(cfg)
     folder = RunDir(cfg, run_dir)
-    ckpt = folder.resume_point(cls.budget(cfg))[0] if resume else None
-    return cls(cfg, folder, **kwargs), ckpt
+    folder.check()  # a bucket that is missing, credentials, an endpoint: before any role
+    ckpt = None
+    if resume:
+        ckpt = folder.resume_point(cls.budget(cfg))[0]
+        folder.pull()  # a remote run's metrics and events, to go on appending
+    ctl = cls(cfg, folder, **kwargs)
+    ctl.young_resume = resume and ckpt is None
+    return ctl, ckpt
 
 
 def train(cfg, run_dir: str | Path | None = None, *, stages: str = "all",
@@ -47,6 +53,21 @@ def train(cfg, run_dir: str | Path | None = None, *, stages: str = "all",
                         progress=progress, stop_event=stop_event)
     with console.quiet(ctl.folder.log_path, enabled=log_output):
         if progress:
-            console.note(f"run folder: {ctl.run_dir}" + (f" (resuming from {ckpt})" if ckpt else ""))
+            console.note(f"run folder: {ctl.folder}" + (f" (resuming from {ckpt})" if ckpt else ""))
+        if ctl.young_resume:  # said even when quiet: the run starts over, but not its labels
+            console.note(f"resuming {ctl.folder}: it has no checkpoint yet; the learners start "
+                         f"afresh on the {_stored_labels(ctl)} labels in its store")
         ctl.run(resume_from=ckpt, **({"stages": stages} if stages != "all" else {}))
     return ctl.run_dir
+
+
+def _stored_labels(ctl) -> int:
+    from rlhf_ray import storage
+    from rlhf_ray.store import PreferenceStore
+
+    if not storage.is_dir(ctl.folder.store_root):
+        return 0
+    labels = PreferenceStore(ctl.folder.store_root).labels()
+    if ctl.cfg.workload == "llm" and "ranking_id" in labels.column_names:
+        return len(set(labels.column("ranking_id").to_pylist()))
+    return len(labels)

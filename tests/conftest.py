@@ -18,8 +18,43 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One real local Ray cluster (2 CPUs, token auth on) shared by the whole session."""
+def s3():
+    """A real S3-protocol server on 127.0.0.1 (moto's, in a thread of this process), pointed
+    at through the environment as users point clients at MinIO or Ceph (`AWS_ENDPOINT_URL`):
+    every process started after it -- the session's Ray workers, `rlhf-ray` subprocesses --
+    reaches it. Yields a function making a fresh bucket: `s3("name") -> "s3://name-<n>"`."""
+    import itertools
+
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    counter = itertools.count()
+
+    def bucket(name: str = "runs") -> str:
+        import pyarrow.fs as pafs
+
+        b = f"{name}-{next(counter)}"
+        pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+                          allow_bucket_creation=True).create_dir(b)
+        return f"s3://{b}"
+
+    yield bucket
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """One real local Ray cluster (2 CPUs, token auth on) shared by the whole session; its
+    workers see the session's S3 server (`s3`)."""
     import ray
 
     if not ray.is_initialized():
@@ -103,7 +138,7 @@ def serve_http(ray_cluster):
 
 # what `rlhf-ray train` itself prints; anything else on the terminal is Ray's, RLlib's or
 # Serve's, which belongs in the run folder's driver.log unless --verbose
-OWN_LINES = ("run folder:", "labeling page:", "stage ", "reward model:", "resuming from",
+OWN_LINES = ("run folder:", "labeling page:", "stage ", "reward model:", "resuming ",
              "iter ", "final:", "final policy:", "done:", "comparisons:", "warning: iteration")
 
 
@@ -111,10 +146,11 @@ def assert_own_lines_only(out, run_dir) -> None:
     """`out`: a finished `rlhf-ray train` (subprocess.run, text). Every line it printed is
     its own, and the run's driver.log holds what Ray, RLlib and Serve said."""
     import re
-    from pathlib import Path
 
     lines = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]
     foreign = [x for x in lines if not x.startswith(OWN_LINES)]
     assert lines and not foreign, foreign[:5]
-    log = (Path(run_dir) / "driver.log").read_text()
+    from rlhf_ray import storage
+
+    log = storage.read_text(storage.join(storage.normalize(run_dir), "driver.log"))
     assert re.search(r"\b(INFO|WARNING)\b.*(worker\.py|serve)", log), log[-2000:]

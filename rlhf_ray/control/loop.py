@@ -19,11 +19,13 @@ The run folder, Ray, metrics rows, resuming and the labeler are the shared layer
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray import storage
 from rlhf_ray.control import envs
 from rlhf_ray.control.rllib_glue import build_ppo_config, kl_coeffs, set_kl_coeffs
 from rlhf_ray.controller import RunController
@@ -72,7 +74,7 @@ class Controller(RunController):
                 wait_running(self.names.reward_app)
             # 1. initial labels from the initial policy, then pretraining (or a checkpoint)
             if resume_from is not None:
-                self.resume(Path(resume_from))
+                self.resume(str(resume_from))
             elif learned:
                 self.initial_labels()
             # 2. the loop
@@ -218,7 +220,9 @@ class Controller(RunController):
         import ray
 
         cfg = self.cfg
-        want = self.schedule.initial
+        # labels already in the store (a run resumed before its first checkpoint) count
+        have = self.feedback.requested = self.feedback.load_stored()
+        want = max(0, self.schedule.initial - have)
         # These env steps come out of the run's budget (the paper counts every interaction),
         # so sample no more than the queries need: one segment per query on average (uniform
         # pairs reuse segments), in calls sized to the segments a rollout batch offers.
@@ -239,7 +243,8 @@ class Controller(RunController):
                 f"initial sampling ({self.initial_env_steps} env steps) produced fewer than 2 "
                 f"segments of {self.seg_len} steps: episodes are shorter than a segment; set "
                 "labels.segment_length lower or env.remove_termination=true")
-        self.submit_queries(want, method="uniform")
+        if want:
+            self.submit_queries(want, method="uniform")
         self.feedback.feed(block=True, steps=max(1, cfg.reward_model.pretrain_steps))
 
     def request_labels(self) -> None:
@@ -297,7 +302,7 @@ class Controller(RunController):
                 "segment_cut_s": clean(find_metric(result, "rlhf/segment_cut_s"))}
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> str:
         """RLlib's algorithm (policy, critic, optimizer, filters), PPO's KL coefficient (not
         in RLlib's checkpoint), the reward ensemble with its normalizers, the query pool and
         the schedule's position. Labels are in the store already."""
@@ -307,7 +312,8 @@ class Controller(RunController):
         from rlhf_ray.reward_model import save_weights
 
         path = self.folder.checkpoint_dir(self.iteration)
-        self.algo.save_to_path(str((path / "algo").resolve()))
+        with storage.writable_dir(storage.join(path, "algo")) as algo_dir:
+            self.algo.save_to_path(algo_dir)
         state = {"env_steps": self.env_steps, "initial_env_steps": self.initial_env_steps,
                  "segment_length": self.seg_len, "kl_coeffs": kl_coeffs(self.algo)}
         if self.feedback is not None:
@@ -315,25 +321,25 @@ class Controller(RunController):
             if snap["batch"] is not None:  # the query pool, as Parquet (never pickled)
                 from rlhf_ray.store import PreferenceStore
 
-                PreferenceStore(str(path / "pool")).write_segments(snap["batch"])
+                PreferenceStore(storage.join(path, "pool")).write_segments(snap["batch"])
             state["pool"] = {"rng": snap["rng"], "total_added": snap["total_added"]}
             trainer = self.feedback.trainer
             version, weights = ray.get(trainer.weights.remote())
-            save_weights(str(path / "reward_model.safetensors"),
-                         {k: torch.tensor(np.array(v)) for k, v in weights.items()}, self.spec,
-                         version)
+            with storage.writable_dir(path) as local:
+                save_weights(os.path.join(local, "reward_model.safetensors"),
+                             {k: torch.tensor(np.array(v)) for k, v in weights.items()},
+                             self.spec, version)
             state["reward_trainer"] = ray.get(trainer.state.remote())
         return self.save_state(path, state)
 
-    def resume(self, ckpt: Path) -> dict:
+    def resume(self, ckpt: str) -> dict:
         """Continue from a checkpoint: the policy and PPO's state, the reward-model ensemble
         with its normalizers, L2 coefficients and version, every stored label (the store is
         reopened), the query pool, the schedule's position and the RNGs."""
         import ray
 
-        ckpt = Path(ckpt).resolve()
         state = self.load_state(ckpt)
-        self.algo.restore_from_path(str(ckpt / "algo"))
+        self.algo.restore_from_path(storage.local_dir(storage.join(ckpt, "algo")))
         if state.get("kl_coeffs"):
             set_kl_coeffs(self.algo, state["kl_coeffs"])
         self.env_steps = int(state.get("env_steps", 0))
@@ -344,13 +350,13 @@ class Controller(RunController):
         from rlhf_ray.reward_model import load_weights
         from rlhf_ray.store import PreferenceStore
 
-        weights, _, _ = load_weights(str(ckpt / "reward_model.safetensors"))
+        weights, _, _ = load_weights(storage.local_file(storage.join(ckpt, "reward_model.safetensors")))
         ray.get(self.feedback.trainer.restore.remote({k: v.numpy() for k, v in weights.items()},
                                                      state["reward_trainer"]))
         self.feedback.load_stored()
         self.feedback.publish()
-        if (ckpt / "pool").exists():
-            batch = PreferenceStore(str(ckpt / "pool")).segments()
+        if storage.is_dir(storage.join(ckpt, "pool")):
+            batch = PreferenceStore(storage.join(ckpt, "pool")).segments()
             ray.get(self.pool.restore.remote({"batch": batch, **state["pool"]}))
         self.feedback.restore(state)
         return state

@@ -99,7 +99,6 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
     import sys
     import time
     import uuid
-    from pathlib import Path
 
     import ray
 
@@ -108,10 +107,12 @@ def label_run(run_dir: str, overrides: list[str] | None = None, exit_when_done: 
     from rlhf_ray.roles import init_ray
     from rlhf_ray.run_dir import RunDir
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
+    from rlhf_ray import storage
+
+    path = storage.join(storage.normalize(run_dir), "config.yaml")
+    if not storage.is_file(path):
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(str(path), ["labeler.source=human", *(overrides or [])])
+    cfg = load_config(path, ["labeler.source=human", *(overrides or [])])
     started = init_ray(cfg)
     feedback = Feedback(cfg, RunDir(cfg, run_dir), RoleNames("label-" + uuid.uuid4().hex[:6]),
                         kind="clip" if cfg.workload == "control" else "text")
@@ -152,7 +153,6 @@ def app_builder(args: dict):
     clip renderers; the app itself holds no state.
     """
     import os
-    from pathlib import Path
 
     from rlhf_ray.config import RoleResources, load_config
     from rlhf_ray.feedback import labeler_args
@@ -160,17 +160,20 @@ def app_builder(args: dict):
     from rlhf_ray.labeling.app import LabelingApp
     from rlhf_ray.run_dir import RunDir
 
+    from rlhf_ray import storage
+
     run_dir = args.get("run_dir")
-    if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+    if not run_dir or not storage.is_file(storage.join(storage.normalize(run_dir), "config.yaml")):
         raise ValueError(f"labeling app: args.run_dir={run_dir!r} is not a run folder "
                          "(no config.yaml)")
     token = args.get("token") or os.environ.get(args.get("token_env", "RLHF_LABEL_TOKEN"), "")
     if len(token) < 16:
         raise ValueError("labeling app: set a token of 16+ characters (args.token_env names "
                          "the environment variable holding it)")
-    cfg = load_config(str(Path(run_dir) / "config.yaml"), ["labeler.source=human"])
+    cfg = load_config(storage.join(storage.normalize(run_dir), "config.yaml"),
+                      ["labeler.source=human"])
     store_root = RunDir(cfg, run_dir).store_root
-    names, namespace = RoleNames("served-" + Path(run_dir).resolve().name), "rlhf-labeling"
+    names, namespace = RoleNames("served-" + storage.name(storage.normalize(run_dir))), "rlhf-labeling"
     detached = {"namespace": namespace, "lifetime": "detached", "get_if_exists": True}
     remote_role(Labeler, RoleResources(), name=names.labeler, **detached, **RESTART).remote(
         *labeler_args(cfg, store_root, "human"))

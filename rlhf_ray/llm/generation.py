@@ -174,6 +174,9 @@ class VLLMGenerationWorker:
         self.gen = GenerationConfig.model_validate(gen)
         from rlhf_ray.llm.modeling import PromptFormat
 
+        from rlhf_ray import storage
+
+        model_path = storage.local_dir(model_path)
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.llm = LLM(model=model_path, seed=seed, dtype="auto" if dtype == "float32" else dtype,

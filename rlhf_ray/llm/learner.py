@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf_ray import storage
 from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.core import lm_ppo
 from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu,
@@ -90,8 +91,9 @@ class PPOLearner:
                                      lr=self.cfg.lr)
         self.critic_opt = torch.optim.AdamW([p for p in self.critic.parameters() if p.requires_grad],
                                             lr=self.cfg.critic_lr)
-        if self._state_path and os.path.exists(self._state_path):  # resuming: same moments
-            state = torch.load(self._state_path, map_location=self.device, weights_only=True)
+        if self._state_path and storage.exists(self._state_path):  # resuming: same moments
+            state = torch.load(storage.local_file(self._state_path), map_location=self.device,
+                               weights_only=True)
             self.opt.load_state_dict(state["opt"])
             self.critic_opt.load_state_dict(state["critic_opt"])
             for o, lr in ((self.opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr)):
@@ -383,16 +385,18 @@ class PPOLearner:
 
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
         policy = self._unwrap(self.policy)
-        if self.lora:  # the adapters (to resume from) and the merged policy (to use)
-            import copy
+        with storage.writable_dir(out_dir) as local:  # uploaded at the end where remote
+            if self.lora:  # the adapters (to resume from) and the merged policy (to use)
+                import copy
 
-            policy.save_pretrained(os.path.join(out_dir, "policy_adapter"))
-            policy = copy.deepcopy(policy).merge_and_unload()
-        pol = save_model(policy, tok, os.path.join(out_dir, "policy"))
-        cri = save_model(self._unwrap(self.critic).model, tok, os.path.join(out_dir, "critic"))
-        torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-                    "version": self.version}, os.path.join(out_dir, "optimizer.pt"))
-        return {"policy": pol, "critic": cri}
+                policy.save_pretrained(os.path.join(local, "policy_adapter"))
+                policy = copy.deepcopy(policy).merge_and_unload()
+            save_model(policy, tok, os.path.join(local, "policy"))
+            save_model(self._unwrap(self.critic).model, tok, os.path.join(local, "critic"))
+            torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                        "version": self.version}, os.path.join(local, "optimizer.pt"))
+        return {"policy": storage.join(out_dir, "policy"),
+                "critic": storage.join(out_dir, "critic")}
 
     def close(self) -> None:
         if self._ddp and dist.is_initialized():

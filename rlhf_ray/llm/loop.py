@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray import storage
 from rlhf_ray.controller import RunController
 from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController
 from rlhf_ray.feedback import Feedback, on_new_labels
@@ -96,7 +97,7 @@ class LLMController(RunController):
         import ray
 
         cfg = self.cfg
-        ckpt = Path(resume_from).resolve() if resume_from is not None else None
+        ckpt = storage.normalize(resume_from) if resume_from is not None else None
         with self.session():
             self.memory_sampler.start()
             self.start_group()
@@ -107,12 +108,12 @@ class LLMController(RunController):
                 return {"sft_path": self.sft_path}
             # with LoRA every role holds the SFT model and a checkpoint's adapters on it
             lora = self.cfg.model.lora.r > 0
-            adapter = str(ckpt / "policy_adapter") if state and lora else None
-            policy = str(ckpt / "policy") if state and not lora else self.sft_path
+            adapter = storage.join(ckpt, "policy_adapter") if state and lora else None
+            policy = storage.join(ckpt, "policy") if state and not lora else self.sft_path
             self.start_generation(policy, adapter)
             # 2. the reward model: from rankings of SFT samples or a file, or a given one
             fixed = bool(cfg.model.reward_path) and stages != "rm" and state is None
-            rm_path = (str(ckpt / "reward_model") if state else
+            rm_path = (storage.join(ckpt, "reward_model") if state else
                        cfg.model.reward_path if fixed else self.sft_path)
             self.start_reward_roles(rm_path, with_labeler=not fixed or stages == "all")
             if state:  # the labels, the counts and the version go on
@@ -128,10 +129,11 @@ class LLMController(RunController):
                 if stages == "rm":
                     return {"reward_path": rm_path, **self.feedback.rm_stats}
             # 3. PPO with the KL penalty; the reward model's replica starts with the learners
-            critic = (str(ckpt / "critic") if state else
+            critic = (storage.join(ckpt, "critic") if state else
                       rm_path if cfg.model.critic_init == "reward_model" else self.sft_path)
             self.deploy_reward_model(rm_path)
-            self.start_learners(policy, critic, str(ckpt / "optimizer.pt") if state else None,
+            self.start_learners(policy, critic,
+                                storage.join(ckpt, "optimizer.pt") if state else None,
                                 adapter)
             if state:  # the workers hold the checkpoint's policy version
                 self.generation.set_version(self.learner.version())
@@ -151,7 +153,7 @@ class LLMController(RunController):
         cfg = self.cfg
         if cfg.model.sft_path:
             return cfg.model.sft_path
-        out = str((self.run_dir / "sft").resolve())
+        out = self.folder.loc("sft")
         task = remote_role(SFTTask, cfg.placement.learner, self.bundle("learner"),
                            pg=self.pg).remote()
         self.actors.append(task)
@@ -179,7 +181,7 @@ class LLMController(RunController):
             where = "data.preferences_path" if cfg.data.preferences_path else "human ratings"
             self.log(f"stage 2/3: reward model from {len(rankings)} rankings ({where})")
             if stats:
-                (self.run_dir / "reward_data.json").write_text(json.dumps(stats, indent=1))
+                self.folder.write_json("reward_data.json", stats)
                 self.log(f"comparisons: {stats['pairs']} pairs, mean-rating gap >= "
                          f"{stats['min_margin']}; raters disagree on "
                          f"{100 * stats['rater_disagreement']:.1f}% of rater pairs")
@@ -196,7 +198,7 @@ class LLMController(RunController):
                 self.feedback.wait_for_labels(cfg.labels.initial)
             self.feedback.feed(block=True, epochs=cfg.reward_model.initial_epochs,
                                threads=cfg.run.stage_threads or 0)
-        out = str((self.run_dir / "reward_model").resolve())
+        out = self.folder.loc("reward_model")
         ray.get(self.trainer.save.remote(out))
         acc = self.feedback.rm_stats.get("rm_val_accuracy")
         self.log(f"reward model: val accuracy {'-' if acc is None else format(acc, '.3f')}")
@@ -320,7 +322,7 @@ class LLMController(RunController):
     def held_out(self, final: bool) -> dict:
         """A held-out evaluation's row entries, the SFT model's beside them, and Gao et al.
         2022's warning: the reward model's score rising while the yardstick's does not."""
-        from rlhf_ray import console
+        from rlhf_ray import storage, console
         from rlhf_ray.llm.yardstick import disagreement
 
         ev = self.evaluate()
@@ -443,15 +445,15 @@ class LLMController(RunController):
         return n_prompts
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint(self, final: bool = False) -> Path:
+    def checkpoint(self, final: bool = False) -> str:
         """Policy, critic and their optimizer moments (rank 0), the reward model, the KL
         controller, the prompt order and position; queries in flight reach the store first."""
         import ray
 
         self.feedback.settle()
         path = self.folder.checkpoint_dir(self.iteration, final)
-        self.learner.save(str(path.resolve()), self.sft_path)
-        ray.get(self.trainer.save.remote(str((path / "reward_model").resolve())))
+        self.learner.save(path, self.sft_path)
+        ray.get(self.trainer.save.remote(storage.join(path, "reward_model")))
         return self.save_state(path, {
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
             "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
@@ -459,7 +461,7 @@ class LLMController(RunController):
             "sft_eval": self.sft_eval, "evals": self.evals,
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
-    def restore(self, ckpt: Path, override_kl: bool = False) -> dict:
+    def restore(self, ckpt: str, override_kl: bool = False) -> dict:
         """The controller's part of a checkpoint; the roles load the rest as they start."""
         from rlhf_ray.core.lm_ppo import kl_controller_from_state
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlhf_ray import storage
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -43,7 +45,7 @@ def stage_threads(configured: int | None, floor: int = 1) -> int:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(storage.local_dir(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -53,7 +55,8 @@ def load_tokenizer(path: str):
 def load_policy(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device)
+    return AutoModelForCausalLM.from_pretrained(
+        storage.local_dir(path), dtype=resolve_dtype(dtype, device)).to(device)
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -143,7 +146,8 @@ def with_lora(model, lora: dict | None, adapter_path: str | None = None,
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path:
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+        return PeftModel.from_pretrained(model, storage.local_dir(adapter_path),
+                                         is_trainable=trainable)
     keep = top_layers(model, top)
     return get_peft_model(model, LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
@@ -208,7 +212,7 @@ def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=resolve_dtype(dtype, device))
+        storage.local_dir(path), num_labels=1, dtype=resolve_dtype(dtype, device))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device)
@@ -378,9 +382,9 @@ def state_dict_cpu(model) -> dict[str, torch.Tensor]:
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> str:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    getattr(model, "module", model).save_pretrained(str(out), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return str(out)
+    """A Hugging Face folder (safetensors) at `out_dir`, a path or a URI; returns it."""
+    with storage.writable_dir(str(out_dir)) as out:
+        getattr(model, "module", model).save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    return storage.normalize(out_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +32,10 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
     if src == "tiny":
         from rlhf_ray.llm.tiny import build_model
 
-        src = os.path.join(out_dir, "init")
+        import tempfile
+
+        # the tiny model's random initial weights: a local folder of this process
+        src = os.path.join(tempfile.mkdtemp(prefix="rlhf-tiny-"), "init")
         t = cfg.model.tiny
         build_model(src, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size,
                     seed=cfg.seed)
@@ -72,7 +74,9 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
             print(f"sft epoch {epoch + 1}/{cfg.sft.epochs} | loss {np.mean(losses):.3f} | "
                   f"{time.time() - t0:.0f}s", flush=True)
     out = save_model(model, tok, out_dir)
-    (Path(out) / "sft_stats.json").write_text(json.dumps(
+    from rlhf_ray import storage
+
+    storage.write_text(storage.join(out, "sft_stats.json"), json.dumps(
         {"loss": float(np.mean(losses)), "examples": len(rows), "seconds": time.time() - t0}))
     return out
 

@@ -103,43 +103,53 @@ TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
         "ppo.rollout_batch_size=16", "ppo.ppo_epochs=2", "run.iterations=2"]
 
 
-def test_a_run_resumed_from_its_folder_sees_its_stored_labels(ray_cluster, tmp_path):
-    """`rlhf-ray train llm-tiny-smoke --run-dir D`, then `rlhf-ray train --resume D`, as
-    separate processes: the resumed run reopens the same preference store and counts every
-    ranking in it, where run.storage_path is a URI and the store lives at
-    <URI>/<run name>/preferences (the LLM controller once ignored the folder's name, made up a
-    new one on resume and opened an empty store there; a local store's resume is
-    test_llm_tiny_smoke_beats_the_sft_model's). Both commands print only their own lines;
-    Ray's, RLlib's and Serve's go to D/driver.log."""
+def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, s3, tmp_path):
+    """`rlhf-ray train llm-tiny-smoke --run-dir s3://...`, then `rlhf-ray train --resume
+    s3://...` from another working dir with another cache (another node, as far as the run
+    can tell), on a real S3-protocol server: the SFT model, the reward model and every
+    checkpoint are written by the roles straight to the bucket and read back from it; the
+    resumed run reopens the same preference store and counts every ranking in it (the LLM
+    controller once made up a new run name on resume and opened an empty store). Both
+    commands print only their own lines; Ray's, RLlib's and Serve's go to the run's
+    driver.log; nothing is written under either job's working dir."""
     import os
     import subprocess
     import sys
 
-    run = tmp_path / "runs" / "r1"
-    over = [*TINY, f"run.storage_path=file://{tmp_path}/bucket"]
-    store_root = f"file://{tmp_path}/bucket/r1/preferences"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    from rlhf_ray import storage
+
+    run = s3("llm") + "/r1"
+    store_root = run + "/preferences"
+    base = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cli = [sys.executable, "-m", "rlhf_ray.cli", "train"]
 
-    def log_tail() -> str:
-        log = run / "driver.log"
-        return log.read_text()[-3000:] if log.exists() else ""
+    def job(i: int):
+        (tmp_path / f"job{i}").mkdir()
+        return dict(cwd=str(tmp_path / f"job{i}"), capture_output=True, text=True, timeout=600,
+                    env=dict(base, RLHF_RAY_CACHE=str(tmp_path / f"cache{i}")))
 
-    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", str(run), *over], env=env,
-                           capture_output=True, text=True, timeout=600)
+    def log_tail() -> str:
+        log = run + "/driver.log"
+        return storage.read_text(log)[-3000:] if storage.exists(log) else ""
+
+    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY], **job(1))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:] + log_tail()
     assert_own_lines_only(first, run)
+    assert f"run folder: {run}" in first.stderr and f"done: " in first.stdout
     rows = read_metrics(run)
     stored = PreferenceStore(store_root).labels()
     assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
-    assert not (run / "preferences").exists()
+    for sub in ("sft", "reward_model", "final/policy", "final/critic", "final/reward_model"):
+        assert storage.is_file(f"{run}/{sub}/model.safetensors"), sub
+    assert os.listdir(tmp_path / "job1") == []
 
-    again = subprocess.run([*cli, "--resume", str(run), "run.iterations=3"], env=env,
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cli, "--resume", run, "run.iterations=3"], **job(2))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:] + log_tail()
     assert_own_lines_only(again, run)
+    assert os.listdir(tmp_path / "job2") == []
     more = read_metrics(run)
     assert [r["iteration"] for r in more] == [1, 2, 3]
+    assert more[2]["sample_policy_versions"] == [2]  # the workers loaded the checkpoint's policy
     # the resumed labeler opened the same store: every earlier ranking counts, new ones join
     assert more[2]["labels_total"] == rows[-1]["labels_total"] + 2
     after = set(PreferenceStore(store_root).labels().column("query_id").to_pylist())

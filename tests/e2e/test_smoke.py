@@ -21,46 +21,80 @@ from rlhf_ray.report import report
 from rlhf_ray.store import PreferenceStore
 
 
-def test_hopper_smoke_killed_and_resumed_learns_a_reward_model(ray_cluster, tmp_path):
-    """The smoke preset as a user runs it (`rlhf-ray train`, joining the cluster), killed
-    with SIGKILL mid-run and continued with `rlhf-ray train --resume RUN_DIR`: one continuous
-    run from the last checkpoint -- policy, PPO's KL coefficient, reward model, labels -- that
-    ends with the same label budget, no acknowledged label lost or stored twice, and a reward
-    model that beats chance."""
-    cfg = load_config("hopper-smoke", OVERRIDES)
-    run = tmp_path / "run"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    cli = [sys.executable, "-m", "rlhf_ray.cli", "train"]
-    proc = subprocess.Popen([*cli, "hopper-smoke", "--run-dir", str(run), "--quiet", *OVERRIDES],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # past the first checkpoint
-        if (run / "checkpoints" / "iter_000002" / "controller.json").exists() and \
-                len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
-    proc.send_signal(signal.SIGKILL)  # the controller dies mid-run, between checkpoints
-    proc.wait()
-    store = PreferenceStore(str(run / "preferences"))
-    acked = set(store.labels().column("query_id").to_pylist())
-    ckpt = sorted((run / "checkpoints").glob("iter_*"))[-1]
-    state = json.loads((ckpt / "controller.json").read_text())
-    assert state["kl_coeffs"] and (ckpt / "pool").is_dir()
+def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_cluster, s3,
+                                                                           tmp_path):
+    """The smoke preset as a user runs it on a cluster (`rlhf-ray train ...
+    run.storage_path=s3://...`, joining the cluster), its run folder on a real S3-protocol
+    server. Killed (SIGKILL) before its first checkpoint, it is resumed by a process with
+    another working dir and another cache (another node, as far as the run can tell): the
+    learners start afresh on the labels already stored. Killed again mid-run, between
+    checkpoints, and resumed the same way, it continues from the last checkpoint -- policy,
+    PPO's KL coefficient, reward model, labels -- and ends with the same label budget, no
+    acknowledged label lost or stored twice, and a reward model that beats chance. Nothing is
+    written under any job's working dir."""
+    from rlhf_ray import storage
 
-    out = subprocess.run([*cli, "--resume", str(run)], env=env, capture_output=True,
+    cfg = load_config("hopper-smoke", OVERRIDES)
+    run = s3("smoke") + "/r"
+    base = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    cli = [sys.executable, "-m", "rlhf_ray.cli", "train"]
+
+    def job(i: int) -> tuple[dict, str]:  # a fresh working dir and cache, as on another node
+        cwd = tmp_path / f"job{i}"
+        cwd.mkdir()
+        return dict(base, RLHF_RAY_CACHE=str(tmp_path / f"cache{i}")), str(cwd)
+
+    def rows() -> list[dict]:
+        try:
+            return read_metrics(run)
+        except FileNotFoundError:
+            return []
+
+    def has_ckpt(it: int) -> bool:
+        return storage.exists(f"{run}/checkpoints/iter_{it:06d}/controller.json")
+
+    def kill_when(args: list[str], i: int, ready) -> tuple[str, set]:
+        env, cwd = job(i)
+        proc = subprocess.Popen([*cli, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate()[0].decode()
+        assert os.listdir(cwd) == [], os.listdir(cwd)  # nothing in the job's working dir
+        return out, set(PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist())
+
+    # 1. killed after its first iteration, before its first checkpoint (iteration 2)
+    _, young = kill_when(["hopper-smoke", "--quiet", "run.storage_path=" + run.rsplit("/", 1)[0],
+                          "run.run_name=r", *OVERRIDES], 1, lambda: len(rows()) >= 1)
+    assert young and not has_ckpt(2)
+    # 2. resumed with no checkpoint: starts afresh on the stored labels, killed after iter 3
+    out2, acked = kill_when(["--resume", run, "--quiet"], 2,
+                            lambda: has_ckpt(2) and len(rows()) >= 3)
+    assert f"resuming {run}: it has no checkpoint yet; the learners start afresh on the " \
+           f"{len(young)} labels in its store" in out2
+    assert young <= acked
+    ckpt = f"{run}/checkpoints/iter_000002"
+    state = json.loads(storage.read_text(ckpt + "/controller.json"))
+    assert state["kl_coeffs"] and storage.is_dir(ckpt + "/pool")
+    # 3. resumed from the checkpoint on S3
+    env, cwd = job(3)
+    out = subprocess.run([*cli, "--resume", run], env=env, cwd=cwd, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_own_lines_only(out, run)  # Ray's, RLlib's and Serve's lines are in driver.log
+    assert os.listdir(cwd) == []
+    assert_own_lines_only(out, run)  # Ray's, RLlib's and Serve's lines are in its driver.log
     rows = read_metrics(run)
     for row in rows:
         missing = [k for k in CONTROL_KEYS if k not in row]
         assert not missing, f"metrics lack {missing}"
         unregistered = set(row) - set(CONTROL_METRICS) - set(ALIASES["control"])
         assert not unregistered, f"keys missing from the metrics registry: {unregistered}"
-    # one continuous run: the dead run's rows after its checkpoint were superseded
+    # one continuous run: the dead runs' rows after their last checkpoint were superseded
     assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
-    assert (run / "metrics.superseded.jsonl").exists()
+    assert storage.is_file(run + "/metrics.superseded.jsonl")
     assert rows[-1]["env_steps"] >= cfg.run.total_env_steps
     n = state["iteration"]
     first = rows[n]  # the first iteration after the resume
@@ -71,10 +105,11 @@ def test_hopper_smoke_killed_and_resumed_learns_a_reward_model(ray_cluster, tmp_
     ratio = first["kl_coeff"] / state["kl_coeffs"]["default_policy"]
     assert min(abs(ratio - f) for f in (0.5, 1.0, 1.5)) < 1e-3, ratio
     assert first["rm_version"] >= state["reward_trainer"]["version"]
-    # labels accumulate and end at the budget: every label acknowledged before the kill is
-    # there, none twice
+    # labels accumulate and end at the budget: every label acknowledged before either kill
+    # is there, none twice
     labels = [r["labels_total"] for r in rows]
     assert labels == sorted(labels) and labels[-1] == cfg.labels.budget
+    store = PreferenceStore(f"{run}/preferences")
     ids = store.labels().column("query_id").to_pylist()
     assert len(ids) == len(set(ids)) == cfg.labels.budget
     assert acked <= set(ids)
@@ -86,20 +121,29 @@ def test_hopper_smoke_killed_and_resumed_learns_a_reward_model(ray_cluster, tmp_
     assert last["rm_val_accuracy"] > 0.65
     assert last["rm_version"] >= 1
     assert last["pred_return_mean"] is not None and np.isfinite(last["true_return_mean"])
-    # run folder: resolved config, TensorBoard events, checkpoints, report; the dead
-    # controller's reward-model app was cleaned up
-    assert (run / "config.yaml").exists()
-    assert list((run / "tb").iterdir())
-    final = sorted((run / "checkpoints").iterdir())[-1]
-    assert (final / "reward_model.safetensors").exists()
-    assert json.loads((final / "controller.json").read_text())["labels_requested"] == cfg.labels.budget
-    # the final policy on fresh episodes (the benchmark's yardstick) and its video
-    final_eval = json.loads((run / "final_eval.json").read_text())
+    # the run folder on S3: resolved config, TensorBoard events, checkpoints, the driver log
+    assert "hopper" in storage.read_text(run + "/config.yaml")
+    assert storage.listdir(run + "/tb")
+    assert "=====" in storage.read_text(run + "/driver.log")
+    final = sorted(storage.listdir(run + "/checkpoints"))[-1]
+    assert storage.is_file(f"{run}/checkpoints/{final}/reward_model.safetensors")
+    assert json.loads(storage.read_text(f"{run}/checkpoints/{final}/controller.json"))[
+        "labels_requested"] == cfg.labels.budget
+    # the final policy on fresh episodes (the benchmark's yardstick); `rlhf-ray report URI`
+    # and `rlhf-ray store check URI` work on the run where it lies
+    final_eval = json.loads(storage.read_text(run + "/final_eval.json"))
     assert final_eval["episodes"] >= cfg.run.final_eval_episodes and not final_eval["explore"]
     assert all(np.isfinite(final_eval["returns"]))
-    png = report(str(run))
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert (run / "final_policy.webm").read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # WebM
+    rep = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "report", run], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stdout.split() == ["final", "policy", "video:", run + "/final_policy.webm",
+                                  run + "/report.png"], rep.stdout
+    assert storage.read_bytes(run + "/report.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.read_bytes(run + "/final_policy.webm")[:4] == b"\x1a\x45\xdf\xa3"  # WebM
+    chk = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "store", "check", run], env=env,
+                         cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert chk.returncode == 0 and f"{cfg.labels.budget} labels" in chk.stdout, chk.stdout
     from ray import serve
 
     assert f"rlhf-rm-{state['run_id']}" not in serve.status().applications
@@ -114,8 +158,6 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "iter_000002").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(load_config("hopper-smoke")))
-    assert main(["train", "--resume", str(run)]) == 2
-    assert "no checkpoint with a controller.json" in capsys.readouterr().err
     (run / "checkpoints" / "iter_000002" / "controller.json").write_text(
         json.dumps({"format": 99, "workload": "control"}))
     assert main(["train", "--resume", str(run)]) == 2

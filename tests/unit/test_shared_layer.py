@@ -18,16 +18,25 @@ CONTROL, LLM = "hopper-smoke", "llm-tiny-smoke"
 
 @pytest.mark.parametrize("preset", [CONTROL, LLM])
 def test_the_run_folder_names_the_run_and_its_store(preset, tmp_path):
-    """A given folder names the run, so a run resumed from its folder finds its store again,
-    on a local disk and under a URI alike (the LLM side once made up a new name)."""
+    """A given folder (a path or a URI) is the run folder and names the run, so a run resumed
+    from its folder finds its store again (the LLM side once made up a new name); without
+    one, the run folder is <run.storage_path>/<name>, on a local disk and under a URI alike,
+    and everything the run keeps is under it."""
     local = RunDir(load_config(preset), tmp_path / "runs" / "r1")
     assert local.name == "r1" and local.store_root == str(tmp_path / "runs" / "r1" / "preferences")
-    uri = RunDir(load_config(preset, ["run.storage_path=s3://bucket/rlhf/"]), tmp_path / "x" / "r1")
+    assert not local.remote and local.path == tmp_path / "runs" / "r1"
+    uri = RunDir(load_config(preset), "s3://bucket/rlhf/r1/")
+    assert uri.name == "r1" and uri.uri == "s3://bucket/rlhf/r1" and uri.remote
     assert uri.store_root == "s3://bucket/rlhf/r1/preferences"
+    assert uri.loc("checkpoints", "iter_000001") == "s3://bucket/rlhf/r1/checkpoints/iter_000001"
+    assert uri.path.is_absolute() and uri.path.name.startswith("r1-")  # the driver's working copy
     named = RunDir(load_config(preset, ["run.run_name=given", "run.storage_path=s3://b"]), None)
-    assert str(named.path) == "runs/given" and named.store_root == "s3://b/given/preferences"
-    made_up = RunDir(load_config(preset), None)
-    assert made_up.name.startswith(preset) and made_up.store_root.endswith(f"{made_up.name}/preferences")
+    assert named.uri == "s3://b/given" and named.store_root == "s3://b/given/preferences"
+    assert str(named) == "s3://b/given"
+    made_up = RunDir(load_config(preset, [f"run.storage_path={tmp_path}/runs"]), None)
+    assert made_up.name.startswith(preset) and made_up.path == tmp_path / "runs" / made_up.name
+    assert made_up.store_root == str(tmp_path / "runs" / made_up.name / "preferences")
+    assert RunDir(load_config(preset), f"file://{tmp_path}/f").uri == f"{tmp_path}/f"
 
 
 def _checkpoint(folder: RunDir, name: str, state: dict):
@@ -46,8 +55,11 @@ def test_one_resume_path_refuses_the_same_way_for_both_workloads(preset, key, li
     folder = RunDir(cfg, tmp_path / "run")
     budget = controller_class(cfg).budget(cfg)
     assert budget[:2] == (key, limit)
-    with pytest.raises(ConfigError, match="no checkpoint with a controller.json"):
+    with pytest.raises(ConfigError, match="not a run folder"):
         folder.resume_point(budget)
+    folder.create(cfg)
+    # killed before its first checkpoint: resumable (the learners start afresh on its labels)
+    assert folder.resume_point(budget) == (None, None)
     ck = _checkpoint(folder, "checkpoints/iter_000002", {"format": 99, "workload": cfg.workload})
     with pytest.raises(ConfigError, match=f"format 99 .* reads format 1 of the {cfg.workload}"):
         folder.resume_point(budget)
@@ -59,11 +71,11 @@ def test_one_resume_path_refuses_the_same_way_for_both_workloads(preset, key, li
         {"format": 1, "workload": cfg.workload, "iteration": 2, key: budget[2]}))
     with pytest.raises(ConfigError) as err:
         folder.resume_point(budget)
-    assert str(err.value) == (f"--resume {folder.path}: the run is complete ({budget[2]} {key} >= "
+    assert str(err.value) == (f"--resume {folder.uri}: the run is complete ({budget[2]} {key} >= "
                               f"{limit}={budget[2]}); raise {limit} to go on")
     (ck / "controller.json").write_text(json.dumps(
         {"format": 1, "workload": cfg.workload, "iteration": 2, key: budget[2] - 1}))
-    assert folder.resume_point(budget)[0] == ck
+    assert folder.resume_point(budget)[0] == str(ck)
 
 
 def test_the_latest_checkpoint_is_the_furthest_one(tmp_path):
@@ -71,10 +83,10 @@ def test_the_latest_checkpoint_is_the_furthest_one(tmp_path):
     checkpoint wins; an incomplete one (no controller.json) never does."""
     folder = RunDir(load_config(LLM), tmp_path / "run")
     _checkpoint(folder, "final", {"iteration": 10})
-    assert folder.latest_checkpoint() == folder.path / "final"
+    assert folder.latest_checkpoint() == str(folder.path / "final")
     later = _checkpoint(folder, "checkpoints/iter_000012", {"iteration": 12})
     (folder.path / "checkpoints" / "iter_000014").mkdir()  # killed while writing it
-    assert folder.latest_checkpoint() == later
+    assert folder.latest_checkpoint() == str(later)
 
 
 def test_superseded_metrics_rows_move_aside(tmp_path):
