@@ -259,7 +259,7 @@ def test_checkpoint_of_another_format_is_refused_clearly(tmp_path):
     ck = tmp_path / "run" / "checkpoints" / "iter_000002"
     ck.mkdir(parents=True)
     (ck / "controller.json").write_text(json.dumps({"format": 99, "workload": "llm"}))
-    assert ctl.folder.latest_checkpoint() == ck
+    assert ctl.folder.latest_checkpoint() == str(ck)
     with pytest.raises(ValueError, match="format 99 .* reads format 1"):
         ctl.load_state(ck)
     (ck / "controller.json").write_text("{truncated")
