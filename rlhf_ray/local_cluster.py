@@ -66,10 +66,18 @@ def up(head: str, nodes: list[str], temp_dir: str | None = None, port: int | Non
 
     port = port or free_port()
     dashboard_port = dashboard_port or free_port()
+
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
         **head_spec, "gcs_server_port": port, "temp_dir": temp_dir, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        # every node's agent on a free port: another cluster on this machine holds Ray's
+        # default (52365), and the head's agent is the one `ray job submit` needs
+        "dashboard_agent_listen_port": free_port(),
         "object_store_memory": 256 * 1024 * 1024})
+    # A job's entrypoint joins the cluster named in <temp dir>/ray_current_cluster; Ray's
+    # helper writes it elsewhere, and without it the job supervisor falls back to any GCS
+    # process on the machine: with a second cluster here, jobs ran on that one (measured)
+    Path(temp_dir, "ray_current_cluster").write_text(cluster.address)
     started = [cluster.head_node]
     removed: list = []
     try:
@@ -77,6 +85,7 @@ def up(head: str, nodes: list[str], temp_dir: str | None = None, port: int | Non
             # nodes on one machine share the session folder: each unpacks job working dirs
             # in its own, or one node's clean-up deletes the files another node's job runs in
             started.append(cluster.add_node(**spec, object_store_memory=200 * 1024 * 1024,
+                                            dashboard_agent_listen_port=free_port(),
                                             runtime_env_dir_name=f"runtime_resources_node{i}"))
         cluster.wait_for_nodes()
         info = {"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard_port}",

@@ -21,7 +21,6 @@ resumed, reported on and labeled from its URI by any job on any node.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -54,9 +53,12 @@ class RunDir:
             f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         self.uri = given or storage.join(storage.normalize(cfg.run.storage_path), self.name)
         self.remote = storage.is_remote(self.uri)
-        if self.remote:  # the driver's working copy of the files it writes itself
-            key = hashlib.sha1(self.uri.encode()).hexdigest()[:10]
-            self.path = storage.cache_root().parent / "runs" / f"{self.name}-{key}"
+        if self.remote:  # this process's working copy of the files the driver writes itself
+            import tempfile
+
+            parent = storage.cache_root().parent / "runs"
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=parent))
             self.mirror = storage.Mirror(self.path, self.uri, exclude=ROLE_WRITTEN)
         else:
             self.path, self.mirror = Path(self.uri), None
@@ -98,6 +100,14 @@ class RunDir:
         """The working copy's new and changed files to the remote location."""
         if self.mirror is not None:
             self.mirror.push()
+
+    def close(self) -> None:
+        """A remote run's last push; its working copy is removed once everything is there."""
+        if self.mirror is not None and self.path.exists():
+            import shutil
+
+            self.mirror.push()
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.path / name

@@ -180,7 +180,57 @@ def run_trial(config: dict, spec: dict) -> None:
     if cfg.workload == "llm":
         _run_llm_trial(cfg, run_dir, trial_id, pbt_every, tune, spec.get("shared_root"))
     else:
-        _run_control_trial(cfg, run_dir, trial_id, tune)
+        _run_control_trial(cfg, run_dir, trial_id, pbt_every, tune)
+
+
+def _report_with_checkpoint(ctl, run_dir: Path, every: int, tune):
+    """The trial's on_metrics: every row to Tune; every `every` iterations with a checkpoint
+    of the whole state (the controller's own, plus the label store: its position travels
+    with the checkpoint, so a PBT clone continues with its donor's labels)."""
+
+    def report(m: dict) -> None:
+        flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
+        if every and m["iteration"] % every == 0:
+            path = Path(ctl.checkpoint())
+            prefs = run_dir / "preferences"
+            if prefs.exists():
+                shutil.copytree(prefs, path / "preferences", dirs_exist_ok=True)
+            tune.report(flat, checkpoint=tune.Checkpoint.from_directory(str(path)))
+        else:
+            tune.report(flat)
+
+    return report
+
+
+def _restore_from_tune(run_dir: Path, tune, settings_now: dict) -> str | None:
+    """Tune's checkpoint for this trial (its own, after an interruption, or a PBT donor's),
+    unpacked into `run_dir/restored`; the trial takes over its label store. Each restore is
+    one line of `restores.jsonl`. Returns the folder to resume from, or None."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    local = run_dir / "restored"
+    if local.exists():
+        shutil.rmtree(local)
+    ckpt.to_directory(str(local))
+    prefs = run_dir / "preferences"
+    if (local / "preferences").exists():  # become the donor: its labels, its position
+        if prefs.exists():
+            shutil.rmtree(prefs)
+        shutil.copytree(local / "preferences", prefs)
+    donor = json.loads((local / "controller.json").read_text())
+    metrics = run_dir / "metrics.jsonl"
+    record = {"time": time.time(), "from_iteration": donor["iteration"],
+              "from_run_id": donor.get("run_id"),
+              "settings_before": {k: donor.get(f"{k}_settings") for k in settings_now},
+              "settings_now": settings_now,
+              "kl_settings_before": donor.get("kl_settings"),
+              "kl_settings_now": settings_now.get("kl"),
+              # rows from here on in metrics.jsonl are this incarnation's
+              "metrics_row": len(metrics.read_text().splitlines()) if metrics.exists() else 0}
+    with open(run_dir / "restores.jsonl", "a") as f:  # each exploit / restore, in order
+        f.write(json.dumps(record) + "\n")
+    return str(local)
 
 
 def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
@@ -194,57 +244,34 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
     # the checkpoint may be another trial's (a PBT donor, still running): its applications
     # stay up, and this trial's rows stay (restores.jsonl says where each incarnation begins)
     ctl.resume_own = False
-
-    def report(m: dict) -> None:
-        flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
-        if every and m["iteration"] % every == 0:
-            path = ctl.checkpoint()
-            prefs = run_dir / "preferences"
-            if prefs.exists():  # the label-store position travels with the checkpoint
-                shutil.copytree(prefs, path / "preferences", dirs_exist_ok=True)
-            tune.report(flat, checkpoint=tune.Checkpoint.from_directory(str(path)))
-        else:
-            tune.report(flat)
-
-    ctl.on_metrics = report
-    resume_from = None
+    ctl.on_metrics = _report_with_checkpoint(ctl, run_dir, every, tune)
     shared_prefs = Path(spec_shared_root) / "preferences" if spec_shared_root else None
     if shared_prefs is not None and shared_prefs.exists() and not (run_dir / "preferences").exists():
         # trials start from the shared reward model and the labels it was fitted on
         shutil.copytree(shared_prefs, run_dir / "preferences")
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        local = run_dir / "restored"
-        if local.exists():
-            shutil.rmtree(local)
-        ckpt.to_directory(str(local))
-        prefs = run_dir / "preferences"
-        if (local / "preferences").exists():  # become the donor: its labels, its position
-            if prefs.exists():
-                shutil.rmtree(prefs)
-            shutil.copytree(local / "preferences", prefs)
-        resume_from = str(local)
-        donor = json.loads((local / "controller.json").read_text())
-        metrics = run_dir / "metrics.jsonl"
-        record = {"time": time.time(), "from_iteration": donor["iteration"],
-                  "kl_settings_before": donor.get("kl_settings"),
-                  "kl_settings_now": cfg.ppo.kl.model_dump(mode="json"),
-                  # rows from here on in metrics.jsonl are this incarnation's
-                  "metrics_row": len(metrics.read_text().splitlines()) if metrics.exists() else 0}
-        with open(run_dir / "restores.jsonl", "a") as f:  # each exploit / restore, in order
-            f.write(json.dumps(record) + "\n")
+    resume_from = _restore_from_tune(run_dir, tune,
+                                     {"kl": cfg.ppo.kl.model_dump(mode="json")})
     # a PBT exploit hands over the donor's checkpoint with mutated KL settings: the resumed
     # controller takes the new settings (it compares them with the checkpoint's)
     ctl.run("all", resume_from=resume_from)
 
 
-def _run_control_trial(cfg, run_dir: Path, trial_id: str, tune) -> None:
+def _run_control_trial(cfg, run_dir: Path, trial_id: str, every: int, tune) -> None:
+    """The control loop as a trial: checkpoints through Tune (RLlib's state, the reward
+    ensemble with its normalizers, the schedule's position, the query pool, the label
+    store) every `every` iterations -- PBT's perturbation interval, else the config's
+    `run.checkpoint_every` -- so PBT exploits copy the whole state and an interrupted sweep
+    resumes each trial where it stopped."""
     from rlhf_ray.control.loop import Controller
 
+    cfg = cfg.model_copy(deep=True)
+    every = every or cfg.run.checkpoint_every
+    cfg.run.checkpoint_every = 0  # checkpoints here are Tune's
     ctl = Controller(cfg, str(run_dir), progress=False, run_id=trial_id, plan=placement_plan(cfg))
-    ctl.on_metrics = lambda m: tune.report(
-        {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
-    ctl.run()
+    ctl.resume_own = False  # as for the LLM trial: the checkpoint may be a donor's
+    ctl.on_metrics = _report_with_checkpoint(ctl, run_dir, every, tune)
+    resume_from = _restore_from_tune(run_dir, tune, {"ppo": cfg.ppo.model_dump(mode="json")})
+    ctl.run(resume_from=resume_from)
 
 
 # ------------------------------------------------------------------------ the sweep

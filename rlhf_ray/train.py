@@ -43,22 +43,27 @@ def prepare(cfg, run_dir: str | Path | None = None, *, resume: bool = False,
 
 def train(cfg, run_dir: str | Path | None = None, *, stages: str = "all",
           on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
-          stop_event=None, resume: bool = False, log_output: bool = False) -> Path:
-    """Run the whole loop (LLM: `stages` sft | rm | ppo alone); returns the run folder.
+          stop_event=None, resume: bool = False, log_output: bool = False) -> Path | str:
+    """Run the whole loop (LLM: `stages` sft | rm | ppo alone); returns the run folder (its
+    URI for a remote one).
     `resume`: continue `run_dir` from its latest checkpoint. Setting `stop_event` (a
     threading.Event) ends the run after the current iteration, with a checkpoint.
     `log_output`: Ray's, RLlib's and Serve's own output goes to the run folder's driver.log
     instead of the terminal (the CLI's default)."""
     ctl, ckpt = prepare(cfg, run_dir, resume=resume, stages=stages, on_metrics=on_metrics,
                         progress=progress, stop_event=stop_event)
-    with console.quiet(ctl.folder.log_path, enabled=log_output):
-        if progress:
-            console.note(f"run folder: {ctl.folder}" + (f" (resuming from {ckpt})" if ckpt else ""))
-        if ctl.young_resume:  # said even when quiet: the run starts over, but not its labels
-            console.note(f"resuming {ctl.folder}: it has no checkpoint yet; the learners start "
-                         f"afresh on the {_stored_labels(ctl)} labels in its store")
-        ctl.run(resume_from=ckpt, **({"stages": stages} if stages != "all" else {}))
-    return ctl.run_dir
+    try:
+        with console.quiet(ctl.folder.log_path, enabled=log_output):
+            if progress:
+                console.note(f"run folder: {ctl.folder}" + (f" (resuming from {ckpt})" if ckpt else ""))
+            if ctl.young_resume:  # said even when quiet: the run starts over, but not its labels
+                console.note(f"resuming {ctl.folder}: it has no checkpoint yet; the learners start "
+                             f"afresh on the {_stored_labels(ctl)} labels in its store")
+            ctl.run(resume_from=ckpt, **({"stages": stages} if stages != "all" else {}))
+    finally:  # a remote run's driver log, with a traceback if it failed
+        ctl.folder.sync()
+    ctl.folder.close()  # a remote run: pushed, the working copy removed
+    return ctl.folder.uri if ctl.folder.remote else ctl.run_dir
 
 
 def _stored_labels(ctl) -> int:

@@ -315,7 +315,8 @@ class Controller(RunController):
         with storage.writable_dir(storage.join(path, "algo")) as algo_dir:
             self.algo.save_to_path(algo_dir)
         state = {"env_steps": self.env_steps, "initial_env_steps": self.initial_env_steps,
-                 "segment_length": self.seg_len, "kl_coeffs": kl_coeffs(self.algo)}
+                 "segment_length": self.seg_len, "kl_coeffs": kl_coeffs(self.algo),
+                 "ppo_settings": self.cfg.ppo.model_dump(mode="json")}
         if self.feedback is not None:
             snap = ray.get(self.pool.snapshot.remote())
             if snap["batch"] is not None:  # the query pool, as Parquet (never pickled)
@@ -340,8 +341,11 @@ class Controller(RunController):
 
         state = self.load_state(ckpt)
         self.algo.restore_from_path(storage.local_dir(storage.join(ckpt, "algo")))
-        if state.get("kl_coeffs"):
+        before = (state.get("ppo_settings") or {}).get("kl_coeff", self.cfg.ppo.kl_coeff)
+        if state.get("kl_coeffs") and before == self.cfg.ppo.kl_coeff:
             set_kl_coeffs(self.algo, state["kl_coeffs"])
+        # else: kl_coeff changed since the checkpoint (a PBT mutation, an override on
+        # resume): PPO's adaptive coefficient starts again from the new setting
         self.env_steps = int(state.get("env_steps", 0))
         self.initial_env_steps = int(state["initial_env_steps"])
         self.seg_len = int(state.get("segment_length", self.seg_len))

@@ -40,7 +40,7 @@ EXPECT = {  # actor class name prefix -> the custom resource its node must have
 
 
 @pytest.fixture()
-def own_cluster(tmp_path_factory):
+def own_cluster(s3, tmp_path_factory):
     """Three nodes on this machine, stopped at the end (only these: the helper's process
     group, never anything else)."""
     temp = Path(f"/tmp/rlhfc-test-{uuid.uuid4().hex[:6]}")  # short: raylet socket paths
@@ -79,48 +79,98 @@ def own_cluster(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+def fresh_shell(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`cmd` as a user types it in a new terminal: nothing of this process's environment but
+    PATH and HOME. (`rlhf-ray cluster up` nodes run without Ray's token auth: nodes of
+    ray.cluster_utils cannot authenticate to their own GCS with RAY_AUTH_MODE=token, measured
+    with Ray 2.60; a `ray start --head` cluster needs the client's RAY_AUTH_MODE=token, as
+    docs/cluster.md says.)"""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"]}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_job_submit_places_each_role_on_its_node(own_cluster, tmp_path):
-    dash = own_cluster["dashboard"]
-    job_id = f"rlhf-test-{uuid.uuid4().hex[:6]}"
-    storage = tmp_path / "runs"
+def submit(dash: str, job_id: str, *entrypoint: str) -> None:
     for _ in range(30):  # "No available agent to submit job, please try again later"
-        sub = ray_cli(
-            "job", "submit", "--address", dash, "--submission-id", job_id, "--no-wait",
+        sub = fresh_shell([
+            RAY, "job", "submit", "--address", dash, "--submission-id", job_id, "--no-wait",
             "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps({"env_vars": {"MUJOCO_GL": "egl"}}),
-            "--", "rlhf-ray", "train", "hopper-smoke", "--quiet", f"run.storage_path={storage}",
-            "run.run_name=job", "run.total_env_steps=6000", *PLACEMENT)
+            "--", *entrypoint])
         if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
             break
         time.sleep(2)
     assert sub.returncode == 0, sub.stdout + sub.stderr
+
+
+def test_job_submit_on_s3_places_each_role_and_a_killed_job_is_resumed_by_another(
+        s3, own_cluster):
+    """The smoke preset submitted as docs/cluster.md prints it, from a fresh shell, its run
+    folder on a real S3-protocol server (the cluster's nodes reach it through their
+    environment, as pods reach MinIO or S3). After its first checkpoint the job is stopped
+    (`ray job stop`); a second job -- its own fresh working dir -- resumes the run from the
+    URI, loses a rollout node mid-run and still finishes it: one continuous run, no
+    acknowledged label lost or doubled, every role on the node its placement names. (A run
+    resumed after losing a node for good waits for it: its placement still asks for two
+    rollout nodes, and Ray holds a role whose resources no node has.)"""
+    from rlhf_ray import storage
+    from rlhf_ray.store import PreferenceStore
+
+    dash = own_cluster["dashboard"]
+    bucket = s3("cluster")
+    run = f"{bucket}/job"
+    first_id, second_id = (f"rlhf-test-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    submit(dash, first_id, "rlhf-ray", "train", "hopper-smoke", "--quiet",
+           f"run.storage_path={bucket}", "run.run_name=job", "run.total_env_steps=10000",
+           "run.checkpoint_every=2", *PLACEMENT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dash)
-    deadline = time.time() + 420
-    run = storage / "job"
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-        assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
+
+    def rows() -> list[dict]:
+        for _ in range(10):  # moto's server can miss a key for a moment while it is replaced
+            try:
+                return [json.loads(x) for x in
+                        storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+            except FileNotFoundError:
+                time.sleep(0.3)
+        return []
+
+    deadline = time.time() + 600
+    while not storage.exists(f"{run}/checkpoints/iter_000002/controller.json"):
+        assert not client.get_job_status(first_id).is_terminal(), client.get_job_logs(first_id)[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.3)
+    stop = fresh_shell([RAY, "job", "stop", "--address", dash, first_id])
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert client.get_job_status(first_id) == JobStatus.STOPPED
+    assert rows(), storage.listdir(run)  # pushed with every row
+    seen_at_stop = max(2, rows()[-1]["iteration"])
+    acked = set(PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist())
+    assert acked
+    # a second job, its own working dir, resumes the run from the URI
+    submit(dash, second_id, "rlhf-ray", "train", "--resume", run, "--quiet")
+    while not rows() or rows()[-1]["iteration"] <= seen_at_stop:  # the new job's own rows
+        assert not client.get_job_status(second_id).is_terminal(), \
+            client.get_job_logs(second_id)[-3000:]
         assert time.time() < deadline
         time.sleep(0.5)
     own_cluster["proc"].send_signal(signal.SIGUSR1)  # a rollout node is lost mid-run
     while "removed" not in json.loads(own_cluster["info_file"].read_text()):
         assert time.time() < deadline
         time.sleep(0.2)
-    status = client.get_job_status(job_id)
+    status = client.get_job_status(second_id)
     while not status.is_terminal() and time.time() < deadline:
         time.sleep(2)
-        status = client.get_job_status(job_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(job_id)[-4000:]}"
-    # the run's outputs
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["env_steps"] >= 6000 and rows[-1]["labels_total"] > 0
-    assert list((run / "preferences").rglob("*.parquet"))
+        status = client.get_job_status(second_id)
+    assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(second_id)[-4000:]}"
+    # one continuous run: the stopped job's rows after its checkpoint were superseded
+    done = rows()
+    assert [r["iteration"] for r in done] == list(range(1, len(done) + 1)), \
+        [(r["iteration"], r["env_steps"], r["time_s"]) for r in done]
+    assert done[-1]["env_steps"] >= 10000 and done[-1]["labels_total"] > 0
+    ids = PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist()
+    assert len(ids) == len(set(ids)) and acked <= set(ids)
+    assert storage.is_file(f"{run}/final_eval.json")
     # each role on the node its placement names
     from ray.util.state import list_actors, list_nodes
 

@@ -54,15 +54,45 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(str(f))
 
 
-def _exploits(root: Path) -> list[tuple[Path, dict]]:
-    """(trial run folder, record) for each restore whose beta differs from its checkpoint's:
-    a PBT exploit (Tune restoring a trial's own checkpoint keeps the beta)."""
+def _exploits(root: Path, section: str = "kl", key: str = "init_coef") -> list[tuple[Path, dict]]:
+    """(trial run folder, record) for each restore whose setting (beta; control: PPO's
+    kl_coeff) differs from its checkpoint's: a PBT exploit (Tune restoring a trial's own
+    checkpoint keeps it)."""
     out = []
     for f in sorted(root.glob("tune/*/run/restores.jsonl")):
         for r in map(json.loads, f.read_text().splitlines()):
-            if r["kl_settings_now"]["init_coef"] != r["kl_settings_before"]["init_coef"]:
+            if r["settings_now"][section][key] != r["settings_before"][section][key]:
                 out.append((f.parent, r))
     return out
+
+
+def _interrupt_after_an_exploit_and_resume(path: Path, tmp_path: Path, ray_cluster, section: str,
+                                           key: str, name: str) -> Path:
+    """`rlhf-ray sweep` interrupted (SIGINT, as Ctrl-C) right after its first PBT exploit,
+    then `rlhf-ray sweep --resume DIR` to the end; returns the sweep folder."""
+    # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root = None
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "sweeps").glob(f"{name}-*"))
+        if found and _exploits(found[0], section, key):
+            root = found[0]
+            break
+        time.sleep(0.5)
+    assert root is not None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
+                          "--quiet"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return root
 
 
 def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster, tmp_path):
@@ -87,28 +117,8 @@ def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster,
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
                    "resample_probability": 0.0})
-    # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path), "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    root = None
-    deadline = time.time() + 500
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "sweeps").glob("pbt-*"))
-        if found and _exploits(found[0]):
-            root = found[0]
-            break
-        time.sleep(0.5)
-    assert root is not None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
-                          "--quiet"], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    root = _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, "kl", "init_coef",
+                                                  "pbt")
     # every trial finished and reported the metric; each started from its own beta
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows)
@@ -124,7 +134,7 @@ def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster,
         assert r["from_iteration"] < 5  # perturbations at 2 and 4
         assert metrics[r["metrics_row"]]["iteration"] == r["from_iteration"] + 1, (r, metrics)
         assert metrics[r["metrics_row"]]["kl_coef"] == pytest.approx(
-            r["kl_settings_now"]["init_coef"], rel=1e-4)  # the KL controller restarted from it
+            r["settings_now"]["kl"]["init_coef"], rel=1e-4)  # the KL controller restarted from it
         # ... and the last donor's labels: every comparison in its store is in the clone's
         donor = set(PreferenceStore(str(run / "restored" / "preferences")).labels()
                     .column("query_id").to_pylist())
@@ -142,3 +152,58 @@ def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster,
     # the trial ran with Tune's checkpointing instead of the config's own
     trained.run.checkpoint_every = best.run.checkpoint_every
     assert best == trained
+
+
+CONTROL_TINY = [  # hopper-smoke, 5 iterations of 1,000 steps; two trials on the 2 CPUs
+    "run.total_env_steps=5000", "ppo.train_batch_size=1000", "ppo.minibatch_size=250",
+    "ppo.use_kl_loss=true", "labels.budget=24", "labels.pool_size=200",
+    "reward_model.pretrain_steps=40", "reward_model.steps_per_round=10",
+    "run.final_eval_episodes=0", "placement.env_runner.num_cpus=0.25",
+    "placement.learner.num_cpus=0.25", "placement.reward_trainer.num_cpus=0.1",
+    "placement.reward_model.num_cpus=0.1"]
+
+
+def test_control_pbt_exploit_copies_the_whole_state_and_an_interrupted_sweep_resumes(
+        ray_cluster, tmp_path):
+    """The control workload under PBT: 2 trials of the Hopper smoke preset side by side,
+    PPO's KL coefficient 0.01 and 2.0, ranked by it (kl_coef, max), perturbation every 2
+    iterations. Trials checkpoint through Tune: the exploiting trial takes its donor's whole
+    state -- RLlib's policy and optimizer, the reward ensemble with its normalizers, the label
+    schedule's position, the query pool, the label store -- and continues from the donor's
+    env steps with a mutated KL coefficient. Interrupted right after that, `rlhf-ray sweep
+    --resume` finishes every trial from its checkpoint."""
+    path = sweep_file(
+        tmp_path, name="cpbt", base="hopper-smoke", overrides=CONTROL_TINY,
+        space={"ppo.kl_coeff": {"loguniform": [0.001, 10.0]}, "ppo.num_epochs": {"choice": [1, 6]}},
+        # the worse trial is also the slower one: its donor has checkpointed by then
+        initial_points=[{"ppo.kl_coeff": 0.01, "ppo.num_epochs": 6},
+                        {"ppo.kl_coeff": 2.0, "ppo.num_epochs": 1}],
+        num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
+        scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                   "resample_probability": 0.0})
+    root = _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, "ppo", "kl_coeff",
+                                                  "cpbt")
+    rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
+    assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows), rows
+    exploits = _exploits(root, "ppo", "kl_coeff")
+    assert exploits
+    for run, r in exploits:
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        donor = json.loads((run / "restored" / "controller.json").read_text())
+        first = metrics[r["metrics_row"]]  # the clone's first iteration after the exploit
+        assert first["iteration"] == r["from_iteration"] + 1, (r, metrics)
+        # it went on from the donor's env steps, reward model version and labels ...
+        assert donor["env_steps"] < first["env_steps"] <= donor["env_steps"] + 2 * 1000
+        assert first["rm_version"] >= donor["reward_trainer"]["version"]
+        donor_ids = set(PreferenceStore(str(run / "restored" / "preferences")).labels()
+                        .column("query_id").to_pylist())
+        own = set(PreferenceStore(str(run / "preferences")).labels().column("query_id").to_pylist())
+        assert donor_ids and donor_ids <= own
+        assert first["labels_total"] >= len(donor_ids)
+        # ... with PPO's KL coefficient restarted from the mutated setting (one update
+        # multiplies it by 0.5, 1 or 1.5)
+        ratio = first["kl_coef"] / r["settings_now"]["ppo"]["kl_coeff"]
+        assert min(abs(ratio - f) for f in (0.5, 1.0, 1.5)) < 1e-3, (ratio, r)
+    for d in (root / "tune").iterdir():  # every trial checkpointed through Tune
+        if d.is_dir():
+            assert list(d.glob("checkpoint_*/controller.json")), d
