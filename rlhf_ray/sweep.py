@@ -45,6 +45,10 @@ class SchedulerConfig(_Strict):
     perturbation_interval: int = Field(5, ge=1, description="pbt: iterations between exploits")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt")
     resample_probability: float = Field(0.25, ge=0, le=1, description="pbt")
+    synch: bool = Field(False, description="pbt: every trial waits at each perturbation step "
+                        "until all have reported it, so exploits do not depend on which trial "
+                        "is faster (Jaderberg et al.'s synchronous form; the slowest trial "
+                        "sets the pace)")
 
 
 class SweepConfig(_Strict):
@@ -183,6 +187,15 @@ def run_trial(config: dict, spec: dict) -> None:
         _run_control_trial(cfg, run_dir, trial_id, pbt_every, tune)
 
 
+def _trial_checkpoint_every(pbt_every: int, cfg) -> int:
+    """How often a trial checkpoints through Tune: the config's `run.checkpoint_every`, or
+    PBT's perturbation interval where that is sooner (an exploit takes the donor's newest
+    checkpoint; checkpointing every iteration makes one always exist, whichever trial is
+    faster)."""
+    own = cfg.run.checkpoint_every
+    return min(pbt_every, own) if pbt_every and own else (pbt_every or own)
+
+
 def _report_with_checkpoint(ctl, run_dir: Path, every: int, tune):
     """The trial's on_metrics: every row to Tune; every `every` iterations with a checkpoint
     of the whole state (the controller's own, plus the label store: its position travels
@@ -238,7 +251,8 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
     from rlhf_ray.llm.loop import LLMController
 
     cfg = cfg.model_copy(deep=True)
-    cfg.run.checkpoint_every = 0  # checkpoints here are Tune's, at its perturbation interval
+    every = _trial_checkpoint_every(every, cfg)
+    cfg.run.checkpoint_every = 0  # checkpoints here are Tune's
     ctl = LLMController(cfg, str(run_dir), progress=False, run_id=trial_id,
                         plan=placement_plan(cfg))
     # the checkpoint may be another trial's (a PBT donor, still running): its applications
@@ -259,13 +273,12 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
 def _run_control_trial(cfg, run_dir: Path, trial_id: str, every: int, tune) -> None:
     """The control loop as a trial: checkpoints through Tune (RLlib's state, the reward
     ensemble with its normalizers, the schedule's position, the query pool, the label
-    store) every `every` iterations -- PBT's perturbation interval, else the config's
-    `run.checkpoint_every` -- so PBT exploits copy the whole state and an interrupted sweep
-    resumes each trial where it stopped."""
+    store; `_trial_checkpoint_every`), so PBT exploits copy the whole state and an
+    interrupted sweep resumes each trial where it stopped."""
     from rlhf_ray.control.loop import Controller
 
     cfg = cfg.model_copy(deep=True)
-    every = every or cfg.run.checkpoint_every
+    every = _trial_checkpoint_every(every, cfg)
     cfg.run.checkpoint_every = 0  # checkpoints here are Tune's
     ctl = Controller(cfg, str(run_dir), progress=False, run_id=trial_id, plan=placement_plan(cfg))
     ctl.resume_own = False  # as for the LLM trial: the checkpoint may be a donor's
@@ -383,7 +396,7 @@ def _scheduler(sweep: SweepConfig, cfg):
             time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
             hyperparam_mutations={k: _domain(v) for k, v in sweep.space.items()},
-            synch=False)
+            synch=s.synch)
     return FIFOScheduler()
 
 

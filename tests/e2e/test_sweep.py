@@ -104,16 +104,15 @@ def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster,
     `rlhf-ray sweep` is interrupted (SIGINT, as Ctrl-C) right after that exploit; `rlhf-ray
     sweep --resume DIR` finishes every trial. Each reported its own beta and the metric; the
     exported best config is the one its trial trained with."""
-    # Async PBT exploits only where the donor was in the top quantile when its own result at
-    # that step was processed, which needs the other trial's score at that step. The 0.01
-    # trial also runs 8 PPO epochs (the other 1), so it is the slower one at every step and
-    # the donor has checkpointed by its step 4 at the latest (in lockstep it was a coin flip).
+    # Trials checkpoint every iteration (run.checkpoint_every=1), so at the 0.01 trial's
+    # perturbation step its donor always has a checkpoint to hand over, whichever trial runs
+    # ahead (with checkpoints only at perturbation steps that was a coin flip when the tiny
+    # trials run in lockstep, measured)
     path = sweep_file(
-        tmp_path, name="pbt", overrides=TINY + SMALL + ["run.iterations=5"],
-        space={"ppo.kl.init_coef": {"loguniform": [0.001, 10.0]},
-               "ppo.ppo_epochs": {"choice": [1, 8]}},
-        initial_points=[{"ppo.kl.init_coef": 0.01, "ppo.ppo_epochs": 8},
-                        {"ppo.kl.init_coef": 2.0, "ppo.ppo_epochs": 1}],
+        tmp_path, name="pbt",
+        overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"],
+        space={"ppo.kl.init_coef": {"loguniform": [0.001, 10.0]}},
+        initial_points=[{"ppo.kl.init_coef": 0.01}, {"ppo.kl.init_coef": 2.0}],
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
                    "resample_probability": 0.0})
@@ -158,7 +157,7 @@ CONTROL_TINY = [  # hopper-smoke, 5 iterations of 1,000 steps; two trials on the
     "run.total_env_steps=5000", "ppo.train_batch_size=1000", "ppo.minibatch_size=250",
     "ppo.use_kl_loss=true", "labels.budget=24", "labels.pool_size=200",
     "reward_model.pretrain_steps=40", "reward_model.steps_per_round=10",
-    "run.final_eval_episodes=0", "placement.env_runner.num_cpus=0.25",
+    "run.final_eval_episodes=0", "run.checkpoint_every=1", "placement.env_runner.num_cpus=0.25",
     "placement.learner.num_cpus=0.25", "placement.reward_trainer.num_cpus=0.1",
     "placement.reward_model.num_cpus=0.1"]
 
@@ -174,17 +173,19 @@ def test_control_pbt_exploit_copies_the_whole_state_and_an_interrupted_sweep_res
     --resume` finishes every trial from its checkpoint."""
     path = sweep_file(
         tmp_path, name="cpbt", base="hopper-smoke", overrides=CONTROL_TINY,
-        space={"ppo.kl_coeff": {"loguniform": [0.001, 10.0]}, "ppo.num_epochs": {"choice": [1, 6]}},
-        # the worse trial is also the slower one: its donor has checkpointed by then
-        initial_points=[{"ppo.kl_coeff": 0.01, "ppo.num_epochs": 6},
-                        {"ppo.kl_coeff": 2.0, "ppo.num_epochs": 1}],
+        space={"ppo.kl_coeff": {"loguniform": [0.001, 10.0]}},
+        initial_points=[{"ppo.kl_coeff": 0.01}, {"ppo.kl_coeff": 2.0}],
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
                    "resample_probability": 0.0})
     root = _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, "ppo", "kl_coeff",
                                                   "cpbt")
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
-    assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows), rows
+    assert len(rows) == 2 and all(r["kl_coef"] not in ("", "None") for r in rows), rows
+    for d in (root / "tune").iterdir():  # every trial ran to its env-step budget
+        if d.is_dir():
+            last = json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+            assert last["env_steps"] >= 5000, (d, last)
     exploits = _exploits(root, "ppo", "kl_coeff")
     assert exploits
     for run, r in exploits:
