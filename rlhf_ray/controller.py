@@ -68,6 +68,8 @@ class RunController:
         if self.young_resume:  # every row the dead run wrote is written again
             self.folder.truncate_metrics(0)
         started = init_ray(self.cfg)
+        if self.resume_own:
+            self.remove_dead_apps()
         self.t_start = time.time()
         try:
             yield
@@ -81,6 +83,23 @@ class RunController:
                 self.folder.sync()
             if started:
                 ray.shutdown()
+
+    def remove_dead_apps(self) -> None:
+        """The Serve applications earlier processes of this run folder left running (a killed
+        run's reward model and labeling page hold their replicas' CPUs until removed; a run
+        killed before its first checkpoint names its id nowhere else): every run id is kept in
+        `run_ids.json`."""
+        import json
+
+        path = self.folder.path / "run_ids.json"
+        ids = json.loads(path.read_text()) if path.exists() else []
+        for old in ids:
+            if old != self.run_id:
+                dead = RoleNames(old, self.cfg.workload)
+                for app in (dead.reward_app, dead.label_app):
+                    delete_app(app)
+        path.write_text(json.dumps([i for i in ids if i != self.run_id] + [self.run_id]))
+        self.folder.sync()
 
     def stop(self) -> None:
         if self.feedback is not None:

@@ -243,9 +243,12 @@ def save_weights(path: str, state: dict[str, torch.Tensor], spec: RewardNetSpec,
 
 
 def load_weights(path: str) -> tuple[dict[str, torch.Tensor], RewardNetSpec, int]:
+    """A reward_model.safetensors file, from a path or a URI (s3://, gs://)."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    from rlhf_ray import storage
+
+    with safe_open(storage.local_file(path), framework="pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != "rlhf-ray-reward-v1":

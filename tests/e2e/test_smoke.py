@@ -33,7 +33,9 @@ def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_c
     acknowledged label lost or stored twice, and a reward model that beats chance. Nothing is
     written under any job's working dir."""
     from rlhf_ray import storage
+    from rlhf_ray.roles import serve_apps
 
+    apps_before = serve_apps()
     cfg = load_config("hopper-smoke", OVERRIDES)
     run = s3("smoke") + "/r"
     base = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
@@ -144,9 +146,10 @@ def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_c
     chk = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "store", "check", run], env=env,
                          cwd=cwd, capture_output=True, text=True, timeout=120)
     assert chk.returncode == 0 and f"{cfg.labels.budget} labels" in chk.stdout, chk.stdout
-    from ray import serve
-
-    assert f"rlhf-rm-{state['run_id']}" not in serve.status().applications
+    # the killed processes' reward-model apps were removed (they held their replicas' CPUs:
+    # one left behind by the run killed before its checkpoint starved later tests' trials)
+    assert f"rlhf-rm-{state['run_id']}" not in serve_apps()
+    assert not {a for a in serve_apps() if a.startswith("rlhf-")} - apps_before
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
