@@ -45,10 +45,6 @@ class SchedulerConfig(_Strict):
     perturbation_interval: int = Field(5, ge=1, description="pbt: iterations between exploits")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt")
     resample_probability: float = Field(0.25, ge=0, le=1, description="pbt")
-    synch: bool = Field(False, description="pbt: every trial waits at each perturbation step "
-                        "until all have reported it, so exploits do not depend on which trial "
-                        "is faster (Jaderberg et al.'s synchronous form; the slowest trial "
-                        "sets the pace)")
 
 
 class SweepConfig(_Strict):
@@ -237,8 +233,6 @@ def _restore_from_tune(run_dir: Path, tune, settings_now: dict) -> str | None:
               "from_run_id": donor.get("run_id"),
               "settings_before": {k: donor.get(f"{k}_settings") for k in settings_now},
               "settings_now": settings_now,
-              "kl_settings_before": donor.get("kl_settings"),
-              "kl_settings_now": settings_now.get("kl"),
               # rows from here on in metrics.jsonl are this incarnation's
               "metrics_row": len(metrics.read_text().splitlines()) if metrics.exists() else 0}
     with open(run_dir / "restores.jsonl", "a") as f:  # each exploit / restore, in order
@@ -396,7 +390,7 @@ def _scheduler(sweep: SweepConfig, cfg):
             time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
             hyperparam_mutations={k: _domain(v) for k, v in sweep.space.items()},
-            synch=s.synch)
+            synch=False)
     return FIFOScheduler()
 
 

@@ -95,6 +95,22 @@ def _interrupt_after_an_exploit_and_resume(path: Path, tmp_path: Path, ray_clust
     return root
 
 
+def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
+                 **spec) -> Path:
+    """A two-trial PBT sweep over a KL setting (`key`, its checkpoint section `section`):
+    trials at 0.01 and 2.0, ranked by the KL coefficient itself (kl_coef, max) so the 0.01
+    trial is the one that clones, perturbation every 2 iterations; interrupted after its
+    first exploit and resumed (`_interrupt_after_an_exploit_and_resume`)."""
+    path = sweep_file(
+        tmp_path, name=name, space={key: {"loguniform": [0.001, 10.0]}},
+        initial_points=[{key: 0.01}, {key: 2.0}],
+        num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
+        scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                   "resample_probability": 0.0}, **spec)
+    return _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, section,
+                                                  key.rsplit(".", 1)[-1], name)
+
+
 def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster, tmp_path):
     """A tiny PBT sweep over beta: 2 trials of the smoke preset side by side (0.01 and 2.0),
     5 iterations, perturbation every 2. Ranked by beta itself (kl_coef, max), so the 0.01
@@ -108,16 +124,8 @@ def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster,
     # perturbation step its donor always has a checkpoint to hand over, whichever trial runs
     # ahead (with checkpoints only at perturbation steps that was a coin flip when the tiny
     # trials run in lockstep, measured)
-    path = sweep_file(
-        tmp_path, name="pbt",
-        overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"],
-        space={"ppo.kl.init_coef": {"loguniform": [0.001, 10.0]}},
-        initial_points=[{"ppo.kl.init_coef": 0.01}, {"ppo.kl.init_coef": 2.0}],
-        num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
-        scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                   "resample_probability": 0.0})
-    root = _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, "kl", "init_coef",
-                                                  "pbt")
+    root = _pbt_over_kl(tmp_path, ray_cluster, "pbt", "ppo.kl.init_coef", "kl",
+                        overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"])
     # every trial finished and reported the metric; each started from its own beta
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows)
@@ -171,15 +179,8 @@ def test_control_pbt_exploit_copies_the_whole_state_and_an_interrupted_sweep_res
     schedule's position, the query pool, the label store -- and continues from the donor's
     env steps with a mutated KL coefficient. Interrupted right after that, `rlhf-ray sweep
     --resume` finishes every trial from its checkpoint."""
-    path = sweep_file(
-        tmp_path, name="cpbt", base="hopper-smoke", overrides=CONTROL_TINY,
-        space={"ppo.kl_coeff": {"loguniform": [0.001, 10.0]}},
-        initial_points=[{"ppo.kl_coeff": 0.01}, {"ppo.kl_coeff": 2.0}],
-        num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
-        scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                   "resample_probability": 0.0})
-    root = _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, "ppo", "kl_coeff",
-                                                  "cpbt")
+    root = _pbt_over_kl(tmp_path, ray_cluster, "cpbt", "ppo.kl_coeff", "ppo",
+                        base="hopper-smoke", overrides=CONTROL_TINY)
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(r["kl_coef"] not in ("", "None") for r in rows), rows
     for d in (root / "tune").iterdir():  # every trial ran to its env-step budget
