@@ -132,7 +132,10 @@ class LabelerSection(_Strict):
         "humans, with the oracle answering what they leave past `deadline_s`")
     host: str = Field("127.0.0.1", description="where the page listens; 0.0.0.0 exposes it")
     port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = Field("/label", pattern=r"^/[A-Za-z0-9_/-]*$")
+    route_prefix: str | None = Field(
+        None, pattern=r"^/[A-Za-z0-9_/.-]*$",
+        description="where the page lives under the host; default /label/<run name>, so "
+        "several runs on one cluster each have their own page")
     token: str | None = Field(None, min_length=16, description="access token; default: random")
     lease_s: float = Field(60.0, gt=0, description="a shown query is held this long per labeler")
     deadline_s: float = Field(120.0, gt=0, description="mixed: oracle answers after this")
@@ -170,8 +173,30 @@ class RoleResources(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources")
 
 
+class AutoscalingSettings(_Strict):
+    """Serve's autoscaling of the reward model's replicas (`autoscaling_config`): replicas are
+    added while each holds more than `target_ongoing_requests` and removed when idle."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas "
+                             f"{self.max_replicas}")
+        return self
+
+
 class RewardServeConfig(RoleResources):
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="fixed replicas (unless `autoscaling`)")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Serve autoscaling between min and max replicas instead of "
+        "`num_replicas`; every relabelling call is pinned to one version across replicas")
     max_batch_size: int = Field(16, ge=1, description="requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)

@@ -100,7 +100,7 @@ class Feedback:
 
             self.labeling = start_labeling(self.cfg, self.names,
                                            ray.get_runtime_context().namespace,
-                                           self.run.store_root)
+                                           self.run.store_root, self.run.name)
             console.note(f"labeling page: {self.labeling.url}")
             if url_file:
                 self.run.write_private("labeling_url.txt", self.labeling.url + "\n")

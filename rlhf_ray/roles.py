@@ -9,6 +9,7 @@ no role imports Ray's scheduling concepts and no resource is hard-coded in a dec
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -203,9 +204,9 @@ def retry_call(request, patience_s: float = 120.0, timeout_s: float = 120.0):
     while True:
         try:
             return request().result(timeout_s=timeout_s)
-        except Exception:  # noqa: BLE001 - replica death, back-pressure, timeout
-            if time.monotonic() > give_up:
-                raise
+        except Exception as exc:  # noqa: BLE001 - replica death, back-pressure, timeout
+            if time.monotonic() > give_up or isinstance(getattr(exc, "cause", None), ValueError):
+                raise  # out of patience, or the request itself is wrong: sending it again won't help
         time.sleep(min(4.0, 0.25 * 2 ** attempt))
         attempt += 1
 
@@ -215,10 +216,64 @@ def retry_call(request, patience_s: float = 120.0, timeout_s: float = 120.0):
 
 def deployment_options(serve_cfg) -> dict:
     """`serve.deployment(...).options(...)` from `placement.reward_model`."""
-    return {"num_replicas": serve_cfg.num_replicas,
+    scale = getattr(serve_cfg, "autoscaling", None)
+    replicas = ({"autoscaling_config": scale.model_dump(exclude_none=True)} if scale is not None
+                else {"num_replicas": serve_cfg.num_replicas})
+    return {**replicas,
             "max_ongoing_requests": serve_cfg.max_ongoing_requests,
             "max_queued_requests": serve_cfg.max_queued_requests,
             "ray_actor_options": actor_options(serve_cfg)}
+
+
+def _serve_running() -> bool:
+    """Whether this Ray cluster already runs Serve (its controller actor exists)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether host:port can be bound here. Another cluster's Serve proxy holding it shows as
+    taken (its socket listens; binding beside it needs SO_REUSEPORT, which this check does not set)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def ensure_serve_http(host: str = "127.0.0.1", port: int = 8000) -> tuple[str, int]:
+    """Start Serve's HTTP proxy on host:port unless Serve already runs on this cluster;
+    returns where the proxy really listens. When this cluster starts Serve and the port is
+    taken -- by another local cluster's proxy, which would otherwise answer this cluster's
+    URLs (two proxies share a port through SO_REUSEPORT) -- a free port is taken instead."""
+    from ray import serve
+
+    from rlhf_ray import console
+
+    if not _serve_running() and not port_free(host, port):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+            free = sock.getsockname()[1]
+        console.note(f"port {port} on {host} is taken (another Ray cluster's Serve?): "
+                     f"this cluster's Serve listens on {free}")
+        port = free
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        opts = _get_global_client().http_config
+        return opts.host, int(opts.port)
+    except Exception:  # noqa: BLE001 - older/newer Serve internals: report what we asked for
+        return host, port
 
 
 def run_app(app, name: str, route_prefix: str, wait: bool = True):
@@ -227,6 +282,7 @@ def run_app(app, name: str, route_prefix: str, wait: bool = True):
     `wait_running(name)` waits for it afterwards."""
     from ray import serve
 
+    ensure_serve_http()  # a cluster of our own never shares another cluster's port
     target = serve.RunTarget(app, name=name, route_prefix=route_prefix)
     return serve.run_many([target], wait_for_applications_running=wait)[0]
 

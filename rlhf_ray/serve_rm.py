@@ -26,6 +26,7 @@ class RewardModelServer(VersionedScorer):
                  torch_threads: int = 1, weights_path: str | None = None):
         torch.set_num_threads(torch_threads)
         self.spec = RewardNetSpec.from_json(spec_json)
+        torch.manual_seed(0)  # before any publish, every replica scores with the same weights
         self.ensemble = RewardEnsemble(self.spec).eval()
         version = 0
         if weights_path:  # fixed weights from a checkpoint (standalone `serve deploy`)
@@ -49,12 +50,14 @@ class RewardModelServer(VersionedScorer):
             start += n
         return out
 
-    async def score(self, obs: np.ndarray, actions: np.ndarray) -> dict:
-        """obs: [n, *obs_shape], actions: [n, ...] -> {reward [n], members [K, n], version}."""
+    async def score(self, obs: np.ndarray, actions: np.ndarray,
+                    version: int | None = None) -> dict:
+        """obs: [n, *obs_shape], actions: [n, ...] -> {reward [n], members [K, n], version};
+        `version`: score with that version's weights (see `scoring.pinned_version`)."""
         obs, actions = np.asarray(obs), np.asarray(actions)
         if len(obs) != len(actions):
             raise ValueError(f"obs has {len(obs)} rows, actions {len(actions)}")
-        return await self._score_batch((obs, actions))
+        return await self._score((obs, actions), version)
 
     async def __call__(self, request) -> dict:
         from starlette.responses import JSONResponse
@@ -65,38 +68,50 @@ class RewardModelServer(VersionedScorer):
             act = np.asarray(body["actions"], dtype=np.float32)
             if obs.shape[1:] != tuple(self.spec.obs_shape):
                 raise ValueError(f"obs rows must have shape {list(self.spec.obs_shape)}")
+            version = body.get("version")
+            if version is not None and (not isinstance(version, int) or version < 0):
+                raise ValueError("version must be a non-negative integer")
         except Exception as exc:  # malformed JSON or arrays: a client error, not a 500
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=422)
-        res = await self.score(obs, act)
+        try:
+            res = await self.score(obs, act, version)
+        except ValueError as exc:  # a version never published or no longer kept
+            return JSONResponse({"error": str(exc)}, status_code=409)
         return {"reward": res["reward"].tolist(), "version": res["version"]}
 
 
 def score_chunks(handle, obs: np.ndarray, act: np.ndarray, chunk: int,
-                 patience_s: float = 120.0, timeout_s: float = 120.0) -> list[dict]:
-    """Score [n] transitions in chunks, all requests in flight at once, in order. A chunk
+                 patience_s: float = 120.0, timeout_s: float = 120.0,
+                 version: int | None = None) -> list[dict]:
+    """Score [n] transitions in chunks, all requests in flight at once, in order, every one
+    pinned to `version` when given (then all results carry that version). A chunk
     whose request fails -- its replica died and Serve is replacing it, or the deployment
     answered with back-pressure -- is sent again by `retry_call`, so a lost replica costs a
     moment, never an iteration."""
     starts = list(range(0, len(obs), chunk))
-    pending = [handle.score.remote(obs[s:s + chunk], act[s:s + chunk]) for s in starts]
+    pending = [handle.score.remote(obs[s:s + chunk], act[s:s + chunk], version) for s in starts]
     results = []
     for s, resp in zip(starts, pending):
         try:
             results.append(resp.result(timeout_s=timeout_s))
-        except Exception:  # noqa: BLE001 - replica death, back-pressure, timeout
+        except Exception as exc:  # noqa: BLE001 - replica death, back-pressure, timeout
+            if isinstance(getattr(exc, "cause", None), ValueError):
+                raise  # the request itself is wrong (a version not kept): no retry helps
             results.append(retry_call(
-                lambda s=s: handle.score.remote(obs[s:s + chunk], act[s:s + chunk]),
+                lambda s=s: handle.score.remote(obs[s:s + chunk], act[s:s + chunk], version),
                 patience_s, timeout_s))
     return results
 
 
-def segment_returns(handle, batch, chunk_segments: int = 256) -> np.ndarray:
+def segment_returns(handle, batch, chunk_segments: int = 256,
+                    version: int | None = None) -> np.ndarray:
     """Each ensemble member's predicted return of each segment of a `SegmentBatch`: [K, N]
-    (one batched request per chunk, all in flight at once)."""
+    (one batched request per chunk, all in flight at once, pinned to `version`)."""
     obs, act = batch.arrays["obs"], batch.arrays["actions"]
     n, k = obs.shape[:2]
     results = score_chunks(handle, obs.reshape(n * k, *obs.shape[2:]),
-                           act.reshape(n * k, *act.shape[2:]), chunk_segments * k)
+                           act.reshape(n * k, *act.shape[2:]), chunk_segments * k,
+                           version=version)
     members = np.concatenate([r["members"] for r in results], axis=1)
     return members.reshape(members.shape[0], n, k).sum(axis=2)
 

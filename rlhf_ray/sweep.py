@@ -324,7 +324,7 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
     try:
         # Serve's controller and proxy start here, outside any trial's placement group (a
         # trial starting them would have them captured in its group, where they cannot fit)
-        from rlhf_ray.labeling.service import ensure_serve_http
+        from rlhf_ray.roles import ensure_serve_http
 
         ensure_serve_http(cfg0.labeler.host, cfg0.labeler.port)
         root = root.resolve()

@@ -1,6 +1,11 @@
 """Weights flow by version: the reward trainer publishes (version, weights) once; every
 reward-model replica picks up a newer version itself with one cheap call per batch, and a
 replica that restarts loads the latest version on its own.
+
+With several replicas, one replica may have swapped while another has not: a caller that
+needs every score of one call from one version (a PPO update's relabelling) asks the store for
+the current version first and pins its requests to it. The store keeps the last `keep`
+versions, so a replica that has already moved on can still answer a pinned request.
 """
 
 from __future__ import annotations
@@ -9,16 +14,22 @@ import numpy as np
 
 
 class WeightStore:
-    """Holds the latest published reward-model weights (flat name -> array dict)."""
+    """Holds the latest published reward-model weights (flat name -> array dict) and the
+    `keep - 1` versions before them."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = max(1, int(keep))
         self.version = 0
         self.weights: dict[str, np.ndarray] | None = None
+        self.kept: dict[int, dict[str, np.ndarray]] = {}
 
     def publish(self, version: int, weights: dict[str, np.ndarray]) -> int:
         if version <= self.version:
             return self.version  # stale publish: ignore, never go backwards
         self.version, self.weights = version, weights
+        self.kept[version] = weights
+        for old in sorted(self.kept)[:-self.keep]:
+            del self.kept[old]
         return self.version
 
     def get_version(self) -> int:
@@ -28,3 +39,7 @@ class WeightStore:
         if self.version > version and self.weights is not None:
             return self.version, self.weights
         return None
+
+    def get(self, version: int) -> dict[str, np.ndarray] | None:
+        """The weights of one kept version (None once it has been dropped)."""
+        return self.kept.get(int(version))

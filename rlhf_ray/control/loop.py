@@ -174,6 +174,7 @@ class Controller(RunController):
             self.spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads)
         self.feedback.attach(trainer, weights)
         self.actors += [trainer, self.pool, weights]
+        self.weights = weights
         self.rm_handle = serve_rm.deploy(
             self.spec, app_name=names.reward_app, weight_store=names.weights,
             namespace=ray.get_runtime_context().namespace, serve_cfg=place.reward_model,
@@ -196,7 +197,8 @@ class Controller(RunController):
                         "length": self.seg_len, "per_sample": cfg.labels.segments_per_sample,
                         "layout": self.env.layout, "seed": cfg.seed,
                         "action_bounds": self.env.action_bounds}
-            relabel = (self.names.reward_app, DEPLOYMENT_NAME)
+            relabel = (self.names.reward_app, DEPLOYMENT_NAME, self.names.weights,
+                       ray.get_runtime_context().namespace)
         if place.num_learners == 0:  # the learner runs here
             if learned and cfg.labeler.source != "oracle":
                 # Ray starts its workers (the labeling app, the labeler, Serve) at niceness
@@ -258,6 +260,7 @@ class Controller(RunController):
         P(left > right) the ensemble members disagree on most (`variance`), or any."""
         import ray
 
+        from rlhf_ray.scoring import pinned_version
         from rlhf_ray.serve_rm import segment_returns
 
         cfg = self.cfg
@@ -265,8 +268,8 @@ class Controller(RunController):
         cand = ray.get(self.pool.sample.remote(cand_n))
         if cand is None or len(cand) < 2:
             return
-        returns = (segment_returns(self.rm_handle, cand) if method == "variance"
-                   else np.zeros((1, len(cand))))
+        returns = (segment_returns(self.rm_handle, cand, version=pinned_version(self.weights))
+                   if method == "variance" else np.zeros((1, len(cand))))
         pairs = select_queries(returns, n, cfg.labels.oversampling, self.rng, method)
         self.feedback.ask(len(pairs), cand.take(pairs[:, 0]), cand.take(pairs[:, 1]))
 
@@ -298,6 +301,7 @@ class Controller(RunController):
         return {**m, **self.feedback.metrics(), "pred_reward_mean": clean(pred_r),
                 "pred_return_mean": clean(pred_r * ep_len) if pred_r is not None and ep_len else None,
                 "rm_version": self.last_rm_version,
+                "rm_versions_mixed": int(clean(find_metric(result, "rlhf/rm_versions_mixed")) or 0),
                 "relabel_s": clean(find_metric(result, "rlhf/relabel_s")),
                 "segment_cut_s": clean(find_metric(result, "rlhf/segment_cut_s"))}
 

@@ -21,6 +21,7 @@ import numpy as np
 from rlhf_ray.config import Config
 from rlhf_ray.control.envs import ENV_NAME, INFO_KEY, EnvProbe, InfoLayout, atari_to_uint8
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
+from rlhf_ray.scoring import pinned_version
 from rlhf_ray.serve_rm import score_chunks
 
 
@@ -64,11 +65,14 @@ def _connector_base():
 
 
 class _LazyHandle:
-    """A Serve handle resolved on first use in whichever process the learner runs."""
+    """A Serve handle (and the weight store's actor) resolved on first use in whichever
+    process the learner runs."""
 
-    def __init__(self, app_name: str, deployment_name: str):
+    def __init__(self, app_name: str, deployment_name: str,
+                 weight_store: tuple[str, str] | None = None):
         self.app_name, self.deployment_name = app_name, deployment_name
-        self._handle = None
+        self.weight_store = weight_store
+        self._handle = self._store = None
 
     def get(self):
         if self._handle is None:
@@ -77,10 +81,21 @@ class _LazyHandle:
             self._handle = serve.get_deployment_handle(self.deployment_name, self.app_name)
         return self._handle
 
+    def store(self):
+        if self._store is None and self.weight_store is not None:
+            import ray
+
+            self._store = ray.get_actor(self.weight_store[0], namespace=self.weight_store[1])
+        return self._store
+
 
 def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayout | None,
-                           chunk_size: int = 2048, action_bounds: tuple | None = None):
-    """Factory for `AlgorithmConfig.learners(learner_connector=...)`."""
+                           chunk_size: int = 2048, action_bounds: tuple | None = None,
+                           weight_store: tuple[str, str] | None = None):
+    """Factory for `AlgorithmConfig.learners(learner_connector=...)`. `weight_store`: (actor
+    name, namespace) of the reward model's weight store: every relabelling call pins its
+    requests to the version published when it starts, so one PPO update's rewards all come
+    from one version however many replicas score them."""
     base = _connector_base()
 
     class RewardRelabel(base):
@@ -93,7 +108,7 @@ def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayo
 
         def __init__(self, input_observation_space=None, input_action_space=None, **kw):
             super().__init__(input_observation_space, input_action_space, **kw)
-            self.handle = _LazyHandle(app_name, deployment_name)
+            self.handle = _LazyHandle(app_name, deployment_name, weight_store)
 
         def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
                      metrics=None, **kwargs):
@@ -107,7 +122,9 @@ def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayo
             act = np.concatenate([a["actions"] for a in arrays])
             true_r = np.concatenate([a["true_rewards"] for a in arrays])
             handle = self.handle.get()
-            results = score_chunks(handle, obs, act, chunk_size)
+            version = pinned_version(self.handle.store())
+            results = score_chunks(handle, obs, act, chunk_size, version=version)
+            versions = {int(r["version"]) for r in results}
             pred = np.concatenate([r["reward"] for r in results]).astype(np.float32)
             offset = 0
             for ep, n in zip(episodes, real):
@@ -117,8 +134,9 @@ def make_relabel_connector(app_name: str, deployment_name: str, layout: InfoLayo
             if metrics is not None:
                 metrics.log_value("rlhf/pred_reward_mean", float(pred.mean()), window=1)
                 metrics.log_value("rlhf/true_reward_mean", float(true_r.mean()), window=1)
-                metrics.log_value("rlhf/rm_version", int(min(r["version"] for r in results)),
-                                  reduce="max", window=1)
+                metrics.log_value("rlhf/rm_version", min(versions), reduce="max", window=1)
+                # versions one relabelling call mixed: 0 unless pinning broke
+                metrics.log_value("rlhf/rm_versions_mixed", len(versions) - 1, reduce="sum")
                 metrics.log_value("rlhf/relabelled_steps", int(len(pred)), reduce="sum")
                 metrics.log_value("rlhf/relabel_s", time.perf_counter() - t0, window=1)
             return batch
@@ -170,13 +188,13 @@ def _on_sample_end(*, env_runner=None, metrics_logger=None, samples=None, rlhf=N
 # --------------------------------------------------------------------------- PPO config
 
 
-def build_ppo_config(cfg: Config, probe: EnvProbe, *, relabel: tuple[str, str] | None,
+def build_ppo_config(cfg: Config, probe: EnvProbe, *, relabel: tuple | None,
                      segments: dict | None):
     """RLlib PPOConfig for this run.
 
     probe: the run's `envs.probe` (layout and action bounds for relabelling). relabel: (serve
-    app name, deployment name) of the reward model, or None to train on the env reward (the
-    true-reward baseline). segments: kwargs for `sample_segments`, or None.
+    app name, deployment name, weight store name, namespace) of the reward model, or None to
+    train on the env reward (the true-reward baseline). segments: kwargs for `sample_segments`, or None.
     """
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
@@ -211,7 +229,8 @@ def build_ppo_config(cfg: Config, probe: EnvProbe, *, relabel: tuple[str, str] |
         learner_kw["custom_resources_per_learner"] = dict(place.learner.resources)
     if relabel is not None:
         connector = make_relabel_connector(relabel[0], relabel[1], probe.layout,
-                                           action_bounds=probe.action_bounds)
+                                           action_bounds=probe.action_bounds,
+                                           weight_store=tuple(relabel[2:4]) or None)
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
     # Rollout workers yield to the labeling path only while people label; with the oracle
     # they are the critical path and keep their priority (the reward trainer still yields).

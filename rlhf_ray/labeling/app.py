@@ -3,7 +3,7 @@
     GET  /                 the page (token in the URL: ?token=...)
     GET  /api/next         200 {query_id, kind, instruction, left, right, prompt?, responses?}; 204 if none
     POST /api/label        {query_id, choice} or {query_id, order}: 200 once durable
-    GET  /api/status       counts: pending, leased, answered by source
+    GET  /api/status       which run's page this is (app); counts: pending, leased, answered by source
     GET  /clips/<id>.webm  a rendered clip
 
 Every route needs the access token (header `Authorization: Bearer <token>` or `X-Token`, or
@@ -61,7 +61,7 @@ MAX_ONGOING_REQUESTS = 128
 @serve.ingress(api)
 class LabelingApp:
     def __init__(self, labeler_name: str, namespace: str, store_root: str, token: str,
-                 instruction: str = ""):
+                 instruction: str = "", app_id: str = ""):
         import ray
 
         from rlhf_ray.store import PreferenceStore
@@ -72,6 +72,7 @@ class LabelingApp:
         self.store = PreferenceStore(store_root)
         self._token = token.encode()
         self.instruction = instruction  # what the task asks people to judge
+        self.app_id = app_id  # which run's page this is (`/api/status` says it)
         self.page = resources.files("rlhf_ray.labeling").joinpath("static/index.html").read_text()
 
     # ------------------------------------------------------------------ helpers
@@ -162,7 +163,7 @@ class LabelingApp:
         if not self._authorized(request):
             return _error(401, "missing or wrong token")
         s = await self.labeler.stats.remote()
-        return {"pending": s["labels_pending"], "leased": s["labels_leased"],
+        return {"app": self.app_id, "pending": s["labels_pending"], "leased": s["labels_leased"],
                 "ready": s["labels_ready"], "answered": s["labels_total"],
                 "answered_by_source": s["labels_by_source"], "budget": s["budget"]}
 
@@ -188,5 +189,5 @@ def deploy(*, labeler_name: str, namespace: str, store_root: str, token: str, ap
 
     app = LabelingApp.options(num_replicas=num_replicas,
                               ray_actor_options=actor_options(res or RoleResources())).bind(
-        labeler_name, namespace, store_root, token, instruction)
+        labeler_name, namespace, store_root, token, instruction, app_name)
     return serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)

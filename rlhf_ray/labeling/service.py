@@ -6,11 +6,12 @@ which labels the pending queries of an existing run on their own.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import Config, LLMConfig
-from rlhf_ray.roles import RoleNames, delete_app, kill_all, remote_role
+from rlhf_ray.roles import RoleNames, delete_app, ensure_serve_http, kill_all, remote_role
 
 
 @dataclass
@@ -19,21 +20,6 @@ class LabelingRoles:
     url: str
     token: str
     renderers: list = field(default_factory=list)
-
-
-def ensure_serve_http(host: str, port: int) -> tuple[str, int]:
-    """Start Serve's HTTP proxy on host:port unless Serve already runs; returns where the
-    proxy really listens."""
-    from ray import serve
-
-    serve.start(http_options={"host": host, "port": port})
-    try:
-        from ray.serve.context import _get_global_client
-
-        opts = _get_global_client().http_config
-        return opts.host, int(opts.port)
-    except Exception:  # noqa: BLE001 - older/newer Serve internals: report what we asked for
-        return host, port
 
 
 def public_url(host: str, port: int, route_prefix: str, token: str) -> str:
@@ -49,24 +35,69 @@ def public_url(host: str, port: int, route_prefix: str, token: str) -> str:
     return f"http://{shown}:{port}{prefix}/?token={token}"
 
 
+def route_prefix(cfg: Config | LLMConfig, run_name: str) -> str:
+    """`labeler.route_prefix`, else `/label/<run name>` (characters a URL path keeps)."""
+    if cfg.labeler.route_prefix:
+        return cfg.labeler.route_prefix
+    return "/label/" + (re.sub(r"[^A-Za-z0-9_.-]", "-", run_name) or "run")
+
+
+def check_page(url: str, token: str, app_name: str, timeout_s: float = 60.0) -> None:
+    """Raise unless `url` reaches the labeling app `app_name` with `token` (its status
+    route names the app): a page that lands on another run's app is never printed."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    status_url = url.split("?", 1)[0] + "api/status"
+    if "://0.0.0.0:" in status_url or "://[::]:" in status_url:
+        status_url = status_url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
+    deadline, why = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(status_url, headers={"X-Token": token})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                app = json.loads(resp.read() or b"{}").get("app")
+            if app == app_name:
+                return
+            why = f"it is the page of {app!r}"
+        except urllib.error.HTTPError as exc:
+            why = f"HTTP {exc.code}"  # 404 while the route is not up yet, 401: another app
+        except OSError as exc:
+            why = str(getattr(exc, "reason", exc))
+        time.sleep(0.5)
+    raise RuntimeError(f"labeling page {url.split('?', 1)[0]} does not reach this run's app "
+                       f"({why})")
+
+
 def start_labeling(cfg: Config | LLMConfig, names: RoleNames, namespace: str,
-                   store_root: str) -> LabelingRoles:
-    """The labeling page for the labeler `names.labeler` (and, for clips, its renderers)."""
+                   store_root: str, run_name: str) -> LabelingRoles:
+    """The labeling page for the labeler `names.labeler` (and, for clips, its renderers) at
+    `route_prefix(cfg, run_name)`; returns once the printed URL is checked to reach it."""
     from rlhf_ray.labeling import app as labeling_app
     from rlhf_ray.labeling.app import new_token
+    from rlhf_ray.roles import wait_running
 
     lab = cfg.labeler
     token = lab.token or new_token()
     host, port = ensure_serve_http(lab.host, lab.port)
+    prefix = route_prefix(cfg, run_name)
     renderers = []
     if cfg.workload == "control":  # clips to render; the LLM workload shows text only
         renderers = _start_renderers(cfg, names, namespace, store_root)
     labeling_app.deploy(labeler_name=names.labeler, namespace=namespace, store_root=store_root,
-                        token=token, app_name=names.label_app, route_prefix=lab.route_prefix,
+                        token=token, app_name=names.label_app, route_prefix=prefix,
                         res=cfg.placement.labeling_app,
                         instruction=getattr(lab, "instruction", ""))
-    return LabelingRoles(names.label_app, public_url(host, port, lab.route_prefix, token), token,
-                         renderers)
+    roles = LabelingRoles(names.label_app, public_url(host, port, prefix, token), token, renderers)
+    try:
+        wait_running(names.label_app)
+        check_page(roles.url, token, names.label_app)
+    except BaseException:
+        stop_labeling(roles)
+        raise
+    return roles
 
 
 def _start_renderers(cfg: Config, names: RoleNames, labeler_ns: str, store_root: str,
@@ -181,4 +212,5 @@ def app_builder(args: dict):
         _start_renderers(cfg, names, namespace, store_root, nice=0, **detached)
     return LabelingApp.options(num_replicas=int(args.get("num_replicas", 1)),
                                ray_actor_options={"num_cpus": 0}).bind(
-        names.labeler, namespace, store_root, token, getattr(cfg.labeler, "instruction", ""))
+        names.labeler, namespace, store_root, token, getattr(cfg.labeler, "instruction", ""),
+        names.label_app)

@@ -376,7 +376,7 @@ class LLMController(RunController):
         from rlhf_ray.weights import WeightStore
 
         cfg, place = self.cfg, self.cfg.placement
-        weights = remote_role(WeightStore, place.labeler, name=self.names.weights).remote()
+        weights = remote_role(WeightStore, place.labeler, name=self.names.weights).remote(2)
         self.trainer = remote_role(LMRewardTrainer, place.reward_trainer,
                                    self.bundle("reward_trainer"), pg=self.pg).remote(
             rm_init_path, cfg.reward_model, max_prompt_tokens=cfg.data.max_prompt_tokens,

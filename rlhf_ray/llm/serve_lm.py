@@ -53,13 +53,14 @@ class LMRewardServer(VersionedScorer):
             start += len(ps)
         return out
 
-    async def score(self, prompts: list[str], responses: list[str]) -> dict:
-        """Scores of (prompt, response) pairs: {scores [n], version}."""
+    async def score(self, prompts: list[str], responses: list[str],
+                    version: int | None = None) -> dict:
+        """Scores of (prompt, response) pairs: {scores [n], version}; `version`: pin it."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return {"scores": [], "version": self.version}
-        return await self._score_batch((list(prompts), list(responses)))
+        return await self._score((list(prompts), list(responses)), version)
 
     async def __call__(self, request) -> dict:
         from starlette.responses import JSONResponse

@@ -3,6 +3,8 @@ then `rlhf-ray label RUN_DIR` serves what the run left pending."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
@@ -81,26 +83,81 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
         segs = store.segments([labels[0]["left_id"], labels[0]["right_id"]])
         pending = Labeler(str(run_dir / "preferences"), source="human", seed=9).submit(
             segs.take([0]), segs.take([1]))
+    label_three_runs_at_once(run_dir, port, pending)
+
+
+def label_three_runs_at_once(run_dir, port, pending):
+    """Three stopped runs with the same pending queries, labeled at once: two on the test's
+    cluster (each app at its own /label/<run> prefix) and one by `rlhf-ray label` in a
+    process of its own, which starts a second local cluster on this machine (its Serve must
+    not share the first one's port). Each is labeled through its own printed URL; every
+    label lands in its own store and no token opens another run's page."""
+    import shutil
+    import subprocess
+    import sys
+
     from rlhf_ray.labeling.service import label_run
 
-    stop2, later = threading.Event(), []
-    threads = []
+    runs = {"a": run_dir, "b": run_dir.parent / "run-b", "c": run_dir.parent / "run-c"}
+    for who in "bc":
+        shutil.copytree(run_dir, runs[who])
+    stop, answered, urls, threads = threading.Event(), {w: [] for w in runs}, {}, []
 
-    def on_url(url):
-        th = threading.Thread(target=scripted_human, args=(url, "late", stop2, later, 10_000),
-                              daemon=True)
+    cross = []  # (status) of every earlier run's token tried on a later run's page
+
+    lock = threading.Lock()
+
+    def human(who, url):
+        u = urlparse(url)
+        with lock:  # pages announced at the same moment still see each other
+            for other in list(urls.values()):  # this page is up with work: try other tokens
+                token = parse_qs(urlparse(other).query)["token"][0]
+                cross.append(Http(f"{u.scheme}://{u.netloc}{u.path}", token).request(
+                    "GET", "/api/status")[0])
+            urls[who] = url
+        th = threading.Thread(target=scripted_human,
+                              args=(url, f"late-{who}", stop, answered[who], 10_000), daemon=True)
         th.start()
         threads.append(th)
 
+    done = {}
+
+    def label_in_process(who):
+        done[who] = label_run(str(runs[who]), [f"labeler.port={port}", *FAST_CLIPS],
+                              exit_when_done=True, poll_s=0.5,
+                              on_url=lambda url, who=who: human(who, url))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_ray.cli", "label", str(runs["c"]), "--exit-when-done",
+         f"labeler.port={port}", *FAST_CLIPS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    in_process = [threading.Thread(target=label_in_process, args=(w,)) for w in "ab"]
+    for th in in_process:
+        th.start()
+    out = []
     try:
-        assert label_run(str(run_dir), [f"labeler.port={port}", *FAST_CLIPS],
-                         exit_when_done=True, poll_s=0.5, on_url=on_url) == 0
+        for line in proc.stdout:  # the URL it prints, once checked to reach its own app
+            out.append(line)
+            m = re.search(r"labeling page: (\S+)", line)
+            if m:
+                human("c", m.group(1))
+        assert proc.wait(timeout=300) == 0, "".join(out)[-3000:]
+        for th in in_process:
+            th.join(timeout=300)
     finally:
-        stop2.set()
+        stop.set()
+        proc.kill()
         for th in threads:
             th.join(timeout=30)
-    assert set(later) == set(pending)
-    assert PreferenceStore(str(run_dir / "preferences")).pending_queries() == []
+    assert done == {"a": 0, "b": 0}
+    assert len({urlparse(u).path for u in urls.values()}) == 3, urls  # a page each
+    assert urlparse(urls["c"]).port != port, urls  # the second cluster's Serve moved aside
+    for who, folder in runs.items():
+        rows = [r for r in PreferenceStore(str(folder / "preferences")).labels().to_pylist()
+                if r["source"].startswith("human:late")]
+        assert {r["source"] for r in rows} == {f"human:late-{who}"}, (who, rows)
+        assert {r["query_id"] for r in rows} == set(pending) == set(answered[who])
+    assert cross == [401, 401, 401]  # a run's token opens only its own page
 
 
 def test_llm_rankings_from_people_and_the_oracle(ray_cluster, serve_http, tmp_path):

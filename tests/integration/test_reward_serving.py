@@ -27,7 +27,7 @@ def constant_weights(value: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster):
+def served(ray_cluster, serve_http):
     ray = ray_cluster
     name = f"ws-{uuid.uuid4().hex[:6]}"
     store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote()
@@ -35,7 +35,7 @@ def served(ray_cluster):
     cfg = RewardServeConfig(num_cpus=0.25, max_batch_size=16, batch_wait_timeout_s=0.05)
     handle = deploy(SPEC, app_name=app, weight_store=name,
                     namespace=ray.get_runtime_context().namespace, serve_cfg=cfg)
-    yield ray, store, handle, app
+    yield ray, store, handle, app, serve_http
     from ray import serve
 
     serve.delete(app)
@@ -43,7 +43,7 @@ def served(ray_cluster):
 
 
 def test_concurrent_callers_are_batched(served):
-    _, _, handle, _ = served
+    handle = served[2]
     rng = np.random.default_rng(0)
     reqs = [(rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 2)).astype(np.float32))
             for n in range(1, 33)]
@@ -57,7 +57,7 @@ def test_concurrent_callers_are_batched(served):
 
 
 def test_weight_swap_changes_scores_without_restart(served):
-    ray, store, handle, _ = served
+    ray, store, handle = served[:3]
     obs, act = np.ones((4, 5), np.float32), np.zeros((4, 2), np.float32)
     before = handle.score.remote(obs, act).result()
     pid = handle.info.remote().result()["pid"]
@@ -72,10 +72,10 @@ def test_weight_swap_changes_scores_without_restart(served):
 
 
 def test_http_score_and_bad_request(served):
-    _, _, _, app = served
+    app, (host, port) = served[3:]
 
     def post(body: bytes):
-        req = urllib.request.Request(f"http://127.0.0.1:8000/{app}", data=body,
+        req = urllib.request.Request(f"http://{host}:{port}/{app}", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
@@ -89,6 +89,9 @@ def test_http_score_and_bad_request(served):
     assert status == 422 and "shape" in body["error"]
     status, _ = post(b"{not json")
     assert status == 422
+    status, body = post(json.dumps({"obs": [[0.0] * 5], "actions": [[0.0, 0.0]],
+                                    "version": 10_000}).encode())
+    assert status == 409 and "not published" in body["error"]
 
 
 def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
@@ -174,3 +177,75 @@ def test_a_deployment_started_without_waiting_reports_its_failure(ray_cluster):
             wait_running(name, timeout_s=120)
     finally:
         serve.delete(name)
+
+
+def test_two_replicas_pinned_calls_never_mix_versions_while_weights_swap(ray_cluster):
+    """Two replicas, versions published every 50 ms while relabelling-sized calls
+    of 16 requests each run: every call is pinned to the version published when it starts,
+    and each of its scores is that version's (a constant reward per version here). A call
+    pinned to a version both replicas have moved past is scored with the kept weights."""
+    import threading
+
+    from ray import serve
+
+    from rlhf_ray.config import AutoscalingSettings
+    from rlhf_ray.scoring import pinned_version
+    from rlhf_ray.serve_rm import score_chunks
+
+    ray = ray_cluster
+    name, app = f"ws-{uuid.uuid4().hex[:6]}", f"rm-two-{uuid.uuid4().hex[:6]}"
+    store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote(8)
+    ray.get(store.publish.remote(1, constant_weights(1.0)))
+    cfg = RewardServeConfig(num_cpus=0, max_batch_size=4, batch_wait_timeout_s=0.002,
+                            autoscaling=AutoscalingSettings(min_replicas=2, max_replicas=2))
+    handle = deploy(SPEC, app_name=app, weight_store=name,
+                    namespace=ray.get_runtime_context().namespace, serve_cfg=cfg)
+    try:
+        obs, act = np.ones((256, 5), np.float32), np.zeros((256, 2), np.float32)
+        pids = {handle.info.remote().result()["pid"] for _ in range(40)}
+        assert len(pids) == 2, pids  # both replicas answer
+        stop, published = threading.Event(), [1]
+
+        def publisher():
+            while not stop.is_set() and published[-1] < 200:
+                v = published[-1] + 1
+                ray.get(store.publish.remote(v, constant_weights(float(v))))
+                published.append(v)
+                stop.wait(0.05)  # a real reward trainer publishes every few seconds at most
+
+        th = threading.Thread(target=publisher, daemon=True)
+        th.start()
+        calls = []
+        try:
+            for _ in range(30):
+                pin = pinned_version(store)
+                results = score_chunks(handle, obs, act, chunk=16, version=pin)
+                calls.append((pin, results))
+        finally:
+            stop.set()
+            th.join(timeout=30)
+        assert len(published) > 10  # weights really changed under the calls
+        assert len({pin for pin, _ in calls}) > 5
+        for pin, results in calls:
+            assert len(results) == 16
+            assert {r["version"] for r in results} == {pin}
+            assert all(np.allclose(r["reward"], float(pin)) for r in results), pin
+        # a version both replicas have moved past: scored with its kept weights
+        newest = published[-1]
+        for _ in range(4):  # every replica sees the newest version first
+            score_chunks(handle, obs, act, chunk=16)
+        old = score_chunks(handle, obs, act, chunk=16, version=newest - 2)
+        assert {r["version"] for r in old} == {newest - 2}
+        assert all(np.allclose(r["reward"], float(newest - 2)) for r in old)
+        info = {}
+        for _ in range(40):
+            i = handle.info.remote().result()
+            info[i["pid"]] = i
+        assert sum(i["pinned_old"] for i in info.values()) >= 16
+        assert {i["version"] for i in info.values()} == {newest}  # and they stay on the newest
+        # a version no longer kept is refused in one line, not scored with other weights
+        with pytest.raises(Exception, match="no longer kept"):
+            handle.score.remote(obs[:2], act[:2], 1).result()
+    finally:
+        serve.delete(app)
+        ray.kill(store)

@@ -28,6 +28,9 @@ def test_overrides_are_typed():
     ("env.id=NoSuchEnv-v0", "env.id='NoSuchEnv-v0': not a registered gymnasium env"),
     ("ppo.minibatch_size=300", "ppo.minibatch_size=300: must divide ppo.train_batch_size=2000"),
     ("labels.query_selection=max", "labels.query_selection='max'"),
+    ("placement.reward_model.autoscaling={min_replicas: 3, max_replicas: 2}",
+     "min_replicas 3 > max_replicas 2"),
+    ("labeler.route_prefix=label", "labeler.route_prefix='label'"),
 ])
 def test_bad_config_messages_name_field_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -52,3 +55,19 @@ def test_cli_unknown_preset_and_presets_listing():
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "presets"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "hopper-smoke" in out.stdout
+
+
+def test_reward_model_autoscaling_reaches_serve_and_pages_are_per_run():
+    from rlhf_ray.labeling.service import route_prefix
+    from rlhf_ray.roles import deployment_options
+
+    cfg = load_config("hopper-smoke")
+    assert deployment_options(cfg.placement.reward_model)["num_replicas"] == 1
+    cfg = load_config("hopper-smoke", ["placement.reward_model.autoscaling.max_replicas=4"])
+    opts = deployment_options(cfg.placement.reward_model)
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"]["min_replicas"] == 1
+    assert opts["autoscaling_config"]["max_replicas"] == 4
+    assert route_prefix(cfg, "hopper 2026/12") == "/label/hopper-2026-12"
+    cfg = load_config("hopper-smoke", ["labeler.route_prefix=/team-a"])
+    assert route_prefix(cfg, "anything") == "/team-a"
