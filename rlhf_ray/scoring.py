@@ -14,6 +14,8 @@ import time
 
 from ray import serve
 
+DIRECT_ROWS = 256  # a request this large is scored on its own, without batching
+
 
 class VersionedScorer:
     def __init__(self, weight_store: str, namespace: str, max_batch_size: int = 16,
@@ -65,9 +67,11 @@ class VersionedScorer:
         self._keep(version, weights)
         return weights
 
-    async def _score(self, payload, version: int | None = None) -> dict:
-        """One request, merged with concurrent ones into a batch; a pinned `version` that was
-        never published or is no longer kept fails this request alone, in one line."""
+    async def _score(self, payload, version: int | None = None, rows: int = 1) -> dict:
+        """One request, merged with concurrent ones into a batch -- unless it holds `rows` >=
+        `DIRECT_ROWS` rows, a batch already, which runs at once instead of waiting for company
+        (the batch timeout would be most of its cost). A pinned `version` that was never
+        published or is no longer kept fails this request alone, in one line."""
         if version is not None and self.store is not None and version != self.version:
             if version > self.version:
                 await self._refresh()
@@ -76,6 +80,10 @@ class VersionedScorer:
                                      f"(the weight store has {self.version})")
             if version < self.version:
                 await self._weights_of(version)
+        if rows >= DIRECT_ROWS:
+            if version is None or version != self.version:  # pinned to what it has: no call
+                await self._refresh()
+            return (await self._run([(payload, version)]))[0]
         return await self._score_batch((payload, version))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -83,6 +91,9 @@ class VersionedScorer:
         """requests: (payload, pinned version or None); each result says its version."""
         await self._refresh()
         self.batch_sizes.append(len(requests))
+        return await self._run(requests)
+
+    async def _run(self, requests: list[tuple]) -> list[dict]:
         groups: dict[int, list[int]] = {}
         for i, (_, pin) in enumerate(requests):
             use = self.version if pin is None or self.store is None else int(pin)

@@ -57,7 +57,7 @@ class RewardModelServer(VersionedScorer):
         obs, actions = np.asarray(obs), np.asarray(actions)
         if len(obs) != len(actions):
             raise ValueError(f"obs has {len(obs)} rows, actions {len(actions)}")
-        return await self._score((obs, actions), version)
+        return await self._score((obs, actions), version, len(obs))
 
     async def __call__(self, request) -> dict:
         from starlette.responses import JSONResponse

@@ -60,7 +60,7 @@ class LMRewardServer(VersionedScorer):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return {"scores": [], "version": self.version}
-        return await self._score((list(prompts), list(responses)), version)
+        return await self._score((list(prompts), list(responses)), version, len(prompts))
 
     async def __call__(self, request) -> dict:
         from starlette.responses import JSONResponse
