@@ -3,7 +3,8 @@ users try placement with (`rlhf-ray cluster up`: one raylet per node, distinct c
 resources, own ports, own temp dir). The smoke preset is submitted with the `ray job submit`
 client; each role must land on the node the config's placement names; mid-run one node (with
 one of the two rollout workers) is taken away; the job must still SUCCEED with its outputs
-written, and only the cluster the test started is stopped."""
+written, and only the cluster the test started is stopped. Then the README's job lines, as
+printed, against a `ray start --head` cluster (token auth on): submit, stop, resume by URI."""
 
 from __future__ import annotations
 
@@ -89,6 +90,17 @@ def fresh_shell(cmd: list[str], timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def metrics_rows(run: str) -> list[dict]:
+    from rlhf_ray import storage
+
+    for _ in range(10):  # moto's server can miss a key for a moment while it is replaced
+        try:
+            return [json.loads(x) for x in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+        except FileNotFoundError:
+            time.sleep(0.3)
+    return []
+
+
 def submit(dash: str, job_id: str, *entrypoint: str) -> None:
     for _ in range(30):  # "No available agent to submit job, please try again later"
         sub = fresh_shell([
@@ -102,74 +114,41 @@ def submit(dash: str, job_id: str, *entrypoint: str) -> None:
     assert sub.returncode == 0, sub.stdout + sub.stderr
 
 
-def test_job_submit_on_s3_places_each_role_and_a_killed_job_is_resumed_by_another(
-        s3, own_cluster):
+def test_job_submit_on_s3_places_each_role_and_survives_a_lost_node(s3, own_cluster):
     """The smoke preset submitted as docs/cluster.md prints it, from a fresh shell, its run
     folder on a real S3-protocol server (the cluster's nodes reach it through their
-    environment, as pods reach MinIO or S3). After its first checkpoint the job is stopped
-    (`ray job stop`); a second job -- its own fresh working dir -- resumes the run from the
-    URI, loses a rollout node mid-run and still finishes it: one continuous run, no
-    acknowledged label lost or doubled, every role on the node its placement names. (A run
-    resumed after losing a node for good waits for it: its placement still asks for two
-    rollout nodes, and Ray holds a role whose resources no node has.)"""
+    environment, as pods reach MinIO or S3). Mid-run a rollout node is lost; the job still
+    finishes the run, every role on the node its placement names. (The stop and `--resume`
+    by a second job are in the README test below.)"""
     from rlhf_ray import storage
-    from rlhf_ray.store import PreferenceStore
 
     dash = own_cluster["dashboard"]
     bucket = s3("cluster")
     run = f"{bucket}/job"
-    first_id, second_id = (f"rlhf-test-{uuid.uuid4().hex[:6]}" for _ in range(2))
-    submit(dash, first_id, "rlhf-ray", "train", "hopper-smoke", "--quiet",
+    job_id = f"rlhf-test-{uuid.uuid4().hex[:6]}"
+    submit(dash, job_id, "rlhf-ray", "train", "hopper-smoke", "--quiet",
            f"run.storage_path={bucket}", "run.run_name=job", "run.total_env_steps=10000",
            "run.checkpoint_every=2", *PLACEMENT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dash)
-
-    def rows() -> list[dict]:
-        for _ in range(10):  # moto's server can miss a key for a moment while it is replaced
-            try:
-                return [json.loads(x) for x in
-                        storage.read_text(f"{run}/metrics.jsonl").splitlines()]
-            except FileNotFoundError:
-                time.sleep(0.3)
-        return []
-
     deadline = time.time() + 600
-    while not storage.exists(f"{run}/checkpoints/iter_000002/controller.json"):
-        assert not client.get_job_status(first_id).is_terminal(), client.get_job_logs(first_id)[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.3)
-    stop = fresh_shell([RAY, "job", "stop", "--address", dash, first_id])
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert client.get_job_status(first_id) == JobStatus.STOPPED
-    assert rows(), storage.listdir(run)  # pushed with every row
-    seen_at_stop = max(2, rows()[-1]["iteration"])
-    acked = set(PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist())
-    assert acked
-    # a second job, its own working dir, resumes the run from the URI
-    submit(dash, second_id, "rlhf-ray", "train", "--resume", run, "--quiet")
-    while not rows() or rows()[-1]["iteration"] <= seen_at_stop:  # the new job's own rows
-        assert not client.get_job_status(second_id).is_terminal(), \
-            client.get_job_logs(second_id)[-3000:]
+    while not metrics_rows(run):  # the first iteration is done: every role is up
+        assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
         assert time.time() < deadline
         time.sleep(0.5)
     own_cluster["proc"].send_signal(signal.SIGUSR1)  # a rollout node is lost mid-run
     while "removed" not in json.loads(own_cluster["info_file"].read_text()):
         assert time.time() < deadline
         time.sleep(0.2)
-    status = client.get_job_status(second_id)
+    status = client.get_job_status(job_id)
     while not status.is_terminal() and time.time() < deadline:
         time.sleep(2)
-        status = client.get_job_status(second_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(second_id)[-4000:]}"
-    # one continuous run: the stopped job's rows after its checkpoint were superseded
-    done = rows()
-    assert [r["iteration"] for r in done] == list(range(1, len(done) + 1)), \
-        [(r["iteration"], r["env_steps"], r["time_s"]) for r in done]
+        status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, f"{status}: {client.get_job_logs(job_id)[-4000:]}"
+    done = metrics_rows(run)
+    assert [r["iteration"] for r in done] == list(range(1, len(done) + 1))
     assert done[-1]["env_steps"] >= 10000 and done[-1]["labels_total"] > 0
-    ids = PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist()
-    assert len(ids) == len(set(ids)) and acked <= set(ids)
     assert storage.is_file(f"{run}/final_eval.json")
     # each role on the node its placement names
     from ray.util.state import list_actors, list_nodes
@@ -188,3 +167,99 @@ def test_job_submit_on_s3_places_each_role_and_a_killed_job_is_resumed_by_anothe
     assert set(seen) == set(EXPECT), f"roles not found among actors: {set(EXPECT) - set(seen)}"
     wrong = {k: v for k, v in seen.items() if not all(v)}
     assert not wrong, f"roles on the wrong node: {wrong}"
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def readme_job_lines() -> str:
+    """The README's `ray job submit` block, from `export RAY_AUTH_MODE` to the last submit."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("export RAY_AUTH_MODE=token")
+    block = text[start:text.index("```", start)]
+    return "\n".join(line for line in block.splitlines() if not line.startswith("rlhf-ray cluster up"))
+
+
+def test_readme_job_commands_run_as_printed_on_a_ray_start_head_cluster(s3, tmp_path):
+    """A head started with `ray start --head` (token auth on, as Ray >= 2.59 does), and the
+    README's job lines run as printed -- HEAD and the bucket filled in -- from a fresh shell
+    (PATH and HOME only): the run is submitted, its job stopped after its first checkpoint,
+    and a second job -- a fresh working dir -- resumes it from the URI: one continuous run,
+    no acknowledged label lost or doubled.
+    Without the README's `export RAY_AUTH_MODE=token` the same client is refused."""
+    from rlhf_ray import storage
+    from rlhf_ray.store import PreferenceStore
+
+    gcs, dash, *agents = free_ports(7)
+    temp = Path(f"/tmp/rlhfh-{uuid.uuid4().hex[:6]}")  # short: raylet socket paths
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", '--resources={"rollout": 1}',
+         f"--temp-dir={temp}", f"--ray-client-server-port={agents[0]}",
+         f"--dashboard-agent-listen-port={agents[1]}", f"--dashboard-agent-grpc-port={agents[2]}",
+         f"--runtime-env-agent-port={agents[3]}", f"--metrics-export-port={agents[4]}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    bucket = s3("readme")
+    try:
+        deadline = time.time() + 120
+        while True:  # the head's job API answers a little after `ray start`
+            ok = fresh_shell(["bash", "-c", f"export RAY_AUTH_MODE=token; {RAY} job list "
+                              f"--address {address}"])
+            if ok.returncode == 0:
+                break
+            assert head.poll() is None and time.time() < deadline, ok.stdout + ok.stderr
+            time.sleep(2)
+        refused = fresh_shell([RAY, "job", "list", "--address", address])
+        assert refused.returncode != 0
+        assert "Authentication required" in refused.stdout + refused.stderr
+        script = readme_job_lines().replace("http://HEAD:8265", address)
+        script = script.replace("s3://bucket/rlhf", bucket).replace("ray job", f"{RAY} job")
+        export, *commands = script.replace("\\\n", " ").splitlines()
+        assert export.startswith("export RAY_AUTH_MODE=token") and len(commands) == 3, commands
+        log, run, acked = "", f"{bucket}/h1", set()
+        for i, command in enumerate(commands):
+            if i == 1:  # the user stops the job once it has run a while: after a checkpoint
+                while not storage.exists(f"{run}/checkpoints/iter_000002/controller.json"):
+                    assert time.time() < deadline + 600, log[-3000:]
+                    time.sleep(0.5)
+            if i == 2:  # stopped: what it had acknowledged
+                seen_at_stop = max(2, metrics_rows(run)[-1]["iteration"])
+                acked = set(PreferenceStore(f"{run}/preferences").labels()
+                            .column("query_id").to_pylist())
+                assert acked
+            out = subprocess.run(["bash", "-ec", f"{export}\n{command}"], capture_output=True,
+                                 text=True, timeout=900, cwd=REPO,
+                                 env={"PATH": env["PATH"], "HOME": os.environ["HOME"]})
+            log += out.stdout + out.stderr
+            assert out.returncode == 0, log[-4000:]
+        assert log.count("succeeded") == 1, log[-4000:]  # the job that resumed the run
+        # one continuous run: the stopped job's rows after its checkpoint were superseded,
+        # and no acknowledged label was lost or stored twice
+        rows = metrics_rows(run)
+        assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1)), \
+            [(r["iteration"], r["env_steps"], r["time_s"]) for r in rows]
+        assert len(rows) > seen_at_stop and rows[-1]["env_steps"] >= 8000
+        ids = PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist()
+        assert len(ids) == len(set(ids)) and acked <= set(ids)
+        assert storage.is_file(f"{run}/final_eval.json")
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the nodes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
