@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlhf_ray.config import (ConfigError, _read_source, apply_overrides, dump_config,
                              validate)
+from rlhf_ray import storage
 from rlhf_ray.roles import APP_PREFIXES, delete_app, init_ray, placement_plan, serve_apps
 
 SPEC_FILE = "rlhf_sweep.json"
@@ -253,10 +254,11 @@ def _run_llm_trial(cfg, run_dir: Path, trial_id: str, every: int, tune,
     # stay up, and this trial's rows stay (restores.jsonl says where each incarnation begins)
     ctl.resume_own = False
     ctl.on_metrics = _report_with_checkpoint(ctl, run_dir, every, tune)
-    shared_prefs = Path(spec_shared_root) / "preferences" if spec_shared_root else None
-    if shared_prefs is not None and shared_prefs.exists() and not (run_dir / "preferences").exists():
+    shared_prefs = storage.join(spec_shared_root, "preferences") if spec_shared_root else None
+    if shared_prefs is not None and storage.is_dir(shared_prefs) and \
+            not (run_dir / "preferences").exists():
         # trials start from the shared reward model and the labels it was fitted on
-        shutil.copytree(shared_prefs, run_dir / "preferences")
+        storage.download_dir(shared_prefs, run_dir / "preferences")
     resume_from = _restore_from_tune(run_dir, tune,
                                      {"kl": cfg.ppo.kl.model_dump(mode="json")})
     # a PBT exploit hands over the donor's checkpoint with mutated KL settings: the resumed
@@ -284,8 +286,9 @@ def _run_control_trial(cfg, run_dir: Path, trial_id: str, every: int, tune) -> N
 # ------------------------------------------------------------------------ the sweep
 
 
-def _shared_stages(sweep: SweepConfig, root: Path, progress: bool) -> dict[str, str]:
-    """llm: SFT and the first reward model once, so every trial starts from the same pair."""
+def _shared_stages(sweep: SweepConfig, root: str, progress: bool) -> dict[str, str]:
+    """llm: SFT and the first reward model once, so every trial starts from the same pair
+    (under the sweep folder, local or a URI)."""
     from rlhf_ray.train import train
 
     cfg = trial_config(sweep, {k: _first(v) for k, v in sweep.space.items()})
@@ -293,13 +296,13 @@ def _shared_stages(sweep: SweepConfig, root: Path, progress: bool) -> dict[str, 
         return {}
     if cfg.model.sft_path and cfg.model.reward_path:
         return {}
-    out = root / "shared"
-    if not (out / "reward_model" / "model.safetensors").exists():
+    out = storage.join(root, "shared")
+    if not storage.is_file(storage.join(out, "reward_model", "model.safetensors")):
         if progress:
             print("shared stages: SFT and the first reward model, once for all trials", flush=True)
-        train(cfg, run_dir=str(out), stages="rm", progress=False)
-    return {"model.sft_path": str((out / "sft").resolve()),
-            "model.reward_path": str((out / "reward_model").resolve())}
+        train(cfg, run_dir=out, stages="rm", progress=False)
+    return {"model.sft_path": storage.join(out, "sft"),
+            "model.reward_path": storage.join(out, "reward_model")}
 
 
 def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str | None = None,
@@ -308,16 +311,24 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
     from ray import tune
 
     if resume:
-        root = Path(resume)
-        spec_path = root / SPEC_FILE
-        if not spec_path.is_file():
+        root = storage.normalize(resume)
+        if storage.is_remote(root):
+            storage.check(root, "--resume")
+        spec_path = storage.join(root, SPEC_FILE)
+        if not storage.is_file(spec_path):
             raise ConfigError(f"--resume {resume}: not a sweep folder (no {SPEC_FILE})")
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(storage.read_text(spec_path))
         sweep = SweepConfig.model_validate(spec["sweep"])
     else:
         sweep = load_sweep(path, overrides)
-        root = Path(sweep.storage_path) / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = storage.normalize(sweep.storage_path)
+        if storage.is_remote(base):  # a bucket that is missing or refused: stop here
+            storage.check(base, "sweep.storage_path")
+        root = storage.join(base, f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         spec = {"sweep": sweep.model_dump(mode="json")}
+    if not storage.is_remote(root):
+        root = str(Path(root).resolve())
+        Path(root).mkdir(parents=True, exist_ok=True)
     cfg0 = trial_config(sweep, {k: _first(v) for k, v in sweep.space.items()})
     metric = _metric(sweep, cfg0)
     started = init_ray(cfg0)
@@ -327,20 +338,22 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
         from rlhf_ray.roles import ensure_serve_http
 
         ensure_serve_http(cfg0.labeler.host, cfg0.labeler.port)
-        root = root.resolve()
-        root.mkdir(parents=True, exist_ok=True)
         if "shared" not in spec:
             spec["shared"] = _shared_stages(sweep, root, progress)
-            spec["shared_root"] = str(root / "shared") if spec["shared"] else None
-        (root / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+            spec["shared_root"] = storage.join(root, "shared") if spec["shared"] else None
+        storage.write_text(storage.join(root, SPEC_FILE), json.dumps(spec, indent=1))
+        # Tune keeps trials, their checkpoints and (synced) run folders under root/tune
+        fs, tune_root = storage.filesystem(root)
+        remote = storage.is_remote(root)
+        fs_kw = {"storage_filesystem": fs} if remote else {}
         cfg0 = trial_config(sweep, {**{k: _first(v) for k, v in sweep.space.items()},
                                     **spec["shared"]})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec=spec),
             tune.PlacementGroupFactory(placement_plan(cfg0).bundles, strategy="PACK"))
         if resume:
-            tuner = tune.Tuner.restore(str(root / "tune"), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(f"{tune_root}/tune", trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True, **fs_kw)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -350,9 +363,11 @@ def run_sweep(path: str | None, overrides: list[str] | None = None, resume: str 
                     scheduler=_scheduler(sweep, cfg0), reuse_actors=False,
                     search_alg=_search(sweep)),
                 run_config=tune.RunConfig(
-                    name="tune", storage_path=str(root), verbose=1 if progress else 0,
+                    name="tune", storage_path=tune_root, verbose=1 if progress else 0,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                    failure_config=tune.FailureConfig(max_failures=0)))
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    # on a URI, each trial's run folder (metrics, TensorBoard) goes there too
+                    sync_config=tune.SyncConfig(sync_artifacts=remote), **fs_kw))
         apps_before = serve_apps()
         try:
             grid = tuner.fit()
@@ -394,9 +409,16 @@ def _scheduler(sweep: SweepConfig, cfg):
     return FIFOScheduler()
 
 
-def summarize(grid, sweep: SweepConfig, spec: dict, root: Path, metric: str,
+def summarize(grid, sweep: SweepConfig, spec: dict, root: str | Path, metric: str,
               progress: bool = True) -> dict:
-    """Console table, sweep_summary.csv, score_vs_kl.png and best_config.yaml."""
+    """Console table, sweep_summary.csv, score_vs_kl.png and best_config.yaml (in the sweep
+    folder, local or a URI)."""
+    with storage.writable_dir(str(root)) as out:
+        return _summarize(grid, sweep, spec, Path(out), metric, progress, str(root))
+
+
+def _summarize(grid, sweep: SweepConfig, spec: dict, out: Path, metric: str, progress: bool,
+               root: str) -> dict:
     keys = list(sweep.space)
     kl_key = "kl_mean"
     rows = []
@@ -416,20 +438,21 @@ def summarize(grid, sweep: SweepConfig, spec: dict, root: Path, metric: str,
     if not ok:
         raise RuntimeError(f"sweep {root}: no trial reported {metric}")
     best = (max if sweep.mode == "max" else min)(ok, key=lambda r: r[metric])
-    with open(root / "sweep_summary.csv", "w", newline="") as f:
+    with open(out / "sweep_summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     best_params = {k: best[k] for k in keys}
     cfg = trial_config(sweep, {**best_params, **spec.get("shared", {})})
-    (root / "best_config.yaml").write_text(dump_config(cfg))
-    _plot(grid, metric, kl_key, keys, root / "score_vs_kl.png")
+    (out / "best_config.yaml").write_text(dump_config(cfg))
+    _plot(grid, metric, kl_key, keys, out / "score_vs_kl.png")
     if progress:
         cols = ["trial", *keys, metric, kl_key, "iterations"]
         print("  ".join(f"{c:>22s}" for c in cols))
         for r in rows:
             print("  ".join(f"{_fmt(r[c]):>22s}" for c in cols))
-        print(f"best: {best['trial']} {metric}={_fmt(best[metric])}  ->  {root / 'best_config.yaml'}")
+        print(f"best: {best['trial']} {metric}={_fmt(best[metric])}  ->  "
+              f"{storage.join(root, 'best_config.yaml')}")
     return {"rows": rows, "best": best}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_ray import storage
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.store import PreferenceStore
 from rlhf_ray.sweep import load_sweep
@@ -54,22 +55,27 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(str(f))
 
 
-def _exploits(root: Path, section: str = "kl", key: str = "init_coef") -> list[tuple[Path, dict]]:
+def _exploits(root, section: str = "kl", key: str = "init_coef") -> list[tuple[Path, dict]]:
     """(trial run folder, record) for each restore whose setting (beta; control: PPO's
     kl_coeff) differs from its checkpoint's: a PBT exploit (Tune restoring a trial's own
-    checkpoint keeps it)."""
+    checkpoint keeps it). `root`: the sweep folder, local or a URI."""
     out = []
-    for f in sorted(root.glob("tune/*/run/restores.jsonl")):
-        for r in map(json.loads, f.read_text().splitlines()):
+    root = str(root)
+    for trial in storage.listdir(storage.join(root, "tune")):
+        f = storage.join(root, "tune", trial, "run", "restores.jsonl")
+        if not storage.is_file(f):
+            continue
+        for r in map(json.loads, storage.read_text(f).splitlines()):
             if r["settings_now"][section][key] != r["settings_before"][section][key]:
-                out.append((f.parent, r))
+                out.append((Path(storage.join(root, "tune", trial, "run")), r))
     return out
 
 
-def _interrupt_after_an_exploit_and_resume(path: Path, tmp_path: Path, ray_cluster, section: str,
-                                           key: str, name: str) -> Path:
+def _interrupt_after_an_exploit_and_resume(path: Path, base: str, ray_cluster, section: str,
+                                           key: str, name: str) -> str:
     """`rlhf-ray sweep` interrupted (SIGINT, as Ctrl-C) right after its first PBT exploit,
-    then `rlhf-ray sweep --resume DIR` to the end; returns the sweep folder."""
+    then `rlhf-ray sweep --resume DIR` to the end; returns the sweep folder (under `base`,
+    the sweep's storage_path: local or a URI)."""
     # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path), "--quiet"]
@@ -77,9 +83,9 @@ def _interrupt_after_an_exploit_and_resume(path: Path, tmp_path: Path, ray_clust
     root = None
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "sweeps").glob(f"{name}-*"))
-        if found and _exploits(found[0], section, key):
-            root = found[0]
+        found = [n for n in storage.listdir(base) if n.startswith(f"{name}-")]
+        if found and _exploits(storage.join(base, found[0]), section, key):
+            root = storage.join(base, found[0])
             break
         time.sleep(0.5)
     assert root is not None, proc.communicate()[0][-3000:]
@@ -89,26 +95,35 @@ def _interrupt_after_an_exploit_and_resume(path: Path, tmp_path: Path, ray_clust
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", str(root),
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", "--resume", root,
                           "--quiet"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root
 
 
 def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
-                 **spec) -> Path:
+                 storage_path: str | None = None, **spec) -> Path:
     """A two-trial PBT sweep over a KL setting (`key`, its checkpoint section `section`):
     trials at 0.01 and 2.0, ranked by the KL coefficient itself (kl_coef, max) so the 0.01
     trial is the one that clones, perturbation every 2 iterations; interrupted after its
-    first exploit and resumed (`_interrupt_after_an_exploit_and_resume`)."""
+    first exploit and resumed (`_interrupt_after_an_exploit_and_resume`). With a URI
+    `storage_path` the sweep folder lives there; it is then downloaded and its local copy
+    returned, for the same checks."""
+    base = storage_path or str(tmp_path / "sweeps")
     path = sweep_file(
         tmp_path, name=name, space={key: {"loguniform": [0.001, 10.0]}},
         initial_points=[{key: 0.01}, {key: 2.0}],
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                   "resample_probability": 0.0}, **spec)
-    return _interrupt_after_an_exploit_and_resume(path, tmp_path, ray_cluster, section,
+                   "resample_probability": 0.0}, storage_path=base, **spec)
+    root = _interrupt_after_an_exploit_and_resume(path, base, ray_cluster, section,
                                                   key.rsplit(".", 1)[-1], name)
+    if not storage.is_remote(root):
+        return Path(root)
+    assert not list(tmp_path.glob("sweeps")), "a URI sweep wrote a local sweep folder"
+    local = tmp_path / "downloaded" / storage.name(root)
+    storage.download_dir(root, local)
+    return local
 
 
 def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster, tmp_path):
@@ -171,16 +186,19 @@ CONTROL_TINY = [  # hopper-smoke, 5 iterations of 1,000 steps; two trials on the
 
 
 def test_control_pbt_exploit_copies_the_whole_state_and_an_interrupted_sweep_resumes(
-        ray_cluster, tmp_path):
+        ray_cluster, s3, tmp_path):
     """The control workload under PBT: 2 trials of the Hopper smoke preset side by side,
     PPO's KL coefficient 0.01 and 2.0, ranked by it (kl_coef, max), perturbation every 2
     iterations. Trials checkpoint through Tune: the exploiting trial takes its donor's whole
     state -- RLlib's policy and optimizer, the reward ensemble with its normalizers, the label
     schedule's position, the query pool, the label store -- and continues from the donor's
     env steps with a mutated KL coefficient. Interrupted right after that, `rlhf-ray sweep
-    --resume` finishes every trial from its checkpoint."""
+    --resume URI` finishes every trial from its checkpoint. The sweep folder -- Tune's trials
+    and checkpoints, each trial's run folder, the summary -- is on a real S3-protocol server
+    (sweep.storage_path=s3://...); the checks below read a downloaded copy of it."""
     root = _pbt_over_kl(tmp_path, ray_cluster, "cpbt", "ppo.kl_coeff", "ppo",
-                        base="hopper-smoke", overrides=CONTROL_TINY)
+                        storage_path=f"{s3('sweeps')}/team", base="hopper-smoke",
+                        overrides=CONTROL_TINY)
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(r["kl_coef"] not in ("", "None") for r in rows), rows
     for d in (root / "tune").iterdir():  # every trial ran to its env-step budget
