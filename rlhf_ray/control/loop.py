@@ -27,7 +27,7 @@ import numpy as np
 
 from rlhf_ray import storage
 from rlhf_ray.control import envs
-from rlhf_ray.control.rllib_glue import build_ppo_config, kl_coeffs, set_kl_coeffs
+from rlhf_ray.control.rllib_glue import build_ppo_config, kl_coeffs, reset_lrs, set_kl_coeffs
 from rlhf_ray.controller import RunController
 from rlhf_ray.core.query_selection import select_queries
 from rlhf_ray.core.schedule import LabelSchedule
@@ -284,6 +284,7 @@ class Controller(RunController):
             "true_return_mean": clean(ret), "episode_len_mean": clean(ep_len),
             "kl_mean": clean(find_metric(result, "mean_kl_loss")),
             "kl_coef": clean(find_metric(result, "curr_kl_coeff")),
+            "lr": clean(find_metric(result, "default_optimizer_learning_rate")),
             "time_s": self.elapsed_s(),
             "ppo_iteration_s": round(t1 - t0, 3), "labeling_s": round(t2 - t1, 3),
             "sample_s": clean(find_metric(timers, "env_runner_sampling_timer")),
@@ -345,6 +346,7 @@ class Controller(RunController):
 
         state = self.load_state(ckpt)
         self.algo.restore_from_path(storage.local_dir(storage.join(ckpt, "algo")))
+        reset_lrs(self.algo)  # ppo.lr as configured now, not as the restored optimizer had it
         before = (state.get("ppo_settings") or {}).get("kl_coeff", self.cfg.ppo.kl_coeff)
         if state.get("kl_coeffs") and before == self.cfg.ppo.kl_coeff:
             set_kl_coeffs(self.algo, state["kl_coeffs"])

@@ -284,3 +284,16 @@ def set_kl_coeffs(algo, coeffs: dict[str, float]) -> None:
         return True
 
     algo.learner_group.foreach_learner(put)
+
+
+def reset_lrs(algo) -> None:
+    """Every optimizer's learning rate from this run's config (its scheduler's current value).
+    A restored optimizer state carries the checkpoint's rate; RLlib puts the configured one
+    back only after the next update, so without this a resumed run with another `ppo.lr` (a
+    PBT mutation, an override on resume) would take its first update at the old rate."""
+    def put(learner):
+        for optimizer, schedule in learner._optimizer_lr_schedules.items():
+            learner._set_optimizer_lr(optimizer, schedule.get_current_value())
+        return True
+
+    algo.learner_group.foreach_learner(put)

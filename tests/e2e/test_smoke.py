@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from rlhf_ray.config import load_config
 from rlhf_ray.train import train
@@ -81,10 +82,10 @@ def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_c
     ckpt = f"{run}/checkpoints/iter_000002"
     state = json.loads(storage.read_text(ckpt + "/controller.json"))
     assert state["kl_coeffs"] and storage.is_dir(ckpt + "/pool")
-    # 3. resumed from the checkpoint on S3
+    # 3. resumed from the checkpoint on S3, with another learning rate (as a PBT mutation)
     env, cwd = job(3)
-    out = subprocess.run([*cli, "--resume", run], env=env, cwd=cwd, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([*cli, "--resume", run, "ppo.lr=0.0001"], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert os.listdir(cwd) == []
     assert_own_lines_only(out, run)  # Ray's, RLlib's and Serve's lines are in its driver.log
@@ -107,6 +108,9 @@ def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_c
     ratio = first["kl_coeff"] / state["kl_coeffs"]["default_policy"]
     assert min(abs(ratio - f) for f in (0.5, 1.0, 1.5)) < 1e-3, ratio
     assert first["rm_version"] >= state["reward_trainer"]["version"]
+    # the new learning rate, not the restored optimizer's
+    assert rows[0]["lr"] == pytest.approx(cfg.ppo.lr) != pytest.approx(1e-4)
+    assert all(r["lr"] == pytest.approx(1e-4) for r in rows[n:]), [r["lr"] for r in rows]
     # labels accumulate and end at the budget: every label acknowledged before either kill
     # is there, none twice
     labels = [r["labels_total"] for r in rows]
