@@ -258,11 +258,10 @@ def ensure_serve_http(host: str = "127.0.0.1", port: int = 8000) -> tuple[str, i
     from ray import serve
 
     from rlhf_ray import console
+    from rlhf_ray.local_cluster import free_port
 
     if not _serve_running() and not port_free(host, port):
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            sock.bind((host, 0))
-            free = sock.getsockname()[1]
+        free = free_port(host)
         console.note(f"port {port} on {host} is taken (another Ray cluster's Serve?): "
                      f"this cluster's Serve listens on {free}")
         port = free

@@ -4,7 +4,8 @@ batch one cheap call asks the weight store for a newer version, which is swapped
 replica restart); every response carries the version that produced it; `info()` for tests
 and metrics. A request may pin a version (`pinned_version` before a call of many requests):
 a replica that has already moved past it scores that request with the pinned weights, which
-the weight store keeps, so one call's scores never mix versions across replicas. A subclass says how to load weights and how to score one merged batch.
+the weight store keeps, so one call's scores never mix versions across replicas. A subclass
+says how to load weights and how to score one merged batch.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class VersionedScorer:
             if version < self.version:
                 await self._weights_of(version)
         if rows >= DIRECT_ROWS:
-            if version is None or version != self.version:  # pinned to what it has: no call
+            if version is None:  # a pinned one was brought to its version above
                 await self._refresh()
             return (await self._run([(payload, version)]))[0]
         return await self._score_batch((payload, version))

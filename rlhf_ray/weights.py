@@ -20,13 +20,12 @@ class WeightStore:
     def __init__(self, keep: int = 3) -> None:
         self.keep = max(1, int(keep))
         self.version = 0
-        self.weights: dict[str, np.ndarray] | None = None
         self.kept: dict[int, dict[str, np.ndarray]] = {}
 
     def publish(self, version: int, weights: dict[str, np.ndarray]) -> int:
         if version <= self.version:
             return self.version  # stale publish: ignore, never go backwards
-        self.version, self.weights = version, weights
+        self.version = version
         self.kept[version] = weights
         for old in sorted(self.kept)[:-self.keep]:
             del self.kept[old]
@@ -36,8 +35,8 @@ class WeightStore:
         return self.version
 
     def get_if_newer(self, version: int) -> tuple[int, dict[str, np.ndarray]] | None:
-        if self.version > version and self.weights is not None:
-            return self.version, self.weights
+        if self.version > version and self.version in self.kept:
+            return self.version, self.kept[self.version]
         return None
 
     def get(self, version: int) -> dict[str, np.ndarray] | None:

@@ -174,7 +174,6 @@ class Controller(RunController):
             self.spec, cfg.reward_model, cfg.seed, cfg.run.torch_threads)
         self.feedback.attach(trainer, weights)
         self.actors += [trainer, self.pool, weights]
-        self.weights = weights
         self.rm_handle = serve_rm.deploy(
             self.spec, app_name=names.reward_app, weight_store=names.weights,
             namespace=ray.get_runtime_context().namespace, serve_cfg=place.reward_model,
@@ -268,7 +267,7 @@ class Controller(RunController):
         cand = ray.get(self.pool.sample.remote(cand_n))
         if cand is None or len(cand) < 2:
             return
-        returns = (segment_returns(self.rm_handle, cand, version=pinned_version(self.weights))
+        returns = (segment_returns(self.rm_handle, cand, version=pinned_version(self.feedback.weight_store))
                    if method == "variance" else np.zeros((1, len(cand))))
         pairs = select_queries(returns, n, cfg.labels.oversampling, self.rng, method)
         self.feedback.ask(len(pairs), cand.take(pairs[:, 0]), cand.take(pairs[:, 1]))

@@ -51,8 +51,6 @@ def check_page(url: str, token: str, app_name: str, timeout_s: float = 60.0) -> 
     import urllib.request
 
     status_url = url.split("?", 1)[0] + "api/status"
-    if "://0.0.0.0:" in status_url or "://[::]:" in status_url:
-        status_url = status_url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
     deadline, why = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
         req = urllib.request.Request(status_url, headers={"X-Token": token})
