@@ -131,7 +131,8 @@ def app_builder(args: dict):
     """Serve application builder for `serve deploy serve/reward_model.yaml`.
 
     args: `weights` (a checkpoint's reward_model.safetensors), optional `max_batch_size`,
-    `batch_wait_timeout_s`, `num_replicas`, `num_cpus`, `num_gpus`, `torch_threads`.
+    `batch_wait_timeout_s`, `num_replicas` or `autoscaling` (min/max/initial replicas,
+    target ongoing requests, delays), `num_cpus`, `num_gpus`, `torch_threads`.
     """
     path = args.get("weights")
     if not path:

@@ -40,7 +40,7 @@ def scripted_human(url: str, name: str, stop: threading.Event, answered: list, l
 def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_http, tmp_path):
     host, port = serve_http
     cfg = load_config("hopper-smoke", ["labeler.source=mixed", "labeler.deadline_s=4",
-                                       "run.total_env_steps=16000",
+                                       "run.total_env_steps=12000",
                                        f"labeler.port={port}", *FAST_CLIPS])
     run_dir = tmp_path / "run"
     stop, answered = threading.Event(), []

@@ -102,13 +102,13 @@ def _interrupt_after_an_exploit_and_resume(path: Path, base: str, ray_cluster, s
 
 
 def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
-                 storage_path: str | None = None, **spec) -> Path:
+                 storage_path: str | None = None, interrupt: bool = True, **spec) -> Path:
     """A two-trial PBT sweep over a KL setting (`key`, its checkpoint section `section`):
     trials at 0.01 and 2.0, ranked by the KL coefficient itself (kl_coef, max) so the 0.01
-    trial is the one that clones, perturbation every 2 iterations; interrupted after its
-    first exploit and resumed (`_interrupt_after_an_exploit_and_resume`). With a URI
-    `storage_path` the sweep folder lives there; it is then downloaded and its local copy
-    returned, for the same checks."""
+    trial is the one that clones, perturbation every 2 iterations; with `interrupt`,
+    interrupted after its first exploit and resumed (`_interrupt_after_an_exploit_and_resume`).
+    With a URI `storage_path` the sweep folder lives there; it is then downloaded and its
+    local copy returned, for the same checks."""
     base = storage_path or str(tmp_path / "sweeps")
     path = sweep_file(
         tmp_path, name=name, space={key: {"loguniform": [0.001, 10.0]}},
@@ -116,8 +116,15 @@ def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
                    "resample_probability": 0.0}, storage_path=base, **spec)
-    root = _interrupt_after_an_exploit_and_resume(path, base, ray_cluster, section,
-                                                  key.rsplit(".", 1)[-1], name)
+    if interrupt:
+        root = _interrupt_after_an_exploit_and_resume(path, base, ray_cluster, section,
+                                                      key.rsplit(".", 1)[-1], name)
+    else:  # the sweep process joins the session's cluster, as `ray job submit` entrypoints do
+        env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+        out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path),
+                              "--quiet"], env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        [root] = [storage.join(base, n) for n in storage.listdir(base) if n.startswith(f"{name}-")]
     if not storage.is_remote(root):
         return Path(root)
     assert not list(tmp_path.glob("sweeps")), "a URI sweep wrote a local sweep folder"
@@ -126,21 +133,22 @@ def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
     return local
 
 
-def test_pbt_exploit_interrupted_sweep_resumes_and_exports_a_config(ray_cluster, tmp_path):
+def test_llm_pbt_exploit_copies_the_whole_state_and_exports_a_config(ray_cluster, tmp_path):
     """A tiny PBT sweep over beta: 2 trials of the smoke preset side by side (0.01 and 2.0),
     5 iterations, perturbation every 2. Ranked by beta itself (kl_coef, max), so the 0.01
     trial is the one that clones, whatever the tiny runs' scores do. At a perturbation step
     the worse trial takes the better one's checkpoint -- policy, critic, reward model, KL
     controller, label store -- and continues from the donor's iteration with a mutated beta.
-    `rlhf-ray sweep` is interrupted (SIGINT, as Ctrl-C) right after that exploit; `rlhf-ray
-    sweep --resume DIR` finishes every trial. Each reported its own beta and the metric; the
-    exported best config is the one its trial trained with."""
+    Each reported its own beta and the metric; the exported best config is the one its trial
+    trained with. (An interrupted sweep resuming from its folder, which is the same code for
+    both workloads, is the control test's below.)"""
     # Trials checkpoint every iteration (run.checkpoint_every=1), so at the 0.01 trial's
     # perturbation step its donor always has a checkpoint to hand over, whichever trial runs
     # ahead (with checkpoints only at perturbation steps that was a coin flip when the tiny
     # trials run in lockstep, measured)
     root = _pbt_over_kl(tmp_path, ray_cluster, "pbt", "ppo.kl.init_coef", "kl",
-                        overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"])
+                        overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"],
+                        interrupt=False)
     # every trial finished and reported the metric; each started from its own beta
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows)

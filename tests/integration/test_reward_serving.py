@@ -106,13 +106,28 @@ def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
     ServeDeploySchema.model_validate(conf)  # Serve's own schema
     path = str(tmp_path / "rm.safetensors")
     save_weights(path, {k: torch.as_tensor(v) for k, v in constant_weights(-1.5).items()}, SPEC, 11)
+    # the file's autoscaling settings, starting at 2 replicas (a fixed deployment has 1)
     args = dict(conf["applications"][0]["args"], weights=path, num_cpus=0.25)
+    assert args["autoscaling"]["max_replicas"] > 1 and "num_replicas" not in args
+    args["autoscaling"] = dict(args["autoscaling"], min_replicas=1, max_replicas=2,
+                               initial_replicas=2)
     handle = serve.run(app_builder(args), name="rm-from-ckpt", route_prefix="/rm-from-ckpt")
     try:
         res = handle.score.remote(np.zeros((3, 5), np.float32), np.zeros((3, 2), np.float32)).result()
         assert res["version"] == 11 and np.allclose(res["reward"], -1.5)
+        deps = serve.status().applications["rm-from-ckpt"].deployments
+        assert [d.replica_states.get("RUNNING") for d in deps.values()] == [2]
     finally:
         serve.delete("rm-from-ckpt")
+    # bad settings: one line naming the key, before anything is deployed
+    for bad, match in (({"min_replicas": 3, "max_replicas": 2}, "args.autoscaling: .*min_replicas 3"),
+                       ({"max_replicas": 0}, "args.autoscaling.max_replicas: "),
+                       ({"max_replica": 2}, "args.autoscaling.max_replica: ")):
+        with pytest.raises(ValueError, match=match) as err:
+            app_builder(dict(args, autoscaling=bad))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="num_replicas or args.autoscaling, not both"):
+        app_builder(dict(args, num_replicas=2))
 
 
 def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
