@@ -7,8 +7,8 @@ paths. S3 takes its endpoint, region and credentials from the environment as the
 `AWS_SECRET_ACCESS_KEY`), so every process of a run -- on any node -- opens the same bucket.
 
 Roles never hold a remote folder open: `writable_dir(target)` gives a local folder to write
-into and uploads it on exit; `local_dir(source)` downloads a remote folder once per process
-(checkpoints and models are immutable once written) and returns where it lies. For local
+into and uploads it on exit; `local_dir(source)` downloads a remote folder once per machine
+and version of its files (a folder written again is downloaded again) and returns where it lies. For local
 locations both are the location itself, so local runs copy nothing.
 """
 
@@ -245,14 +245,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHF_RAY_CACHE", Path.home() / ".cache" / "rlhf-ray")) / "remote"
 
 
+def _cache_path(loc: str) -> Path:
+    """Where the copy of `loc` as it is now lies: keyed by the location and by its files'
+    sizes and modification times, so a location written again (a run's `final` checkpoint
+    after a resume, a bucket made anew under an old name) is downloaded again, never read
+    stale from an earlier copy."""
+    fs, path = filesystem(loc)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        files = [("", info.size, info.mtime_ns)]
+    else:
+        files = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(
+            pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File)
+    key = hashlib.sha1(loc.encode()).hexdigest()[:16]
+    version = hashlib.sha1(repr(files).encode()).hexdigest()[:12]
+    return cache_root() / f"{key}-{version}-{name(loc)}"
+
+
 def local_dir(source: str) -> str:
     """A local folder with `source`'s files: the folder itself where it is local, else a copy
-    downloaded once per machine (what a remote run's checkpoints and models hold never
-    changes once written)."""
+    downloaded once per machine and version of its files."""
     if not is_remote(source):
         return normalize(source)
     loc = normalize(source)
-    dest = cache_root() / (hashlib.sha1(loc.encode()).hexdigest()[:16] + "-" + name(loc))
+    dest = _cache_path(loc)
     done = dest / ".rlhf-ray-complete"
     if not done.exists():
         tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=_mkdir(cache_root())))
@@ -266,11 +283,11 @@ def local_dir(source: str) -> str:
 
 
 def local_file(source: str) -> str:
-    """A local path of one file (downloaded beside its folder's cache where remote)."""
+    """A local path of one file (downloaded once per machine and version where remote)."""
     if not is_remote(source):
         return normalize(source)
     loc = normalize(source)
-    dest = cache_root() / (hashlib.sha1(loc.encode()).hexdigest()[:16] + "-" + name(loc))
+    dest = _cache_path(loc)
     if not dest.exists():
         _mkdir(cache_root())
         tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")

@@ -21,8 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_cluster, tmp_path):
-    """The three stages on SmolLM2-135M with LoRA on its top blocks, then `--resume` for one
-    more iteration from the adapters of the final checkpoint."""
+    """The three stages on SmolLM2-135M with LoRA on its top blocks."""
     run = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "smollm2-reviews-smoke",
@@ -74,14 +73,6 @@ def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_clust
     report(str(run))
     md = (run / "report.md").read_text(encoding="utf-8")
     assert "| yardstick |" in md and "final continuation" in md and "learner_0" in md
-    # resumed: the learner and the generation worker rebuild the policy from the adapters
+    # the adapters a resume rebuilds the policy from (a resume with adapters runs in
+    # test_llm_smoke's S3 test, on the tiny model)
     assert (run / "final" / "policy_adapter" / "adapter_config.json").exists()
-    again = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "--resume", str(run),
-                            "run.iterations=3"], env=env, capture_output=True, text=True,
-                           timeout=900)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    more = read_metrics(run)
-    assert [r["iteration"] for r in more] == [1, 2, 3]
-    assert more[2]["policy_version"] == 3 and more[2]["sample_policy_versions"] == [2]
-    assert more[2]["labels_total"] == last["labels_total"] + 1
-    assert more[2]["sft_eval_score_mean"] == last["sft_eval_score_mean"]

@@ -89,8 +89,8 @@ TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
 
 
 def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, s3, tmp_path):
-    """`rlhf-ray train llm-tiny-smoke --run-dir s3://...`, then `rlhf-ray train --resume
-    s3://...` from another working dir with another cache (another node, as far as the run
+    """`rlhf-ray train llm-tiny-smoke --run-dir s3://...` (PPO with LoRA), then `rlhf-ray
+    train --resume s3://...` from another working dir with another cache (another node, as far as the run
     can tell), on a real S3-protocol server: the SFT model, the reward model and every
     checkpoint are written by the roles straight to the bucket and read back from it; the
     resumed run reopens the same preference store and counts every ranking in it (the LLM
@@ -117,7 +117,10 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
         log = run + "/driver.log"
         return storage.read_text(log)[-3000:] if storage.exists(log) else ""
 
-    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY], **job(1))
+    # PPO with LoRA adapters (as the real-model presets train): the resume rebuilds the
+    # learner's and the generation worker's policy from the final checkpoint's adapters
+    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY, "model.lora.r=4"],
+                           **job(1))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:] + log_tail()
     assert_own_lines_only(first, run)
     assert f"run folder: {run}" in first.stderr and f"done: {run}" in first.stdout
@@ -126,6 +129,7 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
     for sub in ("sft", "reward_model", "final/policy", "final/critic", "final/reward_model"):
         assert storage.is_file(f"{run}/{sub}/model.safetensors"), sub
+    assert storage.is_file(f"{run}/final/policy_adapter/adapter_config.json")
     assert os.listdir(tmp_path / "job1") == []
 
     again = subprocess.run([*cli, "--resume", run, "run.iterations=3"], **job(2))

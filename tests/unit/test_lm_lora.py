@@ -64,9 +64,15 @@ def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path, top)
     learner.save(str(tmp_path), tiny_path)
     merged = load_policy(str(tmp_path / "policy")).eval()
     assert torch.allclose(_logits(merged, ids), trained, atol=1e-5)
-    again = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id, lora=lora,
-                       adapter_path=str(tmp_path / "policy_adapter"), train_top_layers=top)
+    # resumed as a run resumes: adapters, the checkpoint's critic and both optimizers' moments
+    again = PPOLearner(0, 1, tiny_path, str(tmp_path / "critic"), ppo,
+                       pad_id=gen.tok.pad_token_id, lora=lora,
+                       adapter_path=str(tmp_path / "policy_adapter"), train_top_layers=top,
+                       state_path=str(tmp_path / "optimizer.pt"))
+    assert again.version == 1 and again.opt.state_dict()["state"]
     assert torch.allclose(_logits(again.policy.eval(), ids), trained, atol=1e-5)
+    assert again.step({**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)},
+                      0.1)["policy_version"] == 2
     resumed = HFGenerationWorker(tiny_path, {"max_new_tokens": 6}, lora=lora,
                                  adapter_path=str(tmp_path / "policy_adapter"),
                                  train_top_layers=top)

@@ -42,6 +42,18 @@ def test_files_folders_and_copies(where, tmp_path):
     assert open(os.path.join(local, "w.bin"), "rb").read() == b"\x00\x01" * 1000
     assert storage.local_dir(storage.join(where, "ckpt", "policy")) == local
     assert open(storage.local_file(storage.join(where, "ckpt", "controller.json"))).read() == "{}"
+    # a folder written again (a run's `final` after a resume, a bucket made anew under an old
+    # name) is read as it is now, never from the earlier copy
+    time.sleep(1.1)  # object stores keep modification times to the second
+    with storage.writable_dir(storage.join(where, "ckpt")) as d:
+        os.makedirs(os.path.join(d, "policy"), exist_ok=True)
+        with open(os.path.join(d, "policy", "w.bin"), "wb") as f:
+            f.write(b"\x02" * 10)
+        with open(os.path.join(d, "controller.json"), "w") as f:
+            f.write('{"v": 2}')
+    again = storage.local_dir(storage.join(where, "ckpt", "policy"))
+    assert open(os.path.join(again, "w.bin"), "rb").read() == b"\x02" * 10
+    assert open(storage.local_file(storage.join(where, "ckpt", "controller.json"))).read() == '{"v": 2}'
     # a block that fails uploads nothing
     with pytest.raises(RuntimeError):
         with storage.writable_dir(storage.join(where, "broken")) as d:
