@@ -214,12 +214,16 @@ def retry_call(request, patience_s: float = 120.0, timeout_s: float = 120.0):
 # ------------------------------------------------------------------------------ Serve
 
 
+def replica_options(autoscaling, num_replicas: int) -> dict:
+    """Serve's replicas: `autoscaling_config` from `AutoscalingSettings`, or a fixed number."""
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling.model_dump(exclude_none=True)}
+    return {"num_replicas": num_replicas}
+
+
 def deployment_options(serve_cfg) -> dict:
     """`serve.deployment(...).options(...)` from `placement.reward_model`."""
-    scale = getattr(serve_cfg, "autoscaling", None)
-    replicas = ({"autoscaling_config": scale.model_dump(exclude_none=True)} if scale is not None
-                else {"num_replicas": serve_cfg.num_replicas})
-    return {**replicas,
+    return {**replica_options(getattr(serve_cfg, "autoscaling", None), serve_cfg.num_replicas),
             "max_ongoing_requests": serve_cfg.max_ongoing_requests,
             "max_queued_requests": serve_cfg.max_queued_requests,
             "ray_actor_options": actor_options(serve_cfg)}

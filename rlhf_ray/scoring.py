@@ -138,6 +138,8 @@ def standalone(server_cls, name: str, args: dict, bind_args: tuple):
     """A scorer with fixed weights for `serve deploy` (no weight store): replicas and
     resources from the application's `args` (`num_replicas`, or `autoscaling` with the keys
     of `placement.reward_model.autoscaling`; `num_cpus`, `num_gpus`)."""
+    from rlhf_ray.roles import replica_options
+
     scale = args.get("autoscaling")
     if scale is not None:
         from pydantic import ValidationError
@@ -147,17 +149,14 @@ def standalone(server_cls, name: str, args: dict, bind_args: tuple):
         if "num_replicas" in args:
             raise ValueError(f"{name}: set args.num_replicas or args.autoscaling, not both")
         try:
-            replicas = {"autoscaling_config": AutoscalingSettings.model_validate(scale)
-                        .model_dump(exclude_none=True)}
+            scale = AutoscalingSettings.model_validate(scale)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             raise ValueError(f"{name}: args.autoscaling{'.' + where if where else ''}: "
                              f"{err['msg']}") from None
-    else:
-        replicas = {"num_replicas": int(args.get("num_replicas", 1))}
     dep = serve.deployment(server_cls, name=name).options(
-        **replicas, ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
+        **replica_options(scale, int(args.get("num_replicas", 1))), ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
                                        "num_gpus": float(args.get("num_gpus", 0))})
     return dep.bind(*bind_args)
 
