@@ -11,9 +11,13 @@ Per run: the final policy's true return on fresh episodes (`run.final_eval_episo
 at the policy's mean; RUN/final_eval.json), the area under the learning curve (mean true
 episode return over the iterations), env steps per second, and the machine's load while it
 ran. Per env and variant: each seed's value, the mean, and the return ratio RLHF / true reward
-with a 95% percentile-bootstrap interval (seeds of the two resampled independently). Over
-envs, per variant: the interquartile mean of the normalized final return (each run / the
-true-reward mean of its env) with rliable's stratified bootstrap interval (rlhf_ray.core.stats).
+over a random policy's return (`(RLHF - random) / (true reward - random)`: 1 is the true
+reward's return, 0 a random policy's; a plain ratio means nothing where returns are negative,
+as on Reacher) with a 95% percentile-bootstrap interval (seeds of the two resampled
+independently). The random policy's return is measured once per env (uniform actions, the
+preset's env settings, 10 episodes) and kept in the record. Over envs, per variant: the
+interquartile mean of the normalized final return (each run on the same scale) with rliable's
+stratified bootstrap interval (rlhf_ray.core.stats).
 Throughput ratios count only runs that had the machine to themselves (`alone`: mean 1-minute
 load under cores + 1.5 while it ran; the record keeps the load).
 
@@ -85,6 +89,30 @@ def run_one(preset: str, overrides: list[str]) -> dict:
             "alone": mean_load < cpus + 1.5}
 
 
+def random_return(preset: str, episodes: int = 10, seed: int = 12345) -> dict:
+    """A uniformly random policy's true return in the preset's env (its time limit and
+    termination settings): the floor of the normalized scores."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.control.envs import make_env
+
+    cfg = load_config(preset)
+    env = make_env({**cfg.env.model_dump(), "_rlhf_info": False})
+    env.action_space.seed(seed)
+    returns = []
+    try:
+        for i in range(episodes):
+            env.reset(seed=seed + i)
+            total, done = 0.0, False
+            while not done:
+                _, r, term, trunc, _ = env.step(env.action_space.sample())
+                total += float(r)
+                done = term or trunc
+            returns.append(total)
+    finally:
+        env.close()
+    return {"episodes": episodes, "returns": returns, "mean": statistics.fmean(returns)}
+
+
 def summarize(res: dict, window: int) -> dict:
     rows = res["rows"]
     rets = [r["true_return_mean"] for r in rows if r.get("true_return_mean") is not None]
@@ -112,8 +140,9 @@ def variants(labels: list[int], ablations: bool) -> dict[str, list[str]]:
     return out
 
 
-def env_summary(runs: dict[str, dict]) -> dict:
-    """Per variant: seeds' values, means with intervals, ratios to the true reward."""
+def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
+    """Per variant: seeds' values, means with intervals, ratios to the true reward over
+    `floor` (the random policy's return)."""
     from rlhf_ray.core.stats import mean_ci, ratio_ci
 
     def values(variant: str, key: str) -> list[float]:
@@ -130,8 +159,8 @@ def env_summary(runs: dict[str, dict]) -> dict:
                "final_return_mean": mean_ci(fin), "auc_return": auc,
                "auc_return_mean": mean_ci(auc)}
         if variant != TRUE and base:
-            row["return_ratio"] = ratio_ci(fin, base)
-            row["auc_ratio"] = ratio_ci(auc, base_auc)
+            row["return_ratio"] = ratio_ci(fin, base, floor=floor)
+            row["auc_ratio"] = ratio_ci(auc, base_auc, floor=floor)
             row["throughput_ratio"] = (statistics.fmean(sps) / statistics.fmean(base_sps)
                                        if sps and base_sps else None)
             row["throughput_runs_alone"] = [len(sps), len(base_sps)]
@@ -140,8 +169,8 @@ def env_summary(runs: dict[str, dict]) -> dict:
 
 
 def aggregate(record: dict) -> dict:
-    """Per RLHF variant, over envs: IQM of final returns normalized by the env's true-reward
-    mean, with the stratified bootstrap interval (needs every env to have the variant)."""
+    """Per RLHF variant, over envs: IQM of final returns normalized per env ((run - random)
+    / (true-reward mean - random)), with the stratified bootstrap interval."""
     from rlhf_ray.core.stats import iqm_ci
 
     out = {}
@@ -154,8 +183,9 @@ def aggregate(record: dict) -> dict:
             runs = e["runs"].get(variant)
             if not base or not runs:
                 continue
+            lo = e.get("random_return", {}).get("mean", 0.0)
             b = statistics.fmean(base)
-            per_env.append([r["final_return"] / b for r in runs.values()])
+            per_env.append([(r["final_return"] - lo) / (b - lo) for r in runs.values()])
         if per_env:
             out[variant] = {"envs": len(per_env), **iqm_ci(per_env)}
     return out
@@ -188,26 +218,33 @@ def plot(record: dict, path: Path) -> None:
                     rr = summary["return_ratio"]
                     label += f": {rr['ratio']:.2f} [{rr['ci95'][0]:.2f}, {rr['ci95'][1]:.2f}]"
                 ax.plot(xs, ys, color=color, lw=2 if name == TRUE else 1.4, label=label)
+        rand = record["envs"][env].get("random_return")
+        if rand:
+            ax.axhline(rand["mean"], color="gray", ls=":", lw=1, label="random policy")
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylabel("true episode return")
         ax.legend(fontsize=7)
-    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward (final-return ratio "
-                 "[95% bootstrap interval] in the legend)")
+    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward (final return over a "
+                 "random policy's, as a ratio [95% bootstrap interval], in the legend)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def finish(record: dict, out: Path, tag: str) -> None:
-    for e in record["envs"].values():
-        e["summary"] = env_summary(e["runs"])
+    for env, e in record["envs"].items():
+        if "random_return" not in e:  # a record from before the floor
+            e["random_return"] = random_return(PRESETS[env])
+        e["summary"] = env_summary(e["runs"], e["random_return"]["mean"])
     record["aggregate"] = aggregate(record)
     json_path = out / f"{tag}.json"
     json_path.write_text(json.dumps(record, indent=1))
     plot(record, out / f"{tag}.png")
-    print("\nfinal true return, RLHF / true-reward PPO, with 95% bootstrap intervals over seeds")
+    print("\nfinal true return, (RLHF - random) / (true-reward PPO - random), with 95% "
+          "bootstrap intervals over seeds")
     for env, e in record["envs"].items():
+        print(f"{env:15s} {'random policy':34s} {e['random_return']['mean']:.1f}")
         for name, r in e["summary"].items():
             vals = " ".join(f"{v:.0f}" for v in r["final_return"])
             if name == TRUE:
@@ -261,7 +298,11 @@ def main() -> None:
         todo.pop(TRUE)
     for env in args.envs:
         preset = PRESETS[env]
-        runs = record["envs"].setdefault(env, {"runs": {}})["runs"]
+        entry = record["envs"].setdefault(env, {"runs": {}})
+        if "random_return" not in entry:
+            entry["random_return"] = random_return(preset)
+            json_path.write_text(json.dumps(record, indent=1))
+        runs = entry["runs"]
         for name, extra in todo.items():
             for seed in args.seeds:
                 if str(seed) in runs.get(name, {}):

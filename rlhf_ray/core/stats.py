@@ -46,16 +46,21 @@ def mean_ci(x: Sequence[float], level: float = 0.95, seed: int = 0) -> dict:
             "n": int(len(x))}
 
 
-def ratio_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, seed: int = 0) -> dict:
-    """mean(x) / mean(y) with a percentile-bootstrap interval, x's and y's runs resampled
-    independently (two variants' seeds are not paired)."""
+def ratio_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, seed: int = 0,
+             floor: float = 0.0) -> dict:
+    """(mean(x) - floor) / (mean(y) - floor) with a percentile-bootstrap interval, x's and
+    y's runs resampled independently (two variants' seeds are not paired). `floor`: the
+    score that counts as nothing (a random policy's return), so a ratio means the same on
+    tasks whose returns are negative (Reacher, HalfCheetah's random policy, Pong): 1 is y's
+    score, 0 the floor's."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if not len(x) or not len(y) or y.mean() == 0:
-        return {"ratio": float("nan"), "ci95": [float("nan")] * 2, "n": [len(x), len(y)]}
-    ratio = float(x.mean() / y.mean())
-    lo, hi = _interval([x, y], lambda a, b, axis: a.mean(axis=axis) / b.mean(axis=axis), level,
-                       seed)
-    return {"ratio": ratio, "ci95": [lo, hi], "n": [int(len(x)), int(len(y))]}
+    if not len(x) or not len(y) or y.mean() == floor:
+        return {"ratio": float("nan"), "ci95": [float("nan")] * 2, "n": [len(x), len(y)],
+                "floor": floor}
+    ratio = float((x.mean() - floor) / (y.mean() - floor))
+    lo, hi = _interval([x, y], lambda a, b, axis: (a.mean(axis=axis) - floor)
+                       / (b.mean(axis=axis) - floor), level, seed)
+    return {"ratio": ratio, "ci95": [lo, hi], "n": [int(len(x)), int(len(y))], "floor": floor}
 
 
 def _pooled_iqm(*samples, axis=-1):

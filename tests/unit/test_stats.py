@@ -38,3 +38,15 @@ def test_iqm_interval_resamples_each_task_on_its_own():
     # a constant task adds no spread; one run per task gives no interval
     assert iqm_ci([[1.0, 1.0], [2.0, 2.0]])["ci95"] == [1.5, 1.5]
     assert np.isnan(iqm_ci([[1.0], [2.0]])["ci95"][0])
+
+
+def test_ratio_over_a_floor_reads_the_same_on_negative_returns():
+    # Reacher-like returns (a random policy near -43, the true reward's PPO near -5): the
+    # plain ratio says an agent twice as far from the goal is "2x"; over the random floor it
+    # scores below 1, and halfway from random to the true reward's return is 0.5
+    worse, base = [-10.0, -9.0, -11.0], [-5.0, -4.5, -5.5]
+    assert ratio_ci(worse, base)["ratio"] == pytest.approx(2.0)
+    r = ratio_ci(worse, base, floor=-43.0)
+    assert r["ratio"] == pytest.approx(33 / 38) and r["floor"] == -43.0
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] < 1.0
+    assert ratio_ci([-24.0] * 3, base, floor=-43.0)["ratio"] == pytest.approx(0.5)
