@@ -31,8 +31,8 @@ def _run(final, window, sps, alone):
 def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
     b = _bench()
     record = {"steps": 1000, "overrides": [], "envs": {}}
-    for env, scale in (("Hopper-v5", 1000.0), ("Reacher-v5", 10.0)):
-        record["envs"][env] = {"runs": {
+    for env, scale, floor in (("Hopper-v5", 1000.0, 0.0), ("Reacher-v5", 10.0, -10.0)):
+        record["envs"][env] = {"random_return": {"mean": floor}, "runs": {
             b.TRUE: {str(s): _run(scale * (1 + 0.1 * s), 0.0, 100.0, True) for s in range(3)},
             "RLHF 700 labels": {str(s): _run(scale * 0.9 * (1 + 0.1 * s), 5.0,
                                              90.0 if s else 10.0, bool(s)) for s in range(3)}}}
@@ -44,9 +44,14 @@ def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
     assert hop["final_return"] == pytest.approx([900, 990, 1080])
     assert hop["throughput_ratio"] == pytest.approx(0.9)  # seed 0 (10 steps/s) was not alone
     assert hop["throughput_runs_alone"] == [2, 3]
+    # over the random policy's return: (9.9 + 10) / (11 + 10) on the second env
+    rea = saved["envs"]["Reacher-v5"]["summary"]["RLHF 700 labels"]["return_ratio"]
+    assert rea["ratio"] == pytest.approx(19.9 / 21) and rea["floor"] == -10.0
     agg = saved["aggregate"]["RLHF 700 labels"]
     assert agg["envs"] == 2 and agg["runs_per_task"] == [3, 3]
-    assert agg["iqm"] == pytest.approx(0.9, abs=0.05)
+    normalized = sorted([x / 1100 for x in (900, 990, 1080)] +
+                        [(x + 10) / 21 for x in (9, 9.9, 10.8)])
+    assert agg["iqm"] == pytest.approx(sum(normalized[1:5]) / 4)  # the middle half of 6
     assert (tmp_path / "grid.png").stat().st_size > 10_000
 
 
@@ -60,3 +65,9 @@ def test_variants_and_ablations():
 
     for overrides in b.ABLATIONS.values():  # every ablation is a valid config
         load_config("hopper", overrides)
+
+
+def test_the_random_floor_is_measured_in_the_presets_env():
+    rand = _bench().random_return("reacher", episodes=3)
+    assert rand["episodes"] == 3 and len(rand["returns"]) == 3
+    assert rand["mean"] < -5  # Reacher pays the distance to its target: random scores far below 0
