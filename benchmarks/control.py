@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 PRESETS = {"Hopper-v5": "hopper", "HalfCheetah-v5": "halfcheetah", "Ant-v5": "ant",
-           "Reacher-v5": "reacher"}
+           "Reacher-v5": "reacher", "ALE/Pong-v5": "pong"}
 TRUE = "true reward"
 ABLATIONS = {  # the paper's, at 700 labels (Christiano et al. 2017, section 3.3)
     "RLHF 700 uniform queries": ["labels.budget=700", "labels.query_selection=uniform"],
