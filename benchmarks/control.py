@@ -232,6 +232,35 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(record: dict) -> str:
+    """The record as the README's tables: per env and variant, every seed's final return, the
+    mean with its interval and the ratio over the random floor; then the IQM over envs."""
+    def ci(d: dict, key: str, fmt: str) -> str:
+        lo, hi = d["ci95"]
+        span = "" if lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"  # nan: one seed, no interval
+        return f"{d[key]:{fmt}}{span}"
+
+    lines = [f"{record['steps']:,} env steps per run; final return: the final policy on fresh "
+             "episodes (mean actions); ratio: (RLHF - random) / (true reward - random); "
+             "95% percentile-bootstrap intervals over seeds.", "",
+             "| env | variant | seeds | final return, mean | ratio | each seed's final return |",
+             "|---|---|---|---|---|---|"]
+    for env, e in record["envs"].items():
+        rand = e.get("random_return", {}).get("mean")
+        if rand is not None:
+            lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | |")
+        for name, r in e.get("summary", {}).items():
+            ratio = ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r else "1"
+            lines.append(f"| {env} | {name} | {len(r['seeds'])} | "
+                         f"{ci(r['final_return_mean'], 'mean', ',.0f')} | {ratio} | "
+                         f"{', '.join(f'{v:,.0f}' for v in r['final_return'])} |")
+    if record.get("aggregate"):
+        lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
+        for name, a in record["aggregate"].items():
+            lines.append(f"| {name} | {a['envs']} | {ci(a, 'iqm', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def finish(record: dict, out: Path, tag: str) -> None:
     for env, e in record["envs"].items():
         if "random_return" not in e:  # a record from before the floor
@@ -241,6 +270,7 @@ def finish(record: dict, out: Path, tag: str) -> None:
     json_path = out / f"{tag}.json"
     json_path.write_text(json.dumps(record, indent=1))
     plot(record, out / f"{tag}.png")
+    (out / f"{tag}.md").write_text(markdown(record))
     print("\nfinal true return, (RLHF - random) / (true-reward PPO - random), with 95% "
           "bootstrap intervals over seeds")
     for env, e in record["envs"].items():

@@ -53,6 +53,10 @@ def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
                         [(x + 10) / 21 for x in (9, 9.9, 10.8)])
     assert agg["iqm"] == pytest.approx(sum(normalized[1:5]) / 4)  # the middle half of 6
     assert (tmp_path / "grid.png").stat().st_size > 10_000
+    table = (tmp_path / "grid.md").read_text()  # the README's tables
+    assert "| Reacher-v5 | random policy | | -10.0 | 0 | |" in table
+    assert "| Hopper-v5 | RLHF 700 labels | 3 | 990 [" in table and "| 900, 990, 1,080 |" in table
+    assert f"| RLHF 700 labels | 2 | {agg['iqm']:.2f} [" in table
 
 
 def test_variants_and_ablations():
