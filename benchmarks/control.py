@@ -19,7 +19,8 @@ preset's env settings, 10 episodes) and kept in the record. Over envs, per varia
 interquartile mean of the normalized final return (each run on the same scale) with rliable's
 stratified bootstrap interval (rlhf_ray.core.stats).
 Throughput ratios count only runs that had the machine to themselves (`alone`: mean 1-minute
-load under cores + 1.5 while it ran; the record keeps the load).
+load under cores + 1.5 while it ran; the record keeps the load), and compare runs of one
+sitting (machine and day) only: absolute speed moves by 2-3x between days.
 
     python benchmarks/control.py --envs Hopper-v5 HalfCheetah-v5 Ant-v5 Reacher-v5 \\
         --labels 350 700 1400 --seeds 0 1 2 3 4 --steps 500000 --tag control_grid
@@ -140,6 +141,35 @@ def variants(labels: list[int], ablations: bool) -> dict[str, list[str]]:
     return out
 
 
+def sitting(run: dict) -> str:
+    """Which sitting (machine and day) a run had: throughput compares only within one, since
+    absolute speed moves by 2-3x between machines and days. Runs from before the record kept
+    it: the UTC day of the timestamp that ends their run folder's name."""
+    if run.get("sitting"):
+        return run["sitting"]
+    stamp = str(run.get("run_dir", "")).rsplit("-", 1)[-1]
+    return time.strftime("%Y-%m-%d", time.gmtime(int(stamp))) if stamp.isdigit() else "?"
+
+
+def throughput(variant: dict, base: dict) -> dict:
+    """RLHF env steps/s over plain PPO's, from runs that had the machine alone, within each
+    sitting that has both; the mean of those ratios, and each sitting's."""
+    def by_sitting(seeds: dict) -> dict:
+        out: dict = {}
+        for r in seeds.values():
+            if r.get("alone"):
+                out.setdefault(sitting(r), []).append(r["env_steps_per_s"])
+        return out
+
+    v, b = by_sitting(variant), by_sitting(base)
+    pairs = [{"sitting": k, "runs": [len(v[k]), len(b[k])],
+              "ratio": statistics.fmean(v[k]) / statistics.fmean(b[k])} for k in sorted(v) if k in b]
+    return {"throughput_ratio": statistics.fmean(p["ratio"] for p in pairs) if pairs else None,
+            "throughput_runs_alone": [sum(p["runs"][0] for p in pairs),
+                                      sum(p["runs"][1] for p in pairs)],
+            "throughput_sittings": pairs}
+
+
 def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
     """Per variant: seeds' values, means with intervals, ratios to the true reward over
     `floor` (the random policy's return)."""
@@ -150,20 +180,16 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
 
     base = values(TRUE, "final_return")
     base_auc = values(TRUE, "auc_return")
-    base_sps = [r["env_steps_per_s"] for r in runs.get(TRUE, {}).values() if r.get("alone")]
     out = {}
     for variant, seeds in runs.items():
         fin, auc = values(variant, "final_return"), values(variant, "auc_return")
-        sps = [r["env_steps_per_s"] for r in seeds.values() if r.get("alone")]
         row = {"seeds": sorted(int(s) for s in seeds), "final_return": fin,
                "final_return_mean": mean_ci(fin), "auc_return": auc,
                "auc_return_mean": mean_ci(auc)}
         if variant != TRUE and base:
             row["return_ratio"] = ratio_ci(fin, base, floor=floor)
             row["auc_ratio"] = ratio_ci(auc, base_auc, floor=floor)
-            row["throughput_ratio"] = (statistics.fmean(sps) / statistics.fmean(base_sps)
-                                       if sps and base_sps else None)
-            row["throughput_runs_alone"] = [len(sps), len(base_sps)]
+            row.update(throughput(seeds, runs.get(TRUE, {})))
         out[variant] = row
     return out
 
@@ -243,17 +269,21 @@ def markdown(record: dict) -> str:
     lines = [f"{record['steps']:,} env steps per run; final return: the final policy on fresh "
              "episodes (mean actions); ratio: (RLHF - random) / (true reward - random); "
              "95% percentile-bootstrap intervals over seeds.", "",
-             "| env | variant | seeds | final return, mean | ratio | each seed's final return |",
-             "|---|---|---|---|---|---|"]
+             "| env | variant | seeds | final return, mean | ratio | each seed's final return "
+             "| env steps/s vs true reward (runs alone, one sitting) |",
+             "|---|---|---|---|---|---|---|"]
     for env, e in record["envs"].items():
         rand = e.get("random_return", {}).get("mean")
         if rand is not None:
-            lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | |")
+            lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | | |")
         for name, r in e.get("summary", {}).items():
             ratio = ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r else "1"
+            tr = r.get("throughput_ratio")
+            speed = "" if tr is None else (f"{tr:.2f} ({r['throughput_runs_alone'][0]} vs "
+                                            f"{r['throughput_runs_alone'][1]} runs)")
             lines.append(f"| {env} | {name} | {len(r['seeds'])} | "
                          f"{ci(r['final_return_mean'], 'mean', ',.0f')} | {ratio} | "
-                         f"{', '.join(f'{v:,.0f}' for v in r['final_return'])} |")
+                         f"{', '.join(f'{v:,.0f}' for v in r['final_return'])} | {speed} |")
     if record.get("aggregate"):
         lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
         for name, a in record["aggregate"].items():
@@ -313,6 +343,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{args.tag}.json"
+    here = f"{time.strftime('%Y-%m-%d', time.gmtime())} {platform.node()}"  # this sitting
     record = json.loads(json_path.read_text()) if json_path.exists() else {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
         "overrides": args.overrides, "envs": {},
@@ -347,7 +378,7 @@ def main() -> None:
                 runs.setdefault(name, {})[str(seed)] = {
                     "seed": seed, "wall_s": res["wall_s"], **s, "run_dir": res["run_dir"],
                     "load_mean": res["load_mean"], "load_max": res["load_max"],
-                    "alone": res["alone"], "final_eval": res["final_eval"],
+                    "alone": res["alone"], "sitting": here, "final_eval": res["final_eval"],
                     "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]}
                 print(f"{env:15s} {name:34s} seed {seed}: final return {s['final_return']:8.1f} "
                       f"(AUC {s['auc_return']:.1f})  steps/s {s['env_steps_per_s']:7.1f}  wall "

@@ -54,7 +54,7 @@ def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
     assert agg["iqm"] == pytest.approx(sum(normalized[1:5]) / 4)  # the middle half of 6
     assert (tmp_path / "grid.png").stat().st_size > 10_000
     table = (tmp_path / "grid.md").read_text()  # the README's tables
-    assert "| Reacher-v5 | random policy | | -10.0 | 0 | |" in table
+    assert "| Reacher-v5 | random policy | | -10.0 | 0 | | |" in table
     assert "| Hopper-v5 | RLHF 700 labels | 3 | 990 [" in table and "| 900, 990, 1,080 |" in table
     assert f"| RLHF 700 labels | 2 | {agg['iqm']:.2f} [" in table
 
@@ -75,3 +75,21 @@ def test_the_random_floor_is_measured_in_the_presets_env():
     rand = _bench().random_return("reacher", episodes=3)
     assert rand["episodes"] == 3 and len(rand["returns"]) == 3
     assert rand["mean"] < -5  # Reacher pays the distance to its target: random scores far below 0
+
+
+def test_throughput_compares_runs_of_one_sitting_only():
+    b = _bench()
+
+    def runs(*sps_sitting):
+        return {str(i): {"env_steps_per_s": v, "alone": True, "sitting": k}
+                for i, (v, k) in enumerate(sps_sitting)}
+
+    # yesterday's machine ran the baseline at 500 steps/s, today's at 1,500: RLHF's 1,350
+    # today is 0.9 of today's baseline, not 1.35x a mix of both days
+    base = runs((500.0, "day1"), (500.0, "day1"), (1500.0, "day2"))
+    t = b.throughput(runs((1350.0, "day2"), (1350.0, "day2")), base)
+    assert t["throughput_ratio"] == pytest.approx(0.9)
+    assert t["throughput_runs_alone"] == [2, 1] and [p["sitting"] for p in t["throughput_sittings"]] == ["day2"]
+    assert b.throughput(runs((1350.0, "day3")), base)["throughput_ratio"] is None
+    # runs from before the record kept its sitting: the day their run folder's name ends with
+    assert b.sitting({"run_dir": "runs/bench-hopper-true_reward-s0-1796252811"}) == "2026-12-02"
