@@ -251,8 +251,8 @@ def plot(record: dict, path: Path) -> None:
         ax.set_xlabel("env steps")
         ax.set_ylabel("true episode return")
         ax.legend(fontsize=7)
-    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward (final return over a "
-                 "random policy's, as a ratio [95% bootstrap interval], in the legend)")
+    fig.suptitle("RLHF from synthetic labels vs PPO on the true reward\n(legend: final return "
+                 "over a random policy's as a ratio [95% bootstrap interval])", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
