@@ -139,11 +139,12 @@ def test_lm_reward_model_batches_and_swaps_weights(served_lm, tiny_paths):
     assert handle.info.remote().result()["pid"] == pid
 
 
-def test_lm_reward_model_over_http(served_lm):
+def test_lm_reward_model_over_http(served_lm, serve_http):
     _, _, _, app = served_lm
+    host, port = serve_http  # where this cluster's proxy listens (8000 unless taken)
 
     def post(path: str, body: bytes):
-        req = urllib.request.Request(f"http://127.0.0.1:8000/{app}{path}", data=body,
+        req = urllib.request.Request(f"http://{host}:{port}/{app}{path}", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:

@@ -130,7 +130,7 @@ def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
         app_builder(dict(args, num_replicas=2))
 
 
-def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
+def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster, serve_http):
     """Past its queue limit the deployment answers 503 at once (back-pressure); what it
     accepted it answers. Queue limits come from placement.reward_model."""
     import threading
@@ -139,6 +139,7 @@ def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
     from ray import serve
 
     ray = ray_cluster
+    host, port = serve_http  # where this cluster's proxy listens (8000 unless taken)
     name = f"ws-{uuid.uuid4().hex[:6]}"
     store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote()
     app = f"rm-busy-{uuid.uuid4().hex[:6]}"
@@ -151,7 +152,7 @@ def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster):
     codes: Counter = Counter()
 
     def post():
-        req = urllib.request.Request(f"http://127.0.0.1:8000/{app}", data=body,
+        req = urllib.request.Request(f"http://{host}:{port}/{app}", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
