@@ -156,8 +156,9 @@ def standalone(server_cls, name: str, args: dict, bind_args: tuple):
             raise ValueError(f"{name}: args.autoscaling{'.' + where if where else ''}: "
                              f"{err['msg']}") from None
     dep = serve.deployment(server_cls, name=name).options(
-        **replica_options(scale, int(args.get("num_replicas", 1))), ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
-                                       "num_gpus": float(args.get("num_gpus", 0))})
+        **replica_options(scale, int(args.get("num_replicas", 1))),
+        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
+                           "num_gpus": float(args.get("num_gpus", 0))})
     return dep.bind(*bind_args)
 
 

@@ -8,8 +8,8 @@ paths. S3 takes its endpoint, region and credentials from the environment as the
 
 Roles never hold a remote folder open: `writable_dir(target)` gives a local folder to write
 into and uploads it on exit; `local_dir(source)` downloads a remote folder once per machine
-and version of its files (a folder written again is downloaded again) and returns where it lies. For local
-locations both are the location itself, so local runs copy nothing.
+and version of its files (a folder written again is downloaded again) and returns where it
+lies. For local locations both are the location itself, so local runs copy nothing.
 """
 
 from __future__ import annotations
