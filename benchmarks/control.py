@@ -280,14 +280,18 @@ def markdown(record: dict) -> str:
         rand = e.get("random_return", {}).get("mean")
         if rand is not None:
             lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | | |")
+        # returns in the thousands (Hopper) as whole numbers; small ones (Reacher, -10 to -4)
+        # with a decimal, or its seeds would read as equal
+        seen = [abs(v) for r in e.get("summary", {}).values() for v in r["final_return"]]
+        fmt = ",.0f" if max(seen + [abs(rand or 0.0)]) >= 100 else ".1f"
         for name, r in e.get("summary", {}).items():
             ratio = ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r else "1"
             tr = r.get("throughput_ratio")
             speed = "" if tr is None else (f"{tr:.2f} ({r['throughput_runs_alone'][0]} vs "
                                             f"{r['throughput_runs_alone'][1]} runs)")
             lines.append(f"| {env} | {name} | {len(r['seeds'])} | "
-                         f"{ci(r['final_return_mean'], 'mean', ',.0f')} | {ratio} | "
-                         f"{', '.join(f'{v:,.0f}' for v in r['final_return'])} | {speed} |")
+                         f"{ci(r['final_return_mean'], 'mean', fmt)} | {ratio} | "
+                         f"{', '.join(f'{v:{fmt}}' for v in r['final_return'])} | {speed} |")
     if record.get("aggregate"):
         lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
         for name, a in record["aggregate"].items():

@@ -56,6 +56,7 @@ def test_summaries_use_final_evaluations_and_runs_alone(tmp_path):
     table = (tmp_path / "grid.md").read_text()  # the README's tables
     assert "| Reacher-v5 | random policy | | -10.0 | 0 | | |" in table
     assert "| Hopper-v5 | RLHF 700 labels | 3 | 990 [" in table and "| 900, 990, 1,080 |" in table
+    assert "| 9.0, 9.9, 10.8 |" in table  # small returns keep a decimal (whole: 9, 10, 11)
     assert f"| RLHF 700 labels | 2 | {agg['iqm']:.2f} [" in table
 
 
