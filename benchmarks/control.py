@@ -184,6 +184,9 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
 
     base = values(TRUE, "final_return")
     base_auc = values(TRUE, "auc_return")
+    # a ratio over the floor needs a baseline clearly above it: where the true reward's
+    # interval reaches the random return (Ant at 500k steps) the denominator is about 0
+    cleared = len(base) > 1 and mean_ci(base)["ci95"][0] > floor
     out = {}
     for variant, seeds in runs.items():
         fin, auc = values(variant, "final_return"), values(variant, "auc_return")
@@ -191,6 +194,7 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
                "final_return_mean": mean_ci(fin), "auc_return": auc,
                "auc_return_mean": mean_ci(auc)}
         if variant != TRUE and base:
+            row["baseline_above_floor"] = cleared
             row["return_ratio"] = ratio_ci(fin, base, floor=floor)
             row["auc_ratio"] = ratio_ci(auc, base_auc, floor=floor)
             row.update(throughput(seeds, runs.get(TRUE, {})))
@@ -207,17 +211,21 @@ def aggregate(record: dict) -> dict:
     envs = record["envs"]
     names = {v for e in envs.values() for v in e["runs"] if v != TRUE}
     for variant in sorted(names):
-        per_env = []
-        for e in envs.values():
+        per_env, left_out = [], []
+        for env, e in envs.items():
             base = [r["final_return"] for r in e["runs"].get(TRUE, {}).values()]
             runs = e["runs"].get(variant)
             if not base or not runs:
+                continue
+            if not e.get("summary", {}).get(variant, {}).get("baseline_above_floor", True):
+                left_out.append(env)  # normalizing by about 0 would swamp the other envs
                 continue
             lo = e.get("random_return", {}).get("mean", 0.0)
             b = statistics.fmean(base)
             per_env.append([(r["final_return"] - lo) / (b - lo) for r in runs.values()])
         if per_env:
-            out[variant] = {"envs": len(per_env), **iqm_ci(per_env)}
+            out[variant] = {"envs": len(per_env), **iqm_ci(per_env),
+                            "left_out_baseline_not_above_random": left_out}
     return out
 
 
@@ -286,6 +294,8 @@ def markdown(record: dict) -> str:
         fmt = ",.0f" if max(seen + [abs(rand or 0.0)]) >= 100 else ".1f"
         for name, r in e.get("summary", {}).items():
             ratio = ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r else "1"
+            if not r.get("baseline_above_floor", True):
+                ratio = "none: true reward not above random"
             tr = r.get("throughput_ratio")
             speed = "" if tr is None else (f"{tr:.2f} ({r['throughput_runs_alone'][0]} vs "
                                             f"{r['throughput_runs_alone'][1]} runs)")
@@ -295,7 +305,9 @@ def markdown(record: dict) -> str:
     if record.get("aggregate"):
         lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
         for name, a in record["aggregate"].items():
-            lines.append(f"| {name} | {a['envs']} | {ci(a, 'iqm', '.2f')} |")
+            out = a.get("left_out_baseline_not_above_random")
+            note = f" (left out: {', '.join(out)}, true reward not above random)" if out else ""
+            lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

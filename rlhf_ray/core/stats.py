@@ -58,8 +58,9 @@ def ratio_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, seed: 
         return {"ratio": float("nan"), "ci95": [float("nan")] * 2, "n": [len(x), len(y)],
                 "floor": floor}
     ratio = float((x.mean() - floor) / (y.mean() - floor))
-    lo, hi = _interval([x, y], lambda a, b, axis: (a.mean(axis=axis) - floor)
-                       / (b.mean(axis=axis) - floor), level, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):  # resamples whose y mean is the floor
+        lo, hi = _interval([x, y], lambda a, b, axis: (a.mean(axis=axis) - floor)
+                           / (b.mean(axis=axis) - floor), level, seed)
     return {"ratio": ratio, "ci95": [lo, hi], "n": [int(len(x)), int(len(y))], "floor": floor}
 
 

@@ -94,3 +94,25 @@ def test_throughput_compares_runs_of_one_sitting_only():
     assert b.throughput(runs((1350.0, "day3")), base)["throughput_ratio"] is None
     # runs from before the record kept its sitting: the day their run folder's name ends with
     assert b.sitting({"run_dir": "runs/bench-hopper-true_reward-s0-1796252811"}) == "2026-12-02"
+
+
+def test_an_env_whose_baseline_is_not_above_random_gets_no_ratio(tmp_path):
+    """Ant at 500k steps: true-reward PPO ends where a random policy does, so a ratio over
+    the floor divides by about 0; it is shown as none and left out of the IQM."""
+    b = _bench()
+    record = {"steps": 1000, "overrides": [], "envs": {}}
+    for env, base, floor in (("Hopper-v5", 1000.0, 0.0), ("Ant-v5", 1000.0, 990.0)):
+        record["envs"][env] = {"random_return": {"mean": floor}, "runs": {
+            b.TRUE: {str(s): _run(base + 30 * (s - 1), 0.0, 100.0, True) for s in range(3)},
+            "RLHF 700 labels": {str(s): _run(900.0 + s, 0.0, 90.0, True) for s in range(3)}}}
+    b.finish(record, tmp_path, "grid")
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    assert saved["envs"]["Hopper-v5"]["summary"]["RLHF 700 labels"]["baseline_above_floor"]
+    assert not saved["envs"]["Ant-v5"]["summary"]["RLHF 700 labels"]["baseline_above_floor"]
+    agg = saved["aggregate"]["RLHF 700 labels"]
+    assert agg["envs"] == 1 and agg["left_out_baseline_not_above_random"] == ["Ant-v5"]
+    assert agg["iqm"] == pytest.approx(0.901)  # Hopper's alone
+    table = (tmp_path / "grid.md").read_text()
+    assert "| Ant-v5 | RLHF 700 labels | 3 | 901 [" in table
+    assert "| none: true reward not above random |" in table
+    assert "| RLHF 700 labels | 1 (left out: Ant-v5, true reward not above random) |" in table
