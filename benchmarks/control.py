@@ -211,7 +211,7 @@ def aggregate(record: dict) -> dict:
     envs = record["envs"]
     names = {v for e in envs.values() for v in e["runs"] if v != TRUE}
     for variant in sorted(names):
-        per_env, left_out = [], []
+        per_env, left_out, incomplete = [], [], []
         for env, e in envs.items():
             base = [r["final_return"] for r in e["runs"].get(TRUE, {}).values()]
             runs = e["runs"].get(variant)
@@ -220,12 +220,16 @@ def aggregate(record: dict) -> dict:
             if not e.get("summary", {}).get(variant, {}).get("baseline_above_floor", True):
                 left_out.append(env)  # normalizing by about 0 would swamp the other envs
                 continue
+            if len(runs) < len(base):
+                incomplete.append(env)  # a grid part-way through: its seeds come later
+                continue
             lo = e.get("random_return", {}).get("mean", 0.0)
             b = statistics.fmean(base)
             per_env.append([(r["final_return"] - lo) / (b - lo) for r in runs.values()])
         if per_env:
             out[variant] = {"envs": len(per_env), **iqm_ci(per_env),
-                            "left_out_baseline_not_above_random": left_out}
+                            "left_out_baseline_not_above_random": left_out,
+                            "left_out_incomplete": incomplete}
     return out
 
 
@@ -307,6 +311,8 @@ def markdown(record: dict) -> str:
         for name, a in record["aggregate"].items():
             out = a.get("left_out_baseline_not_above_random")
             note = f" (left out: {', '.join(out)}, true reward not above random)" if out else ""
+            if a.get("left_out_incomplete"):
+                note += f" (left out until its seeds are done: {', '.join(a['left_out_incomplete'])})"
             lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} |")
     return "\n".join(lines) + "\n"
 

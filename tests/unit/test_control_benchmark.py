@@ -116,3 +116,15 @@ def test_an_env_whose_baseline_is_not_above_random_gets_no_ratio(tmp_path):
     assert "| Ant-v5 | RLHF 700 labels | 3 | 901 [" in table
     assert "| none: true reward not above random |" in table
     assert "| RLHF 700 labels | 1 (left out: Ant-v5, true reward not above random) |" in table
+
+
+def test_an_env_part_way_through_its_seeds_waits_for_the_iqm(tmp_path):
+    b = _bench()
+    record = {"steps": 1000, "overrides": [], "envs": {}}
+    for env, n in (("Hopper-v5", 3), ("Reacher-v5", 1)):
+        record["envs"][env] = {"random_return": {"mean": 0.0}, "runs": {
+            b.TRUE: {str(s): _run(1000.0 + s, 0.0, 100.0, True) for s in range(3)},
+            "RLHF 700 labels": {str(s): _run(500.0, 0.0, 90.0, True) for s in range(n)}}}
+    b.finish(record, tmp_path, "grid")
+    agg = json.loads((tmp_path / "grid.json").read_text())["aggregate"]["RLHF 700 labels"]
+    assert agg["envs"] == 1 and agg["left_out_incomplete"] == ["Reacher-v5"]
