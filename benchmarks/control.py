@@ -309,10 +309,12 @@ def markdown(record: dict) -> str:
     if record.get("aggregate"):
         lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
         for name, a in record["aggregate"].items():
-            out = a.get("left_out_baseline_not_above_random")
-            note = f" (left out: {', '.join(out)}, true reward not above random)" if out else ""
-            if a.get("left_out_incomplete"):
-                note += f" (left out until its seeds are done: {', '.join(a['left_out_incomplete'])})"
+            not_above, incomplete = (a.get("left_out_baseline_not_above_random"),
+                                     a.get("left_out_incomplete"))
+            note = (f" (left out: {', '.join(not_above)}, true reward not above random)"
+                    if not_above else "")
+            if incomplete:
+                note += f" (left out until its seeds are done: {', '.join(incomplete)})"
             lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} |")
     return "\n".join(lines) + "\n"
 
