@@ -5,7 +5,9 @@ For each env: RLlib PPO on the true reward, and this loop at each label budget (
 disagreement, one predictor instead of an ensemble, no 10% random-response term), each over
 `--seeds`. Every (env, variant, seed) is one run, kept in the JSON record as soon as it ends:
 run the script again and only what is missing runs, so a grid of many hours is finished a
-part at a time.
+part at a time. With `--checkpoint-every N` a run the script was stopped in goes on from its
+last checkpoint (the record names it under `in_progress`): a Pong run of several hours can
+span sittings.
 
 Per run: the final policy's true return on fresh episodes (`run.final_eval_episodes`, actions
 at the policy's mean; RUN/final_eval.json), the area under the learning curve (mean true
@@ -75,23 +77,51 @@ class LoadSampler:
         self._thread.join()
 
 
-def run_one(preset: str, overrides: list[str]) -> dict:
+def run_one(preset: str, overrides: list[str], run_dir: str | None = None,
+            resume: bool = False) -> dict:
+    """One run to its end. `resume`: continue `run_dir` from its last checkpoint (a run the
+    script was stopped in); its rows are then the whole run's, from its metrics file, and it
+    never counts as alone (its first part's load went unrecorded)."""
     from rlhf_ray.config import load_config
+    from rlhf_ray.metrics import read_metrics
     from rlhf_ray.train import train
 
     cfg = load_config(preset, overrides)
-    rows: list[dict] = []
     t0 = time.time()
     with LoadSampler() as load:
-        run_dir = train(cfg, on_metrics=rows.append, progress=False)
+        run_dir = train(cfg, run_dir=run_dir, resume=resume, progress=False)
     wall = time.time() - t0
+    # an iteration redone after a resume appears twice: its last row counts
+    rows = list({r["iteration"]: r for r in read_metrics(run_dir)}.values())
     final_eval = Path(run_dir) / "final_eval.json"
     cpus = os.cpu_count() or 1
     mean_load = statistics.fmean(load.values) if load.values else os.getloadavg()[0]
-    return {"run_dir": str(run_dir), "rows": rows, "wall_s": wall,
+    return {"run_dir": str(run_dir), "rows": rows, "wall_s": wall, "resumed": resume,
             "final_eval": json.loads(final_eval.read_text()) if final_eval.exists() else None,
             "load_mean": mean_load, "load_max": max(load.values, default=mean_load),
-            "alone": mean_load < cpus + ALONE_LOAD}
+            "alone": mean_load < cpus + ALONE_LOAD and not resume}
+
+
+def start_run(entry: dict, preset: str, variant: str, seed: int, root: Path) -> tuple[str, bool]:
+    """(run folder, resume?) for one (variant, seed) of an env's record entry: the run this
+    script was stopped in, where it left a checkpoint to go on from, else a new folder under
+    `root`; named in the entry's `in_progress` until it ends."""
+    started = entry.setdefault("in_progress", {}).setdefault(variant, {})
+    run_dir = started.get(str(seed))
+    if run_dir and any(Path(run_dir, "checkpoints").glob("iter_*")):
+        return run_dir, True
+    run_dir = str(root / f"bench-{preset}-{variant.replace(' ', '_')}-s{seed}-{int(time.time())}")
+    started[str(seed)] = run_dir
+    return run_dir, False
+
+
+def end_run(entry: dict, variant: str, seed: int) -> None:
+    started = entry["in_progress"][variant]
+    del started[str(seed)]
+    if not started:
+        del entry["in_progress"][variant]
+    if not entry["in_progress"]:
+        del entry["in_progress"]
 
 
 def random_return(preset: str, episodes: int = 10, seed: int = 12345) -> dict:
@@ -121,12 +151,11 @@ def random_return(preset: str, episodes: int = 10, seed: int = 12345) -> dict:
 def summarize(res: dict, window: int) -> dict:
     rows = res["rows"]
     rets = [r["true_return_mean"] for r in rows if r.get("true_return_mean") is not None]
-    if len(rows) >= 2:
-        steps = rows[-1]["env_steps"] - rows[0]["env_steps"]
-        secs = rows[-1]["time_s"] - rows[0]["time_s"]
-        sps = steps / secs if secs > 0 else float("nan")
-    else:
-        sps = float("nan")
+    # consecutive rows of one process (a resumed run's clock starts again at 0)
+    pairs = [(b["env_steps"] - a["env_steps"], b["time_s"] - a["time_s"])
+             for a, b in zip(rows, rows[1:]) if b["time_s"] > a["time_s"]]
+    secs = sum(t for _, t in pairs)
+    sps = sum(n for n, _ in pairs) / secs if secs > 0 else float("nan")
     fe = res.get("final_eval")
     return {"final_return": fe["return_mean"] if fe else float("nan"),
             "final_eval_episodes": fe["episodes"] if fe else 0,
@@ -364,6 +393,9 @@ def main() -> None:
                     help="skip the baseline (a record that has it already)")
     ap.add_argument("--steps", type=int, default=500_000)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                    help="a checkpoint every N iterations: a run the script is stopped in then "
+                    "goes on from there the next time, instead of starting again (Pong)")
     ap.add_argument("--final-window", type=int, default=5)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--tag", default="control_grid")
@@ -402,17 +434,20 @@ def main() -> None:
             for seed in args.seeds:
                 if str(seed) in runs.get(name, {}):
                     continue  # done in an earlier sitting
-                ov = [f"run.total_env_steps={args.steps}", f"seed={seed}", "run.checkpoint_every=0",
-                      f"run.run_name=bench-{preset}-{name.replace(' ', '_')}-s{seed}-{int(time.time())}",
-                      *extra, *args.overrides]
-                res = run_one(preset, ov)
+                run_dir, resume = start_run(entry, preset, name, seed, Path("runs").resolve())
+                json_path.write_text(json.dumps(record, indent=1))
+                ov = [f"run.total_env_steps={args.steps}", f"seed={seed}",
+                      f"run.checkpoint_every={args.checkpoint_every}", *extra, *args.overrides]
+                res = run_one(preset, ov, run_dir=run_dir, resume=resume)
+                end_run(entry, name, seed)
                 s = summarize(res, args.final_window)
                 keep = ("env_steps", "true_return_mean", "pred_return_mean", "labels_total",
                         "rm_val_accuracy", "time_s")
                 runs.setdefault(name, {})[str(seed)] = {
                     "seed": seed, "wall_s": res["wall_s"], **s, "run_dir": res["run_dir"],
                     "load_mean": res["load_mean"], "load_max": res["load_max"],
-                    "alone": res["alone"], "sitting": here, "final_eval": res["final_eval"],
+                    "alone": res["alone"], "resumed": res["resumed"], "sitting": here,
+                    "final_eval": res["final_eval"],
                     "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]}
                 print(f"{env:15s} {name:34s} seed {seed}: final return {s['final_return']:8.1f} "
                       f"(AUC {s['auc_return']:.1f})  steps/s {s['env_steps_per_s']:7.1f}  wall "

@@ -220,6 +220,11 @@ class PlacementConfig(PlacementSection):
     env_runner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
     num_learners: int = Field(0, ge=0, description="0: the learner runs in the controller")
     learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=1))
+    learner_threads: int | None = Field(
+        None, ge=1, description="torch threads of a learner in the controller "
+        "(num_learners=0); default learner.num_cpus. PPO samples and learns in turn, so "
+        "while it learns the rollout workers' cores sit idle and a conv policy can use them "
+        "(the pong preset: 2); a small MLP runs fastest on one")
     batch_nice: int = Field(
         10, ge=0, le=19, description="CPU niceness added to the batch roles so the critical "
         "path answers first where roles share cores: the reward trainer always (it fills the "

@@ -206,8 +206,8 @@ class Controller(RunController):
             import torch
 
             # the threads its placement grants, no more (torch's default, one per core,
-            # fights the reward trainer for them)
-            torch.set_num_threads(max(1, int(place.learner.num_cpus)))
+            # fights the reward trainer for them), unless told to use the idle rollout cores
+            torch.set_num_threads(place.learner_threads or max(1, int(place.learner.num_cpus)))
         return build_ppo_config(cfg, self.env, relabel=relabel, segments=segments).build_algo()
 
     def stop(self) -> None:

@@ -173,8 +173,16 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
 
 
 def test_pong_smoke_runs_with_the_cnn_reward_model(ray_cluster, tmp_path):
+    import torch
+
     cfg = load_config("pong-smoke", ["run.total_env_steps=1200"])
-    run_dir = train(cfg, run_dir=str(tmp_path / "pong"), progress=False)
+    threads = torch.get_num_threads()
+    try:
+        run_dir = train(cfg, run_dir=str(tmp_path / "pong"), progress=False)
+        # the in-driver learner takes the rollout worker's core while PPO learns
+        assert torch.get_num_threads() == cfg.placement.learner_threads == 2
+    finally:
+        torch.set_num_threads(threads)
     rows = read_metrics(run_dir)
     assert rows[-1]["labels_total"] == cfg.labels.budget
     assert rows[-1]["rm_version"] >= 1

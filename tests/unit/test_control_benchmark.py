@@ -128,3 +128,22 @@ def test_an_env_part_way_through_its_seeds_waits_for_the_iqm(tmp_path):
     b.finish(record, tmp_path, "grid")
     agg = json.loads((tmp_path / "grid.json").read_text())["aggregate"]["RLHF 700 labels"]
     assert agg["envs"] == 1 and agg["left_out_incomplete"] == ["Reacher-v5"]
+
+
+def test_a_run_the_script_was_stopped_in_goes_on_from_its_checkpoint(tmp_path):
+    b = _bench()
+    entry: dict = {"runs": {}}
+    first, resume = b.start_run(entry, "pong", "true reward", 0, tmp_path)
+    assert not resume and entry["in_progress"]["true reward"]["0"] == first
+    # stopped before its first checkpoint: a new run, not a restart on the old folder
+    again, resume = b.start_run(entry, "pong", "true reward", 0, tmp_path)
+    assert not resume and entry["in_progress"]["true reward"]["0"] == again
+    (Path(again) / "checkpoints" / "iter_000020").mkdir(parents=True)
+    assert b.start_run(entry, "pong", "true reward", 0, tmp_path) == (again, True)
+    b.end_run(entry, "true reward", 0)
+    assert "in_progress" not in entry  # nothing left half-done
+    # a resumed run's clock starts again: its steps/s leaves out the pair across the restart
+    rows = [{"iteration": i, "env_steps": 100 * i, "time_s": t, "true_return_mean": -20.0}
+            for i, t in ((1, 10.0), (2, 20.0), (3, 5.0), (4, 15.0))]
+    s = b.summarize({"rows": rows, "final_eval": None}, window=2)
+    assert s["env_steps_per_s"] == pytest.approx(10.0)
