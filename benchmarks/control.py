@@ -91,8 +91,9 @@ def run_one(preset: str, overrides: list[str], run_dir: str | None = None,
     with LoadSampler() as load:
         run_dir = train(cfg, run_dir=run_dir, resume=resume, progress=False)
     wall = time.time() - t0
-    # an iteration redone after a resume appears twice: its last row counts
-    rows = list({r["iteration"]: r for r in read_metrics(run_dir)}.values())
+    # the whole run's rows: a resume already moved the rows after its checkpoint aside
+    # (RunDir.truncate_metrics), so an iteration done again appears once
+    rows = read_metrics(run_dir)
     final_eval = Path(run_dir) / "final_eval.json"
     cpus = os.cpu_count() or 1
     mean_load = statistics.fmean(load.values) if load.values else os.getloadavg()[0]
