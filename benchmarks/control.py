@@ -149,6 +149,16 @@ def random_return(preset: str, episodes: int = 10, seed: int = 12345) -> dict:
     return {"episodes": episodes, "returns": returns, "mean": statistics.fmean(returns)}
 
 
+def sittings(rows: list[dict]) -> list[float]:
+    """Each sitting's training seconds: a resumed run's clock starts again at 0, so the rows
+    kept from one process end where the next one's time falls back."""
+    spans = []
+    for a, b in zip(rows, rows[1:] + [None]):
+        if b is None or b["time_s"] <= a["time_s"]:
+            spans.append(a["time_s"])
+    return spans
+
+
 def summarize(res: dict, window: int) -> dict:
     rows = res["rows"]
     rets = [r["true_return_mean"] for r in rows if r.get("true_return_mean") is not None]
@@ -163,6 +173,10 @@ def summarize(res: dict, window: int) -> dict:
             "final_window_return": statistics.fmean(rets[-window:]) if rets else float("nan"),
             "auc_return": statistics.fmean(rets) if rets else float("nan"),
             "env_steps_per_s": sps,
+            # the whole run's training time over its sittings (iterations done again after a
+            # restart counted once): a resumed run's wall_s is its last sitting's only
+            "train_s": sum(sittings(rows)) if rows else 0.0,
+            "sittings": len(sittings(rows)) if rows else 0,
             "labels_total": rows[-1].get("labels_total", 0) if rows else 0,
             "rm_val_accuracy": rows[-1].get("rm_val_accuracy") if rows else None}
 
@@ -356,6 +370,9 @@ def finish(record: dict, out: Path, tag: str) -> None:
             for r in seeds.values():
                 if "load_mean" in r:
                     r["alone"] = bool(r.get("alone", True)) and r["load_mean"] < cpus + ALONE_LOAD
+                if "train_s" not in r and r.get("curve"):  # a record from before it
+                    r["train_s"] = sum(sittings(r["curve"]))
+                    r["sittings"] = len(sittings(r["curve"]))
     for env, e in record["envs"].items():
         if "random_return" not in e:  # a record from before the floor
             e["random_return"] = random_return(PRESETS[env])

@@ -147,3 +147,5 @@ def test_a_run_the_script_was_stopped_in_goes_on_from_its_checkpoint(tmp_path):
             for i, t in ((1, 10.0), (2, 20.0), (3, 5.0), (4, 15.0))]
     s = b.summarize({"rows": rows, "final_eval": None}, window=2)
     assert s["env_steps_per_s"] == pytest.approx(10.0)
+    # and its training time is both sittings', not the last one's
+    assert (s["train_s"], s["sittings"]) == (pytest.approx(35.0), 2)
