@@ -48,32 +48,38 @@ def _report(run_dir: str, output: str | None = None, shown_as: str | None = None
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl is empty")
     if "env_steps" not in rows[0]:
         return _report_llm(run_dir, rows, output, plt)
-    steps = [r["env_steps"] for r in rows]
 
     def series(key):
-        return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+        return points(rows, key)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     ax = axes[0, 0]
-    ax.plot(steps, series("true_return_mean"), label="true return (env reward)")
+    ax.plot(*series("true_return_mean"), label="true return (env reward)")
     ax.set_title("true return")
     ax.set_xlabel("env steps")
     ax = axes[0, 1]
-    ax.plot(steps, series("pred_return_mean"), color="tab:orange")
+    ax.plot(*series("pred_return_mean"), color="tab:orange")
     ax.set_title("predicted return (reward model)")
     ax.set_xlabel("env steps")
     ax = axes[1, 0]
-    ax.plot(steps, series("labels_total"), color="tab:green")
+    ax.plot(*series("labels_total"), color="tab:green")
     ax.set_title("labels")
     ax.set_xlabel("env steps")
     ax = axes[1, 1]
-    ax.plot(steps, series("rm_val_accuracy"), color="tab:red", label="validation")
-    ax.plot(steps, series("rm_train_accuracy"), color="tab:purple", alpha=0.6, label="train")
+    ax.plot(*series("rm_val_accuracy"), color="tab:red", label="validation")
+    ax.plot(*series("rm_train_accuracy"), color="tab:purple", alpha=0.6, label="train")
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("reward-model accuracy on held-out comparisons")
     ax.set_xlabel("env steps")
+    if not series("pred_return_mean")[0]:  # a true-reward run (run.reward=env)
+        for a in (axes[0, 1], axes[1, 1]):
+            title = a.get_title()
+            a.clear()
+            a.set(title=title, xticks=[], yticks=[])
+            a.text(0.5, 0.5, "no reward model: trained on the env reward", ha="center",
+                   va="center", transform=a.transAxes, color="gray")
     final = _final_eval(run_dir)
     if final:
         axes[0, 0].axhline(final["return_mean"], color="black", ls="--", lw=1,
@@ -90,6 +96,13 @@ def _report(run_dir: str, output: str | None = None, shown_as: str | None = None
     print(f"final policy video: {video}" if video else
           "no final policy video: the run kept no final episode (final_episode.npz)")
     return out
+
+
+def points(rows: list[dict], key: str) -> tuple[list, list]:
+    """(env steps, value) of the rows that have `key`: an Atari iteration often ends no
+    episode, and a line through its gaps would be drawn in pieces."""
+    kept = [(r["env_steps"], r[key]) for r in rows if r.get(key) is not None]
+    return [s for s, _ in kept], [v for _, v in kept]
 
 
 def _final_eval(run_dir: str) -> dict | None:
