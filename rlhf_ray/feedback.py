@@ -79,7 +79,7 @@ class Feedback:
         self.labels_at_last_round = 0
         self.restarts = 0  # labeler restarts seen
         self._incarnation = None
-        self._round = None  # (stats ref, published ref) of the round in flight
+        self._round = None  # the statistics of the round in flight (a ref)
         self._submits: list = []
 
     # ------------------------------------------------------------------ roles
@@ -199,7 +199,7 @@ class Feedback:
             self.trainer.add.remote(new)
         self._incarnation = stats["incarnation"]
         if self._round is not None:
-            if not ray.wait([self._round[1]], timeout=None if block else 0)[0]:
+            if not ray.wait([self._round], timeout=None if block else 0)[0]:
                 return
             self.finish_round()
         rnd = Round(stats["labels_total"], self.labels_at_last_round, bool(new), restarted)
@@ -210,20 +210,18 @@ class Feedback:
                 self.finish_round()
 
     def start_round(self, **train_kwargs) -> None:
-        """A training round on the trainer, then its weights to the weight store (where the
-        reward model's replicas pick them up by version)."""
+        """A training round on the trainer, which then puts its weights into the weight store
+        (where the reward model's replicas pick them up by version)."""
         kwargs = {k: v for k, v in train_kwargs.items() if v is not None}
-        stats = self.trainer.train.remote(**kwargs)
-        self._round = (stats, self.publish(wait=False))
+        self._round = self.trainer.train_and_publish.remote(self.weight_store, **kwargs)
 
     def finish_round(self) -> None:
-        """Wait for the round in flight, if any, and keep its statistics."""
+        """Wait for the round in flight, if any (its weights published), and keep its
+        statistics."""
         import ray
 
         if self._round is not None:
-            stats, published = self._round
-            ray.get(published)
-            self.rm_stats = ray.get(stats) or self.rm_stats
+            self.rm_stats = ray.get(self._round) or self.rm_stats
             self._round = None
 
     def publish(self, wait: bool = True):

@@ -22,9 +22,10 @@ from rlhf_ray.config import RewardModelConfig
 from rlhf_ray.core.bradley_terry import adapt_l2, bradley_terry_loss
 from rlhf_ray.core.comparisons import Comparisons
 from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
+from rlhf_ray.weights import Publishes
 
 
-class RewardTrainer:
+class RewardTrainer(Publishes):
     def __init__(self, spec: RewardNetSpec, cfg: RewardModelConfig, seed: int = 0,
                  torch_threads: int = 1):
         torch.set_num_threads(torch_threads)

@@ -42,3 +42,18 @@ class WeightStore:
     def get(self, version: int) -> dict[str, np.ndarray] | None:
         """The weights of one kept version (None once it has been dropped)."""
         return self.kept.get(int(version))
+
+
+class Publishes:
+    """A reward trainer that puts each round's weights into the weight store itself, when the
+    round ends. Publishing from the controller instead (`store.publish.remote(trainer.weights
+    .remote())`) queued every later call the controller made to the store -- the relabeller's
+    `get_version` among them -- behind the whole round: Ray runs one caller's calls to an
+    actor in order, and a call waits for its arguments."""
+
+    def train_and_publish(self, weight_store, **train_kwargs) -> dict:
+        import ray
+
+        stats = self.train(**train_kwargs)
+        ray.get(weight_store.publish.remote(*self.weights()))
+        return stats

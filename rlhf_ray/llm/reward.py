@@ -19,6 +19,7 @@ from rlhf_ray.config import LMRewardConfig
 from rlhf_ray.core.bradley_terry import grouped_preference_loss
 from rlhf_ray.llm.modeling import (encode_pairs, last_token_scores, load_scalar_model,
                                    load_tokenizer, save_model, state_dict_cpu)
+from rlhf_ray.weights import Publishes
 
 
 def rankings_to_comparisons(rankings: list[dict]) -> list[dict]:
@@ -34,7 +35,7 @@ def rankings_to_comparisons(rankings: list[dict]) -> list[dict]:
     return out
 
 
-class LMRewardTrainer:
+class LMRewardTrainer(Publishes):
     def __init__(self, init_path: str, cfg: LMRewardConfig, *, max_prompt_tokens: int = 64,
                  max_response_tokens: int = 64, seed: int = 0, torch_threads: int = 1,
                  dtype: str = "float32", device: str = "cpu", train_top_layers: int | None = None):

@@ -25,3 +25,56 @@ def test_a_niced_role_runs_nicer_and_keeps_its_name(ray_cluster):
         assert niced._ray_actor_creation_function_descriptor.class_name == Probe.__qualname__
     finally:
         kill_all([plain, niced])
+
+
+def test_the_controller_reads_the_weight_store_while_a_round_trains(ray_cluster):
+    """A reward-model round publishes its own weights: the controller's calls to the weight
+    store (the relabeller's `get_version` each PPO update) never wait behind a round. They
+    did when the controller submitted the publish: one caller's actor calls run in order,
+    and that call waited for the round's weights (Pong's 260 s rounds stalled PPO)."""
+    import asyncio
+
+    ray = ray_cluster
+    from rlhf_ray.feedback import Feedback
+    from rlhf_ray.roles import kill_all
+    from rlhf_ray.weights import Publishes, WeightStore
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self):
+            self.event = asyncio.Event()
+
+        async def wait(self):
+            await self.event.wait()
+
+        async def open(self):
+            self.event.set()
+
+    class GatedTrainer(Publishes):  # a round that lasts until the test opens the gate
+        def __init__(self, gate):
+            self.gate, self.version = gate, 0
+
+        def train(self, steps=None):
+            ray.get(self.gate.wait.remote())
+            self.version += 1
+            return {"rm_version": self.version, "steps": steps}
+
+        def weights(self):
+            return self.version, {"w": [float(self.version)]}
+
+    gate = Gate.remote()
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    trainer = ray.remote(GatedTrainer).options(num_cpus=0).remote(gate)
+    try:
+        feedback = Feedback(None, None, None, kind="clip")
+        feedback.attach(trainer, store)
+        feedback.start_round(steps=7)
+        # the round is still waiting at the gate: the store answers the controller anyway
+        assert ray.get(store.get_version.remote(), timeout=60) == 0
+        ray.get(gate.open.remote())
+        feedback.finish_round()
+        assert feedback.rm_stats == {"rm_version": 1, "steps": 7}
+        # the round's weights were in the store when its statistics came back
+        assert ray.get(store.get.remote(1), timeout=60) == {"w": [1.0]}
+    finally:
+        kill_all([gate, store, trainer])
