@@ -244,6 +244,10 @@ class RunSection(_Strict):
     checkpoint_every: int = Field(10, ge=0, description="iterations; 0 = only at the end")
     torch_threads: int = Field(1, ge=1)
     ray_num_cpus: int | None = Field(None, ge=1, description="size of a local cluster we start")
+    stage_threads: int | None = Field(
+        None, ge=1, description="torch threads of a stage that runs alone: the reward "
+        "model's first fit (the control pretraining, the LLM's first fit) and SFT; null: the "
+        "CPUs of the node it runs on")
 
 
 class RunConfig(RunSection):
@@ -547,9 +551,6 @@ class LMPlacementConfig(PlacementSection):
 
 class LMRunConfig(RunSection):
     iterations: int = Field(30, ge=1, description="PPO iterations")
-    stage_threads: int | None = Field(
-        None, ge=1, description="torch threads of a stage that runs alone (SFT, the first "
-        "reward-model fit); null: the CPUs of the node it runs on")
 
 
 class LLMConfig(_Strict):

@@ -22,6 +22,7 @@ from rlhf_ray.config import RewardModelConfig
 from rlhf_ray.core.bradley_terry import adapt_l2, bradley_terry_loss
 from rlhf_ray.core.comparisons import Comparisons
 from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors
+from rlhf_ray.roles import torch_threads
 from rlhf_ray.weights import Publishes
 
 
@@ -111,8 +112,13 @@ class RewardTrainer(Publishes):
                 correct, decided = correct + acc * n, decided + n
         return loss_sum / len(idx), (correct / decided if decided else float("nan"))
 
-    def train(self, steps: int | None = None) -> dict:
-        """One round: `steps` gradient steps per member, then L2 adaptation and normalization."""
+    def train(self, steps: int | None = None, threads: int | None = None) -> dict:
+        """One round: `steps` gradient steps per member, then L2 adaptation and normalization.
+        `threads`: torch threads for this call only (the pretraining runs alone; 0: this
+        node's cores)."""
+        if threads is not None:
+            with torch_threads(threads):
+                return self.train(steps)
         if self.num_labels == 0:
             return {"rm_num_labels": 0}
         t0 = time.time()

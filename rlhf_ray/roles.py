@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -29,6 +30,29 @@ def init_ray(cfg) -> bool:
         return False
     ray.init(num_cpus=cfg.run.ray_num_cpus, log_to_driver=False, include_dashboard=False)
     return True
+
+
+def stage_threads(configured: int | None, floor: int = 1) -> int:
+    """Torch threads of a stage that runs alone (SFT, the reward model's first fit):
+    `run.stage_threads`, else the cores of the process's own node."""
+    return configured or max(floor, len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Torch's threads set to `n` for one block, then put back (None: left as they are; 0:
+    the node's cores): a role sized for the loop takes the node while it runs alone."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(stage_threads(n or None))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ names

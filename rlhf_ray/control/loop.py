@@ -246,7 +246,9 @@ class Controller(RunController):
                 "labels.segment_length lower or env.remove_termination=true")
         if want:
             self.submit_queries(want, method="uniform")
-        self.feedback.feed(block=True, steps=max(1, cfg.reward_model.pretrain_steps))
+        # nothing else runs while the reward model pretrains: it takes the node's cores
+        self.feedback.feed(block=True, steps=max(1, cfg.reward_model.pretrain_steps),
+                           threads=cfg.run.stage_threads or 0)
 
     def request_labels(self) -> None:
         due = self.schedule.due(self.env_steps, self.feedback.requested)

@@ -34,14 +34,6 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     return DTYPES[dtype]
 
 
-def stage_threads(configured: int | None, floor: int = 1) -> int:
-    """Torch threads of a stage that runs alone (SFT, the first reward-model fit):
-    `run.stage_threads`, else the cores of the process's own node."""
-    import os
-
-    return configured or max(floor, len(os.sched_getaffinity(0)))
-
-
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ from rlhf_ray.config import LMRewardConfig
 from rlhf_ray.core.bradley_terry import grouped_preference_loss
 from rlhf_ray.llm.modeling import (encode_pairs, last_token_scores, load_scalar_model,
                                    load_tokenizer, save_model, state_dict_cpu)
+from rlhf_ray.roles import torch_threads
 from rlhf_ray.weights import Publishes
 
 
@@ -114,14 +115,8 @@ class LMRewardTrainer(Publishes):
         `threads`: torch threads for this call only (the first fit runs alone; 0: this
         node's cores)."""
         if threads is not None:
-            from rlhf_ray.llm.modeling import stage_threads
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(stage_threads(threads or None))
-            try:
+            with torch_threads(threads):
                 return self.train(steps, epochs)
-            finally:
-                torch.set_num_threads(before)
         train = [g for g in self.groups.values() if not g["val"]]
         if not train:
             return {"rm_train_loss": float("nan"), "rm_val_accuracy": float("nan"),

@@ -24,7 +24,8 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
 
     from rlhf_ray import assets
     from rlhf_ray.llm.modeling import (PromptFormat, encode_pairs, load_policy, load_tokenizer,
-                                       save_model, stage_threads, train_top_layers)
+                                       save_model, train_top_layers)
+    from rlhf_ray.roles import stage_threads
 
     torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
     torch.manual_seed(cfg.seed)

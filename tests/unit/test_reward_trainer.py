@@ -217,3 +217,16 @@ def test_weights_saved_before_input_normalization_still_load():
     ens2.load_flat_state(old)
     x = torch.randn(7, 4), torch.randn(7, 1)
     assert torch.allclose(ens2.member_rewards(*x), ens.member_rewards(*x))
+
+
+def test_a_round_that_runs_alone_takes_the_threads_it_is_given(monkeypatch):
+    trainer = RewardTrainer(spec(), RewardModelConfig(), seed=0)
+    trainer.add(make_comparisons(40)[0])
+    before, seen = torch.get_num_threads(), []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    v = trainer.version
+    trainer.train(steps=2, threads=3)  # the pretraining: nothing else runs
+    assert seen == [3, before] and torch.get_num_threads() == before and trainer.version == v + 1
+    trainer.train(steps=2)  # a round beside PPO keeps the role's threads
+    assert seen == [3, before]
