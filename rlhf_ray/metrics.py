@@ -38,6 +38,9 @@ CONTROL_METRICS: dict[str, str] = {
     "lr": "losses",  # the policy optimizer's learning rate (a PBT mutation shows here)
     "ppo_iteration_s": "time", "sample_s": "time", "learn_s": "time", "relabel_s": "time",
     "segment_cut_s": "time",
+    # query candidates sent to the reward model / answered from the controller's cache of
+    # this version's returns (both over the run's present process)
+    "candidates_scored": "counters", "candidates_reused": "counters",
 }
 
 LLM_METRICS: dict[str, str] = {

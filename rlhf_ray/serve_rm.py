@@ -116,6 +116,37 @@ def segment_returns(handle, batch, chunk_segments: int = 256,
     return members.reshape(members.shape[0], n, k).sum(axis=2)
 
 
+class SegmentReturnsCache:
+    """Each member's predicted return of a segment, kept for one reward-model version: the
+    query candidates are drawn from a pool of recent segments, and most of them were scored
+    in an earlier iteration under the same version (an Atari round spans about 15 PPO
+    iterations). A new version starts over. The replicas score in eval mode, so a cached
+    return is the one a new request would get."""
+
+    def __init__(self, max_segments: int):
+        self.max_segments = max(1, int(max_segments))
+        self.version: int | None = None
+        self._returns: dict[str, np.ndarray] = {}  # segment id -> [K], oldest first
+        self.scored = self.reused = 0  # segments sent to the replicas / answered from here
+
+    def returns(self, batch, version: int | None, score) -> np.ndarray:
+        """[K, N] for the segments of `batch`; `score(sub_batch)` -> [K, n] asks the reward
+        model for the segments not kept (pinned to `version`)."""
+        if version is None or version != self.version:
+            self.version, self._returns = version, {}
+        missing = [i for i, sid in enumerate(batch.ids) if sid not in self._returns]
+        if missing:
+            fresh = score(batch.take(missing))
+            for col, i in enumerate(missing):
+                self._returns[batch.ids[i]] = fresh[:, col]
+        self.scored += len(missing)
+        self.reused += len(batch) - len(missing)
+        out = np.stack([self._returns[sid] for sid in batch.ids], axis=1)
+        while len(self._returns) > self.max_segments:  # the oldest segments go first
+            del self._returns[next(iter(self._returns))]
+        return out
+
+
 def deploy(spec: RewardNetSpec, *, app_name: str, weight_store: str, namespace: str,
            serve_cfg, torch_threads: int = 1, route_prefix: str | None = None,
            wait: bool = True):

@@ -179,6 +179,7 @@ class Controller(RunController):
             namespace=ray.get_runtime_context().namespace, serve_cfg=place.reward_model,
             torch_threads=cfg.run.torch_threads, wait=False)
         self.apps.append(names.reward_app)
+        self.candidate_returns = serve_rm.SegmentReturnsCache(4 * cfg.labels.pool_size)
 
     def build_algo(self, learned: bool):
         """RLlib's PPO: env runners cut segments for the pool, the learner relabels rewards
@@ -269,8 +270,12 @@ class Controller(RunController):
         cand = ray.get(self.pool.sample.remote(cand_n))
         if cand is None or len(cand) < 2:
             return
-        returns = (segment_returns(self.rm_handle, cand, version=pinned_version(self.feedback.weight_store))
-                   if method == "variance" else np.zeros((1, len(cand))))
+        if method == "variance":  # a candidate already scored under this version is not again
+            version = pinned_version(self.feedback.weight_store)
+            returns = self.candidate_returns.returns(
+                cand, version, lambda b: segment_returns(self.rm_handle, b, version=version))
+        else:
+            returns = np.zeros((1, len(cand)))
         pairs = select_queries(returns, n, cfg.labels.oversampling, self.rng, method)
         self.feedback.ask(len(pairs), cand.take(pairs[:, 0]), cand.take(pairs[:, 1]))
 
@@ -300,7 +305,9 @@ class Controller(RunController):
             # an iteration without relabelling (its only rollout worker died) keeps the
             # version last seen
             self.last_rm_version = int(version)
+        cache = self.candidate_returns
         return {**m, **self.feedback.metrics(), "pred_reward_mean": clean(pred_r),
+                "candidates_scored": cache.scored, "candidates_reused": cache.reused,
                 "pred_return_mean": clean(pred_r * ep_len) if pred_r is not None and ep_len else None,
                 "rm_version": self.last_rm_version,
                 "rm_versions_mixed": int(clean(find_metric(result, "rlhf/rm_versions_mixed")) or 0),
