@@ -109,7 +109,9 @@ def start_run(entry: dict, preset: str, variant: str, seed: int, root: Path) -> 
     `root`; named in the entry's `in_progress` until it ends."""
     started = entry.setdefault("in_progress", {}).setdefault(variant, {})
     run_dir = started.get(str(seed))
-    if run_dir and any(Path(run_dir, "checkpoints").glob("iter_*")):
+    # a complete checkpoint, as RunDir.latest_checkpoint counts one: its controller.json is
+    # written last (a checkpoint cut short by the stop has the policy but not the rest)
+    if run_dir and any(Path(run_dir, "checkpoints").glob("iter_*/controller.json")):
         return run_dir, True
     run_dir = str(root / f"bench-{preset}-{variant.replace(' ', '_')}-s{seed}-{int(time.time())}")
     started[str(seed)] = run_dir

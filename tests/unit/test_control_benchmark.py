@@ -138,7 +138,11 @@ def test_a_run_the_script_was_stopped_in_goes_on_from_its_checkpoint(tmp_path):
     # stopped before its first checkpoint: a new run, not a restart on the old folder
     again, resume = b.start_run(entry, "pong", "true reward", 0, tmp_path)
     assert not resume and entry["in_progress"]["true reward"]["0"] == again
-    (Path(again) / "checkpoints" / "iter_000020").mkdir(parents=True)
+    ckpt = Path(again) / "checkpoints" / "iter_000020"
+    (ckpt / "algo").mkdir(parents=True)  # stopped while its checkpoint was being written
+    assert b.start_run(entry, "pong", "true reward", 0, tmp_path)[1] is False
+    entry["in_progress"]["true reward"]["0"] = again
+    (ckpt / "controller.json").write_text('{"iteration": 20}')  # a complete checkpoint
     assert b.start_run(entry, "pong", "true reward", 0, tmp_path) == (again, True)
     b.end_run(entry, "true reward", 0)
     assert "in_progress" not in entry  # nothing left half-done
