@@ -228,8 +228,7 @@ class Feedback:
         """The trainer's current weights to the weight store (a stale version is ignored)."""
         import ray
 
-        version, weights = self.trainer.weights.options(num_returns=2).remote()
-        ref = self.weight_store.publish.remote(version, weights)
+        ref = self.trainer.publish.remote(self.weight_store)
         return ray.get(ref) if wait else ref
 
     # ------------------------------------------------------------------ state and metrics

@@ -21,15 +21,25 @@ class WeightStore:
         self.keep = max(1, int(keep))
         self.version = 0
         self.kept: dict[int, dict[str, np.ndarray]] = {}
+        self.trainer_state: dict | None = None  # the trainer's, when it published the newest
 
-    def publish(self, version: int, weights: dict[str, np.ndarray]) -> int:
+    def publish(self, version: int, weights: dict[str, np.ndarray],
+                trainer_state: dict | None = None) -> int:
         if version <= self.version:
             return self.version  # stale publish: ignore, never go backwards
         self.version = version
         self.kept[version] = weights
+        self.trainer_state = trainer_state
         for old in sorted(self.kept)[:-self.keep]:
             del self.kept[old]
         return self.version
+
+    def latest(self) -> tuple[int, dict[str, np.ndarray], dict | None] | None:
+        """(version, weights, trainer state) of the newest publish, None before the first:
+        what a checkpoint keeps of the reward model without waiting for a round in flight."""
+        if self.version not in self.kept:
+            return None
+        return self.version, self.kept[self.version], self.trainer_state
 
     def get_version(self) -> int:
         return self.version
@@ -52,8 +62,14 @@ class Publishes:
     actor in order, and a call waits for its arguments."""
 
     def train_and_publish(self, weight_store, **train_kwargs) -> dict:
+        stats = self.train(**train_kwargs)
+        self.publish(weight_store)
+        return stats
+
+    def publish(self, weight_store) -> int:
+        """This trainer's weights, and its state where it has one (what a checkpoint
+        restores it from), into the store; returns the store's version."""
         import ray
 
-        stats = self.train(**train_kwargs)
-        ray.get(weight_store.publish.remote(*self.weights()))
-        return stats
+        state = self.state() if hasattr(self, "state") else None
+        return ray.get(weight_store.publish.remote(*self.weights(), state))

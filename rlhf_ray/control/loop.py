@@ -337,13 +337,18 @@ class Controller(RunController):
 
                 PreferenceStore(storage.join(path, "pool")).write_segments(snap["batch"])
             state["pool"] = {"rng": snap["rng"], "total_added": snap["total_added"]}
-            trainer = self.feedback.trainer
-            version, weights = ray.get(trainer.weights.remote())
+            # the last published round's ensemble and trainer state, from the weight store:
+            # asking the trainer would wait for the round in flight (minutes on Atari); that
+            # round is trained again after a resume, on labels the store keeps
+            latest = ray.get(self.feedback.weight_store.latest.remote())
+            if latest is None or latest[2] is None:  # nothing published with a state yet
+                trainer = self.feedback.trainer
+                latest = (*ray.get(trainer.weights.remote()), ray.get(trainer.state.remote()))
+            version, weights, state["reward_trainer"] = latest
             with storage.writable_dir(path) as local:
                 save_weights(os.path.join(local, "reward_model.safetensors"),
                              {k: torch.tensor(np.array(v)) for k, v in weights.items()},
                              self.spec, version)
-            state["reward_trainer"] = ray.get(trainer.state.remote())
         return self.save_state(path, state)
 
     def resume(self, ckpt: str) -> dict:

@@ -50,6 +50,9 @@ def test_the_controller_reads_the_weight_store_while_a_round_trains(ray_cluster)
         async def open(self):
             self.event.set()
 
+        async def close(self):
+            self.event.clear()
+
     class GatedTrainer(Publishes):  # a round that lasts until the test opens the gate
         def __init__(self, gate):
             self.gate, self.version = gate, 0
@@ -62,19 +65,29 @@ def test_the_controller_reads_the_weight_store_while_a_round_trains(ray_cluster)
         def weights(self):
             return self.version, {"w": [float(self.version)]}
 
+        def state(self):
+            return {"version": self.version}
+
     gate = Gate.remote()
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     trainer = ray.remote(GatedTrainer).options(num_cpus=0).remote(gate)
     try:
         feedback = Feedback(None, None, None, kind="clip")
         feedback.attach(trainer, store)
+        assert feedback.publish() == 0  # version 0 was there: a stale publish is ignored
+        ray.get(gate.open.remote())
+        feedback.start_round(steps=1)
+        feedback.finish_round()
+        ray.get(gate.close.remote())
         feedback.start_round(steps=7)
-        # the round is still waiting at the gate: the store answers the controller anyway
-        assert ray.get(store.get_version.remote(), timeout=60) == 0
+        # the round is still waiting at the gate: the store answers the controller anyway,
+        # with what a checkpoint keeps (the last round's weights and the trainer's state)
+        assert ray.get(store.get_version.remote(), timeout=60) == 1
+        assert ray.get(store.latest.remote(), timeout=60) == (1, {"w": [1.0]}, {"version": 1})
         ray.get(gate.open.remote())
         feedback.finish_round()
-        assert feedback.rm_stats == {"rm_version": 1, "steps": 7}
+        assert feedback.rm_stats == {"rm_version": 2, "steps": 7}
         # the round's weights were in the store when its statistics came back
-        assert ray.get(store.get.remote(1), timeout=60) == {"w": [1.0]}
+        assert ray.get(store.latest.remote(), timeout=60) == (2, {"w": [2.0]}, {"version": 2})
     finally:
         kill_all([gate, store, trainer])
