@@ -170,6 +170,7 @@ def summarize(res: dict, window: int) -> dict:
     secs = sum(t for _, t in pairs)
     sps = sum(n for n, _ in pairs) / secs if secs > 0 else float("nan")
     fe = res.get("final_eval")
+    spans = sittings(rows) if rows else []
     return {"final_return": fe["return_mean"] if fe else float("nan"),
             "final_eval_episodes": fe["episodes"] if fe else 0,
             "final_window_return": statistics.fmean(rets[-window:]) if rets else float("nan"),
@@ -177,8 +178,8 @@ def summarize(res: dict, window: int) -> dict:
             "env_steps_per_s": sps,
             # the whole run's training time over its sittings (iterations done again after a
             # restart counted once): a resumed run's wall_s is its last sitting's only
-            "train_s": sum(sittings(rows)) if rows else 0.0,
-            "sittings": len(sittings(rows)) if rows else 0,
+            "train_s": sum(spans),
+            "sittings": len(spans),
             "labels_total": rows[-1].get("labels_total", 0) if rows else 0,
             "rm_val_accuracy": rows[-1].get("rm_val_accuracy") if rows else None}
 
@@ -373,8 +374,8 @@ def finish(record: dict, out: Path, tag: str) -> None:
                 if "load_mean" in r:
                     r["alone"] = bool(r.get("alone", True)) and r["load_mean"] < cpus + ALONE_LOAD
                 if "train_s" not in r and r.get("curve"):  # a record from before it
-                    r["train_s"] = sum(sittings(r["curve"]))
-                    r["sittings"] = len(sittings(r["curve"]))
+                    spans = sittings(r["curve"])
+                    r["train_s"], r["sittings"] = sum(spans), len(spans)
     for env, e in record["envs"].items():
         if "random_return" not in e:  # a record from before the floor
             e["random_return"] = random_return(PRESETS[env])

@@ -224,12 +224,12 @@ class Feedback:
             self.rm_stats = ray.get(self._round) or self.rm_stats
             self._round = None
 
-    def publish(self, wait: bool = True):
-        """The trainer's current weights to the weight store (a stale version is ignored)."""
+    def publish(self) -> int:
+        """The trainer's current weights to the weight store (a stale version is ignored);
+        returns the store's version."""
         import ray
 
-        ref = self.trainer.publish.remote(self.weight_store)
-        return ray.get(ref) if wait else ref
+        return ray.get(self.trainer.publish.remote(self.weight_store))
 
     # ------------------------------------------------------------------ state and metrics
     def state(self) -> dict:
