@@ -160,25 +160,43 @@ class Feedback:
             time.sleep(poll_s)
 
     # ------------------------------------------------------------------ feeding the trainer
-    def _stored(self, clear_undrained: bool = False):
+    def _stored_text(self, clear_undrained: bool = False) -> list[dict]:
         import ray
 
-        read = (self.labeler.stored_comparisons if self.kind == "clip"
-                else self.labeler.stored_text_comparisons)
-        return ray.get(read.remote(clear_undrained=clear_undrained))
+        return ray.get(self.labeler.stored_text_comparisons.remote(
+            clear_undrained=clear_undrained))
+
+    def _stored_clip_pages(self, clear_undrained: bool = False):
+        """The stored clip comparisons, as refs to pages the labeler yields one by one;
+        handed on as refs, they never pass through this process."""
+        return self.labeler.stored_comparisons.options(num_returns="streaming").remote(
+            clear_undrained=clear_undrained)
 
     def load_stored(self) -> int:
         """Give the trainer every label already in the store (a reopened run: its labels
         count, none is asked for twice); returns how many queries they answer."""
         import ray
 
-        stored = self._stored()
-        if not stored:
-            return 0
-        ray.get(self.trainer.add.remote(stored))
-        if self.kind == "text":  # a ranking's pairs share its id
-            return len({c["ranking_id"] for c in stored})
-        return len(stored)
+        if self.kind == "text":
+            stored = self._stored_text()
+            if not stored:
+                return 0
+            ray.get(self.trainer.add.remote(stored))
+            return len({c["ranking_id"] for c in stored})  # a ranking's pairs share its id
+        before = after = ray.get(self.trainer.add.remote(None))
+        for page in self._stored_clip_pages():
+            after = ray.get(self.trainer.add.remote(page))  # one page in flight at a time
+        return after - before
+
+    def _replace_with_stored(self) -> None:
+        """The trainer's whole data set becomes the store's (the labeler restarted and lost
+        what it had not handed over yet; the store has every acknowledged label)."""
+        if self.kind == "text":
+            self.trainer.replace.remote(self._stored_text(clear_undrained=True))
+            return
+        self.trainer.replace.remote(None)
+        for page in self._stored_clip_pages(clear_undrained=True):
+            self.trainer.add.remote(page)
 
     def feed(self, block: bool = False, **train_kwargs) -> None:
         """Hand new labels to the trainer; start a training round when the last one is done
@@ -191,9 +209,7 @@ class Feedback:
         stats = ray.get(self.labeler.stats.remote())
         restarted = self._incarnation not in (None, stats["incarnation"])
         if restarted:
-            # the labeler restarted and lost what it had not handed over yet: the store has
-            # every acknowledged label, so it becomes the trainer's whole data set again
-            self.trainer.replace.remote(self._stored(clear_undrained=True))
+            self._replace_with_stored()
             self.restarts += 1
         elif new:
             self.trainer.add.remote(new)

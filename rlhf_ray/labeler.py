@@ -346,25 +346,28 @@ class Labeler:
         self._undrained = keep
         return out
 
-    def stored_comparisons(self, clear_undrained: bool = False) -> Comparisons | None:
+    def stored_comparisons(self, clear_undrained: bool = False, page_labels: int = 256):
         """Every trainable clip comparison already in the store (a resumed run's reward-model
-        data set), in `drain` form; what this actor labels from now on arrives by `drain`.
-        `clear_undrained`: also forget what `drain` would return (it is in the store: the
-        caller is replacing its whole data set, after this actor restarted)."""
+        data set), in `drain` form, yielded `page_labels` at a time (a Ray streaming
+        generator: the labels of an Atari run are gigabytes, so neither this actor nor the
+        object store holds them all at once); what this actor labels from now on arrives by
+        `drain`. `clear_undrained`: also forget what `drain` would return (it is in the
+        store: the caller is replacing its whole data set, after this actor restarted)."""
         if clear_undrained:
             self._undrained = [(lab, q) for lab, q in self._undrained if q.kind != "clip"]
         clip = {r["query_id"] for r in self.store.queries().to_pylist() if r["kind"] == "clip"}
         rows = [r for r in self.store.labels().to_pylist()
                 if MU.get(r["label"]) is not None and r["query_id"] in clip]
-        if not rows:
-            return None
-        segs = self.store.segments(sorted({i for r in rows for i in (r["left_id"], r["right_id"])}))
-        at = {sid: i for i, sid in enumerate(segs.ids)}
-        left = [at[r["left_id"]] for r in rows]
-        right = [at[r["right_id"]] for r in rows]
-        obs, act = segs.arrays["obs"], segs.arrays["actions"]
-        mu = np.array([MU[r["label"]] for r in rows], dtype=np.float32)
-        return Comparisons(obs[left], act[left], obs[right], act[right], mu)
+        for s in range(0, len(rows), page_labels):
+            page = rows[s:s + page_labels]
+            segs = self.store.segments(sorted({i for r in page
+                                               for i in (r["left_id"], r["right_id"])}))
+            at = {sid: i for i, sid in enumerate(segs.ids)}
+            left = [at[r["left_id"]] for r in page]
+            right = [at[r["right_id"]] for r in page]
+            obs, act = segs.arrays["obs"], segs.arrays["actions"]
+            mu = np.array([MU[r["label"]] for r in page], dtype=np.float32)
+            yield Comparisons(obs[left], act[left], obs[right], act[right], mu)
 
     def stored_text_comparisons(self, clear_undrained: bool = False) -> list[dict]:
         """Every trainable text comparison already in the store (a reopened run, or labels

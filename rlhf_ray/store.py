@@ -67,6 +67,32 @@ TEXT_SCHEMA = pa.schema([
 MU = {"left": 1.0, "right": 0.0, "equal": 0.5, "skip": None}
 
 
+def _segment_rows(f, want: set[str] | None, batch_rows: int = 32
+                  ) -> dict[str, tuple[int, dict[str, np.ndarray]]]:
+    """The wanted segments (all when None) of one Parquet part: its ids are read first, and
+    its arrays only if it holds one, `batch_rows` rows at a time."""
+    pf = pq.ParquetFile(f)
+    if want is not None and not want.intersection(
+            pf.read(columns=["segment_id"]).column("segment_id").to_pylist()):
+        return {}
+    meta = json.loads(pf.schema_arrow.metadata[b"rlhf_ray.arrays"])
+    found = {}
+    for batch in pf.iter_batches(batch_size=batch_rows,
+                                 columns=["segment_id", "env_steps", *meta]):
+        sid = batch.column("segment_id").to_pylist()
+        rows = [i for i, s in enumerate(sid) if want is None or s in want]
+        if not rows:
+            continue
+        sub = batch.take(pa.array(rows, type=pa.int64()))
+        steps = sub.column("env_steps").to_pylist()
+        cols = {name: sub.column(name).to_pylist() for name in meta}
+        for j, i in enumerate(rows):
+            found[sid[i]] = (steps[j], {
+                name: np.frombuffer(cols[name][j], dtype=np.dtype(m["dtype"])).reshape(m["shape"])
+                for name, m in meta.items()})
+    return found
+
+
 class StoreError(RuntimeError):
     """A problem with a file in the store; the message names the file."""
 
@@ -233,10 +259,10 @@ class PreferenceStore:
         raise StoreError(f"{self.root}/{sub}: parts kept vanishing while read for minutes "
                          "(a compaction running in a loop?)")
 
-    def _read(self, path: str) -> pa.Table:
+    def _read(self, path: str, read=pq.read_table):
         try:
             with self.fs.open_input_file(path) as f:
-                return pq.read_table(f)
+                return read(f)
         except (pa.ArrowInvalid, OSError) as exc:
             # an object store may report a part deleted under the read as a plain error
             if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
@@ -277,21 +303,24 @@ class PreferenceStore:
         return len(self.labels())
 
     def segments(self, ids: list[str] | None = None) -> SegmentBatch:
-        """The stored segments with these ids (all when None), in the order asked."""
+        """The stored segments with these ids (all when None), in the order asked. The parts
+        are read one at a time and a few rows at a time, keeping only the wanted rows: a
+        store holds gigabytes of Atari frames, and a resumed run reads its labels' segments
+        a page at a time."""
         want = None if ids is None else set(ids)
         found: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
-        for _, table in self._tables("segments"):
-            meta = json.loads(table.schema.metadata[b"rlhf_ray.arrays"])
-            sid = table.column("segment_id").to_pylist()
-            steps = table.column("env_steps").to_pylist()
-            rows = [i for i, s in enumerate(sid) if want is None or s in want]
-            if not rows:
-                continue
-            cols = {name: table.column(name).to_pylist() for name in meta}
-            for i in rows:
-                found[sid[i]] = (steps[i], {
-                    name: np.frombuffer(cols[name][i], dtype=np.dtype(m["dtype"])).reshape(m["shape"])
-                    for name, m in meta.items()})
+        done: set[str] = set()
+        for attempt in range(600):
+            try:
+                for p in self._parts("segments"):
+                    if p not in done:
+                        found.update(self._read(p, lambda f: _segment_rows(f, want)))
+                        done.add(p)
+                break
+            except _Vanished:  # compacted under the read: its merged part is listed now
+                time.sleep(min(1.0, 0.02 * (attempt + 1)))
+        else:
+            raise StoreError(f"{self.root}/segments: parts kept vanishing while read")
         order = list(found) if ids is None else ids
         missing = [i for i in order if i not in found]
         if missing:

@@ -121,3 +121,63 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(ray_cluster, tmp_path)
         (r["iteration"], r["env_steps"], r["pred_return_mean"]) for r in rows]
     assert rows[-1]["pred_return_mean"] is not None and rows[-1]["rm_version"] >= 1
     assert rows[-1]["labels_total"] == cfg.labels.budget
+
+
+def test_stored_labels_reach_the_trainer_page_by_page_and_again_after_a_restart(
+        ray_cluster, tmp_path):
+    """A resumed run's labels go from the store to the reward trainer a page at a time (the
+    labels of an Atari run are gigabytes: held at once, twice over, they ran a 24 GB machine
+    out of memory); after the labeler dies, the store's labels become the trainer's whole
+    data set again, once, not on top of what it had."""
+    import ray
+
+    from rlhf_ray.config import RewardModelConfig, RoleResources
+    from rlhf_ray.feedback import Feedback
+    from rlhf_ray.labeler import RESTART, Labeler
+    from rlhf_ray.reward_model import RewardNetSpec
+    from rlhf_ray.reward_trainer import RewardTrainer
+    from rlhf_ray.roles import kill_all, remote_role
+    from rlhf_ray.weights import WeightStore
+
+    labeler = remote_role(Labeler, RoleResources(), name="pages-labeler", **RESTART).remote(
+        str(tmp_path / "prefs"), "human", None, 0, None, 60.0, 3600.0)
+    segs = hopper_segments(40, 10, seed=3)
+    qids = ray.get(labeler.submit.remote(segs.take(np.arange(0, 40, 2)),
+                                         segs.take(np.arange(1, 40, 2))))
+    answers = ["left", "right", "equal", "skip"] * 5
+    for q, a in zip(qids, answers):
+        assert ray.get(labeler.answer.remote(q, a, "human:t")) == "stored"
+    ray.get(labeler.drain.remote())  # handed over already: only the store has them now
+    pages = [ray.get(r) for r in labeler.stored_comparisons.options(
+        num_returns="streaming").remote(page_labels=4)]
+    assert [len(p) for p in pages] == [4, 4, 4, 3]  # the 15 trainable ones (no skips)
+    mu = np.concatenate([p.mu for p in pages])
+    assert sorted(mu.tolist()) == sorted([1.0, 0.0, 0.5] * 5)
+
+    spec = RewardNetSpec(net="mlp", obs_shape=segs.arrays["obs"].shape[2:], act_dim=3,
+                         hidden=(16,), ensemble_size=1)
+    trainer = ray.remote(RewardTrainer).options(num_cpus=0).remote(
+        spec, RewardModelConfig(batch_size=4))
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    try:
+        feedback = Feedback(None, None, None, kind="clip")
+        feedback.labeler = labeler
+        feedback.attach(trainer, store)
+        assert feedback.load_stored() == 15
+        feedback.feed(block=True, steps=2)  # a round on them; notes the labeler's incarnation
+        os.kill(_pid(labeler), signal.SIGKILL)
+        deadline = time.time() + 120
+        while True:  # Ray restarts it; it reopens the store
+            try:
+                ray.get(labeler.stats.remote(), timeout=30)
+                break
+            except ray.exceptions.RayError:
+                assert time.time() < deadline
+                time.sleep(0.5)
+        feedback.feed(block=True, steps=2)
+        assert feedback.restarts == 1
+        held = ray.get(trainer.__ray_call__.remote(lambda t: (t.num_labels, t._set.mu)))
+        assert held[0] == 15 and sorted(held[1].tolist()) == sorted(mu.tolist())
+    finally:
+        kill_all([trainer, store])
+        ray.kill(labeler, no_restart=True)

@@ -230,3 +230,39 @@ def test_a_round_that_runs_alone_takes_the_threads_it_is_given(monkeypatch):
     assert seen == [3, before] and torch.get_num_threads() == before and trainer.version == v + 1
     trainer.train(steps=2)  # a round beside PPO keeps the role's threads
     assert seen == [3, before]
+
+
+def test_labels_past_the_buffer_are_let_go_and_still_counted():
+    """Labels arriving in parts: the trainer keeps the buffer's labels (and at most the part
+    that straddles its start), not every label it was given; the count covers all."""
+    data, _ = make_comparisons(1200)
+    trainer = RewardTrainer(spec(ensemble_size=2), RewardModelConfig(
+        lr=3e-3, batch_size=32, label_buffer=400), seed=0)
+    for s in range(0, 1200, 150):
+        trainer.add(Comparisons(*(getattr(data, f)[s:s + 150] for f in
+                                  ("left_obs", "left_act", "right_obs", "right_act", "mu"))))
+        assert len(trainer._set) < 400 + 150
+        assert trainer._counts.shape == (2, len(trainer._set))
+    assert trainer.num_labels == 1200
+    stats = trainer.train(steps=20)
+    assert stats["rm_num_labels"] == 1200 and stats["rm_labels_in_buffer"] == 400
+    # the held rows are the newest labels
+    np.testing.assert_array_equal(trainer._set.mu, data.mu[1200 - len(trainer._set):])
+
+
+def test_atari_sized_segments_are_evaluated_in_small_chunks(monkeypatch):
+    """A chunk of 1,024 Atari pairs would be 5.8 GB of float frames: the evaluation's chunks
+    shrink with the segment's size."""
+    rng = np.random.default_rng(0)
+    n, k = 100, 25
+    obs = rng.integers(0, 255, size=(2, n, k, 84, 84, 4), dtype=np.uint8)
+    act = rng.integers(0, 6, size=(2, n, k), dtype=np.int64)
+    cnn = RewardNetSpec(net="cnn", obs_shape=(84, 84, 4), act_dim=6, ensemble_size=1)
+    trainer = RewardTrainer(cnn, RewardModelConfig(batch_size=4), seed=0)
+    trainer.add(Comparisons(obs[0], act[0], obs[1], act[1],
+                            (rng.random(n) > 0.5).astype(np.float32)))
+    sizes = []
+    real = trainer._loss
+    monkeypatch.setattr(trainer, "_loss", lambda m, idx: (sizes.append(len(idx)), real(m, idx))[1])
+    trainer._evaluate(0, np.arange(n), trainer._set.mu)
+    assert sum(sizes) == n and max(sizes) <= 64
