@@ -232,8 +232,10 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
     base = values(TRUE, "final_return")
     base_auc = values(TRUE, "auc_return")
     # a ratio over the floor needs a baseline clearly above it: where the true reward's
-    # interval reaches the random return (Ant at 500k steps) the denominator is about 0
-    cleared = len(base) > 1 and mean_ci(base)["ci95"][0] > floor
+    # interval reaches the random return (Ant at 500k steps) the denominator is about 0; a
+    # single seed (Pong) has no interval: it clears when it is above the floor
+    cleared = (mean_ci(base)["ci95"][0] > floor if len(base) > 1
+               else len(base) == 1 and base[0] > floor)
     out = {}
     for variant, seeds in runs.items():
         fin, auc = values(variant, "final_return"), values(variant, "auc_return")

@@ -153,3 +153,19 @@ def test_a_run_the_script_was_stopped_in_goes_on_from_its_checkpoint(tmp_path):
     assert s["env_steps_per_s"] == pytest.approx(10.0)
     # and its training time is both sittings', not the last one's
     assert (s["train_s"], s["sittings"]) == (pytest.approx(35.0), 2)
+
+
+def test_a_single_seed_baseline_above_random_gets_its_ratio(tmp_path):
+    """Pong, one seed each: no interval to test the baseline by, so a baseline above the
+    random floor counts (the table said "true reward not above random" for +21 vs -20.3);
+    one at the floor still does not."""
+    b = _bench()
+    summary = b.env_summary({b.TRUE: {"0": _run(21.0, 19.6, 171.0, False)},
+                             "RLHF 5500 labels": {"0": _run(-1.0, -4.9, 131.0, False)}},
+                            floor=-20.3)
+    row = summary["RLHF 5500 labels"]
+    assert row["baseline_above_floor"]
+    assert row["return_ratio"]["ratio"] == pytest.approx(19.3 / 41.3)
+    flat = b.env_summary({b.TRUE: {"0": _run(-20.3, 0.0, 1.0, False)},
+                          "RLHF 5500 labels": {"0": _run(-1.0, 0.0, 1.0, False)}}, floor=-20.3)
+    assert not flat["RLHF 5500 labels"]["baseline_above_floor"]
