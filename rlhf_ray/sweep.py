@@ -47,6 +47,9 @@ class SchedulerConfig(_Strict):
     perturbation_interval: int = Field(5, ge=1, description="pbt: iterations between exploits")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt")
     resample_probability: float = Field(0.25, ge=0, le=1, description="pbt")
+    synch: bool = Field(False, description="pbt: Tune's synchronous PBT; every trial waits at "
+                        "each perturbation step until all have reached it, so trials that run "
+                        "at different speeds are still ranked against each other")
 
 
 class SweepConfig(_Strict):
@@ -414,7 +417,7 @@ def _scheduler(sweep: SweepConfig, cfg):
             time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
             hyperparam_mutations={k: _domain(v) for k, v in sweep.space.items()},
-            synch=False)
+            synch=s.synch)
     return FIFOScheduler()
 
 

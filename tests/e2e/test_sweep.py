@@ -102,7 +102,8 @@ def _interrupt_after_an_exploit_and_resume(path: Path, base: str, ray_cluster, s
 
 
 def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
-                 storage_path: str | None = None, interrupt: bool = True, **spec) -> Path:
+                 storage_path: str | None = None, interrupt: bool = True, synch: bool = False,
+                 **spec) -> Path:
     """A two-trial PBT sweep over a KL setting (`key`, its checkpoint section `section`):
     trials at 0.01 and 2.0, ranked by the KL coefficient itself (kl_coef, max) so the 0.01
     trial is the one that clones, perturbation every 2 iterations; with `interrupt`,
@@ -115,7 +116,7 @@ def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
         initial_points=[{key: 0.01}, {key: 2.0}],
         num_samples=2, max_concurrent_trials=2, seed=0, metric="kl_coef", mode="max",
         scheduler={"kind": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                   "resample_probability": 0.0}, storage_path=base, **spec)
+                   "resample_probability": 0.0, "synch": synch}, storage_path=base, **spec)
     if interrupt:
         root = _interrupt_after_an_exploit_and_resume(path, base, ray_cluster, section,
                                                       key.rsplit(".", 1)[-1], name)
@@ -142,13 +143,15 @@ def test_llm_pbt_exploit_copies_the_whole_state_and_exports_a_config(ray_cluster
     Each reported its own beta and the metric; the exported best config is the one its trial
     trained with. (An interrupted sweep resuming from its folder, which is the same code for
     both workloads, is the control test's below.)"""
-    # Trials checkpoint every iteration (run.checkpoint_every=1), so at the 0.01 trial's
-    # perturbation step its donor always has a checkpoint to hand over, whichever trial runs
-    # ahead (with checkpoints only at perturbation steps that was a coin flip when the tiny
+    # Synchronous PBT: the trials are ranked at a perturbation step only once both reached
+    # it (asynchronously, a trial that ran ahead under load was ranked alone: no exploit,
+    # seen once in a fresh-clone CI run). Trials checkpoint every iteration
+    # (run.checkpoint_every=1), so at the 0.01 trial's perturbation step its donor always has
+    # a checkpoint to hand over, whichever trial runs ahead (with checkpoints only at perturbation steps that was a coin flip when the tiny
     # trials run in lockstep, measured)
     root = _pbt_over_kl(tmp_path, ray_cluster, "pbt", "ppo.kl.init_coef", "kl",
                         overrides=TINY + SMALL + ["run.iterations=5", "run.checkpoint_every=1"],
-                        interrupt=False)
+                        interrupt=False, synch=True)
     # every trial finished and reported the metric; each started from its own beta
     rows = list(csv.DictReader(open(root / "sweep_summary.csv")))
     assert len(rows) == 2 and all(int(r["iterations"]) == 5 for r in rows)
