@@ -241,19 +241,20 @@ class PreferenceStore:
                  and i.path.endswith(".parquet")]
         return sorted(paths)
 
-    def _tables(self, sub: str) -> list[tuple[str, pa.Table]]:
-        """(path, table) of every part of `sub`, in write order. A part that vanished between
-        the listing and the read was merged by a compaction, whose merged part was written
-        first: list again and read only what is new (on an object store deleting thousands
-        of parts takes a while, so this waits as long as parts keep moving)."""
-        read: dict[str, pa.Table] = {}
+    def _tables(self, sub: str, read=pq.read_table) -> list[tuple[str, pa.Table]]:
+        """(path, table) of every part of `sub`, in write order (`read`: what to make of each
+        part instead of its whole table). A part that vanished between the listing and the
+        read was merged by a compaction, whose merged part was written first: list again and
+        read only what is new (on an object store deleting thousands of parts takes a while,
+        so this waits as long as parts keep moving)."""
+        done: dict[str, pa.Table] = {}
         for attempt in range(600):
             listed = self._parts(sub)
             try:
                 for p in listed:
-                    if p not in read:
-                        read[p] = self._read(p)
-                return [(p, read[p]) for p in listed]
+                    if p not in done:
+                        done[p] = self._read(p, read)
+                return [(p, done[p]) for p in listed]
             except _Vanished:
                 time.sleep(min(1.0, 0.02 * (attempt + 1)))
         raise StoreError(f"{self.root}/{sub}: parts kept vanishing while read for minutes "
@@ -309,18 +310,8 @@ class PreferenceStore:
         a page at a time."""
         want = None if ids is None else set(ids)
         found: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
-        done: set[str] = set()
-        for attempt in range(600):
-            try:
-                for p in self._parts("segments"):
-                    if p not in done:
-                        found.update(self._read(p, lambda f: _segment_rows(f, want)))
-                        done.add(p)
-                break
-            except _Vanished:  # compacted under the read: its merged part is listed now
-                time.sleep(min(1.0, 0.02 * (attempt + 1)))
-        else:
-            raise StoreError(f"{self.root}/segments: parts kept vanishing while read")
+        for _, rows in self._tables("segments", lambda f: _segment_rows(f, want)):
+            found.update(rows)
         order = list(found) if ids is None else ids
         missing = [i for i in order if i not in found]
         if missing:
