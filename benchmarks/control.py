@@ -282,6 +282,21 @@ def aggregate(record: dict) -> dict:
     return out
 
 
+def ci(d: dict, key: str, fmt: str) -> str:
+    """`d[key]` with its 95% interval; without one where there is none (one seed: nan)."""
+    lo, hi = d["ci95"]
+    span = "" if lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{d[key]:{fmt}}{span}"
+
+
+def curve_label(name: str, seeds: int, summary: dict) -> str:
+    """A variant's legend entry: its seeds and, for RLHF, its return ratio with the interval."""
+    label = f"{name} ({seeds} seed{'s' * (seeds != 1)})"
+    if "return_ratio" in summary:
+        label += f": {ci(summary['return_ratio'], 'ratio', '.2f')}"
+    return label
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,11 +319,8 @@ def plot(record: dict, path: Path) -> None:
                 xs = [r["env_steps"] for r in curves[0][:n]]
                 ys = np.mean([[r["true_return_mean"] or np.nan for r in c[:n]] for c in curves], 0)
                 summary = record["envs"][env].get("summary", {}).get(name, {})
-                label = f"{name} ({len(curves)} seeds)"
-                if "return_ratio" in summary:
-                    rr = summary["return_ratio"]
-                    label += f": {rr['ratio']:.2f} [{rr['ci95'][0]:.2f}, {rr['ci95'][1]:.2f}]"
-                ax.plot(xs, ys, color=color, lw=2 if name == TRUE else 1.4, label=label)
+                ax.plot(xs, ys, color=color, lw=2 if name == TRUE else 1.4,
+                        label=curve_label(name, len(curves), summary))
         rand = record["envs"][env].get("random_return")
         if rand:
             ax.axhline(rand["mean"], color="gray", ls=":", lw=1, label="random policy")
@@ -326,11 +338,6 @@ def plot(record: dict, path: Path) -> None:
 def markdown(record: dict) -> str:
     """The record as the README's tables: per env and variant, every seed's final return, the
     mean with its interval and the ratio over the random floor; then the IQM over envs."""
-    def ci(d: dict, key: str, fmt: str) -> str:
-        lo, hi = d["ci95"]
-        span = "" if lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"  # nan: one seed, no interval
-        return f"{d[key]:{fmt}}{span}"
-
     lines = [f"{record['steps']:,} env steps per run; final return: the final policy on fresh "
              "episodes (mean actions); ratio: (RLHF - random) / (true reward - random); "
              "95% percentile-bootstrap intervals over seeds.", "",

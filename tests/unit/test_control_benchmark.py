@@ -169,3 +169,21 @@ def test_a_single_seed_baseline_above_random_gets_its_ratio(tmp_path):
     flat = b.env_summary({b.TRUE: {"0": _run(-20.3, 0.0, 1.0, False)},
                           "RLHF 5500 labels": {"0": _run(-1.0, 0.0, 1.0, False)}}, floor=-20.3)
     assert not flat["RLHF 5500 labels"]["baseline_above_floor"]
+
+
+def test_a_single_seed_gets_no_interval_in_the_tables_or_the_legend(tmp_path):
+    """One seed has no bootstrap interval (nan): the legend read "2.01 [nan, nan]"."""
+    b = _bench()
+    runs = {b.TRUE: {"0": _run(1697.0, 1031.0, 1672.0, True)},
+            "RLHF 700 labels": {"0": _run(3684.0, 1900.0, 1597.0, True)}}
+    record = {"steps": 1000, "overrides": [], "envs": {
+        "HalfCheetah-v5": {"random_return": {"mean": -273.3}, "runs": runs}}}
+    b.finish(record, tmp_path, "one")
+    summary = record["envs"]["HalfCheetah-v5"]["summary"]["RLHF 700 labels"]
+    ratio = (3684.0 + 273.3) / (1697.0 + 273.3)
+    assert b.curve_label("RLHF 700 labels", 1, summary) == f"RLHF 700 labels (1 seed): {ratio:.2f}"
+    assert "nan" not in (tmp_path / "one.md").read_text()
+    two = b.env_summary({b.TRUE: {s: _run(1697.0 + int(s), 0.0, 1.0, True) for s in "01"},
+                         "RLHF 700 labels": {s: _run(3684.0 * (1 + int(s)), 0.0, 1.0, True)
+                                             for s in "01"}}, floor=-273.3)
+    assert b.curve_label("RLHF 700 labels", 2, two["RLHF 700 labels"]).count("[") == 1
