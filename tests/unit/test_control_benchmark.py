@@ -130,6 +130,24 @@ def test_an_env_part_way_through_its_seeds_waits_for_the_iqm(tmp_path):
     assert agg["envs"] == 1 and agg["left_out_incomplete"] == ["Reacher-v5"]
 
 
+def test_an_env_with_both_variants_part_way_waits_for_the_iqm(tmp_path):
+    """Hopper at 1M steps after its first seed pair (1 vs 1) beside HalfCheetah's 5 vs 5:
+    Hopper's one pair must not enter the IQM as a second env with no interval."""
+    b = _bench()
+    record = {"steps": 1000, "overrides": [], "envs": {}}
+    for env, n in (("HalfCheetah-v5", 3), ("Hopper-v5", 1)):
+        record["envs"][env] = {"random_return": {"mean": 0.0}, "runs": {
+            b.TRUE: {str(s): _run(1000.0 + s, 0.0, 100.0, True) for s in range(n)},
+            "RLHF 700 labels": {str(s): _run(500.0 + 10 * s, 0.0, 90.0, True)
+                                for s in range(n)}}}
+    b.finish(record, tmp_path, "grid")
+    agg = json.loads((tmp_path / "grid.json").read_text())["aggregate"]["RLHF 700 labels"]
+    assert agg["envs"] == 1 and agg["left_out_incomplete"] == ["Hopper-v5"]
+    assert agg["ci95"][0] == agg["ci95"][0]  # HalfCheetah's 3 seeds: an interval, not nan
+    table = (tmp_path / "grid.md").read_text()
+    assert "| RLHF 700 labels | 1 (" in table and "Hopper-v5" in table.split("IQM")[-1]
+
+
 def test_a_run_the_script_was_stopped_in_goes_on_from_its_checkpoint(tmp_path):
     b = _bench()
     entry: dict = {"runs": {}}
