@@ -260,9 +260,8 @@ def aggregate(record: dict) -> dict:
     envs = record["envs"]
     names = {v for e in envs.values() for v in e["runs"] if v != TRUE}
     for variant in sorted(names):
-        # the grid's seed count: the most seeds this variant or its baseline has in any env;
-        # an env with fewer (both variants part-way, 1 vs 1) waits, as one with fewer RLHF
-        # seeds than its own baseline does
+        # the grid's seed count: the most seeds this variant or its baseline has in any env
+        # (so at least this env's baseline); an env with fewer waits for the IQM
         full = max(len(e["runs"].get(k, {})) for e in envs.values() for k in (TRUE, variant)
                    if variant in e["runs"])
         per_env, left_out, incomplete = [], [], []
@@ -274,7 +273,7 @@ def aggregate(record: dict) -> dict:
             if not e.get("summary", {}).get(variant, {}).get("baseline_above_floor", True):
                 left_out.append(env)  # normalizing by about 0 would swamp the other envs
                 continue
-            if len(runs) < max(len(base), full):
+            if len(runs) < full:
                 incomplete.append(env)  # a grid part-way through: its seeds come later
                 continue
             lo = e.get("random_return", {}).get("mean", 0.0)
