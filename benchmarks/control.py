@@ -83,7 +83,7 @@ def run_one(preset: str, overrides: list[str], run_dir: str | None = None,
     script was stopped in); its rows are then the whole run's, from its metrics file, and it
     never counts as alone (its first part's load went unrecorded)."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.runtime.metrics import read_metrics
     from rlhf_ray.train import train
 
     cfg = load_config(preset, overrides)

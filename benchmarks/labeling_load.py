@@ -36,10 +36,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import hopper_segments
 
-    from rlhf_ray.labeler import Labeler
-    from rlhf_ray.labeling import app as labeling_app
-    from rlhf_ray.labeling.load import check_store, run_load
-    from rlhf_ray.labeling.service import ensure_serve_http
+    from rlhf_ray.feedback import app as labeling_app
+    from rlhf_ray.feedback.labeler import Labeler
+    from rlhf_ray.feedback.load import check_store, run_load
+    from rlhf_ray.feedback.queries import ClipPairs
+    from rlhf_ray.runtime.serving import ensure_serve_http
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     host, port = ensure_serve_http("127.0.0.1", 8000)
@@ -48,7 +49,7 @@ def main() -> None:
     name = f"rlhf-labeler-load-{run}"
     ns = ray.get_runtime_context().namespace
     labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(
-        root, "human", None, 0, None, 60.0, 3600.0, None)
+        root, ClipPairs(), source="human", lease_s=60.0, deadline_s=3600.0)
     token = labeling_app.new_token()
     prefix = f"/load-{run}"
     labeling_app.deploy(labeler_name=name, namespace=ns, store_root=root, token=token,

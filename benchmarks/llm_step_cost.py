@@ -36,8 +36,9 @@ def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps:
 
     import numpy as np
 
-    from rlhf_ray import assets
-    from rlhf_ray.config import LMPPOConfig, LoRAConfig, load_config
+    from rlhf_ray.config import load_config
+    from rlhf_ray.llm import assets
+    from rlhf_ray.llm.config import LoRAConfig, PPOConfig
     from rlhf_ray.llm.data import load_prompts
     from rlhf_ray.llm.generation import HFGenerationWorker
     from rlhf_ray.llm.learner import PPOLearner
@@ -46,11 +47,12 @@ def measure(mode: str, top: int | None, r: int, threads: int, batch: int, steps:
     cfg = load_config("smollm2-reviews")
     path = str(assets.get("smollm2-135m"))
     lora = LoRAConfig(r=r).model_dump()
-    gen = HFGenerationWorker(path, {"max_new_tokens": 20}, cfg.data.max_prompt_tokens, 0, threads,
-                             prompt_format=PromptFormat.settings(cfg.data), lora=lora,
+    gen = HFGenerationWorker(path, {"max_new_tokens": 20},
+                             max_prompt_tokens=cfg.data.max_prompt_tokens, seed=0,
+                             torch_threads=threads, prompt_format=PromptFormat.settings(cfg.data), lora=lora,
                              train_top_layers=top)
     micro = micro or {"minibatch_size": batch // 2, "micro_batch_size": batch // 2}
-    ppo = LMPPOConfig(rollout_batch_size=batch, lr=1e-5, **{"ppo_epochs": 1, **micro}).model_dump()
+    ppo = PPOConfig(rollout_batch_size=batch, lr=1e-5, **{"ppo_epochs": 1, **micro}).model_dump()
     learner = PPOLearner(0, 1, path, path, ppo, torch_threads=threads, pad_id=gen.tok.pad_token_id,
                          lora=lora, train_top_layers=top)
     t = time.perf_counter()

@@ -98,7 +98,11 @@ def run_trl(workdir: Path, sft: str, rm: str, iterations: int, seed: int, kl_coe
             lr: float, prompts: list[str], threads: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        TrainerCallback,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from rlhf_ray.llm.modeling import load_tokenizer

@@ -64,12 +64,13 @@ def fit_and_score(data: dict, train_mask: np.ndarray, overrides: list[str], labe
                   seed: int, test_pairs: np.ndarray) -> dict:
     import torch
 
-    from rlhf_ray.config import RewardModelConfig, apply_overrides
+    from rlhf_ray.config import apply_overrides
+    from rlhf_ray.control.config import RewardModelConfig
+    from rlhf_ray.control.reward import RewardNetSpec, as_tensors
+    from rlhf_ray.control.reward_trainer import RewardTrainer
+    from rlhf_ray.core.comparisons import Comparisons
     from rlhf_ray.core.oracle import SyntheticOracle
     from rlhf_ray.core.query_selection import candidate_pairs
-    from rlhf_ray.reward_model import RewardNetSpec, as_tensors
-    from rlhf_ray.core.comparisons import Comparisons
-    from rlhf_ray.reward_trainer import RewardTrainer
 
     raw = apply_overrides({}, overrides)
     cfg = RewardModelConfig(**raw.get("reward_model", {}))

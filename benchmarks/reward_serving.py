@@ -33,7 +33,7 @@ def hopper_spec():
     import gymnasium as gym
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.reward_model import RewardNetSpec
+    from rlhf_ray.control.reward import RewardNetSpec
 
     cfg = load_config("hopper")
     env = gym.make(cfg.env.id)
@@ -44,7 +44,7 @@ def hopper_spec():
 def in_process(spec, obs, act, seconds: float) -> dict:
     import torch
 
-    from rlhf_ray.reward_model import RewardEnsemble, as_tensors
+    from rlhf_ray.control.reward import RewardEnsemble, as_tensors
 
     torch.set_num_threads(1)  # as a replica runs (run.torch_threads)
     ens = RewardEnsemble(spec).eval()
@@ -64,8 +64,8 @@ def in_process(spec, obs, act, seconds: float) -> dict:
 def deploy(spec, store_name: str, replicas: int, max_batch: int):
     import ray
 
-    from rlhf_ray.config import RewardServeConfig
-    from rlhf_ray.serve_rm import deploy as deploy_rm
+    from rlhf_ray.control.serve import deploy as deploy_rm
+    from rlhf_ray.runtime.sections import RewardServeConfig
 
     app = f"rm-bench-{uuid.uuid4().hex[:6]}"
     cfg = RewardServeConfig(num_cpus=0, num_replicas=replicas, max_batch_size=max_batch,
@@ -80,8 +80,8 @@ def deploy(spec, store_name: str, replicas: int, max_batch: int):
 
 
 def relabel_path(handle, store, obs, act, seconds: float) -> dict:
-    from rlhf_ray.scoring import pinned_version
-    from rlhf_ray.serve_rm import score_chunks
+    from rlhf_ray.control.serve import score_chunks
+    from rlhf_ray.runtime.scoring import pinned_version
 
     n, t0, versions = 0, time.perf_counter(), set()
     while time.perf_counter() - t0 < seconds:
@@ -122,8 +122,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from rlhf_ray.reward_model import RewardEnsemble
-    from rlhf_ray.weights import WeightStore
+    from rlhf_ray.control.reward import RewardEnsemble
+    from rlhf_ray.storage.weights import WeightStore
 
     spec = hopper_spec()
     rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from rlhf_ray.core.segments import cut_segments
-    from rlhf_ray.store import Label, PreferenceStore
+    from rlhf_ray.storage.store import Label, PreferenceStore
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,44 +1,52 @@
-"""`rlhf-ray report RUN_DIR`: learning curves of a run as one PNG; for a control run also the
-final policy's video (`final_policy.webm`) from its first evaluation episode."""
+"""`rlhf-ray report RUN_DIR`: a run's report, drawn by its workload (`control/report.py`:
+curves over env steps and the final policy's video; `llm/report.py`: curves over PPO
+iterations and `report.md`)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
-from rlhf_ray.metrics import read_metrics
+import yaml
+
+from rlhf_ray import workloads
+from rlhf_ray.runtime.metrics import read_metrics
+from rlhf_ray.runtime.run_dir import ROLE_WRITTEN
+from rlhf_ray.runtime.workload import Workload
+from rlhf_ray.storage import locations
 
 
 def report(run_dir: str, output: str | None = None) -> str:
     """The report of a run folder (a path or a URI: a remote run is read into a local working
     copy, drawn there, and the report's files are written back beside the run's)."""
-    from rlhf_ray import storage
-
-    if storage.is_remote(run_dir):
-        import tempfile
-
-        from rlhf_ray.run_dir import ROLE_WRITTEN
-
-        uri = storage.normalize(run_dir)
-        if not storage.is_file(storage.join(uri, "metrics.jsonl")):
+    if locations.is_remote(run_dir):
+        uri = locations.normalize(run_dir)
+        if not locations.is_file(locations.join(uri, "metrics.jsonl")):
             raise FileNotFoundError(f"{uri}/metrics.jsonl: no metrics (is {uri} a run folder?)")
-        local = Path(tempfile.mkdtemp(prefix="rlhf-report-")) / storage.name(uri)
-        mirror = storage.Mirror(local, uri, exclude=ROLE_WRITTEN)
+        local = Path(tempfile.mkdtemp(prefix="rlhf-report-")) / locations.name(uri)
+        mirror = locations.Mirror(local, uri, exclude=ROLE_WRITTEN)
         mirror.pull(skip=ROLE_WRITTEN)
         out = _report(str(local), None, shown_as=uri)
         mirror.push()
         if output:
-            import shutil
-
             shutil.copy(out, output)
             return output
-        return storage.join(uri, Path(out).name)
+        return locations.join(uri, Path(out).name)
     return _report(run_dir, output)
+
+
+def workload_of(run_dir: str) -> Workload:
+    """The workload a run folder's config names (a folder of metrics alone: the default)."""
+    path = Path(run_dir) / "config.yaml"
+    data = yaml.safe_load(path.read_text()) if path.exists() else None
+    return workloads.named((data or {}).get("workload"))
 
 
 def _report(run_dir: str, output: str | None = None, shown_as: str | None = None) -> str:
     """`shown_as`: the run's own location, for what is printed (a remote run is drawn in a
     local copy)."""
-    import matplotlib
+    import matplotlib  # 0.5 s: only where a report is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,215 +54,4 @@ def _report(run_dir: str, output: str | None = None, shown_as: str | None = None
     rows = read_metrics(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl is empty")
-    if "env_steps" not in rows[0]:
-        return _report_llm(run_dir, rows, output, plt)
-
-    def series(key):
-        return points(rows, key)
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    ax = axes[0, 0]
-    ax.plot(*series("true_return_mean"), label="true return (env reward)")
-    ax.set_title("true return")
-    ax.set_xlabel("env steps")
-    ax = axes[0, 1]
-    ax.plot(*series("pred_return_mean"), color="tab:orange")
-    ax.set_title("predicted return (reward model)")
-    ax.set_xlabel("env steps")
-    ax = axes[1, 0]
-    ax.plot(*series("labels_total"), color="tab:green")
-    ax.set_title("labels")
-    ax.set_xlabel("env steps")
-    ax = axes[1, 1]
-    ax.plot(*series("rm_val_accuracy"), color="tab:red", label="validation")
-    ax.plot(*series("rm_train_accuracy"), color="tab:purple", alpha=0.6, label="train")
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("reward-model accuracy on held-out comparisons")
-    ax.set_xlabel("env steps")
-    if not series("pred_return_mean")[0]:  # a true-reward run (run.reward=env)
-        for a in (axes[0, 1], axes[1, 1]):
-            title = a.get_title()
-            a.clear()
-            a.set(title=title, xticks=[], yticks=[])
-            a.text(0.5, 0.5, "no reward model: trained on the env reward", ha="center",
-                   va="center", transform=a.transAxes, color="gray")
-    final = _final_eval(run_dir)
-    if final:
-        axes[0, 0].axhline(final["return_mean"], color="black", ls="--", lw=1,
-                           label=f"final policy, {final['episodes']} fresh episodes")
-        axes[0, 0].legend(fontsize=8)
-    fig.suptitle(Path(run_dir).name)
-    fig.tight_layout()
-    out = output or str(Path(run_dir) / "report.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    video = final_policy_video(run_dir, Path(out).parent)
-    if video and shown_as:
-        video = f"{shown_as}/{Path(video).name}"
-    print(f"final policy video: {video}" if video else
-          "no final policy video: the run kept no final episode (final_episode.npz)")
-    return out
-
-
-def points(rows: list[dict], key: str) -> tuple[list, list]:
-    """(env steps, value) of the rows that have `key`: an Atari iteration often ends no
-    episode, and a line through its gaps would be drawn in pieces."""
-    kept = [(r["env_steps"], r[key]) for r in rows if r.get(key) is not None]
-    return [s for s, _ in kept], [v for _, v in kept]
-
-
-def _final_eval(run_dir: str) -> dict | None:
-    import json
-
-    path = Path(run_dir) / "final_eval.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def final_policy_video(run_dir: str, out_dir: Path, fps: int = 25,
-                       max_frames: int = 300) -> Path | None:
-    """The final policy's first evaluation episode as a WebM (`final_policy.webm`), MuJoCo
-    re-rendered from its simulator states at about real time, Atari from its frames; at most
-    `max_frames` frames."""
-    import numpy as np
-
-    from rlhf_ray.config import load_config
-    from rlhf_ray.labeling.clips import ClipRenderer
-
-    path = Path(run_dir) / "final_episode.npz"
-    if not path.exists():
-        return None
-    arrays = dict(np.load(path))
-    env = load_config(str(Path(run_dir) / "config.yaml")).env.model_dump(mode="json")
-    if env.get("preprocessing") == "atari":
-        skip = 1
-    else:
-        from rlhf_ray.control.envs import probe
-
-        skip = max(1, round(1.0 / (probe(env).dt * fps)))  # about real time
-    renderer = ClipRenderer(env, width=320, height=240, fps=fps, frame_skip=skip)
-    arrays = {k: v[: max_frames * skip] for k, v in arrays.items()}
-    out = out_dir / "final_policy.webm"
-    out.write_bytes(renderer.render(arrays))
-    return out
-
-
-def _report_llm(run_dir: str, rows: list[dict], output: str | None, plt) -> str:
-    """Curves (PNG) and, where the run evaluated on held-out prompts, `report.md`: the
-    over-optimization picture's numbers, a table of prompts with the SFT model's and the final
-    policy's continuations and their scores, time and memory per role."""
-    it = [r["iteration"] for r in rows]
-
-    def series(key, rs=rows):
-        return [r.get(key) if r.get(key) is not None else float("nan") for r in rs]
-
-    evals = [r for r in rows if r.get("eval_score_mean") is not None]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
-    ax = axes[0, 0]
-    ax.plot(it, series("oracle_score_mean"), label="policy, training samples")
-    if evals:
-        ax.plot([r["iteration"] for r in evals], series("eval_score_mean", evals), "o-",
-                label="policy, held-out prompts")
-    ax.plot(it, series("sft_oracle_score_mean"), ls="--", color="gray", label="SFT model")
-    ax.set_title("yardstick score (never trained on)")
-    ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    ax.plot(it, series("rm_score_mean"), color="tab:orange")
-    ax.set_title("reward-model score")
-    ax = axes[0, 2]
-    if evals:  # Gao et al. 2022: the proxy and the gold score against KL from the SFT model
-        kl = [0.0] + series("kl_mean", evals)
-        rm = [evals[0].get("sft_eval_rm_score_mean")] + series("eval_rm_score_mean", evals)
-        judge = [evals[0].get("sft_eval_score_mean")] + series("eval_score_mean", evals)
-        ax.plot(kl, rm, "o-", color="tab:orange", label="reward model (proxy)")
-        ax.set_ylabel("reward-model score")
-        ax2 = ax.twinx()
-        ax2.plot(kl, judge, "s-", color="tab:blue", label="yardstick (gold)")
-        ax2.set_ylabel("yardstick score")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
-        ax.set_xlabel("KL(policy || SFT) per response (nats)")
-    ax.set_title("held-out: proxy vs gold over KL")
-    ax = axes[1, 0]
-    ax.plot(it, series("kl_mean"), color="tab:red", label="KL(policy || SFT) per response")
-    ax2 = ax.twinx()
-    ax2.plot(it, series("kl_coef"), color="tab:purple", label="beta")
-    ax.set_title("KL and its coefficient beta")
-    ax.legend(loc="upper left")
-    ax2.legend(loc="lower right")
-    ax = axes[1, 1]
-    ax.plot(it, series("labels_total"), color="tab:green")
-    ax.set_title("labels (rankings)")
-    ax = axes[1, 2]
-    ax.plot(it, series("iteration_s"), color="tab:brown", label="iteration")
-    ax.plot(it, series("learner_s"), color="tab:gray", label="learner")
-    ax.set_title("seconds per iteration")
-    ax.legend(fontsize=8)
-    for a in list(axes[0, :2]) + list(axes[1, :]):
-        a.set_xlabel("PPO iteration")
-    fig.suptitle(Path(run_dir).name)
-    fig.tight_layout()
-    out = output or str(Path(run_dir) / "report.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    if evals:
-        _report_llm_md(Path(run_dir), rows, evals, Path(out))
-    return out
-
-
-def _samples(path: Path) -> list[dict]:
-    import json
-
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
-def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _report_llm_md(run: Path, rows: list[dict], evals: list[dict], png: Path) -> None:
-    import json
-
-    last = evals[-1]
-    lines = [f"# {run.name}", "", f"![curves]({png.name})", "",
-             "| held-out prompts | SFT model | final policy |", "|---|---|---|"]
-    for key, label in (("score", "yardstick"), ("vader", "VADER compound"),
-                       ("rm_score", "reward model")):
-        a, b = last.get(f"sft_eval_{key}_mean"), last.get(f"eval_{key}_mean")
-        if a is not None and b is not None:
-            lines.append(f"| {label} | {a:.3f} | {b:.3f} |")
-    lines.append(f"| KL to the SFT model (nats/response) | 0 | {last.get('kl_mean', 0):.2f} |")
-    warned = [r["iteration"] for r in evals if r.get("rm_judge_diverging")]
-    lines += ["", "Reward model vs yardstick: " + (
-        f"**parted ways** at iteration(s) {warned} (Gao et al. 2022)" if warned
-        else "no warning (they did not part ways)"), ""]
-    sft, final = _samples(run / "samples_sft.jsonl"), _samples(run / "samples_final.jsonl")
-    by_prompt = {s["prompt"]: s for s in sft}
-    pairs = [(by_prompt[f["prompt"]], f) for f in final if f["prompt"] in by_prompt]
-    if pairs:
-        lines += ["| prompt | SFT continuation | score | final continuation | score |",
-                  "|---|---|---|---|---|"]
-        for a, b in pairs[:12]:
-            lines.append(f"| {_cell(a['prompt'])} | {_cell(a['response'])} | {a['score']:.2f} | "
-                         f"{_cell(b['response'])} | {b['score']:.2f} |")
-        lines.append("")
-    tp = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    its = [r["iteration_s"] for r in rows if r.get("iteration_s")]
-    if its:
-        lines.append(f"PPO: {len(rows)} iterations, {rows[-1].get('time_s', 0):.0f} s; "
-                     f"{sorted(its)[len(its) // 2]:.1f} s per iteration (median), "
-                     f"{sorted(tp)[len(tp) // 2]:.1f} tokens/s (median)")
-    res = run / "resources.json"
-    if res.exists():
-        mem = json.loads(res.read_text())
-        lines += ["", "| role | peak memory (MiB) |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in sorted(mem["peak_rss_mb"].items())]
-        lines.append(f"| PPO roles together (sum of peaks, shared pages counted in each) | "
-                     f"{mem['ppo_roles_peak_rss_sum_mb']:.0f} |")
-        if mem.get("machine_used_peak_mb"):
-            lines.append(f"| the machine's used memory, peak over the run | "
-                         f"{mem['machine_used_peak_mb']:.0f} |")
-    (run / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return workload_of(run_dir).report(run_dir, rows, output, plt, shown_as=shown_as)

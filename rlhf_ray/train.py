@@ -1,35 +1,37 @@
-"""The one entry point: `train(cfg)` runs either workload's loop, from the CLI, a `ray job
-submit` entrypoint or a script. Everything that can be refused is checked before anything
-starts (the run folder, and with `resume` its checkpoint)."""
+"""The one entry point: `train(cfg)` runs the loop of the workload the config names, from the
+CLI, a `ray job submit` entrypoint or a script. Everything that can be refused is checked
+before anything starts (the run folder, and with `resume` its checkpoint)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from rlhf_ray import console
-from rlhf_ray.config import ConfigError
-from rlhf_ray.run_dir import RunDir
+from rlhf_ray import workloads
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.runtime import console
+from rlhf_ray.runtime.run_dir import RunDir
+from rlhf_ray.storage import locations
+from rlhf_ray.storage.store import PreferenceStore
 
 
-def controller_class(cfg):
-    if cfg.workload == "llm":
-        from rlhf_ray.llm.loop import LLMController
-
-        return LLMController
-    from rlhf_ray.control.loop import Controller
-
-    return Controller
+def controller_class(cfg) -> type:
+    """The controller of the config's workload."""
+    return workloads.of(cfg).controller()
 
 
 def prepare(cfg, run_dir: str | Path | None = None, *, resume: bool = False,
             stages: str = "all", **kwargs):
     """(controller, checkpoint to resume from or None), nothing started yet. A bad resume --
     no checkpoint, another format or workload, a complete run -- is a ConfigError."""
-    if stages != "all" and cfg.workload != "llm":
-        raise ConfigError(f"stages={stages!r}: the stages sft, rm and ppo are the language-model "
-                          "workload's; this config is the control workload")
-    cls = controller_class(cfg)
+    workload = workloads.of(cfg)
+    if stages != "all" and stages not in workload.stages:
+        others = [w.name for w in workloads.WORKLOADS.values() if stages in w.stages]
+        raise ConfigError(f"stages={stages!r}: a stage of the {' or '.join(others) or 'no'} "
+                          f"workload; this config is the {workload.name} workload"
+                          + (f" (its stages: {', '.join(workload.stages)})"
+                             if workload.stages else ""))
+    cls = workload.controller()
     folder = RunDir(cfg, run_dir)
     folder.check()  # a bucket that is missing, credentials, an endpoint: before any role
     ckpt = None
@@ -44,8 +46,8 @@ def prepare(cfg, run_dir: str | Path | None = None, *, resume: bool = False,
 def train(cfg, run_dir: str | Path | None = None, *, stages: str = "all",
           on_metrics: Callable[[dict], None] | None = None, progress: bool = True,
           stop_event=None, resume: bool = False, log_output: bool = False) -> Path | str:
-    """Run the whole loop (LLM: `stages` sft | rm | ppo alone); returns the run folder (its
-    URI for a remote one).
+    """Run the whole loop (or a workload's stage alone, e.g. the LLM's `sft` | `rm` | `ppo`);
+    returns the run folder (its URI for a remote one).
     `resume`: continue `run_dir` from its latest checkpoint. Setting `stop_event` (a
     threading.Event) ends the run after the current iteration, with a checkpoint.
     `log_output`: Ray's, RLlib's and Serve's own output goes to the run folder's driver.log
@@ -67,12 +69,11 @@ def train(cfg, run_dir: str | Path | None = None, *, stages: str = "all",
 
 
 def _stored_labels(ctl) -> int:
-    from rlhf_ray import storage
-    from rlhf_ray.store import PreferenceStore
-
-    if not storage.is_dir(ctl.folder.store_root):
+    """Queries answered in the run's store (a ranking of K counts once)."""
+    if not locations.is_dir(ctl.folder.store_root):
         return 0
     labels = PreferenceStore(ctl.folder.store_root).labels()
-    if ctl.cfg.workload == "llm" and "ranking_id" in labels.column_names:
-        return len(set(labels.column("ranking_id").to_pylist()))
-    return len(labels)
+    if "ranking_id" not in labels.column_names:
+        return len(labels)
+    return len({r or q for r, q in zip(labels.column("ranking_id").to_pylist(),
+                                       labels.column("query_id").to_pylist())})

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# a metric key no workload registers fails the write (rlhf_ray.runtime.metrics); set before
+# the session's Ray cluster starts, so every process of it (and every CLI run) inherits it
+os.environ["RLHF_RAY_STRICT_METRICS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,7 +28,6 @@ def s3():
     every process started after it -- the session's Ray workers, `rlhf-ray` subprocesses --
     reaches it. Yields a function making a fresh bucket: `s3("name") -> "s3://name-<n>"`."""
     import itertools
-
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -97,6 +100,28 @@ def hopper_segments(n: int, length: int, seed: int = 0):
     return cut_segments(arrays, length, n, rng)
 
 
+class Checked(threading.Thread):
+    """A thread whose failure fails the test: `finish(timeout)` joins it, raises what it
+    raised, and fails if it is still running at the deadline (a daemon, so a hung one never
+    keeps the session alive)."""
+
+    def __init__(self, target, *args):
+        super().__init__(target=self._run, args=(target, *args), daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self, target, *args) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+            self.error = exc
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout=timeout)
+        if self.error is not None:
+            raise self.error
+        assert not self.is_alive(), f"{self.name} still running after {timeout:.0f} s"
+
+
 class Http:
     """A tiny JSON client for the labeling app (urllib: nothing beyond the standard library)."""
 
@@ -131,7 +156,7 @@ class Http:
 @pytest.fixture(scope="session")
 def serve_http(ray_cluster):
     """Serve's HTTP proxy on the shared cluster: (host, port)."""
-    from rlhf_ray.labeling.service import ensure_serve_http
+    from rlhf_ray.runtime.serving import ensure_serve_http
 
     return ensure_serve_http("127.0.0.1", 8000)
 
@@ -150,7 +175,7 @@ def assert_own_lines_only(out, run_dir) -> None:
     lines = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]
     foreign = [x for x in lines if not x.startswith(OWN_LINES)]
     assert lines and not foreign, foreign[:5]
-    from rlhf_ray import storage
+    from rlhf_ray.storage import locations
 
-    log = storage.read_text(storage.join(storage.normalize(run_dir), "driver.log"))
+    log = locations.read_text(locations.join(locations.normalize(run_dir), "driver.log"))
     assert re.search(r"\b(INFO|WARNING)\b.*(worker\.py|serve)", log), log[-2000:]

@@ -24,6 +24,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from rlhf_ray.runtime.actors import lower_priority
+
 ENV_NAME = "rlhf_ray_env"
 
 # Where each game shows its score in the 84x84 preprocessed frames: [row0, row1, col0, col1)
@@ -52,9 +54,15 @@ def atari_score_area(env_id: str) -> list[tuple[int, int, int, int]]:
 def wrap_atari(env: gym.Env, episodic_life: bool = False) -> gym.Env:
     """RLlib's Atari preprocessing (`wrap_atari_for_new_api_stack` at dim 84, frame skip 4,
     4 stacked frames), with the lost-life episode end optional."""
-    from ray.rllib.env.wrappers.atari_wrappers import (EpisodicLifeEnv, FireResetEnv, FrameStack,
-                                                       MaxAndSkipEnv, NoopResetEnv,
-                                                       NormalizedImageEnv, WarpFrame)
+    from ray.rllib.env.wrappers.atari_wrappers import (
+        EpisodicLifeEnv,
+        FireResetEnv,
+        FrameStack,
+        MaxAndSkipEnv,
+        NoopResetEnv,
+        NormalizedImageEnv,
+        WarpFrame,
+    )
 
     env = gym.wrappers.TimeLimit(env, max_episode_steps=108_000)
     env = NormalizedImageEnv(WarpFrame(env, dim=84, grayscale=True))
@@ -140,7 +148,6 @@ class RLHFInfo(gym.Wrapper):
 def make_env(env_config: dict) -> gym.Env:
     """env_config: `EnvConfig.model_dump()`, plus `_nice` (rollout workers' priority) and
     `_rlhf_info` (False for the true-reward baseline: plain PPO copies nothing into `info`)."""
-    from rlhf_ray.roles import lower_priority
 
     lower_priority(int(env_config.get("_nice") or 0))
     env_id = env_config["id"]

@@ -14,7 +14,7 @@ asynchronously. `run()` is that loop:
      -> checkpoint.
 
 The run folder, Ray, metrics rows, resuming and the labeler are the shared layer's
-(`rlhf_ray.controller`, `rlhf_ray.feedback`); RLlib's side is `rllib_glue`.
+(`rlhf_ray.runtime.controller`, `rlhf_ray.feedback`); RLlib's side is `control.rllib`.
 """
 
 from __future__ import annotations
@@ -24,21 +24,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
 
-from rlhf_ray import storage
 from rlhf_ray.control import envs
-from rlhf_ray.control.rllib_glue import build_ppo_config, kl_coeffs, reset_lrs, set_kl_coeffs
-from rlhf_ray.controller import RunController
+from rlhf_ray.control import labeling
+from rlhf_ray.control import serve as serve_rm
+from rlhf_ray.control.pool import SegmentPool
+from rlhf_ray.control.reward import RewardNetSpec, load_weights, save_weights
+from rlhf_ray.control.reward_trainer import RewardTrainer
+from rlhf_ray.control.metrics import CONTROL, find_metric
+from rlhf_ray.control.rllib import (RelabelTarget, SegmentSource, build_ppo_config,
+                                    episode_arrays, kl_coeffs, reset_lrs, set_kl_coeffs)
+from rlhf_ray.control.serve import DEPLOYMENT_NAME, segment_returns
 from rlhf_ray.core.query_selection import select_queries
 from rlhf_ray.core.schedule import LabelSchedule
 from rlhf_ray.core.segments import default_segment_length
-from rlhf_ray.feedback import Feedback, by_label_growth
-from rlhf_ray.metrics import clean, find_metric
-from rlhf_ray.reward_model import RewardNetSpec
+from rlhf_ray.feedback.loop import Feedback, by_label_growth
+from rlhf_ray.runtime.actors import lower_priority, remote_role
+from rlhf_ray.runtime.controller import RunController
+from rlhf_ray.runtime.metrics import PhaseTimer, clean
+from rlhf_ray.runtime.scoring import pinned_version
+from rlhf_ray.runtime.serving import wait_running
+from rlhf_ray.storage import locations
+from rlhf_ray.storage.store import PreferenceStore
+from rlhf_ray.storage.weights import WeightStore
 
 
-class Controller(RunController):
+# the reward trainer's statistics every row reports
+RM_KEYS = ("rm_val_accuracy", "rm_train_accuracy", "rm_val_loss", "rm_train_loss", "rm_l2_mean",
+           "rm_train_s")
+
+
+class ControlController(RunController):
     """The run's state; `run()` is the loop."""
+
+    metrics_table = CONTROL
 
     def __init__(self, cfg, run_dir=None, on_metrics=None, progress: bool = True,
                  stop_event=None, **kwargs):
@@ -69,8 +90,6 @@ class Controller(RunController):
                 self.start_reward_roles()
             self.algo = self.build_algo(learned)
             if learned:
-                from rlhf_ray.roles import wait_running
-
                 wait_running(self.names.reward_app)
             # 1. initial labels from the initial policy, then pretraining (or a checkpoint)
             if resume_from is not None:
@@ -80,16 +99,17 @@ class Controller(RunController):
             # 2. the loop
             last: dict = {}
             while True:
-                t0 = time.perf_counter()
+                timer = PhaseTimer()
                 result = self.algo.train()  # rollouts, relabelling through Serve, PPO update
-                t1 = time.perf_counter()
+                timer.mark("ppo_iteration")
                 self.iteration += 1
                 self.env_steps = int(find_metric(result, "num_env_steps_sampled_lifetime") or 0)
                 if learned:
                     self.feedback.expire_overdue()
                     self.request_labels()  # due by the schedule, chosen by disagreement
                     self.feedback.feed()  # new labels to the reward trainer; a round if due
-                last = self.emit(self.metrics(result, t0, t1, time.perf_counter()))
+                timer.mark("labeling")
+                last = self.emit(self.metrics(result, timer))
                 done = self.env_steps >= cfg.run.total_env_steps or self.should_stop()
                 every = cfg.run.checkpoint_every
                 if done or (every and self.iteration % every == 0):
@@ -109,18 +129,15 @@ class Controller(RunController):
         n = self.cfg.run.final_eval_episodes
         if not n:
             return None
-        import math
-
         t0 = time.perf_counter()
         group = self.algo.env_runner_group
         remote = group.num_remote_env_runners() if group is not None else 0
 
         layout = self.env.layout
 
-        def returns(runner, k=math.ceil(n / max(1, remote))):
+        def returns(runner, k=-(-n // max(1, remote))):  # ceil
             """Returns of k fresh episodes, and the first one's arrays (its simulator states
             or frames: `rlhf-ray report` renders them into the final policy's video)."""
-            from rlhf_ray.control.rllib_glue import episode_arrays
 
             eps = runner.sample(num_episodes=k, explore=False)
             first = None
@@ -137,8 +154,6 @@ class Controller(RunController):
         values = [r for rs, _ in per_runner for r in rs]
         first = next((ep for _, ep in per_runner if ep is not None), None)
         if first is not None:
-            import numpy as np
-
             np.savez_compressed(self.run_dir / "final_episode.npz", **first)
         out = {"episodes": len(values), "returns": values,
                "return_mean": sum(values) / len(values) if values else float("nan"),
@@ -151,14 +166,6 @@ class Controller(RunController):
 
     # ------------------------------------------------------------------ 0. roles
     def start_reward_roles(self) -> None:
-        import ray
-
-        from rlhf_ray import serve_rm
-        from rlhf_ray.reward_trainer import RewardTrainer
-        from rlhf_ray.roles import remote_role
-        from rlhf_ray.segment_pool import SegmentPool
-        from rlhf_ray.weights import WeightStore
-
         cfg, place, names = self.cfg, self.cfg.placement, self.names
         self.spec = RewardNetSpec.for_env(cfg.reward_net(), self.env.observation_space,
                                           self.env.action_space, cfg.reward_model,
@@ -166,8 +173,10 @@ class Controller(RunController):
         weights = remote_role(WeightStore, place.labeler, name=names.weights).remote()
         self.pool = remote_role(SegmentPool, place.labeler, name=names.pool).remote(
             cfg.labels.pool_size, cfg.seed)
-        self.feedback = Feedback(cfg, self.folder, names, kind="clip",
-                                 round_rule=by_label_growth(cfg.reward_model.round_label_growth))
+        self.feedback = Feedback(
+            cfg, self.folder, names, kind=labeling.query_kind(cfg), rm_keys=RM_KEYS,
+            round_rule=by_label_growth(cfg.reward_model.round_label_growth),
+            page_helpers=labeling.clip_renderers)
         self.feedback.start()
         trainer = remote_role(RewardTrainer, place.reward_trainer, self.bundle("reward_trainer"),
                               nice=place.batch_nice).remote(
@@ -184,28 +193,20 @@ class Controller(RunController):
     def build_algo(self, learned: bool):
         """RLlib's PPO: env runners cut segments for the pool, the learner relabels rewards
         through the reward model's deployment (or trains on the env's: the baseline)."""
-        import ray
-
-        from rlhf_ray.roles import lower_priority
-        from rlhf_ray.serve_rm import DEPLOYMENT_NAME
-
         cfg, place = self.cfg, self.cfg.placement
         relabel = segments = None
         if learned:
-            segments = {"pool_name": self.names.pool,
-                        "namespace": ray.get_runtime_context().namespace,
-                        "length": self.seg_len, "per_sample": cfg.labels.segments_per_sample,
-                        "layout": self.env.layout, "seed": cfg.seed,
-                        "action_bounds": self.env.action_bounds}
-            relabel = (self.names.reward_app, DEPLOYMENT_NAME, self.names.weights,
-                       ray.get_runtime_context().namespace)
+            namespace = ray.get_runtime_context().namespace
+            segments = SegmentSource(self.names.pool, namespace, self.seg_len,
+                                     cfg.labels.segments_per_sample, self.env.layout, cfg.seed,
+                                     self.env.action_bounds)
+            relabel = RelabelTarget(self.names.reward_app, DEPLOYMENT_NAME, self.names.weights,
+                                    namespace)
         if place.num_learners == 0:  # the learner runs here
             if learned and cfg.labeler.source != "oracle":
                 # Ray starts its workers (the labeling app, the labeler, Serve) at niceness
                 # 15: a learner at 0 would starve the page
                 lower_priority(place.batch_nice)
-            import torch
-
             # the threads its placement grants, no more (torch's default, one per core,
             # fights the reward trainer for them), unless told to use the idle rollout cores
             torch.set_num_threads(place.learner_threads or max(1, int(place.learner.num_cpus)))
@@ -219,8 +220,6 @@ class Controller(RunController):
 
     # ------------------------------------------------------------------ 1-2. labels
     def initial_labels(self) -> None:
-        import ray
-
         cfg = self.cfg
         # labels already in the store (a run resumed before its first checkpoint) count
         have = self.feedback.requested = self.feedback.load_stored()
@@ -260,11 +259,6 @@ class Controller(RunController):
     def submit_queries(self, n: int, method: str) -> None:
         """`n` pairs out of `n x oversampling` candidate pairs from the pool: the ones whose
         P(left > right) the ensemble members disagree on most (`variance`), or any."""
-        import ray
-
-        from rlhf_ray.scoring import pinned_version
-        from rlhf_ray.serve_rm import segment_returns
-
         cfg = self.cfg
         cand_n = min(cfg.labels.pool_size, max(2 * n * cfg.labels.oversampling, 2))
         cand = ray.get(self.pool.sample.remote(cand_n))
@@ -280,7 +274,7 @@ class Controller(RunController):
         self.feedback.ask(len(pairs), cand.take(pairs[:, 0]), cand.take(pairs[:, 1]))
 
     # ------------------------------------------------------------------ metrics
-    def metrics(self, result: dict, t0: float, t1: float, t2: float) -> dict:
+    def metrics(self, result: dict, timer: PhaseTimer) -> dict:
         ret = find_metric(result, "episode_return_mean")
         ep_len = find_metric(result, "episode_len_mean")
         timers = result.get("timers", {})
@@ -292,7 +286,7 @@ class Controller(RunController):
             "kl_coef": clean(find_metric(result, "curr_kl_coeff")),
             "lr": clean(find_metric(result, "default_optimizer_learning_rate")),
             "time_s": self.elapsed_s(),
-            "ppo_iteration_s": round(t1 - t0, 3), "labeling_s": round(t2 - t1, 3),
+            **timer.seconds(),
             "sample_s": clean(find_metric(timers, "env_runner_sampling_timer")),
             "learn_s": clean(find_metric(timers, "learner_update_timer")),
         }
@@ -319,13 +313,8 @@ class Controller(RunController):
         """RLlib's algorithm (policy, critic, optimizer, filters), PPO's KL coefficient (not
         in RLlib's checkpoint), the reward ensemble with its normalizers, the query pool and
         the schedule's position. Labels are in the store already."""
-        import ray
-        import torch
-
-        from rlhf_ray.reward_model import save_weights
-
         path = self.folder.checkpoint_dir(self.iteration)
-        with storage.writable_dir(storage.join(path, "algo")) as algo_dir:
+        with locations.writable_dir(locations.join(path, "algo")) as algo_dir:
             self.algo.save_to_path(algo_dir)
         state = {"env_steps": self.env_steps, "initial_env_steps": self.initial_env_steps,
                  "segment_length": self.seg_len, "kl_coeffs": kl_coeffs(self.algo),
@@ -333,9 +322,7 @@ class Controller(RunController):
         if self.feedback is not None:
             snap = ray.get(self.pool.snapshot.remote())
             if snap["batch"] is not None:  # the query pool, as Parquet (never pickled)
-                from rlhf_ray.store import PreferenceStore
-
-                PreferenceStore(storage.join(path, "pool")).write_segments(snap["batch"])
+                PreferenceStore(locations.join(path, "pool")).write_segments(snap["batch"])
             state["pool"] = {"rng": snap["rng"], "total_added": snap["total_added"]}
             # the last published round's ensemble and trainer state, from the weight store:
             # asking the trainer would wait for the round in flight (minutes on Atari); that
@@ -345,7 +332,7 @@ class Controller(RunController):
                 trainer = self.feedback.trainer
                 latest = (*ray.get(trainer.weights.remote()), ray.get(trainer.state.remote()))
             version, weights, state["reward_trainer"] = latest
-            with storage.writable_dir(path) as local:
+            with locations.writable_dir(path) as local:
                 save_weights(os.path.join(local, "reward_model.safetensors"),
                              {k: torch.tensor(np.array(v)) for k, v in weights.items()},
                              self.spec, version)
@@ -355,10 +342,8 @@ class Controller(RunController):
         """Continue from a checkpoint: the policy and PPO's state, the reward-model ensemble
         with its normalizers, L2 coefficients and version, every stored label (the store is
         reopened), the query pool, the schedule's position and the RNGs."""
-        import ray
-
         state = self.load_state(ckpt)
-        self.algo.restore_from_path(storage.local_dir(storage.join(ckpt, "algo")))
+        self.algo.restore_from_path(locations.local_dir(locations.join(ckpt, "algo")))
         reset_lrs(self.algo)  # ppo.lr as configured now, not as the restored optimizer had it
         before = (state.get("ppo_settings") or {}).get("kl_coeff", self.cfg.ppo.kl_coeff)
         if state.get("kl_coeffs") and before == self.cfg.ppo.kl_coeff:
@@ -370,16 +355,14 @@ class Controller(RunController):
         self.seg_len = int(state.get("segment_length", self.seg_len))
         if self.feedback is None:
             return state
-        from rlhf_ray.reward_model import load_weights
-        from rlhf_ray.store import PreferenceStore
 
-        weights, _, _ = load_weights(storage.local_file(storage.join(ckpt, "reward_model.safetensors")))
+        weights, _, _ = load_weights(locations.local_file(locations.join(ckpt, "reward_model.safetensors")))
         ray.get(self.feedback.trainer.restore.remote({k: v.numpy() for k, v in weights.items()},
                                                      state["reward_trainer"]))
         self.feedback.load_stored()
         self.feedback.publish()
-        if storage.is_dir(storage.join(ckpt, "pool")):
-            batch = PreferenceStore(storage.join(ckpt, "pool")).segments()
+        if locations.is_dir(locations.join(ckpt, "pool")):
+            batch = PreferenceStore(locations.join(ckpt, "pool")).segments()
             ray.get(self.pool.restore.remote({"batch": batch, **state["pool"]}))
         self.feedback.restore(state)
         return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def preference_prob(returns_left: torch.Tensor, returns_right: torch.Tensor,
                     random_response_prob: float = 0.0) -> torch.Tensor:
     """P'(left > right) under Bradley-Terry plus uniform random responses.

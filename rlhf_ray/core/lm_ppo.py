@@ -14,6 +14,7 @@ ever reaches a loss, an advantage or a statistic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,16 +28,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  allreduce: Callable[..., list[float]] | None = None) -> torch.Tensor:
     """Normalize x to zero mean and unit variance over the masked positions (padding stays 0).
 
-    Advantage whitening: the mean is kept when `shift_mean` is False (as for rewards)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    x, mask: [B, T]. Advantage whitening; the mean is kept when `shift_mean` is False (as for
+    rewards). The moments are float64 sums; `allreduce` sums a few floats over the learner
+    ranks (torch.distributed), so N ranks with a shard each whiten exactly as one rank with
+    the whole batch (None: this batch alone)."""
+    total = allreduce or (lambda *xs: list(xs))
+    m = mask.to(x.dtype)
+    s, n = total(float((x * m).sum()), float(m.sum()))
+    mean = s / max(n, 1.0)
+    (ss,) = total(float((((x - mean) ** 2) * m).sum()))
+    var = ss / max(n, 1.0)
+    out = (x - mean) / float(np.sqrt(var + 1e-8))
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

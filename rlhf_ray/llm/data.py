@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_ray.config import LLMConfig
-from rlhf_ray.llm import tiny
+from rlhf_ray.llm import assets, tiny
+from rlhf_ray.llm.config import LLMConfig
+from rlhf_ray.llm.convert import check_causal_lm
+from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
+from rlhf_ray.llm.reviews import task
 
 
 def read_rows(path: str, need: list[str], what: str) -> list[dict]:
@@ -57,8 +60,6 @@ def load_prompts(cfg: LLMConfig, split: str = "train") -> list[str]:
         cut = len(rows) - len(rows) // 5 if len(rows) >= 5 else len(rows)
         return rows[:cut] if split == "train" else (rows[cut:] or rows)
     if cfg.data.task == "reviews":
-        from rlhf_ray.llm.reviews import task
-
         return task(cfg.data.reviews).prompts("ppo" if split == "train" else "eval")
     seed = cfg.seed if split == "train" else cfg.seed + 10_000
     return tiny.prompts(cfg.data.num_prompts, seed)
@@ -70,8 +71,6 @@ def load_sft(cfg: LLMConfig) -> list[dict]:
     if cfg.data.task is None:
         raise ValueError("data.sft_path: required for SFT when data.task is null")
     if cfg.data.task == "reviews":
-        from rlhf_ray.llm.reviews import task
-
         return task(cfg.data.reviews).sft_rows()[:cfg.data.num_sft_examples]
     return tiny.sft_examples(cfg.data.num_sft_examples, cfg.seed)
 
@@ -110,8 +109,6 @@ def initial_preferences(cfg: LLMConfig) -> tuple[list[dict], dict] | None:
     if cfg.data.preferences_path:
         return load_preferences(cfg.data.preferences_path), {}
     if cfg.data.task == "reviews":
-        from rlhf_ray.llm.reviews import task
-
         rows, stats = task(cfg.data.reviews).comparisons()
         return _rankings(rows, "reviews comparisons"), stats
     return None
@@ -121,8 +118,6 @@ def check(cfg: LLMConfig) -> None:
     """What can be refused before anything starts, each as one ValueError line: a model
     folder that is not a causal LM, a chat template the tokenizer lacks, a task's data that
     does not read, a judge that does not import."""
-    from rlhf_ray import assets
-    from rlhf_ray.llm.convert import check_causal_lm
 
     m = cfg.model
     for field, ref in (("model.policy", m.policy), ("model.sft_path", m.sft_path),
@@ -135,13 +130,9 @@ def check(cfg: LLMConfig) -> None:
         except ValueError as exc:
             raise ValueError(f"{field}: {exc}") from None
         if field != "model.reward_path" and Path(path).is_dir():
-            from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
-
             PromptFormat(load_tokenizer(path), cfg.data.instruction, cfg.data.chat_template,
                          cfg.data.max_prompt_tokens)
     if cfg.data.task == "reviews":
-        from rlhf_ray.llm.reviews import task
-
         task(cfg.data.reviews)
     if cfg.eval.yardstick:
         mod = cfg.eval.yardstick.partition(":")[0]

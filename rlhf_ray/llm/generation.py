@@ -14,7 +14,15 @@ import time
 
 import torch
 
-from rlhf_ray.config import GenerationConfig
+from rlhf_ray.llm.config import GenerationConfig
+from rlhf_ray.llm.modeling import (
+    PromptFormat,
+    load_policy,
+    load_tokenizer,
+    lora_on,
+    with_lora,
+)
+from rlhf_ray.storage import locations
 
 
 def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -31,15 +39,13 @@ def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
 class HFGenerationWorker:
     """transformers `generate` with sampling; prompts left padded, KV cache on."""
 
-    def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
+    def __init__(self, model_path: str, gen: dict, *, max_prompt_tokens: int = 64, seed: int = 0,
                  torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
                  prompt_format: dict | None = None, lora: dict | None = None,
                  adapter_path: str | None = None, train_top_layers: int | None = None):
         """`prompt_format`: `PromptFormat.settings(cfg.data)` (chat template, instruction).
         `lora`: the policy trains LoRA adapters on this model (the SFT model): updates carry
         adapter weights, merged into the weights here (`adapter_path`: a checkpoint's)."""
-        from rlhf_ray.llm.modeling import (PromptFormat, load_policy, load_tokenizer, lora_on,
-                                           with_lora)
 
         torch.set_num_threads(torch_threads)
         self.gen = GenerationConfig.model_validate(gen)
@@ -153,12 +159,10 @@ class VLLMGenerationWorker:
     Weights are pushed into the running engine: each vLLM worker loads the learner's
     state dict through the model's own `load_weights` (no engine restart)."""
 
-    def __init__(self, model_path: str, gen: dict, max_prompt_tokens: int = 64, seed: int = 0,
+    def __init__(self, model_path: str, gen: dict, *, max_prompt_tokens: int = 64, seed: int = 0,
                  torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
                  prompt_format: dict | None = None, lora: dict | None = None,
                  adapter_path: str | None = None, train_top_layers: int | None = None):
-        from rlhf_ray.llm.modeling import lora_on
-
         if lora_on(lora):
             raise ValueError("model.lora with generation.backend=vllm: not supported yet "
                              "(use backend hf, or full fine-tuning)")
@@ -172,11 +176,8 @@ class VLLMGenerationWorker:
         # weight pushes send a function to the engine's workers (collective_rpc with a callable)
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.gen = GenerationConfig.model_validate(gen)
-        from rlhf_ray.llm.modeling import PromptFormat
 
-        from rlhf_ray import storage
-
-        model_path = storage.local_dir(model_path)
+        model_path = locations.local_dir(model_path)
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.llm = LLM(model=model_path, seed=seed, dtype="auto" if dtype == "float32" else dtype,

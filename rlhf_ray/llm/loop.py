@@ -7,30 +7,49 @@
      for the policy's samples and the reward model is refitted as rankings arrive (iterative
      online RLHF).
 
-One PPO iteration: prompts -> generate (policy version v) -> score (Serve, batched) ->
-learner step on every rank's shard -> KL controller -> policy v + 1 to the generation
+`run()` is those three steps; where each starts from (fresh, resumed, given files, LoRA) is
+decided once (`stages.start_points`). One PPO iteration (`ppo`): prompts -> generate (policy
+version v) -> score (Serve, batched) -> learner step on every rank's shard (experience, then
+PPO epochs: `experience.py`, `learner.py`) -> KL controller -> policy v + 1 to the generation
 workers -> rankings asked for on fresh samples -> reward trainer fed (asynchronously) ->
 metrics -> checkpoint. The stages also run alone (`rlhf-ray sft | rm | ppo`).
 
 The run folder, Ray, metrics rows, resuming and the labeler are the shared layer's
-(`rlhf_ray.controller`, `rlhf_ray.feedback`).
+(`rlhf_ray.runtime.controller`, `rlhf_ray.feedback`).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 
-from rlhf_ray import storage
-from rlhf_ray.controller import RunController
-from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController
-from rlhf_ray.feedback import Feedback, on_new_labels
+from rlhf_ray.core.lm_ppo import (AdaptiveKLController, FixedKLController,
+                                  kl_controller_from_state)
+from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
+from rlhf_ray.llm import serve as serve_lm
+from rlhf_ray.llm.evaluation import HeldOut
+from rlhf_ray.llm.labeling import query_kind
+from rlhf_ray.llm.metrics import LLM
+from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
+from rlhf_ray.llm.sft import SFTTask
+from rlhf_ray.llm.stages import StartPoints, start_points
 from rlhf_ray.llm.workers import GenerationGroup, LearnerGroup
-from rlhf_ray.metrics import clean
-from rlhf_ray.roles import remote_role, retry_call
+from rlhf_ray.runtime.actors import remote_role, retry_call
+from rlhf_ray.runtime.controller import RunController
+from rlhf_ray.runtime.memory import MemorySampler, peak_memory, peak_rss_mb
+from rlhf_ray.runtime.metrics import PhaseTimer, clean
+from rlhf_ray.runtime.serving import wait_running
+from rlhf_ray.storage import locations
+from rlhf_ray.storage.weights import WeightStore
+
+# the reward trainer's statistics every row reports
+RM_KEYS = ("rm_val_accuracy", "rm_train_loss", "rm_train_s")
 
 
 def kl_controller(cfg):
@@ -40,20 +59,32 @@ def kl_controller(cfg):
     return FixedKLController(k.init_coef)
 
 
-def yardstick(cfg):
-    from rlhf_ray.llm.yardstick import load_yardstick
-
-    return load_yardstick(cfg)
-
-
 def rm_max_response_tokens(cfg) -> int:
     """What the reward model reads as one response: a policy's continuation, or a whole text
     of a preference file (the reviews task's comparisons are whole snippets)."""
     return cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens + 1
 
 
+@dataclass
+class Step:
+    """One PPO iteration's results, for its metrics row: the samples, the reward model's
+    answer and raw scores, the yardstick's scores, the learner's statistics, the beta it
+    stepped with, the policy version it made, and the phases' times."""
+
+    out: dict
+    scored: dict
+    raw: np.ndarray
+    judged: np.ndarray
+    stats: dict
+    beta: float
+    version: int
+    timer: PhaseTimer
+
+
 class LLMController(RunController):
     """The whole loop. Stages: `sft()`, `fit_reward_model()`, `ppo()`; `run()` does all."""
+
+    metrics_table = LLM
 
     def __init__(self, cfg, run_dir=None, on_metrics=None, progress: bool = True,
                  stop_event=None, **kwargs):
@@ -62,22 +93,17 @@ class LLMController(RunController):
         self.kl_ctl = kl_controller(cfg)
         self.score_mean, self.score_std = 0.0, 1.0
         self.sft_oracle = None
-        self.sft_eval: dict = {}  # the SFT policy on the held-out prompts (means)
-        self.evals: list[dict] = []  # every held-out evaluation so far (means)
-        self.judge = None  # the yardstick, loaded when PPO starts
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
-        from rlhf_ray.roles import MemorySampler
-
         self.memory_sampler = MemorySampler()  # the machine's used memory over the run
         self.prompts = lm_data.load_prompts(cfg)
-        self.eval_prompts = lm_data.load_prompts(cfg, split="eval")[:cfg.eval.num_prompts]
+        self.held_out = HeldOut(cfg, self.run_dir)
         self.cursor, self.order = 0, np.arange(0)
         self.sft_path = None
         self.generation: GenerationGroup | None = None
         self.learner: LearnerGroup | None = None
         self.trainer = None
-        self.feedback = Feedback(cfg, self.folder, self.names, kind="text",
-                                 round_rule=on_new_labels)
+        self.feedback = Feedback(cfg, self.folder, self.names, kind=query_kind(cfg),
+                                 rm_keys=RM_KEYS, round_rule=on_new_labels)
 
     @staticmethod
     def budget(cfg) -> tuple[str, str, int]:
@@ -94,51 +120,30 @@ class LLMController(RunController):
         model + RM -> PPO against a fixed reward model). `resume_from`: a checkpoint folder
         to continue the online loop from; `override_kl`: take beta and the KL target from
         this config (a PBT trial handed a donor's checkpoint with mutated settings)."""
-        import ray
-
         cfg = self.cfg
-        ckpt = storage.normalize(resume_from) if resume_from is not None else None
+        ckpt = locations.normalize(resume_from) if resume_from is not None else None
         with self.session():
             self.memory_sampler.start()
-            self.start_group()
+            self.start_group(cfg.placement.roles(), cfg.placement.group_strategy,
+                             cfg.placement.group_timeout_s)
             state = self.restore(ckpt, override_kl) if ckpt else None
-            # 1. supervised fine-tuning
+            # 1. supervised fine-tuning (or the SFT model a checkpoint or the config names)
             self.sft_path = state["sft_path"] if state else self.sft()
             if stages == "sft":
                 return {"sft_path": self.sft_path}
-            # with LoRA every role holds the SFT model and a checkpoint's adapters on it
-            lora = self.cfg.model.lora.r > 0
-            adapter = storage.join(ckpt, "policy_adapter") if state and lora else None
-            policy = storage.join(ckpt, "policy") if state and not lora else self.sft_path
-            self.start_generation(policy, adapter)
-            # 2. the reward model: from rankings of SFT samples or a file, or a given one
-            fixed = bool(cfg.model.reward_path) and stages != "rm" and state is None
-            rm_path = (storage.join(ckpt, "reward_model") if state else
-                       cfg.model.reward_path if fixed else self.sft_path)
-            self.start_reward_roles(rm_path, with_labeler=not fixed or stages == "all")
-            if state:  # the labels, the counts and the version go on
-                self.feedback.load_stored()
-                self.feedback.restore(state)
-                ray.get(self.trainer.set_version.remote(
-                    int(self.feedback.rm_stats.get("rm_version", 0))))
-            elif fixed:  # labels already in the store stay in the data set
-                if self.labeler is not None:
-                    self.feedback.requested = self.feedback.load_stored()
-            else:
-                rm_path = self.fit_reward_model()
-                if stages == "rm":
-                    return {"reward_path": rm_path, **self.feedback.rm_stats}
-            # 3. PPO with the KL penalty; the reward model's replica starts with the learners
-            critic = (storage.join(ckpt, "critic") if state else
-                      rm_path if cfg.model.critic_init == "reward_model" else self.sft_path)
-            self.deploy_reward_model(rm_path)
-            self.start_learners(policy, critic,
-                                storage.join(ckpt, "optimizer.pt") if state else None,
-                                adapter)
+            start = start_points(cfg, stages, self.sft_path, self.folder.loc("reward_model"),
+                                 ckpt)
+            self.start_generation(start.policy, start.adapter)
+            # 2. the reward model: fitted to rankings of SFT samples (or a file), or given, or
+            #    the checkpoint's, with the labels the store holds
+            self.reward_model(start, state)
+            if stages == "rm":
+                return {"reward_path": start.reward_model, **self.feedback.rm_stats}
+            # 3. PPO against it with the KL penalty (its replica starts with the learners)
+            self.deploy_reward_model(start.reward_model)
+            self.start_learners(start)
             if state:  # the workers hold the checkpoint's policy version
                 self.generation.set_version(self.learner.version())
-            from rlhf_ray.roles import wait_running
-
             wait_running(self.names.reward_app)
             if state is None:
                 self.calibrate()
@@ -146,10 +151,6 @@ class LLMController(RunController):
 
     # ---------------------------------------------------------------- stages
     def sft(self) -> str:
-        import ray
-
-        from rlhf_ray.llm.sft import SFTTask
-
         cfg = self.cfg
         if cfg.model.sft_path:
             return cfg.model.sft_path
@@ -159,24 +160,31 @@ class LLMController(RunController):
         self.actors.append(task)
         self.log("stage 1/3: supervised fine-tuning")
         path = ray.get(task.run.remote(cfg, out))
-        from rlhf_ray.roles import peak_memory
-
         self.stage_memory.update({f"sft_{k}": v for k, v in peak_memory({"task": task}).items()})
         ray.kill(task)
         return path
 
+    def reward_model(self, start: StartPoints, state: dict | None) -> None:
+        """Stage 2: the reward trainer (and the labeler where rankings are collected), then
+        the first reward model fitted, or the checkpoint's labels, counts and version taken
+        up, or (a given reward model) the stored labels kept in its data set."""
+        self.start_reward_roles(start.reward_init, with_labeler=start.collect_labels)
+        if state:
+            self.feedback.load_stored()
+            self.feedback.restore(state)
+            ray.get(self.trainer.set_version.remote(
+                int(self.feedback.rm_stats.get("rm_version", 0))))
+        elif start.fit_reward_model:
+            self.fit_reward_model()
+        elif self.labeler is not None:
+            self.feedback.requested = self.feedback.load_stored()
+
     def fit_reward_model(self) -> str:
         """The first reward model, saved to the run folder: from `data.preferences_path`, or
         from rankings of SFT samples (stored ones count; people label the rest first)."""
-        import ray
-
         cfg = self.cfg
         given = lm_data.initial_preferences(cfg)
         if given is not None:
-            import json
-
-            from rlhf_ray.llm.reward import rankings_to_comparisons
-
             rankings, stats = given
             where = "data.preferences_path" if cfg.data.preferences_path else "human ratings"
             self.log(f"stage 2/3: reward model from {len(rankings)} rankings ({where})")
@@ -208,83 +216,61 @@ class LLMController(RunController):
         """Reward normalization: the reward model's mean and std on SFT samples of the
         held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
         fixed for the run. The same samples are the SFT model's held-out evaluation."""
-        ev = self.evaluate(final=False)
-        s = np.asarray(ev.pop("_rm_raw"), dtype=np.float64)
+        s = self.held_out.judge_sft(self.generation, self.rm_handle)
         if self.cfg.ppo.normalize_reward and len(s) > 1:
             self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
-        self.sft_eval = {k: v for k, v in ev.items() if not k.startswith("_")}
-        self.sft_oracle = self.sft_eval["eval_score_mean"]
-        self.write_samples("sft", ev["_samples"])
-
-    def evaluate(self, final: bool = True) -> dict:
-        """The policy on the held-out prompts: its reward-model score and the yardstick's
-        (never trained on, never the training signal)."""
-        out = self.generation.generate(self.eval_prompts)
-        res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
-        if self.judge is None:
-            self.judge = yardstick(self.cfg)
-        judged = self.judge.score(out["prompts"], out["texts"])
-        ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
-        ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
-        ev["_rm_raw"] = list(res["scores"])
-        ev["_samples"] = [{"prompt": p, "response": r, "rm_score": float(q),
-                           **{k: float(v[i]) for k, v in judged.items()}}
-                          for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
-                                                            res["scores"]))]
-        return ev
-
-    def write_samples(self, tag: str, samples: list[dict]) -> None:
-        """The held-out samples of one evaluation (`samples_<tag>.jsonl`; the report's table)."""
-        import json
-
-        with open(self.run_dir / f"samples_{tag}.jsonl", "w", encoding="utf-8") as f:
-            for row in samples:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.sft_oracle = self.held_out.sft["eval_score_mean"]
 
     def ppo(self, online: bool) -> dict:
         cfg = self.cfg
         self.log(f"stage 3/3: PPO for {cfg.run.iterations} iterations")
-        if self.judge is None:
-            self.judge = yardstick(cfg)  # never trained on, never the training signal
+        judge = self.held_out.yardstick()  # never trained on, never the training signal
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
         batch = cfg.ppo.rollout_batch_size
         pending = None  # async_generation: the next batch, sampled while the learner steps
         with_lp = cfg.ppo.old_logprobs == "generation"
         while self.iteration < cfg.run.iterations and not self.should_stop():
-            t = [time.perf_counter()]
+            timer = PhaseTimer()
+            # 1. samples of policy v (generated while the last step ran, with async_generation)
             out = self.generation.collect(pending or self.generation.submit(
                 self.next_prompts(batch), logprobs=with_lp))
             pending = None
-            t.append(time.perf_counter())
-            res = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
-            raw = np.asarray(res["scores"], dtype=np.float64)
+            timer.mark("generate")
+            # 2. scores from the reward model's deployment, normalized and clipped
+            scored = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
+            raw = np.asarray(scored["scores"], dtype=np.float64)
             scores = (raw - self.score_mean) / self.score_std
             if cfg.ppo.reward_clip:
                 scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
-            t.append(time.perf_counter())
+            timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
                 pending = self.generation.submit(self.next_prompts(batch), logprobs=with_lp)
+            # 3. PPO on KL-penalized token rewards, then the KL controller
             beta = self.kl_ctl.beta
-            stats = self.learner.step(out, scores, beta)  # PPO, KL-penalized token rewards
-            t.append(time.perf_counter())
+            stats = self.learner.step(out, scores, beta)
+            timer.mark("learner")
             self.kl_ctl.update(stats["kl_mean"], len(out["prompts"]))
+            # 4. policy v + 1 to every generation worker
             version, weights = self.learner.policy_weights()
-            self.generation.push(version, weights)  # version v + 1 to every worker
-            t.append(time.perf_counter())
+            self.generation.push(version, weights)
+            timer.mark("sync")
             self.iteration += 1
+            # 5. rankings of fresh samples asked for; a refit on new ones, asynchronously
             if online:
                 self.feedback.expire_overdue()
                 if cfg.labels.per_iteration:
                     self.ask_for_labels(cfg.labels.per_iteration, block=False)
-                    self.feedback.feed()  # a refit on new rankings, asynchronously
-            t.append(time.perf_counter())
-            oracle_scores = self.judge.score(out["prompts"], out["texts"])["score"]
-            row = self.metrics(out, res, raw, oracle_scores, stats, beta, version, t)
+                    self.feedback.feed()
+            timer.mark("labeling")
+            # 6. metrics (the yardstick on held-out prompts now and then), checkpoint
+            judged = judge.score(out["prompts"], out["texts"])["score"]
+            row = self.metrics(Step(out, scored, raw, judged, stats, beta, version, timer))
             done = self.iteration >= cfg.run.iterations or self.should_stop()
             if (cfg.eval.every and self.iteration % cfg.eval.every == 0) or done:
-                row.update(self.held_out(final=done))
+                row.update(self.held_out.row(self.iteration, done, self.generation,
+                                             self.rm_handle))
             last = self.emit(row)
             every = cfg.run.checkpoint_every
             if every and self.iteration % every == 0 and self.iteration < cfg.run.iterations:
@@ -297,10 +283,6 @@ class LLMController(RunController):
     def write_resources(self) -> None:
         """`RUN/resources.json`: each role's peak resident memory (MiB) and the run's time,
         for the report."""
-        import json
-
-        from rlhf_ray.roles import peak_memory, peak_rss_mb
-
         roles = {f"generation_{i}": w for i, w in enumerate(self.generation.workers)}
         roles.update({f"learner_{r}": lr for r, lr in enumerate(self.learner.ranks)})
         roles.update(reward_trainer=self.trainer, labeler=self.labeler,
@@ -319,62 +301,33 @@ class LLMController(RunController):
              "machine_used_peak_mb": self.memory_sampler.peak_mb(),
              "ppo_wall_s": self.elapsed_s(), "iterations": self.iteration}, indent=1))
 
-    def held_out(self, final: bool) -> dict:
-        """A held-out evaluation's row entries, the SFT model's beside them, and Gao et al.
-        2022's warning: the reward model's score rising while the yardstick's does not."""
-        from rlhf_ray import storage, console
-        from rlhf_ray.llm.yardstick import disagreement
-
-        ev = self.evaluate()
-        samples = ev.pop("_samples")
-        ev.pop("_rm_raw")
-        self.evals.append({"iteration": self.iteration, **ev})
-        if final:
-            self.write_samples("final", samples)
-        row = {k: clean(v) for k, v in ev.items()}
-        row.update({f"sft_{k}": clean(v) for k, v in self.sft_eval.items()})
-        gap = disagreement([e["eval_rm_score_mean"] for e in self.evals],
-                           [e["eval_score_mean"] for e in self.evals])
-        row["rm_judge_diverging"] = gap is not None
-        if gap is not None:
-            console.note(f"warning: iteration {self.iteration}: the reward model's held-out score "
-                         f"keeps rising ({gap['rm_slope']:+.2f}/eval) while the yardstick's does "
-                         f"not ({gap['yardstick_slope']:+.2f}/eval): the policy may be exploiting "
-                         "the reward model (Gao et al. 2022)")
-        return row
-
-    def metrics(self, out, res, raw, oracle_scores, stats, beta, version, t) -> dict:
+    def metrics(self, s: Step) -> dict:
+        t = s.timer.seconds()
         return {
             "iteration": self.iteration,
-            "oracle_score_mean": clean(np.mean(oracle_scores)),
+            "oracle_score_mean": clean(np.mean(s.judged)),
             "sft_oracle_score_mean": clean(self.sft_oracle),
-            "rm_score_mean": clean(raw.mean()),
-            "kl_mean": clean(stats["kl_mean"]), "kl_coef": clean(beta),
+            "rm_score_mean": clean(s.raw.mean()),
+            "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
             "kl_coef_next": clean(self.kl_ctl.beta),
-            "response_len_mean": clean(stats["response_len_mean"]),
-            "tokens_per_s": clean(out["tokens"] / (t[5] - t[0])),
-            "policy_version": int(version), "sample_policy_versions": sorted(set(out["versions"])),
-            "policy_lag": int(version - 1 - min(out["versions"])),
+            "response_len_mean": clean(s.stats["response_len_mean"]),
+            "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
+            "policy_version": int(s.version),
+            "sample_policy_versions": sorted(set(s.out["versions"])),
+            "policy_lag": int(s.version - 1 - min(s.out["versions"])),
             "generation_restarts": self.generation.restarts,
-            "labeler_restarts": self.feedback.restarts, "rm_version": int(res["version"]),
+            "labeler_restarts": self.feedback.restarts, "rm_version": int(s.scored["version"]),
             **self.feedback.metrics(),
-            "pg_loss": clean(stats.get("pg_loss")), "vf_loss": clean(stats.get("vf_loss")),
-            "approx_kl": clean(stats.get("approx_kl")), "clipfrac": clean(stats.get("clipfrac")),
-            "generate_s": round(t[1] - t[0], 3), "score_s": round(t[2] - t[1], 3),
-            "learner_s": round(t[3] - t[2], 3), "sync_s": round(t[4] - t[3], 3),
-            "labeling_s": round(t[5] - t[4], 3), "iteration_s": round(t[5] - t[0], 3),
-            "time_s": self.elapsed_s(),
+            "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
+            "approx_kl": clean(s.stats.get("approx_kl")),
+            "clipfrac": clean(s.stats.get("clipfrac")),
+            **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),
         }
 
     # ---------------------------------------------------------------- roles
     def start_reward_roles(self, rm_init_path: str, with_labeler: bool) -> None:
         """The weight store, the LM reward trainer (from `rm_init_path`) and, for runs that
         collect preferences, the labeler and its page."""
-        import ray
-
-        from rlhf_ray.llm.reward import LMRewardTrainer
-        from rlhf_ray.weights import WeightStore
-
         cfg, place = self.cfg, self.cfg.placement
         weights = remote_role(WeightStore, place.labeler, name=self.names.weights).remote(2)
         self.trainer = remote_role(LMRewardTrainer, place.reward_trainer,
@@ -394,10 +347,6 @@ class LLMController(RunController):
     def deploy_reward_model(self, rm_path: str) -> None:
         """Without waiting: the replica starts while the learners load (each role's process
         start is mostly imports); `run` waits for it before PPO starts."""
-        import ray
-
-        from rlhf_ray.llm import serve_lm
-
         self.rm_handle = serve_lm.deploy(
             rm_path, app_name=self.names.reward_app, weight_store=self.names.weights,
             namespace=ray.get_runtime_context().namespace, serve_cfg=self.cfg.placement.reward_model,
@@ -410,11 +359,10 @@ class LLMController(RunController):
         self.generation = GenerationGroup(self.cfg, policy_path, self.bundle, self.pg, adapter_path)
         self.actors += self.generation.workers
 
-    def start_learners(self, policy_path: str, critic_path: str,
-                       state_path: str | None = None, adapter_path: str | None = None) -> None:
+    def start_learners(self, start: StartPoints) -> None:
         """N ranks of one torch.distributed group; the reference is the SFT model."""
-        self.learner = LearnerGroup(self.cfg, policy_path, critic_path, self.sft_path,
-                                    self.bundle, self.pg, state_path, adapter_path)
+        self.learner = LearnerGroup(self.cfg, start.policy, start.critic, self.sft_path,
+                                    self.bundle, self.pg, start.optimizer, start.adapter)
         self.actors += self.learner.ranks
 
     @property
@@ -448,23 +396,19 @@ class LLMController(RunController):
     def checkpoint(self, final: bool = False) -> str:
         """Policy, critic and their optimizer moments (rank 0), the reward model, the KL
         controller, the prompt order and position; queries in flight reach the store first."""
-        import ray
-
         self.feedback.settle()
         path = self.folder.checkpoint_dir(self.iteration, final)
         self.learner.save(path, self.sft_path)
-        ray.get(self.trainer.save.remote(storage.join(path, "reward_model")))
+        ray.get(self.trainer.save.remote(locations.join(path, "reward_model")))
         return self.save_state(path, {
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
             "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
             "score_std": self.score_std, "sft_oracle": self.sft_oracle,
-            "sft_eval": self.sft_eval, "evals": self.evals,
+            **self.held_out.state(),
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
     def restore(self, ckpt: str, override_kl: bool = False) -> dict:
         """The controller's part of a checkpoint; the roles load the rest as they start."""
-        from rlhf_ray.core.lm_ppo import kl_controller_from_state
-
         state = self.load_state(ckpt)
         kl_now = self.cfg.ppo.kl.model_dump(mode="json")
         self.kl_ctl = kl_controller_from_state(state["kl_controller"])
@@ -477,7 +421,6 @@ class LLMController(RunController):
             self.order = np.asarray(state["prompt_order"])
         self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
         self.sft_oracle = float(state["sft_oracle"])
-        self.sft_eval = dict(state.get("sft_eval") or {})
-        self.evals = [e for e in state.get("evals") or [] if e["iteration"] <= self.iteration]
+        self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state

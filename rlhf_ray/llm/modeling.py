@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf_ray import storage
+from rlhf_ray.storage import locations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(storage.local_dir(path))
+    tok = AutoTokenizer.from_pretrained(locations.local_dir(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -48,7 +48,7 @@ def load_policy(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        storage.local_dir(path), dtype=resolve_dtype(dtype, device)).to(device)
+        locations.local_dir(path), dtype=resolve_dtype(dtype, device)).to(device)
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -138,7 +138,7 @@ def with_lora(model, lora: dict | None, adapter_path: str | None = None,
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path:
-        return PeftModel.from_pretrained(model, storage.local_dir(adapter_path),
+        return PeftModel.from_pretrained(model, locations.local_dir(adapter_path),
                                          is_trainable=trainable)
     keep = top_layers(model, top)
     return get_peft_model(model, LoraConfig(
@@ -204,7 +204,7 @@ def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        storage.local_dir(path), num_labels=1, dtype=resolve_dtype(dtype, device))
+        locations.local_dir(path), num_labels=1, dtype=resolve_dtype(dtype, device))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to(device)
@@ -375,8 +375,8 @@ def state_dict_cpu(model) -> dict[str, torch.Tensor]:
 
 def save_model(model, tokenizer, out_dir: str | Path) -> str:
     """A Hugging Face folder (safetensors) at `out_dir`, a path or a URI; returns it."""
-    with storage.writable_dir(str(out_dir)) as out:
+    with locations.writable_dir(str(out_dir)) as out:
         getattr(model, "module", model).save_pretrained(out, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    return storage.normalize(out_dir)
+    return locations.normalize(out_dir)

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray.llm import assets
+from rlhf_ray.llm.config import DataConfig, ReviewsConfig
+
 SPLITS = ("yardstick", "oracle", "reward_model", "eval", "ppo", "sft")
 
 
@@ -103,11 +106,9 @@ def preference_prob(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class ReviewsTask:
-    """The splits and everything derived from them; `cfg`: an `LMDataConfig`'s `reviews`."""
+    """The splits and everything derived from them; `cfg`: an `DataConfig`'s `reviews`."""
 
     def __init__(self, cfg):
-        from rlhf_ray import assets
-
         self.cfg = cfg
         folder = Path(assets.resolve(cfg.ratings_path))
         snippets_file = folder / "snippets.tsv" if folder.is_dir() else folder
@@ -186,8 +187,6 @@ class ReviewsTask:
 
 @lru_cache(maxsize=4)
 def _task(cfg_json: str) -> ReviewsTask:
-    from rlhf_ray.config import ReviewsConfig
-
     return ReviewsTask(ReviewsConfig.model_validate_json(cfg_json))
 
 
@@ -227,9 +226,8 @@ class RaterOracle:
 
 def oracle(data_cfg: dict):
     """`labeler.oracle: rlhf_ray.llm.reviews:oracle` (built from the run's `data` section)."""
-    from rlhf_ray.config import LMDataConfig
 
-    return RaterOracle(LMDataConfig.model_validate(data_cfg).reviews)
+    return RaterOracle(DataConfig.model_validate(data_cfg).reviews)
 
 
 oracle.from_data_config = True

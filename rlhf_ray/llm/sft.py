@@ -12,8 +12,20 @@ import time
 
 import numpy as np
 
-from rlhf_ray.config import LLMConfig
+from rlhf_ray.llm import assets
 from rlhf_ray.llm import data as lm_data
+from rlhf_ray.llm.config import LLMConfig
+from rlhf_ray.llm.modeling import (
+    PromptFormat,
+    encode_pairs,
+    load_policy,
+    load_tokenizer,
+    save_model,
+    train_top_layers,
+)
+from rlhf_ray.llm.tiny import build_model
+from rlhf_ray.runtime.actors import stage_threads
+from rlhf_ray.storage import locations
 
 
 def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
@@ -22,17 +34,10 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
     Saves a Hugging Face model folder (safetensors) to `out_dir`; returns it."""
     import torch
 
-    from rlhf_ray import assets
-    from rlhf_ray.llm.modeling import (PromptFormat, encode_pairs, load_policy, load_tokenizer,
-                                       save_model, train_top_layers)
-    from rlhf_ray.roles import stage_threads
-
     torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
     torch.manual_seed(cfg.seed)
     src = cfg.model.policy
     if src == "tiny":
-        from rlhf_ray.llm.tiny import build_model
-
         import tempfile
 
         # the tiny model's random initial weights: a local folder of this process
@@ -75,9 +80,8 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
             print(f"sft epoch {epoch + 1}/{cfg.sft.epochs} | loss {np.mean(losses):.3f} | "
                   f"{time.time() - t0:.0f}s", flush=True)
     out = save_model(model, tok, out_dir)
-    from rlhf_ray import storage
 
-    storage.write_text(storage.join(out, "sft_stats.json"), json.dumps(
+    locations.write_text(locations.join(out, "sft_stats.json"), json.dumps(
         {"loss": float(np.mean(losses)), "examples": len(rows), "seconds": time.time() - t0}))
     return out
 

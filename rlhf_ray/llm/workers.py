@@ -14,7 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from rlhf_ray.roles import remote_role
+from rlhf_ray.llm.generation import generation_worker_class
+from rlhf_ray.llm.learner import PPOLearner
+from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
+from rlhf_ray.runtime.actors import remote_role
 
 Bundle = Callable[[str, int], "int | None"]  # (role, i) -> a bundle of the run's plan
 
@@ -22,17 +25,14 @@ Bundle = Callable[[str, int], "int | None"]  # (role, i) -> a bundle of the run'
 class GenerationGroup:
     def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None,
                  adapter_path: str | None = None):
-        from rlhf_ray.llm.generation import generation_worker_class
-        from rlhf_ray.llm.modeling import PromptFormat
-
         place = cfg.placement
         cls = generation_worker_class(cfg.generation.backend)
         self.workers = [remote_role(cls, place.generation_worker, bundle("generation", i), pg=pg,
                                     max_restarts=-1).remote(
-            policy_path, cfg.generation.model_dump(), cfg.data.max_prompt_tokens,
-            cfg.seed * 101 + i, cfg.run.torch_threads, cfg.model.dtype, None,
-            PromptFormat.settings(cfg.data), cfg.model.lora.model_dump(), adapter_path,
-            cfg.model.train_top_layers)
+            policy_path, cfg.generation.model_dump(), max_prompt_tokens=cfg.data.max_prompt_tokens,
+            seed=cfg.seed * 101 + i, torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype,
+            prompt_format=PromptFormat.settings(cfg.data), lora=cfg.model.lora.model_dump(),
+            adapter_path=adapter_path, train_top_layers=cfg.model.train_top_layers)
             for i in range(place.num_generation_workers)]
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
@@ -121,17 +121,16 @@ class LearnerGroup:
         optimizer.pt to continue from."""
         import ray
 
-        from rlhf_ray.llm.learner import PPOLearner
-        from rlhf_ray.llm.modeling import load_tokenizer
-
         place = cfg.placement
         pad = load_tokenizer(policy_path).pad_token_id
         n = place.num_learners
         self.ranks = [remote_role(PPOLearner, place.learner, bundle("learner", r), pg=pg).remote(
-            r, n, policy_path, critic_path, cfg.ppo.model_dump(), cfg.generation.temperature,
-            cfg.seed, cfg.run.torch_threads, cfg.model.dtype, None, pad, ref_path, state_path,
-            cfg.model.lora.model_dump(), adapter_path, cfg.model.gradient_checkpointing,
-            cfg.model.train_top_layers)
+            r, n, policy_path, critic_path, cfg.ppo.model_dump(),
+            temperature=cfg.generation.temperature, seed=cfg.seed,
+            torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype, pad_id=pad,
+            ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
+            adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
+            train_top_layers=cfg.model.train_top_layers)
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])

@@ -19,6 +19,11 @@ import json
 
 import numpy as np
 
+from rlhf_ray.feedback.queries import load_text_oracle
+from rlhf_ray.llm import assets
+from rlhf_ray.llm.config import DataConfig
+from rlhf_ray.llm.reviews import review_text, task
+
 
 class MiniLMEncoder:
     def __init__(self, folder: str, threads: int = 1):
@@ -52,9 +57,6 @@ class MiniLMProbe:
         from sklearn.linear_model import LogisticRegression
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-        from rlhf_ray import assets
-        from rlhf_ray.llm.reviews import task
-
         t = task(reviews_cfg)
         self.encode = MiniLMEncoder(assets.resolve(encoder), threads)
         self.vader = SentimentIntensityAnalyzer()
@@ -79,8 +81,6 @@ class MiniLMProbe:
         self.coef, self.bias = coef, bias
 
     def score(self, prompts: list[str], responses: list[str]) -> dict[str, np.ndarray]:
-        from rlhf_ray.llm.reviews import review_text
-
         texts = [review_text(p, r) for p, r in zip(prompts, responses)]
         logits = self.encode(texts) @ self.coef + self.bias
         return {"score": 1.0 / (1.0 + np.exp(-logits)),
@@ -88,9 +88,7 @@ class MiniLMProbe:
 
 
 def minilm_probe(data_cfg: dict):
-    from rlhf_ray.config import LMDataConfig
-
-    return MiniLMProbe(LMDataConfig.model_validate(data_cfg).reviews)
+    return MiniLMProbe(DataConfig.model_validate(data_cfg).reviews)
 
 
 minilm_probe.from_data_config = True
@@ -109,7 +107,6 @@ class _PerPair:
 def load_scorer(spec: str, data_cfg: dict | None = None, what: str = "eval.yardstick"):
     """`module:function` (loaded as the labeler loads its oracle) -> an object with
     `score(prompts, responses) -> dict`."""
-    from rlhf_ray.labeler import load_text_oracle
 
     obj = load_text_oracle(spec, data_cfg, what)
     return obj if hasattr(obj, "score") else _PerPair(obj)

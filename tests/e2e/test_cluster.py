@@ -63,11 +63,11 @@ def fresh_shell(cmd: list[str], timeout: float = 120) -> subprocess.CompletedPro
 
 
 def metrics_rows(run: str) -> list[dict]:
-    from rlhf_ray import storage
+    from rlhf_ray.storage import locations
 
     for _ in range(10):  # moto's server can miss a key for a moment while it is replaced
         try:
-            return [json.loads(x) for x in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+            return [json.loads(x) for x in locations.read_text(f"{run}/metrics.jsonl").splitlines()]
         except FileNotFoundError:
             time.sleep(0.3)
     return []
@@ -106,8 +106,8 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
     and every role (env runners, RLlib's learner, the reward model's Serve replica, the
     reward trainer, the labeler) on a node that has the custom resource its placement names.
     Without the README's `export RAY_AUTH_MODE=token` the same client is refused."""
-    from rlhf_ray import storage
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.storage import locations
+    from rlhf_ray.storage.store import PreferenceStore
 
     temp = Path(f"/tmp/rlhfh-{uuid.uuid4().hex[:6]}")  # short: raylet socket paths
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin")
@@ -128,10 +128,14 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
         procs.append(p)
         return p
 
+    # `ray start --head` turns token auth on only where a token exists (a fresh machine has
+    # none: `ray.init` makes one, `ray start` does not): make it, and ask for token auth
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
     gcs, dash, client_port = free_ports(3)
     head = ray_start("--head", f"--port={gcs}", f"--dashboard-port={dash}",
                      "--dashboard-host=127.0.0.1", "--num-cpus=1", '--resources={"head": 1}',
-                     f"--ray-client-server-port={client_port}", folder="h")
+                     f"--ray-client-server-port={client_port}", folder="h", token=True)
     address = f"http://127.0.0.1:{dash}"
     bucket = s3("readme")
     try:
@@ -174,7 +178,7 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
 
         for i, command in enumerate(commands):
             if i == 1:  # the user stops the job once it has run a while: after a checkpoint
-                while not storage.exists(f"{run}/checkpoints/iter_000001/controller.json"):
+                while not locations.exists(f"{run}/checkpoints/iter_000001/controller.json"):
                     assert time.time() < deadline + 600, log[-3000:]
                     time.sleep(0.5)
             if i == 2:  # stopped: what it had acknowledged
@@ -203,7 +207,7 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
         assert rows[-1]["labels_total"] > 0
         ids = PreferenceStore(f"{run}/preferences").labels().column("query_id").to_pylist()
         assert len(ids) == len(set(ids)) and acked <= set(ids)
-        assert storage.is_file(f"{run}/final_eval.json")
+        assert locations.is_file(f"{run}/final_eval.json")
         # each role of both jobs on the node its placement names
         seen = {}
         for a in state(address, "actors"):

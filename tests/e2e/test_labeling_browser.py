@@ -8,7 +8,6 @@ import shutil
 import uuid
 
 import pytest
-
 from conftest import hopper_segments
 
 pytestmark = pytest.mark.browser
@@ -23,21 +22,22 @@ def labeling(ray_cluster, serve_http, tmp_path_factory):
     ray = ray_cluster
     from ray import serve
 
-    from rlhf_ray.labeler import Labeler
-    from rlhf_ray.labeling import app as labeling_app
-    from rlhf_ray.labeling.clips import ClipRenderWorker
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.feedback import app as labeling_app
+    from rlhf_ray.feedback.clips import ClipRenderWorker
+    from rlhf_ray.feedback.labeler import Labeler
+    from rlhf_ray.feedback.queries import ClipPairs
+    from rlhf_ray.storage.store import PreferenceStore
 
     root = str(tmp_path_factory.mktemp("browser") / "preferences")
     run = uuid.uuid4().hex[:6]
     name = f"rlhf-labeler-browser-{run}"
     ns = ray.get_runtime_context().namespace
     labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(
-        root, "human", None, 0, 10, 60.0, 120.0, None)
+        root, ClipPairs(), source="human", seed=0, budget=10, lease_s=60.0, deadline_s=120.0)
     segs = hopper_segments(5, 20, seed=1)  # 5 segments: all 10 pairs, 5 clips to render
     pairs = list(itertools.combinations(range(5), 2))
     qids = ray.get(labeler.submit.remote(segs.take([a for a, _ in pairs]),
-                                         segs.take([b for _, b in pairs]), 0))
+                                         segs.take([b for _, b in pairs]), rm_version=0))
     renderer = ray.remote(ClipRenderWorker).options(num_cpus=0).remote(
         name, ns, root, {"id": "Hopper-v5", "kwargs": {}}, 160, 120, 25, 2)
     token = labeling_app.new_token()
@@ -110,7 +110,7 @@ def test_chromium_labels_ten_pairs(labeling, tmp_path):
 
 def _deploy_text_page(ray, labeler_name, root, run, serve_http, instruction="") -> str:
     """The labeling app for `labeler_name`; returns the page's URL (token included)."""
-    from rlhf_ray.labeling import app as labeling_app
+    from rlhf_ray.feedback import app as labeling_app
 
     token = labeling_app.new_token()
     labeling_app.deploy(labeler_name=labeler_name, namespace=ray.get_runtime_context().namespace,
@@ -136,14 +136,16 @@ def test_chromium_labels_text_pairs_and_rankings(ray_cluster, serve_http, tmp_pa
     from playwright.sync_api import sync_playwright
     from ray import serve
 
-    from rlhf_ray.labeler import Labeler
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.feedback.labeler import Labeler
+    from rlhf_ray.feedback.queries import TextRankings
+    from rlhf_ray.storage.store import PreferenceStore
 
     root = str(tmp_path / "preferences")
     run = uuid.uuid4().hex[:6]
     name = f"rlhf-labeler-text-{run}"
-    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, "human")
-    q_text, q_keys, q_drag = ray.get(labeler.submit_texts.remote(
+    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, TextRankings(),
+                                                                         "human")
+    q_text, q_keys, q_drag = ray.get(labeler.submit.remote(
         ["Greet me.", "Order these numbers.", "Pick the longest."],
         [["hello", "go away"], ["one", "two", "three", "four"], ["a", "bb", "ccc"]]))
     url = _deploy_text_page(ray, name, root, run, serve_http)
@@ -194,9 +196,10 @@ def test_chromium_shows_a_real_tokenizers_continuations_and_the_task(ray_cluster
     ray = ray_cluster
     from playwright.sync_api import sync_playwright
 
-    from rlhf_ray import assets
     from rlhf_ray.config import load_config
-    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.feedback.labeler import Labeler
+    from rlhf_ray.feedback.queries import TextRankings
+    from rlhf_ray.llm import assets
     from rlhf_ray.llm.modeling import load_tokenizer
 
     tok = load_tokenizer(str(assets.get("smollm2-135m", quiet=True)))
@@ -207,8 +210,9 @@ def test_chromium_shows_a_real_tokenizers_continuations_and_the_task(ray_cluster
     root = str(tmp_path / "preferences")
     run = uuid.uuid4().hex[:6]
     name = f"rlhf-labeler-real-{run}"
-    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, "human")
-    (qid,) = ray.get(labeler.submit_texts.remote(["Amélie is a"], [texts]))
+    labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(root, TextRankings(),
+                                                                         "human")
+    (qid,) = ray.get(labeler.submit.remote(["Amélie is a"], [texts]))
     url = _deploy_text_page(ray, name, root, run, serve_http, instruction)
     try:
         with sync_playwright() as p:

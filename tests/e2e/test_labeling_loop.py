@@ -9,11 +9,12 @@ import threading
 import time
 from urllib.parse import parse_qs, urlparse
 
-from conftest import Http
+from conftest import Checked, Http
+
 from rlhf_ray.config import load_config
+from rlhf_ray.runtime.metrics import read_metrics
+from rlhf_ray.storage.store import PreferenceStore
 from rlhf_ray.train import train
-from rlhf_ray.metrics import read_metrics
-from rlhf_ray.store import PreferenceStore
 
 FAST_CLIPS = ["labeler.clips.width=64", "labeler.clips.height=48", "labeler.clips.frame_skip=5"]
 
@@ -52,13 +53,13 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
         if url_file.exists():
             scripted_human(url_file.read_text().strip(), "script", stop, answered, limit=12)
 
-    t = threading.Thread(target=human, daemon=True)
+    t = Checked(human)
     t.start()
     try:
         train(cfg, run_dir=str(run_dir), progress=False)
     finally:
         stop.set()
-        t.join(timeout=30)
+    t.finish(timeout=60)
     rows = read_metrics(run_dir)
     assert rows[-1]["env_steps"] >= cfg.run.total_env_steps  # training never waited
     assert (run_dir / "labeling_url.txt").stat().st_mode & 0o077 == 0  # the token stays private
@@ -78,10 +79,12 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
     # afterwards: `rlhf-ray label RUN_DIR` serves what is still pending, until nothing is
     pending = [q.query_id for q in store.pending_queries()]
     if not pending:  # the oracle took everything: ask one more question so there is work
-        from rlhf_ray.labeler import Labeler
+        from rlhf_ray.feedback.labeler import Labeler
+        from rlhf_ray.feedback.queries import ClipPairs
 
         segs = store.segments([labels[0]["left_id"], labels[0]["right_id"]])
-        pending = Labeler(str(run_dir / "preferences"), source="human", seed=9).submit(
+        pending = Labeler(str(run_dir / "preferences"), ClipPairs(), source="human",
+                          seed=9).submit(
             segs.take([0]), segs.take([1]))
     label_three_runs_at_once(run_dir, port, pending)
 
@@ -96,7 +99,7 @@ def label_three_runs_at_once(run_dir, port, pending):
     import subprocess
     import sys
 
-    from rlhf_ray.labeling.service import label_run
+    from rlhf_ray.label import label_run
 
     runs = {"a": run_dir, "b": run_dir.parent / "run-b", "c": run_dir.parent / "run-c"}
     for who in "bc":
@@ -115,8 +118,7 @@ def label_three_runs_at_once(run_dir, port, pending):
                 cross.append(Http(f"{u.scheme}://{u.netloc}{u.path}", token).request(
                     "GET", "/api/status")[0])
             urls[who] = url
-        th = threading.Thread(target=scripted_human,
-                              args=(url, f"late-{who}", stop, answered[who], 10_000), daemon=True)
+        th = Checked(scripted_human, url, f"late-{who}", stop, answered[who], 10_000)
         th.start()
         threads.append(th)
 
@@ -131,7 +133,7 @@ def label_three_runs_at_once(run_dir, port, pending):
         [sys.executable, "-m", "rlhf_ray.cli", "label", str(runs["c"]), "--exit-when-done",
          f"labeler.port={port}", *FAST_CLIPS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env={**os.environ, "RAY_ADDRESS": ""})
-    in_process = [threading.Thread(target=label_in_process, args=(w,)) for w in "ab"]
+    in_process = [Checked(label_in_process, w) for w in "ab"]
     for th in in_process:
         th.start()
     out = []
@@ -143,12 +145,12 @@ def label_three_runs_at_once(run_dir, port, pending):
                 human("c", m.group(1))
         assert proc.wait(timeout=300) == 0, "".join(out)[-3000:]
         for th in in_process:
-            th.join(timeout=300)
+            th.finish(timeout=300)
     finally:
         stop.set()
         proc.kill()
-        for th in threads:
-            th.join(timeout=30)
+    for th in threads:
+        th.finish(timeout=60)
     assert done == {"a": 0, "b": 0}
     assert len({urlparse(u).path for u in urls.values()}) == 3, urls  # a page each
     assert urlparse(urls["c"]).port != port, urls  # the second cluster's Serve moved aside
@@ -169,7 +171,7 @@ def test_llm_rankings_from_people_and_the_oracle(ray_cluster, serve_http, tmp_pa
                                          f"labeler.port={port}", "labels.initial=16",
                                          "run.iterations=4"])
     run_dir = tmp_path / "llm"
-    stop, answered = threading.Event(), []
+    stop, answered, offered = threading.Event(), [], []
 
     def human():
         url_file = run_dir / "labeling_url.txt"
@@ -188,20 +190,21 @@ def test_llm_rankings_from_people_and_the_oracle(ray_cluster, serve_http, tmp_pa
             if status != 200:
                 time.sleep(0.2)
                 continue
-            assert q["kind"] == "ranking" and len(q["responses"]) == cfg.labels.responses_per_query
+            offered.append((q["kind"], len(q["responses"])))  # checked in the test's thread
             order = list(range(len(q["responses"])))[::-1]
             status, _ = http.request("POST", "/api/label", {"query_id": q["query_id"],
                                                             "order": order, "labeler": "ranker"})
             if status == 200:
                 answered.append(q["query_id"])
 
-    t = threading.Thread(target=human, daemon=True)
+    t = Checked(human)
     t.start()
     try:
         train(cfg, run_dir=str(run_dir), progress=False)
     finally:
         stop.set()
-        t.join(timeout=30)
+    t.finish(timeout=60)
+    assert offered and set(offered) == {("ranking", cfg.labels.responses_per_query)}
     rows = read_metrics(run_dir)
     assert len(rows) == cfg.run.iterations  # PPO ran every iteration
     assert rows[-1]["labels_human"] == len(answered) >= 2

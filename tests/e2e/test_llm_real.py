@@ -10,12 +10,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import assert_own_lines_only
+
 from rlhf_ray.config import load_config
 from rlhf_ray.llm.data import load_prompts
-from rlhf_ray.metrics import LLM_KEYS, LLM_METRICS, read_metrics
-from rlhf_ray.store import PreferenceStore
+from rlhf_ray.llm.metrics import LLM
+from rlhf_ray.runtime.metrics import read_metrics
+from rlhf_ray.storage.store import PreferenceStore
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +36,8 @@ def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_clust
     rows = read_metrics(run)
     assert [r["iteration"] for r in rows] == [1, 2]
     for row in rows:
-        assert not [k for k in LLM_KEYS if row.get(k) is None], row
-        assert not set(row) - set(LLM_METRICS)
+        assert not [k for k in LLM.required if row.get(k) is None], row
+        assert not LLM.unregistered(row)
         assert 0 <= row["oracle_score_mean"] <= 1  # the MiniLM probe's P(positive)
     last = rows[-1]
     for key in ("eval_score_mean", "eval_vader_mean", "eval_rm_score_mean",

@@ -7,15 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_own_lines_only
 
 from rlhf_ray.config import load_config
-from conftest import assert_own_lines_only
-from rlhf_ray.metrics import LLM_KEYS as METRIC_KEYS
-from rlhf_ray.metrics import LLM_METRICS
-from rlhf_ray.train import train
-from rlhf_ray.metrics import read_metrics
+from rlhf_ray.llm.metrics import LLM
 from rlhf_ray.report import report
-from rlhf_ray.store import PreferenceStore
+from rlhf_ray.runtime.metrics import read_metrics
+from rlhf_ray.storage.store import PreferenceStore
+from rlhf_ray.train import train
 
 
 def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
@@ -42,8 +41,9 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
         if m["iteration"] == 6:  # after the rebuild: every stored ranking, each once
             groups["trainer"] = ray.get(ctl.trainer.__ray_call__.remote(
                 lambda self: sorted(self.groups)))
-            groups["store"] = sorted({c["ranking_id"] for c in ray.get(
-                ctl.labeler.stored_text_comparisons.remote())})
+            (page,) = [ray.get(ref) for ref in ctl.labeler.stored.options(
+                num_returns="streaming").remote()]  # text: every comparison in one page
+            groups["store"] = sorted({c["ranking_id"] for c in page})
 
     ctl.on_metrics = kill_labeler_once
     ctl.run()
@@ -53,9 +53,9 @@ def test_llm_tiny_smoke_beats_the_sft_model(ray_cluster, tmp_path):
     assert groups["trainer"] == groups["store"] and len(groups["store"]) > cfg.labels.initial
     assert rows == seen and len(rows) == cfg.run.iterations
     for row in rows:
-        missing = [k for k in METRIC_KEYS if row.get(k) is None]
+        missing = [k for k in LLM.required if row.get(k) is None]
         assert not missing, f"metrics lack {missing}"
-        unregistered = set(row) - set(LLM_METRICS)
+        unregistered = LLM.unregistered(row)
         assert not unregistered, f"keys missing from the metrics registry: {unregistered}"
         # every sample was produced by the policy version synced after the previous step
         assert row["sample_policy_versions"] == [row["policy_version"] - 1]
@@ -101,7 +101,7 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     import subprocess
     import sys
 
-    from rlhf_ray import storage
+    from rlhf_ray.storage import locations
 
     run = s3("llm") + "/r1"
     store_root = run + "/preferences"
@@ -115,7 +115,7 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
 
     def log_tail() -> str:
         log = run + "/driver.log"
-        return storage.read_text(log)[-3000:] if storage.exists(log) else ""
+        return locations.read_text(log)[-3000:] if locations.exists(log) else ""
 
     # PPO with LoRA adapters (as the real-model presets train): the resume rebuilds the
     # learner's and the generation worker's policy from the final checkpoint's adapters
@@ -128,8 +128,8 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     stored = PreferenceStore(store_root).labels()
     assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
     for sub in ("sft", "reward_model", "final/policy", "final/critic", "final/reward_model"):
-        assert storage.is_file(f"{run}/{sub}/model.safetensors"), sub
-    assert storage.is_file(f"{run}/final/policy_adapter/adapter_config.json")
+        assert locations.is_file(f"{run}/{sub}/model.safetensors"), sub
+    assert locations.is_file(f"{run}/final/policy_adapter/adapter_config.json")
     assert os.listdir(tmp_path / "job1") == []
 
     again = subprocess.run([*cli, "--resume", run, "run.iterations=3"], **job(2))

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray import storage
-from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.store import PreferenceStore
-from rlhf_ray.sweep import load_sweep
+from rlhf_ray.config import load_config
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.storage import locations
+from rlhf_ray.storage.store import PreferenceStore
+from rlhf_ray.sweep.driver import load_sweep
 
 TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
         "labels.initial=16", "labels.per_iteration=1", "reward_model.initial_epochs=2",
@@ -61,13 +62,13 @@ def _exploits(root, section: str = "kl", key: str = "init_coef") -> list[tuple[P
     checkpoint keeps it). `root`: the sweep folder, local or a URI."""
     out = []
     root = str(root)
-    for trial in storage.listdir(storage.join(root, "tune")):
-        f = storage.join(root, "tune", trial, "run", "restores.jsonl")
-        if not storage.is_file(f):
+    for trial in locations.listdir(locations.join(root, "tune")):
+        f = locations.join(root, "tune", trial, "run", "restores.jsonl")
+        if not locations.is_file(f):
             continue
-        for r in map(json.loads, storage.read_text(f).splitlines()):
+        for r in map(json.loads, locations.read_text(f).splitlines()):
             if r["settings_now"][section][key] != r["settings_before"][section][key]:
-                out.append((Path(storage.join(root, "tune", trial, "run")), r))
+                out.append((Path(locations.join(root, "tune", trial, "run")), r))
     return out
 
 
@@ -83,9 +84,9 @@ def _interrupt_after_an_exploit_and_resume(path: Path, base: str, ray_cluster, s
     root = None
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
-        found = [n for n in storage.listdir(base) if n.startswith(f"{name}-")]
-        if found and _exploits(storage.join(base, found[0]), section, key):
-            root = storage.join(base, found[0])
+        found = [n for n in locations.listdir(base) if n.startswith(f"{name}-")]
+        if found and _exploits(locations.join(base, found[0]), section, key):
+            root = locations.join(base, found[0])
             break
         time.sleep(0.5)
     assert root is not None, proc.communicate()[0][-3000:]
@@ -125,12 +126,12 @@ def _pbt_over_kl(tmp_path: Path, ray_cluster, name: str, key: str, section: str,
         out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "sweep", str(path),
                               "--quiet"], env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        [root] = [storage.join(base, n) for n in storage.listdir(base) if n.startswith(f"{name}-")]
-    if not storage.is_remote(root):
+        [root] = [locations.join(base, n) for n in locations.listdir(base) if n.startswith(f"{name}-")]
+    if not locations.is_remote(root):
         return Path(root)
     assert not list(tmp_path.glob("sweeps")), "a URI sweep wrote a local sweep folder"
-    local = tmp_path / "downloaded" / storage.name(root)
-    storage.download_dir(root, local)
+    local = tmp_path / "downloaded" / locations.name(root)
+    locations.download_dir(root, local)
     return local
 
 

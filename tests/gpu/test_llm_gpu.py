@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import LMPPOConfig
 from rlhf_ray.llm import tiny
+from rlhf_ray.llm.config import PPOConfig
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -30,7 +30,7 @@ def test_hf_generation_and_learner_step_on_cuda(tiny_path):
     gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 8}, device="cuda")
     out = gen.generate(tiny.prompts(16, seed=0), n=1, seed=0)
     assert len(out["response_ids"]) == 16
-    ppo = LMPPOConfig(rollout_batch_size=16, minibatch_size=8, micro_batch_size=4).model_dump()
+    ppo = PPOConfig(rollout_batch_size=16, minibatch_size=8, micro_batch_size=4).model_dump()
     lr = PPOLearner(0, 1, tiny_path, tiny_path, ppo, device="cuda", pad_id=gen.tok.pad_token_id)
     stats = lr.step({"prompt_ids": out["prompt_ids"], "response_ids": out["response_ids"],
                      "scores": np.linspace(-1, 1, 16)}, beta=0.05)
@@ -49,7 +49,7 @@ def test_two_nccl_ranks_match_one(ray_cluster, tiny_path):
     b = gen.generate(tiny.prompts(8, seed=1), n=1, seed=1)
     b["response_ids"] = [r[:1 + (i * 5) % 6] for i, r in enumerate(b["response_ids"])]
     b["scores"] = np.linspace(-1, 1, 8)
-    ppo = LMPPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2).model_dump()
+    ppo = PPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2).model_dump()
     L = ray.remote(PPOLearner).options(num_gpus=1, num_cpus=0)
 
     def shard(rows):

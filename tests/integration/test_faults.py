@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from conftest import hopper_segments
 
 
@@ -28,14 +27,15 @@ def _pid(actor) -> int:
 def test_labeler_killed_during_a_burst_loses_no_acknowledged_label(ray_cluster, tmp_path):
     import ray
 
-    from rlhf_ray.config import RoleResources
-    from rlhf_ray.labeler import RESTART, Labeler
-    from rlhf_ray.roles import remote_role
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.feedback.labeler import RESTART, Labeler
+    from rlhf_ray.feedback.queries import ClipPairs
+    from rlhf_ray.runtime.actors import remote_role
+    from rlhf_ray.runtime.sections import RoleResources
+    from rlhf_ray.storage.store import PreferenceStore
 
     root = str(tmp_path / "prefs")
     labeler = remote_role(Labeler, RoleResources(), name="fault-labeler", **RESTART).remote(
-        root, "human", None, 0, None, 60.0, 3600.0)
+        root, ClipPairs(), "human", 0, None, 60.0, 3600.0)
     segs = hopper_segments(120, 10)
     qids = ray.get(labeler.submit.remote(segs.take(np.arange(0, 120, 2)),
                                          segs.take(np.arange(1, 120, 2))))
@@ -56,14 +56,19 @@ def test_labeler_killed_during_a_burst_loses_no_acknowledged_label(ray_cluster, 
                     acked.append(q)
             time.sleep(0.005)
 
-    threads = [threading.Thread(target=answer, args=(qids[i::6],)) for i in range(6)]
+    threads = [threading.Thread(target=answer, args=(qids[i::6],), daemon=True)
+               for i in range(6)]
     for t in threads:
         t.start()
-    while len(acked) < 15:
+    deadline = time.monotonic() + 120
+    while len(acked) < 15:  # mid-burst: a quarter of the answers acknowledged
+        assert not errors, errors[:3]
+        assert time.monotonic() < deadline, f"only {len(acked)} answers acknowledged in 120 s"
         time.sleep(0.005)
-    os.kill(_pid(labeler), signal.SIGKILL)  # mid-burst
+    os.kill(_pid(labeler), signal.SIGKILL)
     for t in threads:
         t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "an answering thread hung"
     assert not errors, errors[:3]
     assert sorted(acked) == sorted(qids)  # every answer was acknowledged in the end
     stats = ray.get(labeler.stats.remote())
@@ -82,11 +87,11 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(ray_cluster, tmp_path)
     from ray import serve
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.control.loop import Controller
-    from rlhf_ray.serve_rm import DEPLOYMENT_NAME
+    from rlhf_ray.control.loop import ControlController
+    from rlhf_ray.control.serve import DEPLOYMENT_NAME
 
     cfg = load_config("hopper-smoke", ["run.total_env_steps=6000"])
-    ctl = Controller(cfg, str(tmp_path / "run"), progress=False)
+    ctl = ControlController(cfg, str(tmp_path / "run"), progress=False)
     seen: dict = {"rows": []}
 
     def runner_pids():
@@ -131,16 +136,18 @@ def test_stored_labels_reach_the_trainer_page_by_page_and_again_after_a_restart(
     data set again, once, not on top of what it had."""
     import ray
 
-    from rlhf_ray.config import RewardModelConfig, RoleResources
-    from rlhf_ray.feedback import Feedback
-    from rlhf_ray.labeler import RESTART, Labeler
-    from rlhf_ray.reward_model import RewardNetSpec
-    from rlhf_ray.reward_trainer import RewardTrainer
-    from rlhf_ray.roles import kill_all, remote_role
-    from rlhf_ray.weights import WeightStore
+    from rlhf_ray.control.config import RewardModelConfig
+    from rlhf_ray.control.reward import RewardNetSpec
+    from rlhf_ray.control.reward_trainer import RewardTrainer
+    from rlhf_ray.feedback.labeler import RESTART, Labeler
+    from rlhf_ray.feedback.loop import Feedback
+    from rlhf_ray.feedback.queries import ClipPairs
+    from rlhf_ray.runtime.actors import kill_all, remote_role
+    from rlhf_ray.runtime.sections import RoleResources
+    from rlhf_ray.storage.weights import WeightStore
 
     labeler = remote_role(Labeler, RoleResources(), name="pages-labeler", **RESTART).remote(
-        str(tmp_path / "prefs"), "human", None, 0, None, 60.0, 3600.0)
+        str(tmp_path / "prefs"), ClipPairs(), "human", 0, None, 60.0, 3600.0)
     segs = hopper_segments(40, 10, seed=3)
     qids = ray.get(labeler.submit.remote(segs.take(np.arange(0, 40, 2)),
                                          segs.take(np.arange(1, 40, 2))))
@@ -148,7 +155,7 @@ def test_stored_labels_reach_the_trainer_page_by_page_and_again_after_a_restart(
     for q, a in zip(qids, answers):
         assert ray.get(labeler.answer.remote(q, a, "human:t")) == "stored"
     ray.get(labeler.drain.remote())  # handed over already: only the store has them now
-    pages = [ray.get(r) for r in labeler.stored_comparisons.options(
+    pages = [ray.get(r) for r in labeler.stored.options(
         num_returns="streaming").remote(page_labels=4)]
     assert [len(p) for p in pages] == [4, 4, 4, 3]  # the 15 trainable ones (no skips)
     mu = np.concatenate([p.mu for p in pages])
@@ -160,7 +167,7 @@ def test_stored_labels_reach_the_trainer_page_by_page_and_again_after_a_restart(
         spec, RewardModelConfig(batch_size=4))
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     try:
-        feedback = Feedback(None, None, None, kind="clip")
+        feedback = Feedback(None, None, None, kind=ClipPairs())
         feedback.labeler = labeler
         feedback.attach(trainer, store)
         assert feedback.load_stored() == 15

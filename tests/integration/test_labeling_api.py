@@ -4,41 +4,62 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
-
 from conftest import Http, hopper_segments
 
 
-@pytest.fixture(scope="module")
-def app(ray_cluster, serve_http, tmp_path_factory):
-    ray = ray_cluster
+@contextmanager
+def _serve_labeling(ray, serve_http, kind, root: str, renderer: bool):
+    """A labeler asking queries of `kind` on the store `root`, its labeling app (and a clip
+    renderer); yields what the tests use, then removes them."""
     from ray import serve
 
-    from rlhf_ray.labeler import Labeler
-    from rlhf_ray.labeling import app as labeling_app
-    from rlhf_ray.labeling.clips import ClipRenderWorker
-    from rlhf_ray.store import PreferenceStore
+    from rlhf_ray.feedback import app as labeling_app
+    from rlhf_ray.feedback.clips import ClipRenderWorker
+    from rlhf_ray.feedback.labeler import Labeler
+    from rlhf_ray.storage.store import PreferenceStore
 
-    root = str(tmp_path_factory.mktemp("labeling") / "preferences")
     run = uuid.uuid4().hex[:6]
     name = f"rlhf-labeler-test-{run}"
     ns = ray.get_runtime_context().namespace
     labeler = ray.remote(Labeler).options(name=name, num_cpus=0).remote(
-        root, "human", None, 0, 40, 60.0, 120.0, None)
-    renderer = ray.remote(ClipRenderWorker).options(num_cpus=0).remote(
-        name, ns, root, {"id": "Hopper-v5", "kwargs": {}}, 96, 72, 25, 2)
+        root, kind, source="human", seed=0, budget=40, lease_s=60.0, deadline_s=120.0)
+    render = ray.remote(ClipRenderWorker).options(num_cpus=0).remote(
+        name, ns, root, {"id": "Hopper-v5", "kwargs": {}}, 96, 72, 25, 2) if renderer else None
     token = labeling_app.new_token()
     prefix = f"/label-{run}"
     labeling_app.deploy(labeler_name=name, namespace=ns, store_root=root, token=token,
                         app_name=f"label-{run}", route_prefix=prefix)
     host, port = serve_http
     yield {"http": Http(f"http://{host}:{port}{prefix}", token), "labeler": labeler,
-           "store": PreferenceStore(root), "token": token, "renderer": renderer}
+           "store": PreferenceStore(root), "token": token, "renderer": render}
     serve.delete(f"label-{run}")
-    ray.kill(renderer)
-    ray.kill(labeler)
+    for actor in (render, labeler):
+        if actor is not None:
+            ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, serve_http, tmp_path_factory):
+    """Clip pairs, as the control workload asks them."""
+    from rlhf_ray.feedback.queries import ClipPairs
+
+    root = str(tmp_path_factory.mktemp("labeling") / "preferences")
+    with _serve_labeling(ray_cluster, serve_http, ClipPairs(), root, renderer=True) as out:
+        yield out
+
+
+@pytest.fixture(scope="module")
+def text_app(ray_cluster, serve_http, tmp_path_factory):
+    """Text comparisons and rankings, as the LLM workload asks them."""
+    from rlhf_ray.feedback.queries import TextRankings
+
+    root = str(tmp_path_factory.mktemp("text") / "preferences")
+    with _serve_labeling(ray_cluster, serve_http, TextRankings(), root, renderer=False) as out:
+        yield out
 
 
 def wait_next(http: Http, labeler: str, timeout: float = 90.0, **kw):
@@ -71,7 +92,7 @@ def test_clip_query_contract(app):
     ray = pytest.importorskip("ray")
     http, labeler = app["http"], app["labeler"]
     segs = hopper_segments(4, 12)
-    qids = ray.get(labeler.submit.remote(segs.take([0, 1]), segs.take([2, 3]), 5))
+    qids = ray.get(labeler.submit.remote(segs.take([0, 1]), segs.take([2, 3]), rm_version=5))
     status, q = wait_next(http, "ann")
     assert status == 200 and q["kind"] == "clip" and q["query_id"] in qids
     assert q["left"].endswith(".webm") and q["right"].endswith(".webm")
@@ -113,11 +134,12 @@ def test_clip_query_contract(app):
     assert s["answered_by_source"] == {"human:ann": 1, "human:bob": 1}
 
 
-def test_text_and_ranking_contract(app):
+def test_text_and_ranking_contract(text_app):
     import ray
 
+    app = text_app
     http, labeler = app["http"], app["labeler"]
-    ids = ray.get(labeler.submit_texts.remote(
+    ids = ray.get(labeler.submit.remote(
         ["Say hi.", "Count to three."], [["hi", "hello there"], ["1 2 3", "one", "1, 2, 3", "3 2 1"]]))
     status, q = http.request("GET", "/api/next?labeler=cy")
     assert status == 200 and q["kind"] == "text" and q["prompt"] == "Say hi."
@@ -178,7 +200,7 @@ def test_fifty_labelers_at_once_no_5xx_nothing_lost_or_doubled(app):
     benchmarks/labeling_load.py): no 5xx, every acknowledged answer stored exactly once."""
     import ray
 
-    from rlhf_ray.labeling.load import check_store, run_load
+    from rlhf_ray.feedback.load import check_store, run_load
 
     labeler, http = app["labeler"], app["http"]
     segs = hopper_segments(400, 5, seed=3)
@@ -200,7 +222,7 @@ def test_labeling_app_builds_from_a_run_folder(ray_cluster, serve_http, tmp_path
     from ray import serve
 
     from rlhf_ray.config import dump_config, load_config
-    from rlhf_ray.labeling.service import app_builder
+    from rlhf_ray.label import app_builder
 
     run = tmp_path / "served"
     run.mkdir()

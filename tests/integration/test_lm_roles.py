@@ -11,8 +11,9 @@ import uuid
 import numpy as np
 import pytest
 
-from rlhf_ray.config import LMPPOConfig, RewardServeConfig
 from rlhf_ray.llm import tiny
+from rlhf_ray.llm.config import PPOConfig
+from rlhf_ray.runtime.sections import RewardServeConfig
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
     from rlhf_ray.llm.modeling import make_batch
 
     batch = _rollout(tiny_paths, 8)
-    ppo = LMPPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2,
+    ppo = PPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2,
                       micro_batch_tokens=tokens, entropy_coef=0.01).model_dump()
     if tokens:  # the ranks' plans differ in length: DDP must not need equal forward counts
         plans = [micro_batches(np.arange(4), *make_batch(
@@ -65,7 +66,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
                     (batch[k][rows] if isinstance(batch[k], np.ndarray) else batch[k]))
                 for k in ("prompt_ids", "response_ids", "scores", "prompt_len", "response_len")}
 
-    from rlhf_ray.config import LoRAConfig
+    from rlhf_ray.llm.config import LoRAConfig
 
     lora = LoRAConfig(r=lora_r).model_dump()
     one = Learner.remote(0, 1, tiny_paths, tiny_paths, ppo, pad_id=pad, lora=lora,
@@ -96,8 +97,8 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
 @pytest.fixture(scope="module")
 def served_lm(ray_cluster, tiny_paths):
     ray = ray_cluster
-    from rlhf_ray.llm.serve_lm import deploy
-    from rlhf_ray.weights import WeightStore
+    from rlhf_ray.llm.serve import deploy
+    from rlhf_ray.storage.weights import WeightStore
 
     name = f"lmws-{uuid.uuid4().hex[:6]}"
     store = ray.remote(WeightStore).options(name=name, num_cpus=0).remote()
@@ -168,7 +169,7 @@ def test_lm_reward_model_app_from_a_folder(ray_cluster, tiny_paths):
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from rlhf_ray.llm.serve_lm import app_builder
+    from rlhf_ray.llm.serve import app_builder
 
     conf = yaml.safe_load(open("serve/lm_reward_model.yaml"))
     ServeDeploySchema.model_validate(conf)

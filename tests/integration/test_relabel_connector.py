@@ -7,11 +7,15 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.control import envs
-from rlhf_ray.control.rllib_glue import build_ppo_config, make_relabel_connector
-from rlhf_ray.metrics import find_metric
-from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec
-from rlhf_ray.serve_rm import deploy
-from rlhf_ray.weights import WeightStore
+from rlhf_ray.control.metrics import find_metric
+from rlhf_ray.control.reward import RewardEnsemble, RewardNetSpec
+from rlhf_ray.control.rllib import (
+    RelabelTarget,
+    build_ppo_config,
+    make_relabel_connector,
+)
+from rlhf_ray.control.serve import deploy
+from rlhf_ray.storage.weights import WeightStore
 
 
 def reward_spec(cfg) -> RewardNetSpec:
@@ -68,9 +72,9 @@ def one_ppo_iteration(ray, cfg, spec, ens) -> dict:
            serve_cfg=cfg.placement.reward_model)
     envs.register()
     env = envs.probe(cfg.env.model_dump(mode="json"))
-    relabel = make_relabel_connector(app, "RewardModel", env.layout)
+    relabel = make_relabel_connector(RelabelTarget(app, "RewardModel"), env.layout)
     probe = probe_connector()
-    config = build_ppo_config(cfg, env, relabel=(app, "RewardModel"), segments=None)
+    config = build_ppo_config(cfg, env, relabel=RelabelTarget(app, "RewardModel"), segments=None)
     config.learners(learner_connector=lambda o, a: [relabel(o, a), probe(o, a)])
     algo = config.build_algo()
     try:

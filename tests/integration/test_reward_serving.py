@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import RewardServeConfig
-from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec
-from rlhf_ray.serve_rm import deploy
-from rlhf_ray.weights import WeightStore
+from rlhf_ray.control.reward import RewardEnsemble, RewardNetSpec
+from rlhf_ray.control.serve import deploy
+from rlhf_ray.runtime.sections import RewardServeConfig
+from rlhf_ray.storage.weights import WeightStore
 
 SPEC = RewardNetSpec(net="mlp", obs_shape=(5,), act_dim=2, hidden=(16,), ensemble_size=3)
 
@@ -99,8 +99,8 @@ def test_serve_config_validates_and_builds_from_a_checkpoint(served, tmp_path):
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from rlhf_ray.reward_model import save_weights
-    from rlhf_ray.serve_rm import app_builder
+    from rlhf_ray.control.reward import save_weights
+    from rlhf_ray.control.serve import app_builder
 
     conf = yaml.safe_load(open("serve/reward_model.yaml"))
     ServeDeploySchema.model_validate(conf)  # Serve's own schema
@@ -179,7 +179,7 @@ def test_a_deployment_started_without_waiting_reports_its_failure(ray_cluster):
     Serve's own message when the replica cannot start (here: its constructor raises)."""
     from ray import serve
 
-    from rlhf_ray.roles import run_app, wait_running
+    from rlhf_ray.runtime.serving import run_app, wait_running
 
     @serve.deployment(name="Broken")
     class Broken:
@@ -204,9 +204,9 @@ def test_two_replicas_pinned_calls_never_mix_versions_while_weights_swap(ray_clu
 
     from ray import serve
 
-    from rlhf_ray.config import AutoscalingSettings
-    from rlhf_ray.scoring import pinned_version
-    from rlhf_ray.serve_rm import score_chunks
+    from rlhf_ray.control.serve import score_chunks
+    from rlhf_ray.runtime.scoring import pinned_version
+    from rlhf_ray.runtime.sections import AutoscalingSettings
 
     ray = ray_cluster
     name, app = f"ws-{uuid.uuid4().hex[:6]}", f"rm-two-{uuid.uuid4().hex[:6]}"

@@ -13,8 +13,8 @@ def test_a_niced_role_runs_nicer_and_keeps_its_name(ray_cluster):
         def niceness(self) -> int:
             return os.nice(0)
 
-    from rlhf_ray.config import RoleResources
-    from rlhf_ray.roles import kill_all, remote_role
+    from rlhf_ray.runtime.actors import kill_all, remote_role
+    from rlhf_ray.runtime.sections import RoleResources
 
     plain = remote_role(Probe, RoleResources()).remote()
     niced = remote_role(Probe, RoleResources(), nice=3, name="probe-niced").remote()
@@ -35,9 +35,10 @@ def test_the_controller_reads_the_weight_store_while_a_round_trains(ray_cluster)
     import asyncio
 
     ray = ray_cluster
-    from rlhf_ray.feedback import Feedback
-    from rlhf_ray.roles import kill_all
-    from rlhf_ray.weights import Publishes, WeightStore
+    from rlhf_ray.feedback.loop import Feedback
+    from rlhf_ray.feedback.queries import ClipPairs
+    from rlhf_ray.runtime.actors import kill_all
+    from rlhf_ray.storage.weights import Publishes, WeightStore
 
     @ray.remote(num_cpus=0)
     class Gate:
@@ -72,7 +73,7 @@ def test_the_controller_reads_the_weight_store_while_a_round_trains(ray_cluster)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     trainer = ray.remote(GatedTrainer).options(num_cpus=0).remote(gate)
     try:
-        feedback = Feedback(None, None, None, kind="clip")
+        feedback = Feedback(None, None, None, kind=ClipPairs())
         feedback.attach(trainer, store)
         assert feedback.publish() == 0  # version 0 was there: a stale publish is ignored
         ray.get(gate.open.remote())

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import ConfigError, RewardModelConfig, load_config
+from rlhf_ray.config import load_config
+from rlhf_ray.control.config import RewardModelConfig
 from rlhf_ray.control.envs import ATARI_SCORE_AREAS, atari_game, make_env
-from rlhf_ray.reward_model import RewardNetSpec, build_member
+from rlhf_ray.control.reward import RewardNetSpec, build_member
+from rlhf_ray.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 

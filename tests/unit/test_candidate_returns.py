@@ -3,8 +3,8 @@ rule's returns."""
 
 import numpy as np
 
+from rlhf_ray.control.serve import SegmentReturnsCache
 from rlhf_ray.core.segments import SegmentBatch
-from rlhf_ray.serve_rm import SegmentReturnsCache
 
 
 def _batch(ids):

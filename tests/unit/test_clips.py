@@ -1,7 +1,7 @@
 import numpy as np
 
-from rlhf_ray.labeling.clips import ClipRenderer, render_segments
-from rlhf_ray.store import PreferenceStore
+from rlhf_ray.feedback.clips import ClipRenderer, render_segments
+from rlhf_ray.storage.store import PreferenceStore
 
 WEBM = b"\x1a\x45\xdf\xa3"
 

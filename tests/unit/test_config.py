@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from rlhf_ray.config import ConfigError, load_config, preset_names
+from rlhf_ray.config import load_config, preset_names
+from rlhf_ray.errors import ConfigError
 
 
 def test_every_preset_validates():
@@ -58,8 +59,8 @@ def test_cli_unknown_preset_and_presets_listing():
 
 
 def test_reward_model_autoscaling_reaches_serve_and_pages_are_per_run():
-    from rlhf_ray.labeling.service import route_prefix
-    from rlhf_ray.roles import deployment_options
+    from rlhf_ray.feedback.page import route_prefix
+    from rlhf_ray.runtime.serving import deployment_options
 
     cfg = load_config("hopper-smoke")
     assert deployment_options(cfg.placement.reward_model)["num_replicas"] == 1

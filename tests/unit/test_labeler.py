@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from rlhf_ray.core.segments import cut_segments
-from rlhf_ray.labeler import Labeler
-from rlhf_ray.store import PreferenceStore
+from rlhf_ray.feedback.labeler import Labeler
+from rlhf_ray.feedback.queries import ClipPairs, TextRankings
+from rlhf_ray.storage.store import PreferenceStore
 
 
 def pairs(n, seed=0):
@@ -17,7 +18,7 @@ def pairs(n, seed=0):
 
 
 def test_oracle_labels_are_durable_and_drained(tmp_path):
-    lab = Labeler(str(tmp_path), source="oracle", seed=0)
+    lab = Labeler(str(tmp_path), ClipPairs(), source="oracle", seed=0)
     left, right = pairs(6)
     ids = lab.submit(left, right, rm_version=2)
     assert len(ids) == 6 and lab.stats()["labels_total"] == 6
@@ -33,7 +34,7 @@ def test_oracle_labels_are_durable_and_drained(tmp_path):
 
 
 def test_human_answers_are_idempotent_and_conflicts_refused(tmp_path):
-    lab = Labeler(str(tmp_path), source="human", seed=0)
+    lab = Labeler(str(tmp_path), ClipPairs(), source="human", seed=0)
     q = lab.submit(*pairs(2))
     assert lab.stats()["labels_pending"] == 2
     assert lab.answer(q[0], "right", "human:ann") == "stored"
@@ -42,13 +43,13 @@ def test_human_answers_are_idempotent_and_conflicts_refused(tmp_path):
     assert lab.answer("nope", "left", "human:ann") == "unknown"
     assert PreferenceStore(str(tmp_path)).count() == 1
     # a restarted labeler knows every acknowledged answer
-    again = Labeler(str(tmp_path), source="human")
+    again = Labeler(str(tmp_path), ClipPairs(), source="human")
     assert again.stats()["labels_by_source"] == {"human:ann": 1}
     assert again.answer(q[0], "right", "human:ann") == "duplicate"
 
 
 def test_leases_hold_a_query_for_one_labeler_until_expiry(tmp_path):
-    lab = Labeler(str(tmp_path), source="human", seed=0, lease_s=10.0)
+    lab = Labeler(str(tmp_path), ClipPairs(), source="human", seed=0, lease_s=10.0)
     q = lab.submit(*pairs(2))
     assert lab.lease_next("ann", now=0.0) is None  # clips not rendered yet: nothing offered
     assert [qid for qid, _ in lab.to_render(4, now=0.0)] == q
@@ -65,26 +66,26 @@ def test_leases_hold_a_query_for_one_labeler_until_expiry(tmp_path):
 
 
 def test_ranking_is_stored_as_all_pairs_with_one_ranking_id(tmp_path):
-    lab = Labeler(str(tmp_path), source="human", seed=0)
-    qid, cmp_id = lab.submit_texts(["p", "q"], [["a", "b", "c", "d"], ["x", "y"]])
+    lab = Labeler(str(tmp_path), TextRankings(), source="human", seed=0)
+    qid, cmp_id = lab.submit(["p", "q"], [["a", "b", "c", "d"], ["x", "y"]])
     with pytest.raises(ValueError, match="each of the 4"):
-        lab.answer_ranking(qid, [0, 0, 1, 2], "human:ann")
+        lab.answer(qid, [0, 0, 1, 2], "human:ann")
     with pytest.raises(ValueError, match="takes an order"):
         lab.answer(qid, "left", "human:ann")
-    assert lab.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "stored"
-    assert lab.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
-    assert lab.answer_ranking(qid, [0, 1, 2, 3], "human:ann") == "conflict"
+    assert lab.answer(qid, [2, 0, 3, 1], "human:ann") == "stored"
+    assert lab.answer(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
+    assert lab.answer(qid, [0, 1, 2, 3], "human:ann") == "conflict"
     rows = PreferenceStore(str(tmp_path)).labels().to_pylist()
     assert len(rows) == 6 and {r["ranking_id"] for r in rows} == {qid}
-    pairs_ = lab.drain_texts()
+    pairs_ = lab.drain()
     better = {(d["left"], d["right"]): d["mu"] for d in pairs_}
     # c > a > d > b
     assert better[("a", "b")] == 1.0 and better[("a", "c")] == 0.0 and better[("c", "d")] == 1.0
     assert better[("b", "d")] == 0.0 and len(pairs_) == 6
     # reopening restores the ranking (as answered) and the comparison (as pending)
-    again = Labeler(str(tmp_path), source="human")
-    assert again.answer_ranking(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
-    assert again.answer_ranking(qid, [3, 0, 2, 1], "human:ann") == "conflict"
+    again = Labeler(str(tmp_path), TextRankings(), source="human")
+    assert again.answer(qid, [2, 0, 3, 1], "human:ann") == "duplicate"
+    assert again.answer(qid, [3, 0, 2, 1], "human:ann") == "conflict"
     nxt = again.lease_next("bob")
     assert nxt["query_id"] == cmp_id and nxt["kind"] == "text" and nxt["responses"] == ["x", "y"]
     assert again.answer(cmp_id, "right", "human:bob") == "stored"
@@ -92,18 +93,18 @@ def test_ranking_is_stored_as_all_pairs_with_one_ranking_id(tmp_path):
 
 
 def test_pending_clip_queries_survive_a_restart(tmp_path):
-    lab = Labeler(str(tmp_path), source="human", seed=0)
+    lab = Labeler(str(tmp_path), ClipPairs(), source="human", seed=0)
     left, right = pairs(3)
     q = lab.submit(left, right)
     lab.answer(q[1], "left", "human:ann")
-    again = Labeler(str(tmp_path), source="human")
+    again = Labeler(str(tmp_path), ClipPairs(), source="human")
     assert set(again.pending) == {q[0], q[2]}
-    assert np.array_equal(again.pending[q[2]].pair.arrays["obs"][0], left.arrays["obs"][2])
+    assert np.array_equal(again.pending[q[2]].payload.arrays["obs"][0], left.arrays["obs"][2])
     assert again.answer(q[1], "left", "human:ann") == "duplicate"
 
 
 def test_mixed_mode_oracle_answers_only_overdue_queries(tmp_path):
-    lab = Labeler(str(tmp_path), source="mixed", seed=0, deadline_s=30.0)
+    lab = Labeler(str(tmp_path), ClipPairs(), source="mixed", seed=0, deadline_s=30.0)
     q = lab.submit(*pairs(3))
     t = lab.pending[q[0]].created_at
     lab.mark_ready(q)
@@ -112,30 +113,31 @@ def test_mixed_mode_oracle_answers_only_overdue_queries(tmp_path):
     assert lab.expire_overdue(now=t + 31) == 2
     assert lab.answer(q[0], "equal", "human:ann") == "stored"
     assert lab.stats()["labels_by_source"] == {"oracle": 2, "human:ann": 1}
-    assert Labeler(str(tmp_path), source="human").stats()["labels_pending"] == 0
+    assert Labeler(str(tmp_path), ClipPairs(), source="human").stats()["labels_pending"] == 0
 
 
 def test_text_oracle_by_import_path(tmp_path):
     # operator.contains(prompt, response): 1.0 when the response occurs in the prompt
-    lab = Labeler(str(tmp_path), source="oracle", seed=0, text_oracle="operator:contains")
-    lab.submit_texts(["abc", "aa b"], [["a", "x"], ["z", "aa", "b"]])
+    lab = Labeler(str(tmp_path), TextRankings(oracle="operator:contains"), source="oracle", seed=0)
+    lab.submit(["abc", "aa b"], [["a", "x"], ["z", "aa", "b"]])
     rows = PreferenceStore(str(tmp_path)).labels().to_pylist()
     assert [r["label"] for r in rows if not r["ranking_id"]] == ["left"]
     assert sorted(r["label"] for r in rows if r["ranking_id"]) == ["left", "right", "right"]
     with pytest.raises(ValueError, match="module:function"):
-        Labeler(str(tmp_path / "x"), text_oracle="nocolon")
+        Labeler(str(tmp_path / "x"), TextRankings(oracle="nocolon"))
 
 
 def test_reopened_store_gives_back_text_comparisons(tmp_path):
     """The LLM reward model can start from the labels a store already holds (a reopened run,
     or rankings given with `rlhf-ray label`): every pair of every ranking, with its prompt."""
-    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.feedback.labeler import Labeler
 
-    lab = Labeler(str(tmp_path / "prefs"), source="human")
-    q1, q2 = lab.submit_texts(["p1", "p2"], [["a", "b"], ["x", "y", "z"]])
+    lab = Labeler(str(tmp_path / "prefs"), TextRankings(), source="human")
+    q1, q2 = lab.submit(["p1", "p2"], [["a", "b"], ["x", "y", "z"]])
     assert lab.answer(q1, "right", "human:ann") == "stored"
-    assert lab.answer_ranking(q2, [2, 0, 1], "human:ann") == "stored"
-    again = Labeler(str(tmp_path / "prefs"), source="human").stored_text_comparisons()
+    assert lab.answer(q2, [2, 0, 1], "human:ann") == "stored"
+    again = Labeler(str(tmp_path / "prefs"), TextRankings(), source="human").stored()
+    again = next(again)
     pairs = sorted((c["prompt"], c["left"], c["right"], c["mu"]) for c in again)
     assert pairs == [("p1", "a", "b", 0.0), ("p2", "x", "y", 1.0), ("p2", "x", "z", 0.0),
                      ("p2", "y", "z", 0.0)]
@@ -145,14 +147,14 @@ def test_reopened_store_gives_back_text_comparisons(tmp_path):
 def test_a_restarted_labeler_never_reuses_query_ids(tmp_path):
     """Same seed, same store, restarted: new queries get new ids, so reopening the store
     (which deduplicates by id) keeps every label."""
-    from rlhf_ray.labeler import Labeler
+    from rlhf_ray.feedback.labeler import Labeler
 
     root = str(tmp_path / "prefs")
-    a = Labeler(root, source="oracle", seed=3, text_oracle="rlhf_ray.llm.tiny:sentiment_oracle")
-    first = a.submit_texts(["write about the fox :"], [["good fox", "bad", "fox"]])
-    b = Labeler(root, source="oracle", seed=3, text_oracle="rlhf_ray.llm.tiny:sentiment_oracle")
-    second = b.submit_texts(["write about the fox :"], [["good fox", "bad", "fox"]])
+    a = Labeler(root, TextRankings(oracle="rlhf_ray.llm.tiny:sentiment_oracle"), source="oracle", seed=3)
+    first = a.submit(["write about the fox :"], [["good fox", "bad", "fox"]])
+    b = Labeler(root, TextRankings(oracle="rlhf_ray.llm.tiny:sentiment_oracle"), source="oracle", seed=3)
+    second = b.submit(["write about the fox :"], [["good fox", "bad", "fox"]])
     assert set(first).isdisjoint(second)
-    again = Labeler(root, source="oracle", seed=3)
+    again = Labeler(root, TextRankings(), source="oracle", seed=3)
     assert again.stats()["labels_total"] == 2
     assert len(PreferenceStore(root).labels()) == 2 * 3  # two rankings of 3: 3 pairs each

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import LMPPOConfig, LoRAConfig
 from rlhf_ray.llm import tiny
+from rlhf_ray.llm.config import LoRAConfig, PPOConfig
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def test_lora_reference_generation_sync_and_checkpoint(tiny_path, tmp_path, top)
     from rlhf_ray.llm.modeling import load_policy
 
     lora = LoRAConfig(r=4, alpha=8).model_dump()
-    ppo = LMPPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, ppo_epochs=2,
+    ppo = PPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, ppo_epochs=2,
                       lr=5e-2).model_dump()
     gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 6}, seed=0, lora=lora,
                              train_top_layers=top)
@@ -122,28 +122,30 @@ def test_cached_frozen_trunk_gives_the_full_forwards_experience_gradients_and_st
     """With the top block trained, the two frozen blocks run once per iteration and feed every
     PPO epoch (`ppo.cache_frozen_blocks`): experience, gradients and whole PPO steps equal the
     uncached ones. A trunk that does not reproduce the full forward turns the cache off."""
-    from rlhf_ray.llm import learner as learner_mod
+    from rlhf_ray.llm import experience
     from rlhf_ray.llm.learner import PPOLearner
 
     shard, pad = _shard(tiny3_path)
     lora = LoRAConfig(**lora).model_dump() if lora else None
 
     def make(cache: bool) -> PPOLearner:
-        ppo = LMPPOConfig(rollout_batch_size=6, minibatch_size=3, micro_batch_tokens=20,
+        ppo = PPOConfig(rollout_batch_size=6, minibatch_size=3, micro_batch_tokens=20,
                           ppo_epochs=2, cache_frozen_blocks=cache).model_dump()
         return PPOLearner(0, 1, tiny3_path, tiny3_path, ppo, pad_id=pad, lora=lora,
                           train_top_layers=1)
 
     on, off = make(True), make(False)
-    assert on.trunk == {"policy": 2, "critic": 2} and off.trunk == {"policy": 0, "critic": 0}
+    assert on.forward.blocks == {"policy": 2, "critic": 2}
+    assert off.forward.blocks == {"policy": 0, "critic": 0}
     b = on._batch(shard)
     scores = torch.as_tensor(shard["scores"])
     e_on, e_off = on._experience(b, scores, 0.1), off._experience(b, scores, 0.1)
-    assert on.trunk == {"policy": 2, "critic": 2}  # the check passed: still on
-    assert e_on["trunk_policy"].shape[:2] == b.input_ids.shape and e_off["trunk_policy"] is None
+    assert on.forward.blocks == {"policy": 2, "critic": 2}  # the check passed: still on
+    assert e_on.trunk_policy.shape[:2] == b.input_ids.shape and e_off.trunk_policy is None
     mask = b.response_mask.bool()
     for k in ("old_lp", "ref_lp", "values", "adv"):
-        torch.testing.assert_close(e_on[k][mask], e_off[k][mask], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(getattr(e_on, k)[mask], getattr(e_off, k)[mask], atol=1e-5,
+                                   rtol=1e-4)
     g_on, g_off = on.gradients(shard, 0.1), off.gradients(shard, 0.1)
     assert g_on.keys() == g_off.keys() and any(np.abs(g).max() > 0 for g in g_off.values())
     for k, g in g_off.items():
@@ -152,10 +154,11 @@ def test_cached_frozen_trunk_gives_the_full_forwards_experience_gradients_and_st
     for k in ("pg_loss", "vf_loss", "kl_mean"):
         assert s_on[k] == pytest.approx(s_off[k], rel=1e-3, abs=1e-6), k
     # a trunk that is not what the top blocks expect (as a model that rescales inputs_embeds)
-    real = learner_mod.trunk_states
-    monkeypatch.setattr(learner_mod, "trunk_states", lambda *a: 2.0 * real(*a))
+    real = experience.trunk_states
+    monkeypatch.setattr(experience, "trunk_states", lambda *a: 2.0 * real(*a))
     wrong = make(True)
     e_wrong = wrong._experience(b, scores, 0.1)
-    assert wrong.trunk == {"policy": 0, "critic": 0}
+    assert wrong.forward.blocks == {"policy": 0, "critic": 0}
     for k in ("old_lp", "ref_lp", "values"):
-        torch.testing.assert_close(e_wrong[k][mask], e_off[k][mask], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(getattr(e_wrong, k)[mask], getattr(e_off, k)[mask], atol=1e-5,
+                                   rtol=1e-4)

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import load_config
 from rlhf_ray.core.bradley_terry import grouped_preference_loss, ranking_loss
+from rlhf_ray.errors import ConfigError
 from rlhf_ray.llm import tiny
-from rlhf_ray.llm.modeling import (encode_pairs, load_policy, load_tokenizer, make_batch,
-                                   response_logprobs)
+from rlhf_ray.llm.modeling import (
+    encode_pairs,
+    load_policy,
+    load_tokenizer,
+    make_batch,
+    response_logprobs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_trimmed_micro_batches_leave_experience_and_gradients_unchanged(tiny_mod
     """Micro batches sized by a token budget and trimmed to their own padding give the same
     experience (old and reference log-probs, values) and the same minibatch gradient as one
     micro batch holding every row: only memory and time change."""
-    from rlhf_ray.config import LMPPOConfig
+    from rlhf_ray.llm.config import PPOConfig
     from rlhf_ray.llm.generation import HFGenerationWorker
     from rlhf_ray.llm.learner import PPOLearner
 
@@ -100,7 +106,7 @@ def test_trimmed_micro_batches_leave_experience_and_gradients_unchanged(tiny_mod
     runs = {}
     for name, extra in {"one": {"micro_batch_size": 8}, "rows": {"micro_batch_size": 3},
                         "tokens": {"micro_batch_tokens": 24}}.items():
-        ppo = LMPPOConfig(rollout_batch_size=8, minibatch_size=8, **extra).model_dump()
+        ppo = PPOConfig(rollout_batch_size=8, minibatch_size=8, **extra).model_dump()
         lr = PPOLearner(0, 1, tiny_model, tiny_model, ppo, pad_id=0)
         b = lr._batch(shard)
         plan = lr._micro_batches(b, np.arange(8))
@@ -112,7 +118,7 @@ def test_trimmed_micro_batches_leave_experience_and_gradients_unchanged(tiny_mod
         # what lies past a response's end is never read
         mask = make_batch(shard["prompt_ids"], shard["response_ids"], 0).response_mask.bool()
         for k in ("old_lp", "ref_lp", "values", "adv", "returns"):
-            torch.testing.assert_close(runs[name][1][k][mask], runs["one"][1][k][mask],
+            torch.testing.assert_close(getattr(runs[name][1], k)[mask], getattr(runs["one"][1], k)[mask],
                                        atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
         for k, g in runs["one"][2].items():
             np.testing.assert_allclose(runs[name][2][k], g, rtol=1e-4, atol=1e-6, err_msg=k)
@@ -123,7 +129,7 @@ def test_generation_logprobs_are_the_learners_old_logprobs(tiny_model):
     """The sampler's token log-probs (from the logits it sampled with, at its temperature)
     equal the learner's forward pass over the same tokens, so PPO's experience is the same
     with them, one forward pass fewer; also when a batch is generated in several calls."""
-    from rlhf_ray.config import LMPPOConfig
+    from rlhf_ray.llm.config import PPOConfig
     from rlhf_ray.llm.generation import HFGenerationWorker
     from rlhf_ray.llm.learner import PPOLearner
 
@@ -136,7 +142,7 @@ def test_generation_logprobs_are_the_learners_old_logprobs(tiny_model):
     assert out["prompt_ids"] == [w.encode_prompts([q])[0] for q in out["prompts"]]
     assert [len(x) for x in out["logprobs"]] == [len(r) for r in out["response_ids"]]
     assert all(v < 0 for x in out["logprobs"] for v in x)
-    ppo = LMPPOConfig(rollout_batch_size=6, minibatch_size=6, micro_batch_size=4).model_dump()
+    ppo = PPOConfig(rollout_batch_size=6, minibatch_size=6, micro_batch_size=4).model_dump()
     lr = PPOLearner(0, 1, tiny_model, tiny_model, ppo, temperature=0.7,
                     pad_id=w.tok.pad_token_id)
     b = lr._batch(out)
@@ -146,7 +152,7 @@ def test_generation_logprobs_are_the_learners_old_logprobs(tiny_model):
     mask = b.response_mask.bool()
     assert int(mask.sum()) == sum(len(r) for r in out["response_ids"])
     for k in ("old_lp", "kl", "rewards", "adv", "returns"):
-        torch.testing.assert_close(given[k][mask], mine[k][mask], atol=2e-5, rtol=1e-4,
+        torch.testing.assert_close(getattr(given, k)[mask], getattr(mine, k)[mask], atol=2e-5, rtol=1e-4,
                                    msg=lambda m, k=k: f"{k}: {m}")
     assert "logprobs" not in w.generate(["the fox :"], n=1, seed=1)
 
@@ -182,8 +188,8 @@ def test_generation_worker_weight_sync_changes_outputs(tiny_model):
 
 
 def test_reward_trainer_learns_oracle_rankings(tiny_model):
-    from rlhf_ray.config import LMRewardConfig
-    from rlhf_ray.llm.reward import LMRewardTrainer, rankings_to_comparisons
+    from rlhf_ray.llm.config import RewardModelConfig
+    from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 
     rng = np.random.default_rng(0)
     rankings = []
@@ -191,7 +197,7 @@ def test_reward_trainer_learns_oracle_rankings(tiny_model):
         resp = [tiny.demonstration(p, rng) for _ in range(4)]
         resp.sort(key=lambda r: -tiny.sentiment_oracle(p, r))
         rankings.append({"prompt": p, "responses": resp})
-    t = LMRewardTrainer(tiny_model, LMRewardConfig(lr=3e-3, batch_size=16, val_fraction=0.25))
+    t = LMRewardTrainer(tiny_model, RewardModelConfig(lr=3e-3, batch_size=16, val_fraction=0.25))
     t.add(rankings_to_comparisons(rankings))
     before = t.accuracy(val=True)
     stats = t.train(epochs=12)
@@ -203,13 +209,13 @@ def test_soft_labels_count_by_the_side_they_favour(tiny_model):
     """Accuracy with soft labels (the raters' agreement, e.g. mu = 0.9) is the accuracy of
     the side each favours: the same as with hard labels (it once compared pred == mu and
     counted every soft pair wrong)."""
-    from rlhf_ray.config import LMRewardConfig
-    from rlhf_ray.llm.reward import LMRewardTrainer
+    from rlhf_ray.llm.config import RewardModelConfig
+    from rlhf_ray.llm.reward_trainer import LMRewardTrainer
 
     prompts = tiny.prompts(40, seed=5)
     pairs = [{"prompt": p, "left": f"good {p.split()[-2]}", "right": "bad sad", "mu": 1.0,
               "ranking_id": f"r{i}"} for i, p in enumerate(prompts)]
-    t = LMRewardTrainer(tiny_model, LMRewardConfig(val_fraction=0.5))
+    t = LMRewardTrainer(tiny_model, RewardModelConfig(val_fraction=0.5))
     t.add(pairs)
     hard = t.accuracy(val=True)
     t.replace([{**c, "mu": 0.9} if i % 2 else {**c, "left": c["right"], "right": c["left"],
@@ -249,7 +255,7 @@ def test_stage_commands_reject_a_control_config(capsys):
     from rlhf_ray.cli import main
 
     assert main(["ppo", "hopper-smoke"]) == 2
-    assert "language-model stage" in capsys.readouterr().err
+    assert "is a stage of the llm workload" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_format_is_refused_clearly(tmp_path):

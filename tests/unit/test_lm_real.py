@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray import assets
-from rlhf_ray.config import LMDataConfig, load_config
+from rlhf_ray.config import load_config
+from rlhf_ray.llm import assets
+from rlhf_ray.llm.config import DataConfig
 
 pytestmark = pytest.mark.unit
 
@@ -212,7 +213,7 @@ def test_eos_equal_to_pad_is_masked_by_length_not_by_id(smol_tok):
 def reviews():
     from rlhf_ray.llm.reviews import ReviewsTask
 
-    return ReviewsTask(LMDataConfig().reviews)
+    return ReviewsTask(DataConfig().reviews)
 
 
 def test_the_splits_are_disjoint_and_the_reward_model_never_sees_the_judges_snippets(reviews):
@@ -271,7 +272,7 @@ def test_the_judges_are_independent_models_that_agree_with_people(reviews):
     from rlhf_ray.llm.reviews import RaterOracle
     from rlhf_ray.llm.yardstick import MiniLMProbe
 
-    cfg = LMDataConfig().reviews
+    cfg = DataConfig().reviews
     probe, oracle = MiniLMProbe(cfg), RaterOracle(cfg)
     held = reviews.parts["eval"]
     truth = np.array([s.mean > 0 for s in held])

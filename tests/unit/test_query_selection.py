@@ -1,7 +1,11 @@
 import numpy as np
 import pytest
 
-from rlhf_ray.core.query_selection import candidate_pairs, preference_variance, select_queries
+from rlhf_ray.core.query_selection import (
+    candidate_pairs,
+    preference_variance,
+    select_queries,
+)
 
 
 def test_candidate_pairs_are_distinct_and_in_range():

@@ -2,7 +2,8 @@
 
 import json
 
-from rlhf_ray.report import points, report
+from rlhf_ray.control.report import points
+from rlhf_ray.report import report
 
 
 def _rows():

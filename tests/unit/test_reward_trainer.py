@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.config import RewardModelConfig
-from rlhf_ray.reward_model import RewardEnsemble, RewardNetSpec, as_tensors, load_weights, save_weights
+from rlhf_ray.control.config import RewardModelConfig
+from rlhf_ray.control.reward import (
+    RewardEnsemble,
+    RewardNetSpec,
+    as_tensors,
+    load_weights,
+    save_weights,
+)
+from rlhf_ray.control.reward_trainer import RewardTrainer
 from rlhf_ray.core.comparisons import Comparisons
-from rlhf_ray.reward_trainer import RewardTrainer
 
 
 def make_comparisons(n, k=8, rng=None):

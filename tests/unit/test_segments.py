@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from rlhf_ray.core.segments import SegmentBatch, cut_segments, default_segment_length, segment_starts
+from rlhf_ray.core.segments import (
+    SegmentBatch,
+    cut_segments,
+    default_segment_length,
+    segment_starts,
+)
 
 
 def episode(t, obs_dim=3):

@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.run_dir import RunDir
+from rlhf_ray.config import load_config
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.runtime.run_dir import RunDir
 
 CONTROL, LLM = "hopper-smoke", "llm-tiny-smoke"
 
@@ -100,49 +101,53 @@ def test_superseded_metrics_rows_move_aside(tmp_path):
 
 
 def test_placement_plan_pins_each_role_to_its_bundle():
-    from rlhf_ray.roles import placement_plan
+    from rlhf_ray import workloads
+    from rlhf_ray.runtime.placement import placement_plan
 
-    plan = placement_plan(load_config(CONTROL, ["placement.num_env_runners=2"]))
+    def of(cfg):
+        return workloads.of(cfg).placement(cfg)
+
+    plan = placement_plan(of(load_config(CONTROL, ["placement.num_env_runners=2"])))
     # the driver holds the in-driver learner; empty bundles are left out (RLlib places its own)
     assert plan.bundles[0] == {"CPU": 1.0}
     assert plan.roles == {"env_runner": [1, 2], "reward_trainer": [3]}
     assert plan.bundle("reward_trainer") == 3 and plan.bundle("learner") is None
-    plan = placement_plan(load_config(CONTROL, ["placement.num_learners=2",
-                                                "placement.learner.resources={learner: 1}",
-                                                "placement.learner.num_cpus=1"]))
+    plan = placement_plan(of(load_config(CONTROL, ["placement.num_learners=2",
+                                                   "placement.learner.resources={learner: 1}",
+                                                   "placement.learner.num_cpus=1"])))
     assert plan.bundles[0] == {"CPU": 0.25}
     assert [plan.bundles[i] for i in plan.roles["learner"]] == [{"CPU": 1.0, "learner": 1.0}] * 2
-    llm = placement_plan(load_config(LLM, ["placement.num_generation_workers=2",
-                                           "placement.num_learners=2",
-                                           "placement.generation_worker.num_cpus=0",
-                                           "ppo.micro_batch_size=8"]), driver={"CPU": 0.01})
+    llm = placement_plan(of(load_config(LLM, ["placement.num_generation_workers=2",
+                                              "placement.num_learners=2",
+                                              "placement.generation_worker.num_cpus=0",
+                                              "ppo.micro_batch_size=8"])), driver={"CPU": 0.01})
     assert llm.bundles[0] == {"CPU": 0.01}
     assert llm.roles == {"generation": [1, 2], "learner": [3, 4], "reward_trainer": [5]}
     assert llm.bundles[1] == {"CPU": 0.01}  # an actor asking for nothing still gets its own
 
 
 def test_metrics_registry_covers_the_required_keys_and_aliases():
-    from rlhf_ray.metrics import (ALIASES, CONTROL_KEYS, LLM_KEYS, REGISTRY, progress_line,
-                                  with_aliases)
+    from rlhf_ray.control.metrics import CONTROL
+    from rlhf_ray.llm.metrics import LLM
+    from rlhf_ray.runtime.metrics import SHARED
 
-    assert set(CONTROL_KEYS) <= set(REGISTRY["control"])
-    assert set(LLM_KEYS) <= set(REGISTRY["llm"])
-    shared = set(REGISTRY["control"]) & set(REGISTRY["llm"])
-    assert {"kl_coef", "kl_mean", "rm_train_s", "labels_total", "rm_version"} <= shared
-    for workload, aliases in ALIASES.items():
-        assert set(aliases.values()) <= set(REGISTRY[workload])
-        assert not set(aliases) & set(REGISTRY[workload])  # an old name is never a new one
-    row = with_aliases({"iteration": 3, "kl_coef": 0.3, "rm_train_s": 1.5}, "control")
+    for table in (CONTROL, LLM):
+        assert set(table.required) <= set(table.sections)
+        assert set(SHARED) <= set(table.sections)  # what both write means the same in both
+        assert set(table.aliases.values()) <= set(table.sections)
+        assert not set(table.aliases) & set(table.sections)  # an old name is never a new one
+    assert {"kl_coef", "kl_mean", "rm_train_s", "labels_total", "rm_version"} <= set(SHARED)
+    row = CONTROL.with_aliases({"iteration": 3, "kl_coef": 0.3, "rm_train_s": 1.5})
     assert row["kl_coeff"] == 0.3 and row["rm_train_time_s"] == 1.5
-    assert "kl_coeff" not in with_aliases({"kl_coef": 0.3}, "llm")
-    line = progress_line({"iteration": 3, "env_steps": 12000, "true_return_mean": 10.0,
-                          "time_s": 4.2}, "control")
+    assert "kl_coeff" not in LLM.with_aliases({"kl_coef": 0.3})
+    line = CONTROL.progress_line({"iteration": 3, "env_steps": 12000, "true_return_mean": 10.0,
+                                  "time_s": 4.2})
     assert line.startswith("iter    3 | steps    12,000 | true_return     10.0 | pred_return -")
     assert line.endswith("| 4s")
 
 
 def test_round_rules():
-    from rlhf_ray.feedback import Round, by_label_growth, on_new_labels
+    from rlhf_ray.feedback.loop import Round, by_label_growth, on_new_labels
 
     grow = by_label_growth(0.1)
     assert grow(Round(total=110, at_last_round=100, new=True, restarted=False))
@@ -158,9 +163,10 @@ def test_round_rules():
 def test_the_env_is_built_once_for_everything_the_set_up_needs(monkeypatch):
     """Spaces, dt, the info layout and the action bounds come from one probe; the reward
     model's spec and RLlib's config are made from it without building the env again."""
-    from rlhf_ray.control import envs, rllib_glue
+    from rlhf_ray.control import envs
+    from rlhf_ray.control import rllib as rllib_glue
+    from rlhf_ray.control.reward import RewardNetSpec
     from rlhf_ray.core.segments import default_segment_length
-    from rlhf_ray.reward_model import RewardNetSpec
 
     made = []
     real = envs.make_env
@@ -169,7 +175,7 @@ def test_the_env_is_built_once_for_everything_the_set_up_needs(monkeypatch):
     probe = envs.probe(cfg.env.model_dump(mode="json"))
     spec = RewardNetSpec.for_env(cfg.reward_net(), probe.observation_space, probe.action_space,
                                  cfg.reward_model)
-    rllib_glue.build_ppo_config(cfg, probe, relabel=("app", "RewardModel"),
+    rllib_glue.build_ppo_config(cfg, probe, relabel=rllib_glue.RelabelTarget("app", "RewardModel"),
                                 segments={"layout": probe.layout})
     assert len(made) == 1
     assert spec.obs_shape == (11,) and spec.act_dim == 3 and not spec.discrete
@@ -186,7 +192,7 @@ def test_quiet_sends_everything_but_the_runs_own_lines_to_the_log(tmp_path):
     log = tmp_path / "run" / "driver.log"
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
-        from rlhf_ray import console
+        from rlhf_ray.runtime import console
         logging.basicConfig(level=logging.INFO)  # a handler on sys.stderr, made before
         with console.quiet({str(log)!r}):
             os.write(2, b"C++ core line\\n")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rlhf_ray import storage
+from rlhf_ray.storage import locations
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -22,45 +22,45 @@ def where(request, tmp_path):
 
 
 def test_files_folders_and_copies(where, tmp_path):
-    assert not storage.exists(where) and storage.listdir(where) == []
-    storage.write_text(storage.join(where, "a", "x.txt"), "één\n")
-    assert storage.read_text(storage.join(where, "a", "x.txt")) == "één\n"
-    assert storage.is_dir(storage.join(where, "a")) and storage.is_file(storage.join(where, "a", "x.txt"))
-    assert not storage.is_file(storage.join(where, "a"))
+    assert not locations.exists(where) and locations.listdir(where) == []
+    locations.write_text(locations.join(where, "a", "x.txt"), "één\n")
+    assert locations.read_text(locations.join(where, "a", "x.txt")) == "één\n"
+    assert locations.is_dir(locations.join(where, "a")) and locations.is_file(locations.join(where, "a", "x.txt"))
+    assert not locations.is_file(locations.join(where, "a"))
     with pytest.raises(FileNotFoundError):
-        storage.read_text(storage.join(where, "nothing"))
+        locations.read_text(locations.join(where, "nothing"))
     # a role's folder: written locally, uploaded when the block ends
-    with storage.writable_dir(storage.join(where, "ckpt")) as d:
+    with locations.writable_dir(locations.join(where, "ckpt")) as d:
         os.makedirs(os.path.join(d, "policy"))
         with open(os.path.join(d, "policy", "w.bin"), "wb") as f:
             f.write(b"\x00\x01" * 1000)
         with open(os.path.join(d, "controller.json"), "w") as f:
             f.write("{}")
-    assert storage.listdir(storage.join(where, "ckpt")) == ["controller.json", "policy"]
+    assert locations.listdir(locations.join(where, "ckpt")) == ["controller.json", "policy"]
     # ... and read back where it lies (a remote one downloaded once, then the same copy)
-    local = storage.local_dir(storage.join(where, "ckpt", "policy"))
+    local = locations.local_dir(locations.join(where, "ckpt", "policy"))
     assert open(os.path.join(local, "w.bin"), "rb").read() == b"\x00\x01" * 1000
-    assert storage.local_dir(storage.join(where, "ckpt", "policy")) == local
-    assert open(storage.local_file(storage.join(where, "ckpt", "controller.json"))).read() == "{}"
+    assert locations.local_dir(locations.join(where, "ckpt", "policy")) == local
+    assert open(locations.local_file(locations.join(where, "ckpt", "controller.json"))).read() == "{}"
     # a folder written again (a run's `final` after a resume, a bucket made anew under an old
     # name) is read as it is now, never from the earlier copy
     time.sleep(1.1)  # object stores keep modification times to the second
-    with storage.writable_dir(storage.join(where, "ckpt")) as d:
+    with locations.writable_dir(locations.join(where, "ckpt")) as d:
         os.makedirs(os.path.join(d, "policy"), exist_ok=True)
         with open(os.path.join(d, "policy", "w.bin"), "wb") as f:
             f.write(b"\x02" * 10)
         with open(os.path.join(d, "controller.json"), "w") as f:
             f.write('{"v": 2}')
-    again = storage.local_dir(storage.join(where, "ckpt", "policy"))
+    again = locations.local_dir(locations.join(where, "ckpt", "policy"))
     assert open(os.path.join(again, "w.bin"), "rb").read() == b"\x02" * 10
-    assert open(storage.local_file(storage.join(where, "ckpt", "controller.json"))).read() == '{"v": 2}'
+    assert open(locations.local_file(locations.join(where, "ckpt", "controller.json"))).read() == '{"v": 2}'
     # a block that fails uploads nothing
     with pytest.raises(RuntimeError):
-        with storage.writable_dir(storage.join(where, "broken")) as d:
+        with locations.writable_dir(locations.join(where, "broken")) as d:
             open(os.path.join(d, "half"), "w").write("x")
             raise RuntimeError("killed")
-    if storage.is_remote(where):
-        assert not storage.exists(storage.join(where, "broken"))
+    if locations.is_remote(where):
+        assert not locations.exists(locations.join(where, "broken"))
 
 
 def test_a_mirror_pushes_only_what_changed_and_pulls_all_but_the_roles_folders(s3, tmp_path):
@@ -71,15 +71,15 @@ def test_a_mirror_pushes_only_what_changed_and_pulls_all_but_the_roles_folders(s
     (local / "tb" / "events").write_bytes(b"e1")
     (local / "checkpoints").mkdir()
     (local / "checkpoints" / "skip.me").write_text("x")
-    m = storage.Mirror(local, remote, exclude=("checkpoints",))
+    m = locations.Mirror(local, remote, exclude=("checkpoints",))
     assert m.push() == 2 and m.push() == 0
     with open(local / "metrics.jsonl", "a") as f:
         f.write('{"iteration": 2}\n')
     assert m.push() == 1
-    assert storage.read_text(remote + "/metrics.jsonl").count("\n") == 2
-    assert not storage.exists(remote + "/checkpoints")
-    storage.write_text(remote + "/checkpoints/iter_1/controller.json", "{}")
-    other = storage.Mirror(tmp_path / "elsewhere", remote)
+    assert locations.read_text(remote + "/metrics.jsonl").count("\n") == 2
+    assert not locations.exists(remote + "/checkpoints")
+    locations.write_text(remote + "/checkpoints/iter_1/controller.json", "{}")
+    other = locations.Mirror(tmp_path / "elsewhere", remote)
     other.pull(skip=("checkpoints",))
     got = sorted(str(p.relative_to(tmp_path / "elsewhere")) for p in (tmp_path / "elsewhere").rglob("*")
                  if p.is_file())
@@ -87,11 +87,11 @@ def test_a_mirror_pushes_only_what_changed_and_pulls_all_but_the_roles_folders(s
 
 
 def test_a_bucket_that_does_not_exist_is_refused_in_one_line(s3):
-    with pytest.raises(storage.StorageError) as e:
-        storage.check("s3://no-such-bucket/runs/r1")
+    with pytest.raises(locations.StorageError) as e:
+        locations.check("s3://no-such-bucket/runs/r1")
     assert str(e.value) == "run.storage_path=s3://no-such-bucket/runs/r1: bucket 'no-such-bucket' does not exist"
-    storage.check(s3("fine") + "/r1")  # writes and removes a probe
-    storage.check("/tmp/anything")  # local folders are made as needed
+    locations.check(s3("fine") + "/r1")  # writes and removes a probe
+    locations.check("/tmp/anything")  # local folders are made as needed
 
 
 def test_an_endpoint_that_does_not_answer_is_refused_in_one_line(s3, monkeypatch):
@@ -100,16 +100,16 @@ def test_an_endpoint_that_does_not_answer_is_refused_in_one_line(s3, monkeypatch
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    saved = dict(storage._FS)
-    storage._FS.clear()
+    saved = dict(locations._FS)
+    locations._FS.clear()
     try:
-        with pytest.raises(storage.StorageError, match=r"^run.storage_path=s3://down-\d+/r: "
+        with pytest.raises(locations.StorageError, match=r"^run.storage_path=s3://down-\d+/r: "
                                                        r"the endpoint does not answer") as e:
-            storage.check(bucket + "/r")
+            locations.check(bucket + "/r")
         assert "\n" not in str(e.value)
     finally:
-        storage._FS.clear()
-        storage._FS.update(saved)
+        locations._FS.clear()
+        locations._FS.update(saved)
 
 
 def test_refused_credentials_are_named(tmp_path):
@@ -131,9 +131,9 @@ def test_refused_credentials_are_named(tmp_path):
                 break
             except OSError:
                 time.sleep(0.2)
-        code = ("from rlhf_ray import storage\n"
-                "try:\n    storage.check('s3://locked/r')\n"
-                "except storage.StorageError as e:\n    print(e)\n")
+        code = ("from rlhf_ray.storage import locations\n"
+                "try:\n    locations.check('s3://locked/r')\n"
+                "except locations.StorageError as e:\n    print(e)\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=60, env=dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
                                                   AWS_ACCESS_KEY_ID="unknown",

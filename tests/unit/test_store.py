@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from rlhf_ray.core.segments import cut_segments
-from rlhf_ray.store import Label, PreferenceStore, StoreError
+from rlhf_ray.errors import StoreError
+from rlhf_ray.storage.store import Label, PreferenceStore
 
 
 def segs(n=4, k=5, seed=0):
@@ -132,7 +133,7 @@ def _snapshot(store, *id_groups):
 
 def test_compact_merges_parts_and_keeps_every_row(tmp_path, capsys):
     from rlhf_ray.cli import main
-    from rlhf_ray.store import QueryRecord
+    from rlhf_ray.storage.store import QueryRecord
 
     run = tmp_path / "run"
     store = PreferenceStore(str(run / "preferences"))

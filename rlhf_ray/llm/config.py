@@ -1,0 +1,285 @@
+"""The LLM workload's config: InstructGPT's SFT -> reward model from rankings -> PPO with a
+KL penalty, on causal language models. One typed tree, validated once; errors name the
+field, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_ray.runtime.placement import Placement
+from rlhf_ray.runtime.sections import (
+    LabelerSection,
+    PlacementSection,
+    RoleResources,
+    RunSection,
+    Strict,
+)
+
+
+class TinyModelConfig(Strict):
+    """The locally built Llama-architecture model (`model.policy: tiny`)."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+
+
+class LoRAConfig(Strict):
+    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy and the critic; the
+    reference is then the policy with its adapters off, not a second copy."""
+
+    r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"])
+
+
+class ModelConfig(Strict):
+    policy: str = Field(
+        "tiny", description="Hugging Face causal LM name or local path the SFT stage starts "
+        "from; `tiny` builds a small Llama and a word-level tokenizer here (no hub needed)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    sft_path: str | None = Field(
+        None, description="an SFT model folder: `rm`/`ppo`/`train` start from it and skip SFT")
+    reward_path: str | None = Field(
+        None, description="a reward-model folder: `ppo`/`train` use it and skip the initial fit")
+    critic_init: Literal["reward_model", "policy"] = Field(
+        "reward_model", description="the critic's starting weights (InstructGPT: the RM)")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="auto: bfloat16 where the device supports it, else float32")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the learners' backward (less memory)")
+    train_top_layers: int | None = Field(
+        None, ge=1, description="train only the top N transformer blocks (and the heads) of "
+        "every model (SFT, reward model, policy, critic; LoRA goes on those blocks): the "
+        "backward pass stops below them. null: all")
+
+
+class ReviewsSplit(Strict):
+    """Snippets per disjoint part (by id); `sft` takes the rest."""
+
+    yardstick: int = Field(3000, ge=10)
+    oracle: int = Field(1500, ge=10)
+    reward_model: int = Field(3000, ge=10)
+    eval: int = Field(300, ge=1)
+    ppo: int = Field(1000, ge=1)
+
+
+class ReviewsConfig(Strict):
+    """The `reviews` task (see rlhf_ray.llm.reviews)."""
+
+    ratings_path: str = Field(
+        "rt-ratings", description="an asset name, a folder with snippets.tsv (id, sentiment, "
+        "text) and raters.tsv, or a snippets file alone")
+    split_seed: int = Field(0, description="the split by snippet id; the same for every run seed")
+    split: ReviewsSplit = Field(default_factory=ReviewsSplit)
+    prompt_words: int = Field(4, ge=1, description="words of a snippet that make its prompt")
+    min_margin: float = Field(1.5, gt=0, description="mean-rating gap of a kept comparison")
+    num_pairs: int = Field(2000, ge=1, description="comparisons for the reward model")
+    soft_labels: bool = Field(
+        True, description="label each pair with the raters' preference probability, not 1")
+
+
+class DataConfig(Strict):
+    task: Literal["sentiment", "reviews"] | None = Field(
+        "sentiment", description="sentiment: generated (rlhf_ray.llm.tiny); reviews: real "
+        "human ratings (rlhf_ray.llm.reviews); null: use the paths")
+    reviews: ReviewsConfig = Field(default_factory=ReviewsConfig)
+    instruction: str = Field(
+        "", description="what the policy is asked to do: the chat template's user message, "
+        "and the task text the labeling page shows")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="wrap prompts in the tokenizer's chat template (auto: where it "
+        "has one); the prompt text then starts the assistant's turn")
+    num_prompts: int = Field(512, ge=1, description="generated prompts (task only)")
+    num_sft_examples: int = Field(2048, ge=1, description="demonstrations of a task (generated, "
+                                  "or the first of the reviews task's sft split)")
+    prompts_path: str | None = Field(None, description="Parquet/JSONL with a `prompt` column")
+    sft_path: str | None = Field(None, description="Parquet/JSONL: `prompt`, `response`")
+    preferences_path: str | None = Field(
+        None, description="Parquet/JSONL: `prompt`, `chosen`, `rejected` (as hh-rlhf), or "
+        "`prompt`, `responses` (K, best first) for rankings")
+    max_prompt_tokens: int = Field(64, ge=1)
+
+
+class GenerationConfig(Strict):
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate (CPU or GPU); vllm: a vLLM engine (GPU)")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: no top-k filtering")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_batch_size: int | None = Field(
+        64, ge=1, description="hf backend: sequences (prompts x samples) per generate call; "
+        "bounds the KV cache and per-step logits (null: all at once). vLLM batches itself")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+
+
+class SFTConfig(Strict):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class RewardModelConfig(Strict):
+    """An LM backbone with a scalar head, trained on rankings with InstructGPT's loss."""
+
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="rankings (prompts) per gradient step")
+    initial_epochs: int = Field(8, ge=1, description="passes over the initial labels")
+    steps_per_round: int = Field(20, ge=0, description="gradient steps per online round")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="rankings held out for accuracy")
+    val_max: int = Field(64, ge=1, description="held-out rankings scored after each round "
+                         "(the first ones held out: a fixed set)")
+
+
+class KLConfig(Strict):
+    estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
+    controller: Literal["fixed", "adaptive"] = "adaptive"
+    init_coef: float = Field(0.1, ge=0, description="beta at the start")
+    target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
+    horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
+    min_coef: float = Field(0.0, ge=0, description="adaptive: beta never falls below this "
+                            "(stops the windup while the policy has not reached the target yet)")
+
+
+class PPOConfig(Strict):
+    rollout_batch_size: int = Field(64, ge=1, description="prompts (responses) per iteration")
+    minibatch_size: int = Field(16, ge=1, description="responses per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="responses per forward (grad accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="size micro batches by tokens instead (verl's dynamic batch "
+        "size): rows longest first, each micro batch at most this many tokens padded to its own "
+        "longest prompt + response; memory follows tokens. null: micro_batch_size rows")
+    ppo_epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    critic_lr: float = Field(1e-3, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float | None = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    normalize_reward: bool = Field(
+        True, description="standardize RM scores by their mean and std on SFT samples, "
+        "measured once before PPO starts")
+    reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    old_logprobs: Literal["generation", "learner"] = Field(
+        "generation", description="PPO's old log-probs: generation: the sampler's own, from "
+        "the logits it sampled with (TRL's way; one forward pass fewer; the hf backend: vLLM's "
+        "kernels differ, so there the learner recomputes them); learner: a forward pass of the "
+        "learner (verl's and OpenRLHF's way)")
+    cache_frozen_blocks: bool = Field(
+        True, description="with model.train_top_layers: run the frozen blocks below the "
+        "trained ones once per iteration (in the experience pass) and feed their output to the "
+        "top blocks in every PPO epoch, instead of recomputing it in each (checked against the "
+        "full forward once per learner; off by itself where a model family differs)")
+    async_generation: bool = Field(
+        False, description="generate the next batch while the learner steps on this one: "
+        "one step off-policy (verl's and OpenRLHF's async modes); the lag is `policy_lag`")
+
+
+class EvalConfig(Strict):
+    """The yardstick: an independent judge of the policy, never its training signal."""
+
+    yardstick: str | None = Field(
+        None, description="`module:function` (see rlhf_ray.llm.yardstick); null: the "
+        "labeler's oracle")
+    every: int = Field(5, ge=0, description="iterations between held-out evaluations; 0: "
+                       "only before and after PPO")
+    num_prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
+
+
+class LabelsConfig(Strict):
+    initial: int = Field(128, ge=1, description="rankings of SFT samples before PPO starts")
+    per_iteration: int = Field(4, ge=0, description="rankings of policy samples each iteration")
+    budget: int = Field(512, ge=1, description="total rankings over the run")
+    responses_per_query: int = Field(4, ge=2, le=9, description="K: 2 = pairs, >2 = rankings")
+
+
+class LabelerConfig(LabelerSection):
+    """The LLM workload's labeler: people rank responses, or a text oracle does."""
+
+    oracle: str = Field(
+        "rlhf_ray.llm.tiny:sentiment_oracle",
+        description="`module:function` scoring (prompt, response) -> float")
+    instruction: str = Field(
+        "Rank the responses from best to worst.",
+        description="what the labeling page asks people to judge")
+
+
+class PlacementConfig(PlacementSection):
+    """The LLM workload: generation workers and the DDP learner group."""
+
+    num_generation_workers: int = Field(1, ge=1)
+    generation_worker: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    num_learners: int = Field(1, ge=1, description="torch.distributed ranks (DDP)")
+    learner: RoleResources = Field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU")
+    group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
+        None, description="one placement group for generation workers, learner ranks and the "
+        "reward trainer, each actor in its own bundle; STRICT_PACK keeps them on one node")
+    group_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the group")
+
+    def roles(self) -> Placement:
+        """Generation workers, learner ranks and the reward trainer, every one pinned to a
+        bundle of its own."""
+        actors = ([("generation", self.generation_worker)] * self.num_generation_workers
+                  + [("learner", self.learner)] * self.num_learners
+                  + [("reward_trainer", self.reward_trainer)])
+        return Placement({"CPU": 0.25}, actors, pin_empty=True)
+
+
+class RunConfig(RunSection):
+    iterations: int = Field(30, ge=1, description="PPO iterations")
+
+
+class LLMConfig(Strict):
+    """InstructGPT's three steps: SFT -> reward model from rankings -> PPO with a KL penalty."""
+
+    name: str = "custom"
+    description: str = ""
+    workload: Literal["llm"] = "llm"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "LLMConfig":
+        p, n = self.ppo, self.placement.num_learners
+        if p.rollout_batch_size % p.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide "
+                             f"ppo.rollout_batch_size={p.rollout_batch_size}")
+        if p.minibatch_size % n:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must split evenly over "
+                             f"placement.num_learners={n}")
+        if (p.minibatch_size // n) % p.micro_batch_size:
+            raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size}: must divide the "
+                             f"per-learner minibatch ({p.minibatch_size // n} = "
+                             f"ppo.minibatch_size / placement.num_learners)")
+        if self.data.task is None and self.data.prompts_path is None:
+            raise ValueError("data.prompts_path: required when data.task is null")
+        if self.labels.initial > self.labels.budget:
+            raise ValueError(f"labels.initial={self.labels.initial}: exceeds "
+                             f"labels.budget={self.labels.budget}")
+        return self
+
+

@@ -1,0 +1,88 @@
+"""The yardstick on held-out prompts: an independent judge (`eval.yardstick`, else the
+labeler's oracle), never trained on and never the training signal, with the reward model's
+score beside it. The SFT model is judged once before PPO (its samples also calibrate the
+reward normalization); the policy every `eval.every` iterations and at the end, with Gao et
+al. 2022's warning when the reward model's score keeps rising while the yardstick's does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_ray.llm.config import LLMConfig
+from rlhf_ray.llm.data import load_prompts
+from rlhf_ray.llm.yardstick import disagreement, load_yardstick
+from rlhf_ray.runtime import console
+from rlhf_ray.runtime.actors import retry_call
+from rlhf_ray.runtime.metrics import clean
+
+
+class HeldOut:
+    def __init__(self, cfg: LLMConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.prompts = load_prompts(cfg, split="eval")[:cfg.eval.num_prompts]
+        self.judge = None  # loaded on first use
+        self.sft: dict = {}  # the SFT model's evaluation (means)
+        self.evals: list[dict] = []  # every evaluation of the policy so far (means)
+
+    def yardstick(self):
+        if self.judge is None:
+            self.judge = load_yardstick(self.cfg)
+        return self.judge
+
+    def evaluate(self, generation, rm_handle) -> tuple[dict, np.ndarray, list[dict]]:
+        """The policy on the held-out prompts: the yardstick's means (`eval_<key>_mean`) and
+        the reward model's, its raw scores, and the samples with their scores."""
+        out = generation.generate(self.prompts)
+        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
+        judged = self.yardstick().score(out["prompts"], out["texts"])
+        ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
+        ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
+        samples = [{"prompt": p, "response": r, "rm_score": float(q),
+                    **{k: float(v[i]) for k, v in judged.items()}}
+                   for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
+                                                     res["scores"]))]
+        return ev, np.asarray(list(res["scores"]), dtype=np.float64), samples
+
+    def judge_sft(self, generation, rm_handle) -> np.ndarray:
+        """The SFT model's evaluation (kept for every later row); returns the reward model's
+        raw scores of its samples (the reward normalization's)."""
+        ev, raw, samples = self.evaluate(generation, rm_handle)
+        self.sft = ev
+        self.write_samples("sft", samples)
+        return raw
+
+    def row(self, iteration: int, final: bool, generation, rm_handle) -> dict:
+        """A held-out evaluation's row entries, the SFT model's beside them, and whether the
+        reward model and the yardstick part ways."""
+        ev, _, samples = self.evaluate(generation, rm_handle)
+        self.evals.append({"iteration": iteration, **ev})
+        if final:
+            self.write_samples("final", samples)
+        row = {k: clean(v) for k, v in ev.items()}
+        row.update({f"sft_{k}": clean(v) for k, v in self.sft.items()})
+        gap = disagreement([e["eval_rm_score_mean"] for e in self.evals],
+                           [e["eval_score_mean"] for e in self.evals])
+        row["rm_judge_diverging"] = gap is not None
+        if gap is not None:
+            console.note(f"warning: iteration {iteration}: the reward model's held-out score "
+                         f"keeps rising ({gap['rm_slope']:+.2f}/eval) while the yardstick's does "
+                         f"not ({gap['yardstick_slope']:+.2f}/eval): the policy may be exploiting "
+                         "the reward model (Gao et al. 2022)")
+        return row
+
+    def write_samples(self, tag: str, samples: list[dict]) -> None:
+        """The held-out samples of one evaluation (`samples_<tag>.jsonl`; the report's table)."""
+        with open(self.run_dir / f"samples_{tag}.jsonl", "w", encoding="utf-8") as f:
+            for row in samples:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def state(self) -> dict:
+        return {"sft_eval": self.sft, "evals": self.evals}
+
+    def restore(self, state: dict, iteration: int) -> None:
+        self.sft = dict(state.get("sft_eval") or {})
+        self.evals = [e for e in state.get("evals") or [] if e["iteration"] <= iteration]
