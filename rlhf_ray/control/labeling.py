@@ -16,16 +16,17 @@ def query_kind(cfg: ControlConfig) -> ClipPairs:
     return ClipPairs(oracle=cfg.labeler.oracle.model_dump())
 
 
-def clip_renderers(cfg: ControlConfig, names: RoleNames, namespace: str, store_root: str,
+def clip_renderers(cfg: ControlConfig, names: RoleNames, labeler_ns: str, store_root: str,
                    nice: int | None = None, **actor_opts) -> list:
     """`labeler.clip_renderers` actors keeping the labeler's clips rendered ahead of the
-    page; `nice`: their niceness (default `placement.batch_nice`); `actor_opts`: more Ray
-    actor options (namespace, lifetime, get_if_exists for the served app's detached ones)."""
+    page (`labeler_ns`: the labeler's namespace); `nice`: their niceness (default
+    `placement.batch_nice`); `actor_opts`: more Ray actor options (their own namespace,
+    lifetime, get_if_exists for the served app's detached ones)."""
     lab = cfg.labeler
     nice = cfg.placement.batch_nice if nice is None else nice
     return [remote_role(ClipRenderWorker, cfg.placement.clip_renderer, nice=nice,
                         name=names.renderer(i), runtime_env={"env_vars": {"MUJOCO_GL": "egl"}},
                         **actor_opts).remote(
-        names.labeler, namespace, store_root, cfg.env.model_dump(mode="json"), lab.clips.width,
+        names.labeler, labeler_ns, store_root, cfg.env.model_dump(mode="json"), lab.clips.width,
         lab.clips.height, lab.clips.fps, lab.clips.frame_skip, lab.clips.shadows)
         for i in range(lab.clip_renderers)]

@@ -7,7 +7,7 @@ are that member's validation set. The loss is the Bradley-Terry cross-entropy wi
 random-response model; the L2 coefficient of each member adapts to keep its validation loss
 within [1.1, 1.5] x its training loss. After each round every member's output is re-normalized.
 
-`RewardTrainer` is a plain class; the wiring (`rlhf_ray.roles`) makes it an actor so
+`RewardTrainer` is a plain class; the wiring (`runtime.actors.remote_role`) makes it an actor so
 reward-model training overlaps rollouts as in the paper, and publishes its weights.
 """
 

@@ -90,7 +90,7 @@ def deploy(model_path: str, *, app_name: str, weight_store: str, namespace: str,
            route_prefix: str | None = None, wait: bool = True):
     """Start the LM reward-model application; resources and batching come from the config.
     `wait=False` returns at once (the replica starts while the caller starts other roles);
-    `roles.wait_running(app_name)` then waits for it."""
+    `runtime.serving.wait_running(app_name)` then waits for it."""
     return _deploy(LMRewardServer, DEPLOYMENT_NAME,
                    (model_path, weight_store, namespace, serve_cfg.max_batch_size,
                     serve_cfg.batch_wait_timeout_s, torch_threads, max_prompt_tokens,

@@ -1,4 +1,4 @@
-"""What both reward-model Serve deployments share (`serve_rm` for segments, `llm.serve_lm`
+"""What both reward-model Serve deployments share (`control.serve` for segments, `llm.serve`
 for text): concurrent requests merged by `@serve.batch` into one forward pass; before each
 batch one cheap call asks the weight store for a newer version, which is swapped in place (no
 replica restart); every response carries the version that produced it; `info()` for tests

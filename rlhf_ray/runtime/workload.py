@@ -49,7 +49,7 @@ class Workload:
     trial_settings: Callable[[Any], dict]  # the settings a PBT exploit may have mutated
     check: Callable[[Any], None] = lambda cfg: None  # checks beyond the schema
     # actors the labeling page needs beside the labeler (clip renderers):
-    # (cfg, names, namespace, store_root, nice, **actor options) -> actors
+    # (cfg, names, the labeler's namespace, store_root, nice, **actor options) -> actors
     page_helpers: Callable[..., list] | None = None
     stages: tuple[str, ...] = ()  # stages that also run alone (`rlhf-ray sft | rm | ppo`)
     shared_stages: Callable[[Any], SharedStages | None] = lambda cfg: None

@@ -175,7 +175,7 @@ def test_overload_is_refused_with_503_not_queued_without_bound(ray_cluster, serv
 
 
 def test_a_deployment_started_without_waiting_reports_its_failure(ray_cluster):
-    """`roles.run_app(..., wait=False)` returns at once; `roles.wait_running` then raises with
+    """`serving.run_app(..., wait=False)` returns at once; `serving.wait_running` then raises with
     Serve's own message when the replica cannot start (here: its constructor raises)."""
     from ray import serve
 

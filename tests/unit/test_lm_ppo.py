@@ -227,3 +227,44 @@ def test_micro_batches_by_rows_and_by_tokens():
     assert len(micro_batches(idx, p_len, r_len, 5, max_tokens=10**6)) == 1
     long = micro_batches(np.arange(3), np.array([50, 50, 50]), np.array([20, 20, 20]), 5, 60)
     assert [len(m) for m in long] == [1, 1, 1]
+
+
+def test_whitening_over_ranks_is_whitening_of_the_whole_batch():
+    """The learner's whitening (global moments through an allreduce of a few floats): two
+    ranks with half the batch each give exactly what one rank with all of it gives."""
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    m = (torch.rand(6, 5) > 0.3).to(torch.float64)
+    whole = masked_whiten(x, m)
+    barrier, sums, lock = threading.Barrier(2), {}, threading.Lock()
+
+    def allreduce(rank: int):
+        calls = iter(range(100))
+
+        def reduce(*xs: float) -> list[float]:  # sum over both ranks, as dist.all_reduce
+            key = next(calls)
+            with lock:
+                acc = sums.setdefault(key, [0.0] * len(xs))
+                sums[key] = [a + b for a, b in zip(acc, xs)]
+            barrier.wait(timeout=10)
+            out = list(sums[key])
+            barrier.wait(timeout=10)
+            return out
+        return reduce
+
+    halves = {}
+
+    def rank(r: int) -> None:
+        rows = slice(0, 3) if r == 0 else slice(3, 6)
+        halves[r] = masked_whiten(x[rows], m[rows], allreduce=allreduce(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    torch.testing.assert_close(torch.cat([halves[0], halves[1]]), whole, rtol=0, atol=1e-12)
+    alone = masked_whiten(x[:3], m[:3])  # a rank whitening its shard alone would differ
+    assert (alone - whole[:3]).abs().max() > 1e-3

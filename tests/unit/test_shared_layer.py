@@ -218,3 +218,37 @@ def test_quiet_sends_everything_but_the_runs_own_lines_to_the_log(tmp_path):
     for line in ("C++ core line", "raw stdout line", "python logging line", "a deprecation line",
                  "a print", "RuntimeError: boom", "Traceback"):
         assert line in text, line
+
+
+def test_an_unregistered_metric_fails_the_write_under_strict_metrics(tmp_path, monkeypatch):
+    import pytest
+
+    from rlhf_ray.control.metrics import CONTROL
+    from rlhf_ray.runtime.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, CONTROL)
+    try:
+        monkeypatch.setenv("RLHF_RAY_STRICT_METRICS", "1")
+        with pytest.raises(ValueError, match="made_up_s: not registered"):
+            w.write({"iteration": 1, "made_up_s": 1.0})
+        w.write({"iteration": 1, "env_steps": 10, "kl_coeff": 0.2})  # an alias is known
+        monkeypatch.setenv("RLHF_RAY_STRICT_METRICS", "0")  # a user's run: filed under other/
+        w.write({"iteration": 2, "made_up_s": 1.0})
+    finally:
+        w.close()
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and "made_up_s" in rows[1]
+
+
+def test_phase_timer_names_each_phase():
+    import time
+
+    from rlhf_ray.runtime.metrics import PhaseTimer
+
+    t = PhaseTimer()
+    time.sleep(0.01)
+    t.mark("generate")
+    t.mark("score")
+    s = t.seconds()
+    assert list(s) == ["generate_s", "score_s"] and s["generate_s"] >= 0.01
+    assert t.total_s >= s["generate_s"] + s["score_s"] - 1e-3
