@@ -9,7 +9,9 @@ time to the first iteration's row, and how far the metrics rows the two versions
 differ (`max_rel_diff` over every numeric key both have), beside how far two runs of the
 baseline itself differ: the control loop is deterministic for a seed at smoke size, the LLM
 loop's reward refits are asynchronous, so its later rows differ from run to run anyway.
-Ratios are new / baseline, measured in one run. `--out` adds to an existing record.
+Ratios are new / baseline, measured in one run. `--out` adds to an existing record, which
+carries both code versions (git commits; the working tree's changes as a diff hash), the
+machine, and its load (1-minute load average) at the start of every run.
 
     python benchmarks/before_after.py --baseline 010dd15 --presets hopper-smoke llm-tiny-smoke \
         --rounds 3 --out docs/results/before_after_issue15.json
@@ -18,8 +20,10 @@ Ratios are new / baseline, measured in one run. `--out` adds to an existing reco
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -34,9 +38,25 @@ TIMING = {"time_s", "iteration_s", "generate_s", "score_s", "learner_s", "sync_s
           "rm_train_s", "rm_train_time_s"}
 
 
+def code_version(src: Path) -> str:
+    """The commit a source tree is at, with a hash of its uncommitted changes if any."""
+    git = ["git", "-C", str(src)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    diff = subprocess.run([*git, "diff", "HEAD"], capture_output=True).stdout
+    return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version()}
+
+
 def run_once(src: Path, preset: str, run_dir: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), MUJOCO_GL="egl")
     env.pop("RAY_ADDRESS", None)
+    load = round(os.getloadavg()[0], 2)  # what else the machine was doing as this run began
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", preset, "--run-dir",
                              str(run_dir), "--quiet"], cwd=src, env=env,
@@ -52,7 +72,7 @@ def run_once(src: Path, preset: str, run_dir: Path) -> dict:
         raise RuntimeError(f"{src} {preset}: exit {proc.returncode}\n{out[-3000:]}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     return {"wall_s": round(time.time() - t0, 2), "first_row_s": round(first or 0, 2),
-            "rows": rows}
+            "load_1min": load, "rows": rows}
 
 
 def max_rel_diff(a: list[dict], b: list[dict], upto: int | None = None) -> float:
@@ -77,7 +97,9 @@ def main() -> None:
     base = tmp / "baseline"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base),
                     args.baseline], check=True, capture_output=True)
-    record = {"baseline": args.baseline, "new": "working tree", "rounds": args.rounds,
+    record = {"baseline": args.baseline, "baseline_version": code_version(base),
+              "new": "working tree", "new_version": code_version(REPO), "rounds": args.rounds,
+              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "presets": {}}
     try:
         for preset in args.presets:
@@ -103,7 +125,8 @@ def main() -> None:
                      "max_rel_diff_all_rows": same_seed, "max_rel_diff_first_3_rows": early,
                      "baseline_vs_baseline_all_rows": noise,
                      "walls": {s: [x["wall_s"] for x in rs] for s, rs in runs.items()},
-                     "first_rows": {s: [x["first_row_s"] for x in rs] for s, rs in runs.items()}}
+                     "first_rows": {s: [x["first_row_s"] for x in rs] for s, rs in runs.items()},
+                     "load_1min": {s: [x["load_1min"] for x in rs] for s, rs in runs.items()}}
             record["presets"][preset] = entry
             print(f"{preset}: wall new/baseline {entry['wall_ratio']}, first row "
                   f"{entry['first_row_ratio']}; metrics max rel diff (all rows) "
