@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from rlhf_ray.runtime.metrics import MetricsTable
 from rlhf_ray.runtime.placement import Placement
-
-if TYPE_CHECKING:  # type names only: the query kinds live in the feedback layer above
-    from rlhf_ray.feedback.queries import QueryKind
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,7 @@ class Workload:
     controller_path: str
     describe: Callable[[Any], str]  # one word or two for `rlhf-ray presets` (env id, model)
     placement: Callable[[Any], Placement]  # the run's roles -> resources
-    query_kind: Callable[[Any], "QueryKind"]  # what its labeler asks people or the oracle
+    query_kind: Callable[[Any], Any]  # a feedback.queries.QueryKind: what its labeler asks
     metrics: MetricsTable
     report: Callable[..., str]  # (run folder, rows, output) -> the report's PNG
     default_metric: str  # what a sweep optimizes unless told

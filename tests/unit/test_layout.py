@@ -170,3 +170,23 @@ def test_the_rayservice_runs_the_serve_configs_applications():
         assert set(app.get("args", {})) == set(local.get("args", {})), name
         module, _, attr = app["import_path"].partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), app["import_path"]
+
+
+# the layers, bottom up: a module imports only from its own layer or those below it
+LAYERS = [("rlhf_ray.core", "rlhf_ray.errors"), ("rlhf_ray.storage",), ("rlhf_ray.runtime",),
+          ("rlhf_ray.feedback",), tuple(f"rlhf_ray.{w}" for w in WORKLOAD_PACKAGES)]
+
+
+def _layer(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return len(LAYERS)  # the front door: cli, config, train, workloads, label, report, sweep
+
+
+def test_imports_point_down_the_layers():
+    """core < storage < runtime < feedback < the workloads < the front door
+    (docs/architecture.md's picture)."""
+    up = [f"{m} -> {dep}" for m, p in MODULES.items() for dep, _, _ in _imports(p)
+          if _layer(dep) > _layer(m)]
+    assert not up, up
