@@ -31,19 +31,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _stage(args: argparse.Namespace, stages: str) -> int:
-    """A stage that runs alone (the LLM's sft | rm | ppo), of a workload that has it."""
-    from rlhf_ray import workloads
+    """A stage that runs alone (the LLM's sft | rm | ppo); `train` refuses a config whose
+    workload has no such stage before anything starts."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.errors import ConfigError
 
-    cfg = load_config(args.config, args.overrides)
-    workload = workloads.of(cfg)
-    if stages not in workload.stages:
-        owners = " or ".join(w.name for w in workloads.WORKLOADS.values() if stages in w.stages)
-        raise ConfigError(f"{args.config}: `rlhf-ray {args.command}` is a stage of the {owners} "
-                          f"workload; this config is the {workload.name} workload (use "
-                          "`rlhf-ray train`)")
-    return _run(args, cfg, stages)
+    return _run(args, load_config(args.config, args.overrides), stages)
 
 
 def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:

@@ -26,11 +26,10 @@ def prepare(cfg, run_dir: str | Path | None = None, *, resume: bool = False,
     no checkpoint, another format or workload, a complete run -- is a ConfigError."""
     workload = workloads.of(cfg)
     if stages != "all" and stages not in workload.stages:
-        others = [w.name for w in workloads.WORKLOADS.values() if stages in w.stages]
-        raise ConfigError(f"stages={stages!r}: a stage of the {' or '.join(others) or 'no'} "
-                          f"workload; this config is the {workload.name} workload"
-                          + (f" (its stages: {', '.join(workload.stages)})"
-                             if workload.stages else ""))
+        owners = [w.name for w in workloads.WORKLOADS.values() if stages in w.stages]
+        raise ConfigError(f"`{stages}` is a stage of the {' or '.join(owners) or 'no'} workload; "
+                          f"this config is the {workload.name} workload (run it whole: "
+                          "`rlhf-ray train`)")
     cls = workload.controller()
     folder = RunDir(cfg, run_dir)
     folder.check()  # a bucket that is missing, credentials, an endpoint: before any role

@@ -19,6 +19,7 @@ The run folder, Ray, metrics rows, resuming and the labeler are the shared layer
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ class ControlController(RunController):
 
         layout = self.env.layout
 
-        def returns(runner, k=-(-n // max(1, remote))):  # ceil
+        def returns(runner, k=math.ceil(n / max(1, remote))):
             """Returns of k fresh episodes, and the first one's arrays (its simulator states
             or frames: `rlhf-ray report` renders them into the final policy's video)."""
 

@@ -250,8 +250,7 @@ class Labeler:
         after this actor restarted)."""
         if clear_undrained:
             self._undrained = []
-        yield from self.kind.stored_pages(self.store, page_labels or self.kind.page_size
-                                          or 1 << 62)
+        yield from self.kind.stored_pages(self.store, page_labels or self.kind.page_size)
 
     def stats(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now

@@ -63,7 +63,7 @@ class QueryKind:
     """The interface the labeler calls. A kind is built where the run is wired (it is
     pickled to the labeler's process) and `open()`ed there."""
 
-    page_size: int | None = None  # `stored_pages`: labels per page (None: all in one)
+    page_size: int | None = None  # `stored_pages`: labels per page (None: the kind's own)
     empty: Any = None  # an empty set of comparisons in the trainer's form
 
     def open(self) -> None:
@@ -97,10 +97,21 @@ class QueryKind:
         empty set when none."""
         raise NotImplementedError
 
-    def stored_pages(self, store: PreferenceStore, page_labels: int) -> Iterator:
+    def stored_pages(self, store: PreferenceStore, page_labels: int | None) -> Iterator:
         """Every trainable comparison in the store, in the trainer's form, page by page;
         at least one page (an empty one when there is none)."""
         raise NotImplementedError
+
+
+def _two_lists(items: tuple, call: str, first: str, second: str) -> tuple:
+    """The two equally long lists `Labeler.submit(*items)` takes; one line naming what is
+    wrong otherwise (`call`: the kind's submit, `first`/`second`: what the lists hold)."""
+    if len(items) != 2:
+        raise ValueError(f"{call}, not {len(items)} item lists")
+    a, b = items
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} {first} but {len(b)} {second}")
+    return a, b
 
 
 def _trainable_rows(store: PreferenceStore, kinds: set[str]) -> list[dict]:
@@ -124,11 +135,8 @@ class ClipPairs(QueryKind):
         self._teacher = SyntheticOracle(**self.oracle)
 
     def new_queries(self, store, items, rm_version, new_id):
-        if len(items) != 2:
-            raise ValueError(f"clip pairs: submit(left, right), not {len(items)} item lists")
-        left, right = items
-        if len(left) != len(right):
-            raise ValueError(f"{len(left)} left segments but {len(right)} right segments")
+        left, right = _two_lists(items, "clip pairs: submit(left, right)", "left segments",
+                                 "right segments")
         both = SegmentBatch.concat([left, right])
         store.write_segments(both)  # segments are durable before any label cites them
         now = time.time()
@@ -199,11 +207,8 @@ class TextRankings(QueryKind):
         self._teacher = load_text_oracle(self.oracle, self.data) if self.oracle else None
 
     def new_queries(self, store, items, rm_version, new_id):
-        if len(items) != 2:
-            raise ValueError(f"text: submit(prompts, responses), not {len(items)} item lists")
-        prompts, responses = items
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+        prompts, responses = _two_lists(items, "text: submit(prompts, responses)", "prompts",
+                                        "response lists")
         ids, ps, rs, out = [], [], [], []
         now = time.time()
         for prompt, resp in zip(prompts, responses):

@@ -45,7 +45,7 @@ class HeldOut:
                     **{k: float(v[i]) for k, v in judged.items()}}
                    for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
                                                      res["scores"]))]
-        return ev, np.asarray(list(res["scores"]), dtype=np.float64), samples
+        return ev, np.asarray(res["scores"], dtype=np.float64), samples
 
     def judge_sft(self, generation, rm_handle) -> np.ndarray:
         """The SFT model's evaluation (kept for every later row); returns the reward model's

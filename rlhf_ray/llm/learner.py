@@ -14,7 +14,6 @@ across ranks (DDP's gradient average then gives the global token mean).
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import numpy as np
@@ -30,13 +29,8 @@ from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cp
                                    load_scalar_model, load_tokenizer, lora_on, make_batch,
                                    save_model, state_dict_cpu, with_lora)
 from rlhf_ray.llm.modeling import train_top_layers as freeze_below
+from rlhf_ray.runtime.cluster import free_port
 from rlhf_ray.storage import locations
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class PPOLearner:
@@ -58,7 +52,6 @@ class PPOLearner:
         self.cfg = PPOConfig.model_validate(ppo)
         self.device = device or (f"cuda:{torch.cuda.current_device()}"
                                  if torch.cuda.is_available() else "cpu")
-        self.temperature = temperature
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
         self.policy = with_lora(load_policy(policy_path, dtype, self.device), self.lora,
@@ -106,7 +99,7 @@ class PPOLearner:
     # ---------------------------------------------------------------- distributed
     def address(self) -> tuple[str, int]:
         """Rank 0 names the rendezvous (its node IP and a free port)."""
-        return ray.util.get_node_ip_address(), free_port()
+        return ray.util.get_node_ip_address(), free_port("")  # any interface: other nodes
 
     def init_group(self, master_addr: str, master_port: int, backend: str = "auto") -> int:
         if self.world == 1:

@@ -38,7 +38,7 @@ def run_trial(config: dict, spec: dict) -> None:
     stopped."""
     sweep = SweepConfig.model_validate(spec["sweep"])
     params = {k: config[k] for k in sweep.space}
-    cfg = trial_config(sweep, {**params, **spec.get("shared", {})}).model_copy(deep=True)
+    cfg = trial_config(sweep, {**params, **spec.get("shared", {})})  # a fresh one: ours
     workload = workloads.of(cfg)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
