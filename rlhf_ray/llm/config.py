@@ -88,8 +88,10 @@ class ReviewsConfig(Strict):
 
 class DataConfig(Strict):
     task: Literal["sentiment", "reviews"] | None = Field(
-        "sentiment", description="sentiment: generated (rlhf_ray.llm.tiny); reviews: real "
-        "human ratings (rlhf_ray.llm.reviews); null: use the paths")
+        None, description="a built-in task instead of files: sentiment: the toy \"write about "
+        "the fox\" task (rlhf_ray.llm.tiny, the llm-tiny presets); reviews: real human "
+        "ratings (rlhf_ray.llm.reviews, the smollm2-reviews presets); null: your own files "
+        "(data.prompts_path, data.sft_path, data.preferences_path)")
     reviews: ReviewsConfig = Field(default_factory=ReviewsConfig)
     instruction: str = Field(
         "", description="what the policy is asked to do: the chat template's user message, "
@@ -192,7 +194,8 @@ class EvalConfig(Strict):
 
     yardstick: str | None = Field(
         None, description="`module:function` (see rlhf_ray.llm.yardstick); null: the "
-        "labeler's oracle")
+        "labeler's oracle; with neither, held-out evaluations report the reward model's "
+        "score and the KL only")
     every: int = Field(5, ge=0, description="iterations between held-out evaluations; 0: "
                        "only before and after PPO")
     num_prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
@@ -208,9 +211,10 @@ class LabelsConfig(Strict):
 class LabelerConfig(LabelerSection):
     """The LLM workload's labeler: people rank responses, or a text oracle does."""
 
-    oracle: str = Field(
-        "rlhf_ray.llm.tiny:sentiment_oracle",
-        description="`module:function` scoring (prompt, response) -> float")
+    oracle: str | None = Field(
+        None, description="`module:function` scoring (prompt, response) -> float: the "
+        "synthetic labeler (labeler.source=oracle or mixed). null: none; labels then come "
+        "from people or from data.preferences_path")
     instruction: str = Field(
         "Rank the responses from best to worst.",
         description="what the labeling page asks people to judge")
@@ -275,8 +279,24 @@ class LLMConfig(Strict):
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size}: must divide the "
                              f"per-learner minibatch ({p.minibatch_size // n} = "
                              f"ppo.minibatch_size / placement.num_learners)")
-        if self.data.task is None and self.data.prompts_path is None:
-            raise ValueError("data.prompts_path: required when data.task is null")
+        d, m, lab = self.data, self.model, self.labeler
+        if d.task is None and d.prompts_path is None:
+            raise ValueError("data.prompts_path: required (Parquet/JSONL with a `prompt` "
+                             "column), or data.task: sentiment | reviews for a built-in task")
+        if d.task is None and d.sft_path is None and m.sft_path is None:
+            raise ValueError("data.sft_path: required for SFT (Parquet/JSONL with `prompt`, "
+                             "`response`), or model.sft_path: an SFT model to start from")
+        asks = self.labels.per_iteration > 0 or not (
+            m.reward_path or d.preferences_path or d.task == "reviews")
+        if lab.oracle is None and (lab.source == "mixed" or (lab.source == "oracle" and asks)):
+            what = ("the oracle answers what people leave" if lab.source == "mixed" else
+                    f"the run asks it for labels (labels.per_iteration={self.labels.per_iteration}"
+                    + ("" if self.labels.per_iteration else ", and labels.initial rankings of "
+                       "SFT samples for the first reward model") + ")")
+            raise ValueError(f"labeler.oracle: none, but labeler.source={lab.source} ({what}): "
+                             "name a scorer (labeler.oracle=module:function), let people label "
+                             "(labeler.source=human), or learn from files only "
+                             "(data.preferences_path=FILE labels.per_iteration=0)")
         if self.labels.initial > self.labels.budget:
             raise ValueError(f"labels.initial={self.labels.initial}: exceeds "
                              f"labels.budget={self.labels.budget}")

@@ -20,6 +20,10 @@ from rlhf_ray.runtime.actors import retry_call
 from rlhf_ray.runtime.metrics import clean
 
 
+def judged_none(evals: list[dict]) -> bool:
+    return any(e.get("eval_score_mean") is None for e in evals)
+
+
 class HeldOut:
     def __init__(self, cfg: LLMConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -29,7 +33,9 @@ class HeldOut:
         self.evals: list[dict] = []  # every evaluation of the policy so far (means)
 
     def yardstick(self):
-        if self.judge is None:
+        """The judge, or None where the config names neither `eval.yardstick` nor
+        `labeler.oracle` (the evaluation then has the reward model's score and the KL only)."""
+        if self.judge is None and (self.cfg.eval.yardstick or self.cfg.labeler.oracle):
             self.judge = load_yardstick(self.cfg)
         return self.judge
 
@@ -38,7 +44,8 @@ class HeldOut:
         the reward model's, its raw scores, and the samples with their scores."""
         out = generation.generate(self.prompts)
         res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
-        judged = self.yardstick().score(out["prompts"], out["texts"])
+        judge = self.yardstick()
+        judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
         ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
         samples = [{"prompt": p, "response": r, "rm_score": float(q),
@@ -64,8 +71,9 @@ class HeldOut:
             self.write_samples("final", samples)
         row = {k: clean(v) for k, v in ev.items()}
         row.update({f"sft_{k}": clean(v) for k, v in self.sft.items()})
-        gap = disagreement([e["eval_rm_score_mean"] for e in self.evals],
-                           [e["eval_score_mean"] for e in self.evals])
+        gap = None if judged_none(self.evals) else disagreement(
+            [e["eval_rm_score_mean"] for e in self.evals],
+            [e["eval_score_mean"] for e in self.evals])
         row["rm_judge_diverging"] = gap is not None
         if gap is not None:
             console.note(f"warning: iteration {iteration}: the reward model's held-out score "

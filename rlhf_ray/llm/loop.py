@@ -74,7 +74,7 @@ class Step:
     out: dict
     scored: dict
     raw: np.ndarray
-    judged: np.ndarray
+    judged: np.ndarray | None  # the yardstick's scores of the samples (None: no yardstick)
     stats: dict
     beta: float
     version: int
@@ -219,12 +219,15 @@ class LLMController(RunController):
         s = self.held_out.judge_sft(self.generation, self.rm_handle)
         if self.cfg.ppo.normalize_reward and len(s) > 1:
             self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
-        self.sft_oracle = self.held_out.sft["eval_score_mean"]
+        self.sft_oracle = self.held_out.sft.get("eval_score_mean")
 
     def ppo(self, online: bool) -> dict:
         cfg = self.cfg
         self.log(f"stage 3/3: PPO for {cfg.run.iterations} iterations")
         judge = self.held_out.yardstick()  # never trained on, never the training signal
+        if judge is None:
+            self.log("no eval.yardstick or labeler.oracle: held-out evaluations report the "
+                     "reward model's score (the training signal) and the KL only")
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
         batch = cfg.ppo.rollout_batch_size
@@ -265,7 +268,7 @@ class LLMController(RunController):
                     self.feedback.feed()
             timer.mark("labeling")
             # 6. metrics (the yardstick on held-out prompts now and then), checkpoint
-            judged = judge.score(out["prompts"], out["texts"])["score"]
+            judged = None if judge is None else judge.score(out["prompts"], out["texts"])["score"]
             row = self.metrics(Step(out, scored, raw, judged, stats, beta, version, timer))
             done = self.iteration >= cfg.run.iterations or self.should_stop()
             if (cfg.eval.every and self.iteration % cfg.eval.every == 0) or done:
@@ -305,7 +308,7 @@ class LLMController(RunController):
         t = s.timer.seconds()
         return {
             "iteration": self.iteration,
-            "oracle_score_mean": clean(np.mean(s.judged)),
+            "oracle_score_mean": None if s.judged is None else clean(np.mean(s.judged)),
             "sft_oracle_score_mean": clean(self.sft_oracle),
             "rm_score_mean": clean(s.raw.mean()),
             "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
@@ -420,7 +423,7 @@ class LLMController(RunController):
         if state.get("prompt_order"):
             self.order = np.asarray(state["prompt_order"])
         self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
-        self.sft_oracle = float(state["sft_oracle"])
+        self.sft_oracle = None if state["sft_oracle"] is None else float(state["sft_oracle"])
         self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state

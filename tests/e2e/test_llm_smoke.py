@@ -4,6 +4,7 @@ smoke preset, and the three stages run alone from files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,14 +209,24 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
     # ppo.async_generation: the next batch is sampled while the learner steps, one step
-    # off-policy, and the rows say so
-    rows = read_metrics(train(load_config("llm-tiny-smoke", base + [
+    # off-policy, and the rows say so. This run is also a user's own: prompts from a file,
+    # no built-in task, no oracle and no yardstick (nothing of the toy task it did not ask for)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny.prompts(40, 7)))
+    own = load_config("llm-tiny-smoke", base + [
         f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
-        "ppo.async_generation=true", "run.iterations=3"]), run_dir=str(tmp_path / "d"),
-        stages="ppo", progress=False))
+        "ppo.async_generation=true", "run.iterations=3", "eval.every=2", "data.task=null",
+        "labeler.oracle=null", f"data.prompts_path={prompts}", "labels.per_iteration=0"])
+    d = train(own, run_dir=str(tmp_path / "d"), stages="ppo", progress=False)
+    rows = read_metrics(d)
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     assert [r["sample_policy_versions"] for r in rows] == [[0], [0], [1]]
     assert [r["policy_lag"] for r in rows] == [0, 1, 1]
+    assert all(r.get("oracle_score_mean") is None for r in rows)  # no judge it did not name
+    evals = [r for r in rows if r.get("eval_rm_score_mean") is not None]
+    assert [r["iteration"] for r in evals] == [2, 3]
+    assert all(r.get("eval_score_mean") is None for r in evals)
+    assert Path(report(str(d))).stat().st_size > 10_000
 
 
 def test_a_placement_group_that_cannot_fit_is_refused_clearly(ray_cluster, tmp_path):
