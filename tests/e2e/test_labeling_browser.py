@@ -42,11 +42,14 @@ def labeling(ray_cluster, serve_http, tmp_path_factory):
         name, ns, root, {"id": "Hopper-v5", "kwargs": {}}, 160, 120, 25, 2)
     token = labeling_app.new_token()
     prefix = f"/label-{run}"
+    from rlhf_ray.config import load_config
+
+    instruction = load_config("hopper").labeler.instruction  # the preset's question to people
     labeling_app.deploy(labeler_name=name, namespace=ns, store_root=root, token=token,
-                        app_name=f"label-{run}", route_prefix=prefix)
+                        app_name=f"label-{run}", route_prefix=prefix, instruction=instruction)
     host, port = serve_http
     yield {"url": f"http://{host}:{port}{prefix}/?token={token}&labeler=tester",
-           "store": PreferenceStore(root), "qids": qids}
+           "store": PreferenceStore(root), "qids": qids, "instruction": instruction}
     serve.delete(f"label-{run}")
     ray.kill(renderer)
     ray.kill(labeler)
@@ -84,6 +87,7 @@ def test_chromium_labels_ten_pairs(labeling, tmp_path):
                 timeout=120_000)
             qid = page.evaluate("document.body.dataset.queryId")
             assert qid in labeling["qids"] and qid not in expected
+            assert page.inner_text("#task") == labeling["instruction"]
             if i in (0, 5, 9):
                 assert video_time_advances(page, "left") and video_time_advances(page, "right")
             if i == 0:

@@ -19,8 +19,10 @@ from rlhf_ray.train import train
 FAST_CLIPS = ["labeler.clips.width=64", "labeler.clips.height=48", "labeler.clips.frame_skip=5"]
 
 
-def scripted_human(url: str, name: str, stop: threading.Event, answered: list, limit: int):
-    """Answers what the page offers (the left clip, always) until told to stop."""
+def scripted_human(url: str, name: str, stop: threading.Event, answered: list, limit: int,
+                   asked: set | None = None):
+    """Answers what the page offers (the left clip, always) until told to stop; `asked`
+    collects the questions the page put."""
     u = urlparse(url)
     http = Http(f"{u.scheme}://{u.netloc}{u.path}", parse_qs(u.query)["token"][0])
     while not stop.is_set() and len(answered) < limit:
@@ -32,6 +34,8 @@ def scripted_human(url: str, name: str, stop: threading.Event, answered: list, l
         if status != 200:
             time.sleep(0.2)
             continue
+        if asked is not None:
+            asked.add(q["instruction"])
         status, _ = http.request("POST", "/api/label", {"query_id": q["query_id"],
                                                         "choice": "left", "labeler": name})
         if status == 200:
@@ -44,14 +48,15 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
                                        "run.total_env_steps=12000",
                                        f"labeler.port={port}", *FAST_CLIPS])
     run_dir = tmp_path / "run"
-    stop, answered = threading.Event(), []
+    stop, answered, asked = threading.Event(), [], set()
 
     def human():
         url_file = run_dir / "labeling_url.txt"
         while not url_file.exists() and not stop.is_set():
             time.sleep(0.2)
         if url_file.exists():
-            scripted_human(url_file.read_text().strip(), "script", stop, answered, limit=12)
+            scripted_human(url_file.read_text().strip(), "script", stop, answered, limit=12,
+                           asked=asked)
 
     t = Checked(human)
     t.start()
@@ -75,6 +80,7 @@ def test_training_goes_on_while_humans_and_the_oracle_label(ray_cluster, serve_h
     assert {r["query_id"] for r in labels if r["source"] == "human:script"} == set(answered)
     assert all(r["label"] == "left" for r in labels if r["source"] == "human:script")
     assert rows[-1]["rm_version"] >= 1
+    assert asked == {cfg.labeler.instruction} and "forward" in cfg.labeler.instruction
 
     # afterwards: `rlhf-ray label RUN_DIR` serves what is still pending, until nothing is
     pending = [q.query_id for q in store.pending_queries()]
