@@ -29,6 +29,9 @@ def _held_out(m: dict) -> str:
     line = ""
     if m.get("eval_score_mean") is not None:
         line += f" | held-out {m['eval_score_mean']:.3f} (sft {m.get('sft_eval_score_mean') or 0:.3f})"
+    elif m.get("eval_rm_score_mean") is not None:  # no yardstick: the reward model's score
+        line += (f" | held-out rm {m['eval_rm_score_mean']:.3f} "
+                 f"(sft {m.get('sft_eval_rm_score_mean') or 0:.3f})")
     if m.get("rm_judge_diverging"):
         line += " | WARNING rm rising, yardstick not"
     return line

@@ -43,9 +43,10 @@ def crd_schema(kind: str) -> dict:
 
 
 def manifests():
-    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+    for path in [*sorted((ROOT / "k8s").glob("*.yaml")),
+                 *sorted((ROOT / "examples").rglob("*.yaml"))]:
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("apiVersion") == "ray.io/v1":
+            if isinstance(doc, dict) and doc.get("apiVersion") == "ray.io/v1":
                 yield pytest.param(doc, id=f"{path.name}:{doc['kind']}")
 
 
