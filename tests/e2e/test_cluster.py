@@ -1,4 +1,4 @@
-"""The README's `ray job submit` lines, as printed from a fresh shell, against a four-node
+"""docs/cluster.md's `ray job submit` lines, as printed from a fresh shell, against a four-node
 cluster of the test's own started as users start one (`ray start --head`, then `ray start
 --address` per node; token auth on, as Ray >= 2.59 has it): the smoke preset is submitted
 with its run folder on a real S3-protocol server, stopped after a checkpoint, resumed by a
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 # roles -> nodes: rollouts and the learner on the "rollout" nodes, the reward model's Serve
-# replica and its trainer on the "serving" node, the labeler on the head (the README's line
+# replica and its trainer on the "serving" node, the labeler on the head (the docs' line
 # names the rollouts' placement; the test appends the rest to it)
 PLACEMENT = [
     "placement.num_env_runners=2",
@@ -73,16 +73,17 @@ def metrics_rows(run: str) -> list[dict]:
     return []
 
 
-def readme_job_lines() -> str:
-    """The README's `ray job submit` block, from `export RAY_AUTH_MODE` to the last submit."""
-    text = (REPO / "README.md").read_text()
-    start = text.index("export RAY_AUTH_MODE=token")
-    block = text[start:text.index("```", start)]
-    return "\n".join(line for line in block.splitlines() if not line.startswith("rlhf-ray cluster up"))
+def doc_job_lines() -> str:
+    """docs/cluster.md's `ray job submit` block that stops and resumes `h1`, from its
+    `export RAY_AUTH_MODE` to the last submit."""
+    text = (REPO / "docs" / "cluster.md").read_text()
+    end = text.index("--submission-id h1")
+    start = text.rindex("export RAY_AUTH_MODE=token", 0, end)
+    return text[start:text.index("```", start)].strip()
 
 
 def state(address: str, what: str) -> list[dict]:
-    """Ray's state API (`nodes` or `actors`) from a fresh shell with the README's
+    """Ray's state API (`nodes` or `actors`) from a fresh shell with the docs'
     RAY_AUTH_MODE=token, as `ray list ... --detail` reads it."""
     code = ("import json, sys\nfrom ray.util.state import list_actors, list_nodes\n"
             f"rows = list_{what}(address={address!r}, detail=True, limit=1000)\n"
@@ -95,9 +96,9 @@ def state(address: str, what: str) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3):
+def test_the_docs_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3):
     """A head started with `ray start --head` and three nodes joined with `ray start
-    --address` (token auth on). The README's job lines run as printed -- HEAD and the bucket
+    --address` (token auth on). docs/cluster.md's job lines run as printed -- HEAD and the bucket
     filled in, the placement of the other roles appended to the first submit -- from a fresh
     shell (PATH and HOME only): the run is submitted, its job stopped after its first
     checkpoint, and a second job (a fresh working dir) resumes it from the URI. While that
@@ -105,7 +106,7 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
     the job still succeeds. One continuous run, no acknowledged label lost or stored twice,
     and every role (env runners, RLlib's learner, the reward model's Serve replica, the
     reward trainer, the labeler) on a node that has the custom resource its placement names.
-    Without the README's `export RAY_AUTH_MODE=token` the same client is refused."""
+    Without the docs' `export RAY_AUTH_MODE=token` the same client is refused."""
     from rlhf_ray.storage import locations
     from rlhf_ray.storage.store import PreferenceStore
 
@@ -137,7 +138,7 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
                      "--dashboard-host=127.0.0.1", "--num-cpus=1", '--resources={"head": 1}',
                      f"--ray-client-server-port={client_port}", folder="h", token=True)
     address = f"http://127.0.0.1:{dash}"
-    bucket = s3("readme")
+    bucket = s3("docs")
     try:
         deadline = time.time() + 120
         while True:  # the head's job API answers a little after `ray start`
@@ -160,7 +161,7 @@ def test_readme_job_lines_on_a_multi_node_cluster_stop_resume_and_lose_a_node(s3
         lost = [i for i, r in nodes.items() if r.get("rollout") and r.get("CPU") == 1.0]
         assert len(lost) == 1, nodes
 
-        script = readme_job_lines().replace("http://HEAD:8265", address)
+        script = doc_job_lines().replace("http://HEAD:8265", address)
         script = script.replace("s3://bucket/rlhf", bucket).replace("ray job", f"{RAY} job")
         export, *commands = script.replace("\\\n", " ").splitlines()
         assert export.startswith("export RAY_AUTH_MODE=token") and len(commands) == 3, commands
