@@ -20,10 +20,8 @@ machine, and its load (1-minute load average) at the start of every run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,25 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import code_version, machine
+
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"time_s", "iteration_s", "generate_s", "score_s", "learner_s", "sync_s", "labeling_s",
           "ppo_iteration_s", "sample_s", "learn_s", "relabel_s", "segment_cut_s", "tokens_per_s",
           "rm_train_s", "rm_train_time_s"}
-
-
-def code_version(src: Path) -> str:
-    """The commit a source tree is at, with a hash of its uncommitted changes if any."""
-    git = ["git", "-C", str(src)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    diff = subprocess.run([*git, "diff", "HEAD"], capture_output=True).stdout
-    return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version()}
 
 
 def run_once(src: Path, preset: str, run_dir: Path) -> dict:

@@ -15,11 +15,14 @@ episode return over the iterations), env steps per second, and the machine's loa
 ran. Per env and variant: each seed's value, the mean, and the return ratio RLHF / true reward
 over a random policy's return (`(RLHF - random) / (true reward - random)`: 1 is the true
 reward's return, 0 a random policy's; a plain ratio means nothing where returns are negative,
-as on Reacher) with a 95% percentile-bootstrap interval (seeds of the two resampled
-independently). The random policy's return is measured once per env (uniform actions, the
-preset's env settings, 10 episodes) and kept in the record. Over envs, per variant: the
-interquartile mean of the normalized final return (each run on the same scale) with rliable's
-stratified bootstrap interval (rlhf_ray.core.stats).
+as on Reacher) with Fieller's 95% interval (the two variants' seeds independent; it holds
+its coverage at 5 seeds, where a percentile bootstrap's covers about 88%), and the probability
+that a run of the variant beats a true-reward run. The random policy's return is measured
+once per env (uniform actions, the preset's env settings, 10 episodes) and kept in the record.
+Over envs, per variant: the interquartile mean of the normalized final return (each run on the
+same scale) and rliable's probability of improvement, with stratified BCa intervals that
+resample the true-reward runs too (rlhf_ray.core.stats). Every run keeps the code version
+(git commit) and the machine it ran on; a record whose runs ran different code says so.
 Throughput ratios count only runs that had the machine to themselves (`alone`: mean 1-minute
 load under cores + 0.5 while it ran; the record keeps the load), and compare runs of one
 sitting (machine and day) only: absolute speed moves by 2-3x between days.
@@ -35,11 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
+from record import code_version, machine, versions  # noqa: E402
 
 PRESETS = {"Hopper-v5": "hopper", "HalfCheetah-v5": "halfcheetah", "Ant-v5": "ant",
            "Reacher-v5": "reacher", "ALE/Pong-v5": "pong"}
@@ -222,9 +228,10 @@ def throughput(variant: dict, base: dict) -> dict:
 
 
 def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
-    """Per variant: seeds' values, means with intervals, ratios to the true reward over
-    `floor` (the random policy's return)."""
-    from rlhf_ray.core.stats import mean_ci, ratio_ci
+    """Per variant: seeds' values, means with t intervals, ratios to the true reward over
+    `floor` (the random policy's return) with Fieller's interval, and the probability that
+    a run of the variant beats a run on the true reward."""
+    from rlhf_ray.core.stats import mean_ci, probability_of_improvement, ratio_ci
 
     def values(variant: str, key: str) -> list[float]:
         return [r[key] for _, r in sorted(runs.get(variant, {}).items(), key=lambda kv: int(kv[0]))]
@@ -246,6 +253,7 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
             row["baseline_above_floor"] = cleared
             row["return_ratio"] = ratio_ci(fin, base, floor=floor)
             row["auc_ratio"] = ratio_ci(auc, base_auc, floor=floor)
+            row["prob_improvement"] = probability_of_improvement([fin], [base])
             row.update(throughput(seeds, runs.get(TRUE, {})))
         out[variant] = row
     return out
@@ -253,8 +261,10 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
 
 def aggregate(record: dict) -> dict:
     """Per RLHF variant, over envs: IQM of final returns normalized per env ((run - random)
-    / (true-reward mean - random)), with the stratified bootstrap interval."""
-    from rlhf_ray.core.stats import iqm_ci
+    / (true-reward mean - random)), with a stratified BCa interval that resamples the
+    true-reward runs too; and the probability of improvement over the true reward (rliable's:
+    a run of the variant above a run on the true reward, averaged over envs)."""
+    from rlhf_ray.core.stats import iqm_ci, probability_of_improvement
 
     out = {}
     envs = record["envs"]
@@ -264,7 +274,7 @@ def aggregate(record: dict) -> dict:
         # (so at least this env's baseline); an env with fewer waits for the IQM
         full = max(len(e["runs"].get(k, {})) for e in envs.values() for k in (TRUE, variant)
                    if variant in e["runs"])
-        per_env, left_out, incomplete = [], [], []
+        per_env, bases, floors, left_out, incomplete = [], [], [], [], []
         for env, e in envs.items():
             base = [r["final_return"] for r in e["runs"].get(TRUE, {}).values()]
             runs = e["runs"].get(variant)
@@ -276,21 +286,32 @@ def aggregate(record: dict) -> dict:
             if len(runs) < full:
                 incomplete.append(env)  # a grid part-way through: its seeds come later
                 continue
-            lo = e.get("random_return", {}).get("mean", 0.0)
-            b = statistics.fmean(base)
-            per_env.append([(r["final_return"] - lo) / (b - lo) for r in runs.values()])
+            floors.append(e.get("random_return", {}).get("mean", 0.0))
+            per_env.append([r["final_return"] for r in runs.values()])
+            bases.append(base)
         if per_env:
-            out[variant] = {"envs": len(per_env), **iqm_ci(per_env),
+            out[variant] = {"envs": len(per_env),
+                            **iqm_ci(per_env, baselines=bases, floors=floors),
+                            "prob_improvement": probability_of_improvement(per_env, bases),
                             "left_out_baseline_not_above_random": left_out,
                             "left_out_incomplete": incomplete}
     return out
 
 
 def ci(d: dict, key: str, fmt: str) -> str:
-    """`d[key]` with its 95% interval; without one where there is none (one seed: nan)."""
+    """`d[key]` with its 95% interval; without one where there is none (one seed: nan), and
+    `[unbounded]` where a ratio's denominator is not clearly above the floor."""
     lo, hi = d["ci95"]
-    span = "" if lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"
+    if lo != lo:
+        many = all(n > 1 for n in d.get("n", [2])) if isinstance(d.get("n"), list) else True
+        span = " [unbounded]" if d.get("bounded") is False and many else ""
+    else:
+        span = f" [{lo:{fmt}}, {hi:{fmt}}]"
     return f"{d[key]:{fmt}}{span}"
+
+
+INTERVALS = ("95% intervals over seeds: t for means, Fieller's for ratios, stratified BCa for "
+             "the IQM and the probability of improvement (true-reward runs resampled too)")
 
 
 def curve_label(name: str, seeds: int, summary: dict) -> str:
@@ -333,7 +354,7 @@ def plot(record: dict, path: Path) -> None:
         ax.set_ylabel("true episode return")
         ax.legend(fontsize=7)
     fig.suptitle("RLHF from synthetic labels vs PPO on the true reward\n(legend: final return "
-                 "over a random policy's as a ratio [95% bootstrap interval])", fontsize=9)
+                 "over a random policy's as a ratio [95% Fieller interval])", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -344,14 +365,19 @@ def markdown(record: dict) -> str:
     mean with its interval and the ratio over the random floor; then the IQM over envs."""
     lines = [f"{record['steps']:,} env steps per run; final return: the final policy on fresh "
              "episodes (mean actions); ratio: (RLHF - random) / (true reward - random); "
-             "95% percentile-bootstrap intervals over seeds.", "",
-             "| env | variant | seeds | final return, mean | ratio | each seed's final return "
-             "| env steps/s vs true reward (runs alone, one sitting) |",
-             "|---|---|---|---|---|---|---|"]
+             f"P(better): a run above a true-reward run; {INTERVALS}.", "",
+             "| env | variant | seeds | final return, mean | ratio | P(better) | each seed's "
+             "final return | env steps/s vs true reward (runs alone, one sitting) |",
+             "|---|---|---|---|---|---|---|---|"]
+    code = record.get("code_versions")
+    if code:
+        lines.insert(1, "Code: " + ", ".join(f"{v} ({n} runs)" for v, n in code.items())
+                     + (" -- runs of different code versions are compared here"
+                        if record.get("mixed_code_versions") else "") + ".")
     for env, e in record["envs"].items():
         rand = e.get("random_return", {}).get("mean")
         if rand is not None:
-            lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | | |")
+            lines.append(f"| {env} | random policy | | {rand:.1f} | 0 | | | |")
         # returns in the thousands (Hopper) as whole numbers; small ones (Reacher, -10 to -4)
         # with a decimal, or its seeds would read as equal
         seen = [abs(v) for r in e.get("summary", {}).values() for v in r["final_return"]]
@@ -363,11 +389,13 @@ def markdown(record: dict) -> str:
             tr = r.get("throughput_ratio")
             speed = "" if tr is None else (f"{tr:.2f} ({r['throughput_runs_alone'][0]} vs "
                                             f"{r['throughput_runs_alone'][1]} runs)")
+            pi = ci(r["prob_improvement"], "p", ".2f") if "prob_improvement" in r else ""
             lines.append(f"| {env} | {name} | {len(r['seeds'])} | "
-                         f"{ci(r['final_return_mean'], 'mean', fmt)} | {ratio} | "
+                         f"{ci(r['final_return_mean'], 'mean', fmt)} | {ratio} | {pi} | "
                          f"{', '.join(f'{v:{fmt}}' for v in r['final_return'])} | {speed} |")
     if record.get("aggregate"):
-        lines += ["", "| variant | envs | IQM of normalized final return over envs |", "|---|---|---|"]
+        lines += ["", "| variant | envs | IQM of normalized final return over envs | "
+                  "P(better than the true reward) |", "|---|---|---|---|"]
         for name, a in record["aggregate"].items():
             not_above, incomplete = (a.get("left_out_baseline_not_above_random"),
                                      a.get("left_out_incomplete"))
@@ -375,7 +403,8 @@ def markdown(record: dict) -> str:
                     if not_above else "")
             if incomplete:
                 note += f" (left out until its seeds are done: {', '.join(incomplete)})"
-            lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} |")
+            pi = ci(a["prob_improvement"], "p", ".2f") if "prob_improvement" in a else ""
+            lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} | {pi} |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,12 +423,13 @@ def finish(record: dict, out: Path, tag: str) -> None:
             e["random_return"] = random_return(PRESETS[env])
         e["summary"] = env_summary(e["runs"], e["random_return"]["mean"])
     record["aggregate"] = aggregate(record)
+    record.update(versions([r for e in record["envs"].values() for seeds in e["runs"].values()
+                            for r in seeds.values()]))
     json_path = out / f"{tag}.json"
     json_path.write_text(json.dumps(record, indent=1))
     plot(record, out / f"{tag}.png")
     (out / f"{tag}.md").write_text(markdown(record))
-    print("\nfinal true return, (RLHF - random) / (true-reward PPO - random), with 95% "
-          "bootstrap intervals over seeds")
+    print(f"\nfinal true return, (RLHF - random) / (true-reward PPO - random); {INTERVALS}")
     for env, e in record["envs"].items():
         print(f"{env:15s} {'random policy':34s} {e['random_return']['mean']:.1f}")
         for name, r in e["summary"].items():
@@ -443,11 +473,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{args.tag}.json"
-    here = f"{time.strftime('%Y-%m-%d', time.gmtime())} {platform.node()}"  # this sitting
+    here = f"{time.strftime('%Y-%m-%d', time.gmtime())} {machine()['node']}"  # this sitting
+    code = code_version()
     record = json.loads(json_path.read_text()) if json_path.exists() else {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
         "overrides": args.overrides, "envs": {},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+        "machine": machine()}
     if record["steps"] != args.steps or record["overrides"] != args.overrides:
         raise SystemExit(f"{json_path}: a record of {record['steps']} steps with overrides "
                          f"{record['overrides']}; use another --tag for other settings")
@@ -481,6 +512,7 @@ def main() -> None:
                     "seed": seed, "wall_s": res["wall_s"], **s, "run_dir": res["run_dir"],
                     "load_mean": res["load_mean"], "load_max": res["load_max"],
                     "alone": res["alone"], "resumed": res["resumed"], "sitting": here,
+                    "code": code, "machine": machine(),
                     "final_eval": res["final_eval"],
                     "curve": [{k: r.get(k) for k in keep} for r in res["rows"]]}
                 print(f"{env:15s} {name:34s} seed {seed}: final return {s['final_return']:8.1f} "
