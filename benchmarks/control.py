@@ -133,13 +133,15 @@ def end_run(entry: dict, variant: str, seed: int) -> None:
         del entry["in_progress"]
 
 
-def random_return(preset: str, episodes: int = 10, seed: int = 12345) -> dict:
+def random_return(preset: str, overrides: list[str] | None = None, episodes: int = 10,
+                  seed: int = 12345) -> dict:
     """A uniformly random policy's true return in the preset's env (its time limit and
-    termination settings): the floor of the normalized scores."""
+    termination settings; `overrides` may name another env): the floor of the normalized
+    scores."""
     from rlhf_ray.config import load_config
     from rlhf_ray.control.envs import make_env
 
-    cfg = load_config(preset)
+    cfg = load_config(preset, overrides or [])
     env = make_env({**cfg.env.model_dump(), "_rlhf_info": False})
     env.action_space.seed(seed)
     returns = []
@@ -175,10 +177,21 @@ def summarize(res: dict, window: int) -> dict:
              for a, b in zip(rows, rows[1:]) if b["time_s"] > a["time_s"]]
     secs = sum(t for _, t in pairs)
     sps = sum(n for n, _ in pairs) / secs if secs > 0 else float("nan")
-    fe = res.get("final_eval")
+    fe = res.get("final_eval") or {}
     spans = sittings(rows) if rows else []
-    return {"final_return": fe["return_mean"] if fe else float("nan"),
-            "final_eval_episodes": fe["episodes"] if fe else 0,
+    sampled, rm = fe.get("sampled") or {}, fe.get("rm") or {}
+    return {"final_return": fe.get("return_mean", float("nan")),
+            "final_eval_episodes": fe.get("episodes", 0),
+            # why the final policy's mean actions may do worse than its samples: the same
+            # number of episodes with sampled actions, the policy's action noise, and the
+            # reward model's predicted return of the mean-action episodes against the true
+            "sampled_return": sampled.get("return_mean"),
+            "action_std": fe.get("action_std_mean"),
+            "sampled_action_std": sampled.get("action_std_mean"),
+            "rm_pred_return": rm.get("pred_return_mean"),
+            "rm_corr_episodes": rm.get("corr_episodes"),
+            "rm_corr_steps": rm.get("corr_steps"),
+            "sampled_rm_corr_steps": (sampled.get("rm") or {}).get("corr_steps"),
             "final_window_return": statistics.fmean(rets[-window:]) if rets else float("nan"),
             "auc_return": statistics.fmean(rets) if rets else float("nan"),
             "env_steps_per_s": sps,
@@ -405,6 +418,27 @@ def markdown(record: dict) -> str:
                 note += f" (left out until its seeds are done: {', '.join(incomplete)})"
             pi = ci(a["prob_improvement"], "p", ".2f") if "prob_improvement" in a else ""
             lines.append(f"| {name} | {a['envs']}{note} | {ci(a, 'iqm', '.2f')} | {pi} |")
+    diag = [(env, name, r) for env, e in record["envs"].items()
+            for name, seeds in e["runs"].items() for r in [seeds]
+            if any(s.get("sampled_return") is not None for s in seeds.values())]
+    if diag:
+        lines += ["", "The final policy, each seed: return with mean actions / with sampled "
+                  "actions; the policy's action std (mean actions); the reward model's "
+                  "predicted return of the mean-action episodes against their true return "
+                  "(correlation over steps).", "",
+                  "| env | variant | mean / sampled actions | action std | RM vs true, steps |",
+                  "|---|---|---|---|---|"]
+        for env, name, seeds in diag:
+            runs = [seeds[k] for k in sorted(seeds, key=int)]
+
+            def each(key, fmt, runs=runs):
+                return ", ".join("-" if r.get(key) is None else f"{r[key]:{fmt}}" for r in runs)
+
+            pairs = ", ".join(f"{r['final_return']:,.0f} / " + (
+                "-" if r.get("sampled_return") is None else f"{r['sampled_return']:,.0f}")
+                for r in runs)
+            lines.append(f"| {env} | {name} | {pairs} | {each('action_std', '.2f')} | "
+                         f"{each('rm_corr_steps', '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -420,7 +454,9 @@ def finish(record: dict, out: Path, tag: str) -> None:
                     r["train_s"], r["sittings"] = sum(spans), len(spans)
     for env, e in record["envs"].items():
         if "random_return" not in e:  # a record from before the floor
-            e["random_return"] = random_return(PRESETS[env])
+            preset = record.get("preset")
+            e["random_return"] = random_return(preset or PRESETS[env],
+                                               [f"env.id={env}"] if preset else [])
         e["summary"] = env_summary(e["runs"], e["random_return"]["mean"])
     record["aggregate"] = aggregate(record)
     record.update(versions([r for e in record["envs"].values() for seeds in e["runs"].values()
@@ -450,7 +486,10 @@ def finish(record: dict, out: Path, tag: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"],
-                    choices=list(PRESETS))
+                    help=f"env ids: {', '.join(PRESETS)} (their presets), or any other with "
+                    "--preset")
+    ap.add_argument("--preset", help="run every env with this preset's settings, its env id "
+                    "replaced (an env no preset covers: --envs Walker2d-v5 --preset hopper)")
     ap.add_argument("--labels", nargs="+", type=int, default=[700])
     ap.add_argument("--ablations", action="store_true", help="the paper's ablations at 700 labels")
     ap.add_argument("--no-true-reward", action="store_true",
@@ -479,9 +518,16 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
         "overrides": args.overrides, "envs": {},
         "machine": machine()}
-    if record["steps"] != args.steps or record["overrides"] != args.overrides:
+    record.setdefault("preset", args.preset)
+    if (record["steps"] != args.steps or record["overrides"] != args.overrides
+            or record["preset"] != args.preset):
         raise SystemExit(f"{json_path}: a record of {record['steps']} steps with overrides "
-                         f"{record['overrides']}; use another --tag for other settings")
+                         f"{record['overrides']} and preset {record['preset']}; use another "
+                         "--tag for other settings")
+    unknown = [e for e in args.envs if e not in PRESETS and not args.preset]
+    if unknown:
+        raise SystemExit(f"--envs {' '.join(unknown)}: no preset covers them; name one whose "
+                         "settings they run with (--preset hopper)")
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -489,10 +535,11 @@ def main() -> None:
     if args.no_true_reward:
         todo.pop(TRUE)
     for env in args.envs:
-        preset = PRESETS[env]
+        preset = args.preset or PRESETS[env]
+        env_ov = [f"env.id={env}"] if args.preset else []
         entry = record["envs"].setdefault(env, {"runs": {}})
         if "random_return" not in entry:
-            entry["random_return"] = random_return(preset)
+            entry["random_return"] = random_return(preset, env_ov)
             json_path.write_text(json.dumps(record, indent=1))
         runs = entry["runs"]
         for name, extra in todo.items():
@@ -501,7 +548,7 @@ def main() -> None:
                     continue  # done in an earlier sitting
                 run_dir, resume = start_run(entry, preset, name, seed, Path("runs").resolve())
                 json_path.write_text(json.dumps(record, indent=1))
-                ov = [f"run.total_env_steps={args.steps}", f"seed={seed}",
+                ov = [*env_ov, f"run.total_env_steps={args.steps}", f"seed={seed}",
                       f"run.checkpoint_every={args.checkpoint_every}", *extra, *args.overrides]
                 res = run_one(preset, ov, run_dir=run_dir, resume=resume)
                 end_run(entry, name, seed)

@@ -187,6 +187,10 @@ class RunConfig(RunSection):
     final_eval_episodes: int = Field(
         10, ge=0, description="after training, the final policy's true return on this many "
         "fresh episodes, actions at the policy's mean (RUN/final_eval.json); 0: none")
+    final_eval_sampled: bool = Field(
+        True, description="the final evaluation also runs as many episodes with actions "
+        "sampled as in training (`sampled` in final_eval.json): where the two differ, the "
+        "mean action is not what the policy was trained to do")
 
 
 class ControlConfig(Strict):

@@ -19,9 +19,7 @@ The run folder, Ray, metrics rows, resuming and the labeler are the shared layer
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +30,12 @@ from rlhf_ray.control import envs
 from rlhf_ray.control import labeling
 from rlhf_ray.control import serve as serve_rm
 from rlhf_ray.control.pool import SegmentPool
+from rlhf_ray.control.evaluation import final_evaluation
 from rlhf_ray.control.reward import RewardNetSpec, load_weights, save_weights
 from rlhf_ray.control.reward_trainer import RewardTrainer
 from rlhf_ray.control.metrics import CONTROL, find_metric
 from rlhf_ray.control.rllib import (RelabelTarget, SegmentSource, build_ppo_config,
-                                    episode_arrays, kl_coeffs, reset_lrs, set_kl_coeffs)
+                                    kl_coeffs, reset_lrs, set_kl_coeffs)
 from rlhf_ray.control.serve import DEPLOYMENT_NAME, segment_returns
 from rlhf_ray.core.query_selection import select_queries
 from rlhf_ray.core.schedule import LabelSchedule
@@ -123,46 +122,27 @@ class ControlController(RunController):
             return last
 
     def final_evaluation(self) -> dict | None:
-        """The final policy's true return on `run.final_eval_episodes` fresh episodes, actions
-        at the policy's mean (`explore=False`), on the rollout workers (whose observation
-        filters are the policy's): the benchmark's yardstick, where RLlib's smoothed
-        `episode_return_mean` lags the policy by its 100-episode window."""
+        """The final policy on `run.final_eval_episodes` fresh episodes (`control/evaluation`):
+        mean actions (the benchmark's yardstick) and sampled ones, the action noise, and the
+        reward model's predicted return of those episodes against their true return."""
         n = self.cfg.run.final_eval_episodes
         if not n:
             return None
-        t0 = time.perf_counter()
-        group = self.algo.env_runner_group
-        remote = group.num_remote_env_runners() if group is not None else 0
-
-        layout = self.env.layout
-
-        def returns(runner, k=math.ceil(n / max(1, remote))):
-            """Returns of k fresh episodes, and the first one's arrays (its simulator states
-            or frames: `rlhf-ray report` renders them into the final policy's video)."""
-
-            eps = runner.sample(num_episodes=k, explore=False)
-            first = None
-            if eps and (layout is None or eps[0].get_infos(0).get(envs.INFO_KEY) is not None):
-                first = episode_arrays(eps[0], len(eps[0]), layout, with_state=True)
-                if layout is None:  # Atari: the newest of each stacked frame is the video
-                    first["obs"] = first["obs"][..., -1:]
-            return [float(ep.get_return()) for ep in eps], first
-
-        if remote:
-            per_runner = group.foreach_env_runner(returns, local_env_runner=False)
-        else:
-            per_runner = [returns(self.algo.env_runner)]
-        values = [r for rs, _ in per_runner for r in rs]
-        first = next((ep for _, ep in per_runner if ep is not None), None)
+        learned = self.cfg.run.reward == "learned"
+        version = pinned_version(self.feedback.weight_store) if learned else None
+        out, first = final_evaluation(
+            self.algo, self.env.layout, self.env.action_bounds, n,
+            rm_handle=self.rm_handle if learned else None, version=version,
+            sampled=self.cfg.run.final_eval_sampled)
         if first is not None:
             np.savez_compressed(self.run_dir / "final_episode.npz", **first)
-        out = {"episodes": len(values), "returns": values,
-               "return_mean": sum(values) / len(values) if values else float("nan"),
-               "explore": False, "env_steps": self.env_steps, "iteration": self.iteration,
-               "eval_s": time.perf_counter() - t0}
+        out.update({"env_steps": self.env_steps, "iteration": self.iteration})
         self.folder.write_json("final_eval.json", out)
-        self.log(f"final policy: true return {out['return_mean']:.1f} over {len(values)} "
-                 "fresh episodes (mean actions)")
+        line = (f"final policy: true return {out['return_mean']:.1f} over {out['episodes']} "
+                "fresh episodes (mean actions)")
+        if "sampled" in out:
+            line += f"; {out['sampled']['return_mean']:.1f} with sampled actions"
+        self.log(line)
         return out
 
     # ------------------------------------------------------------------ 0. roles

@@ -146,6 +146,14 @@ def test_hopper_smoke_on_s3_killed_twice_and_resumed_learns_a_reward_model(ray_c
     final_eval = json.loads(locations.read_text(run + "/final_eval.json"))
     assert final_eval["episodes"] >= cfg.run.final_eval_episodes and not final_eval["explore"]
     assert all(np.isfinite(final_eval["returns"]))
+    # beside it the same number with sampled actions, the policy's action noise on both, and
+    # the reward model's predicted return of those episodes against their true return
+    sampled = final_eval["sampled"]
+    assert sampled["episodes"] == final_eval["episodes"] and all(np.isfinite(sampled["returns"]))
+    assert 0 < final_eval["action_std_mean"] < 5 and 0 < sampled["action_std_mean"] < 5
+    for part in (final_eval, sampled):
+        rm = part["rm"]
+        assert len(rm["pred_returns"]) == part["episodes"] and -1 <= rm["corr_steps"] <= 1
     rep = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "report", run], env=env, cwd=cwd,
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr

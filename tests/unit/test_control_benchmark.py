@@ -205,3 +205,26 @@ def test_a_single_seed_gets_no_interval_in_the_tables_or_the_legend(tmp_path):
                          "RLHF 700 labels": {s: _run(3684.0 * (1 + int(s)), 0.0, 1.0, True)
                                              for s in "01"}}, floor=-273.3)
     assert b.curve_label("RLHF 700 labels", 2, two["RLHF 700 labels"]).count("[") == 1
+
+
+def test_the_tables_show_mean_and_sampled_actions_side_by_side(tmp_path):
+    """Each seed's mean-action and sampled return, action std and the reward model's view of
+    the final policy's episodes, where the runs recorded them; a summary keeps them."""
+    b = _bench()
+    fe = {"return_mean": 221.0, "episodes": 10, "action_std_mean": 0.61,
+          "rm": {"pred_return_mean": 90.0, "corr_episodes": 0.2, "corr_steps": 0.35},
+          "sampled": {"return_mean": 434.0, "action_std_mean": 0.63, "episodes": 10,
+                      "rm": {"corr_steps": 0.5}}}
+    s = b.summarize({"rows": [{"env_steps": 0, "time_s": 0.0, "true_return_mean": 1.0},
+                              {"env_steps": 10, "time_s": 1.0, "true_return_mean": 2.0}],
+                     "final_eval": fe}, window=1)
+    assert (s["final_return"], s["sampled_return"], s["action_std"], s["rm_corr_steps"],
+            s["sampled_rm_corr_steps"]) == (221.0, 434.0, 0.61, 0.35, 0.5)
+    record = {"steps": 10, "overrides": [], "envs": {"Hopper-v5": {
+        "random_return": {"mean": 0.0},
+        "runs": {b.TRUE: {"0": {**_run(760.0, 0.0, 100.0, True)}},
+                 "RLHF 700 labels": {"0": {**_run(221.0, 0.0, 90.0, True), **s}}}}}}
+    b.finish(record, tmp_path, "grid")
+    md = (tmp_path / "grid.md").read_text()
+    assert "| Hopper-v5 | RLHF 700 labels | 221 / 434 | 0.61 | 0.35 |" in md
+    assert "| Hopper-v5 | true reward |" in md.split("The final policy")[0]
