@@ -203,8 +203,13 @@ def summarize(res: dict, window: int) -> dict:
             "rm_val_accuracy": rows[-1].get("rm_val_accuracy") if rows else None}
 
 
-def variants(labels: list[int], ablations: bool) -> dict[str, list[str]]:
+STANDARDIZED = "true reward, standardized"
+
+
+def variants(labels: list[int], ablations: bool, standardized: bool = False) -> dict[str, list[str]]:
     out = {TRUE: ["run.reward=env"]}
+    if standardized:  # the same reward normalization as the reward model's output
+        out[STANDARDIZED] = ["run.reward=env_standardized"]
     out.update({f"RLHF {n} labels": [f"labels.budget={n}"] for n in labels})
     if ablations:
         out.update(ABLATIONS)
@@ -268,6 +273,9 @@ def env_summary(runs: dict[str, dict], floor: float = 0.0) -> dict:
             row["auc_ratio"] = ratio_ci(auc, base_auc, floor=floor)
             row["prob_improvement"] = probability_of_improvement([fin], [base])
             row.update(throughput(seeds, runs.get(TRUE, {})))
+        std = values(STANDARDIZED, "final_return")
+        if variant not in (TRUE, STANDARDIZED) and len(std) > 1:  # the same normalization
+            row["return_ratio_vs_standardized"] = ratio_ci(fin, std, floor=floor)
         out[variant] = row
     return out
 
@@ -492,6 +500,10 @@ def main() -> None:
                     "replaced (an env no preset covers: --envs Walker2d-v5 --preset hopper)")
     ap.add_argument("--labels", nargs="+", type=int, default=[700])
     ap.add_argument("--ablations", action="store_true", help="the paper's ablations at 700 labels")
+    ap.add_argument("--standardized-baseline", action="store_true",
+                    help="also PPO on the true reward standardized as the reward model's output "
+                    "is (run.reward=env_standardized): a gain of RLHF over the true reward that "
+                    "this baseline shares is the normalization's")
     ap.add_argument("--no-true-reward", action="store_true",
                     help="skip the baseline (a record that has it already)")
     ap.add_argument("--steps", type=int, default=500_000)
@@ -531,7 +543,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    todo = variants(args.labels, args.ablations)
+    todo = variants(args.labels, args.ablations, args.standardized_baseline)
     if args.no_true_reward:
         todo.pop(TRUE)
     for env in args.envs:

@@ -3,8 +3,10 @@ by the yardstick (never trained on), clearly beyond the spread between seeds?
 
 Each seed is one `rlhf-ray train smollm2-reviews seed=S` in its own run folder; a finished
 seed is read back (from its run folder, or from the output JSON when the folder is gone, as on
-a fresh machine; `--rerun` ignores the JSON), an interrupted one resumed (`--resume`), so the
-script can be stopped and run again. Prints and writes (JSON + plot under docs/results/) per seed: the held-out
+a fresh machine, if the same commit ran it: `--any-code` reuses another's, and the record then
+says it mixes code versions; `--rerun` ignores the JSON), an interrupted one resumed
+(`--resume`), so the script can be stopped and run again. Every seed records its code version
+and machine. Prints and writes (JSON + plot under docs/results/) per seed: the held-out
 yardstick score of the SFT model and of the final policy, VADER's, the reward model's, the
 final KL and beta, wall time, time per iteration, tokens/s and peak memory; and over seeds
 the mean gain with a t interval, and the criterion the issue sets (mean gain > 3 x the
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import UNKNOWN, code_version, machine, versions  # noqa: E402
 
 
 def run_seed(preset: str, seed: int, runs: Path, extra: list[str]) -> Path:
@@ -68,7 +72,6 @@ def summarize(run: Path) -> dict:
     }
 
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def main() -> int:
@@ -80,7 +83,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
     ap.add_argument("--rerun", action="store_true",
                     help="run every seed whose run folder is missing, even if the JSON has it")
+    ap.add_argument("--any-code", action="store_true",
+                    help="reuse a recorded seed whatever code version ran it (the record then "
+                    "says it mixes versions); by default only the current commit's are reused")
     args = ap.parse_args()
+    code = code_version()
     recorded = {}
     if Path(args.out).exists() and not args.rerun:
         old = json.loads(Path(args.out).read_text())
@@ -89,11 +96,19 @@ def main() -> int:
     per_seed = {}
     for seed in args.seeds:
         run = Path(args.runs) / f"{args.preset}-s{seed}"
-        if seed in recorded and not (run / "final" / "controller.json").exists():
+        same_code = args.any_code or recorded.get(seed, {}).get("code", UNKNOWN) == code
+        if seed in recorded and same_code and not (run / "final" / "controller.json").exists():
             per_seed[seed] = recorded[seed]  # finished in an earlier sitting, folder gone
-            print(f"seed {seed}: read back from {args.out}", flush=True)
+            print(f"seed {seed}: read back from {args.out} (code "
+                  f"{recorded[seed].get('code', UNKNOWN)})", flush=True)
         else:
+            if seed in recorded and not same_code:
+                print(f"seed {seed}: recorded by code {recorded[seed].get('code', UNKNOWN)}, "
+                      f"not {code}: run again (--any-code reuses it)", flush=True)
+            fresh = not (run / "final" / "controller.json").exists()
             per_seed[seed] = summarize(run_seed(args.preset, seed, Path(args.runs), args.overrides))
+            per_seed[seed].update({"code": code if fresh else per_seed[seed].get("code", UNKNOWN),
+                                   "machine": machine()})
             # written after every seed, so a stopped grid keeps what it finished
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(
@@ -107,13 +122,17 @@ def main() -> int:
               f"{s['iteration_s_median']:.1f} s/iteration", flush=True)
     gains = [s["gain"] for s in per_seed.values()]
     finals = [s["final_score"] for s in per_seed.values()]
+    from rlhf_ray.core.stats import mean_ci
+
     n = len(gains)
-    mean = statistics.fmean(gains)
+    ci = mean_ci(gains)
+    mean, (lo, hi) = ci["mean"], ci["ci95"]
+    half = (hi - lo) / 2
     sd = statistics.stdev(gains) if n > 1 else float("nan")
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
     spread = statistics.stdev(finals) if n > 1 else float("nan")
     out = {"preset": args.preset, "overrides": args.overrides, "seeds": per_seed,
-           "gain_mean": mean, "gain_ci95": [mean - half, mean + half], "gain_sd": sd,
+           **versions(list(per_seed.values())),
+           "gain_mean": mean, "gain_ci95": [lo, hi], "gain_sd": sd,
            "final_score_sd_between_seeds": spread,
            "criterion_gain_over_3x_spread": bool(n > 1 and mean > 3 * spread),
            "note": "yardstick: MiniLM probe P(positive) on the held-out eval prompts; "

@@ -181,8 +181,11 @@ class PlacementConfig(PlacementSection):
 
 class RunConfig(RunSection):
     total_env_steps: int = Field(1_000_000, ge=1)
-    reward: Literal["learned", "env"] = Field(
-        "learned", description="`env` trains PPO on the true reward: the baseline"
+    reward: Literal["learned", "env", "env_standardized"] = Field(
+        "learned", description="`env` trains PPO on the true reward: the baseline; "
+        "`env_standardized` on the true reward standardized as the reward model's output is "
+        "(zero mean and std reward_model.output_std over each train batch): the baseline "
+        "that tells a gain from the learned reward apart from one of its normalization"
     )
     final_eval_episodes: int = Field(
         10, ge=0, description="after training, the final policy's true return on this many "

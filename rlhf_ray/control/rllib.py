@@ -177,6 +177,33 @@ def make_relabel_connector(target: RelabelTarget, layout: InfoLayout | None,
     return RewardRelabel
 
 
+def make_standardize_connector(output_std: float):
+    """Factory for `AlgorithmConfig.learners(learner_connector=...)` on the true-reward
+    baseline `run.reward=env_standardized`: each train batch's env rewards shifted and
+    scaled to zero mean and std `output_std` over its real steps, as the reward model's
+    members are normalized on recent transitions before the policy sees them."""
+    base = _connector_base()
+
+    class StandardizeReward(base):
+        def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
+                     metrics=None, **kwargs):
+            real = [max(0, len(ep) - 1) for ep in episodes]
+            parts = [np.asarray(ep.get_rewards(slice(0, n)), np.float32)
+                     for ep, n in zip(episodes, real) if n > 0]
+            if not parts:
+                return batch
+            allr = np.concatenate(parts)
+            mean, std = float(allr.mean()), float(allr.std()) or 1.0
+            for ep, n, r in zip([e for e, n in zip(episodes, real) if n > 0],
+                                [n for n in real if n > 0], parts):
+                ep.set_rewards(new_data=(r - mean) / std * output_std, at_indices=slice(0, n))
+            if metrics is not None:
+                metrics.log_value("rlhf/true_reward_mean", mean, window=1)
+            return batch
+
+    return StandardizeReward
+
+
 # --------------------------------------------------------------------------- env-runner callback
 
 
@@ -261,6 +288,11 @@ def build_ppo_config(cfg: ControlConfig, probe: EnvProbe, *, relabel: RelabelTar
     if relabel is not None:
         connector = make_relabel_connector(relabel, probe.layout,
                                            action_bounds=probe.action_bounds)
+    elif cfg.run.reward == "env_standardized":
+        connector = make_standardize_connector(cfg.reward_model.output_std)
+    else:
+        connector = None
+    if connector is not None:
         learner_kw["learner_connector"] = lambda obs_space, act_space: connector(obs_space, act_space)
     # Rollout workers yield to the labeling path only while people label; with the oracle
     # they are the critical path and keep their priority (the reward trainer still yields).

@@ -31,3 +31,27 @@ def test_a_correlation_needs_three_values_that_vary():
     assert _corr([1, 2], [2, 3]) is None
     assert _corr([1, 1, 1], [1, 2, 3]) is None
     assert _corr([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+
+
+def test_the_standardized_baseline_sees_each_batch_at_zero_mean_and_the_models_std():
+    """run.reward=env_standardized: the true rewards of a train batch's real steps (each
+    episode's last step is the learner's bootstrap step, left alone) shifted and scaled as
+    the reward model's output is."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from rlhf_ray.control.rllib import make_standardize_connector
+
+    def episode(rewards):
+        n = len(rewards)
+        return SingleAgentEpisode(observations=list(range(n + 1)), actions=[0] * n,
+                                  rewards=list(rewards), len_lookback_buffer=0)
+
+    eps = [episode([1.0, 2.0, 3.0, 0.0]), episode([5.0, 9.0])]  # real: 1, 2, 3 and 5
+    connector = make_standardize_connector(2.0)()
+    connector(rl_module=None, batch={}, episodes=eps)
+    real = np.array([1.0, 2.0, 3.0, 5.0])
+    want = (real - real.mean()) / real.std() * 2.0
+    got = np.concatenate([np.asarray(eps[0].get_rewards(slice(0, 3))),
+                          np.asarray(eps[1].get_rewards(slice(0, 1)))])
+    assert got == pytest.approx(want)
+    assert eps[0].get_rewards(3) == 0.0 and eps[1].get_rewards(1) == 9.0  # bootstrap steps
