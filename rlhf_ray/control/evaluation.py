@@ -40,11 +40,13 @@ def _episodes(runner, k: int, explore: bool, layout, bounds, keep_first: bool):
                 row["action_std"] = float(np.exp(dist[:, dist.shape[1] // 2:]).mean())
         except (KeyError, IndexError, TypeError, ValueError):
             pass
-        if layout is not None and n:
+        # vector observations carry the raw obs and simulator state in their infos, except in
+        # a true-reward baseline, which packs none (it needs none to train, and gets no video)
+        if layout is not None and n and ep.get_infos(0).get(envs.INFO_KEY) is not None:
             arr = episode_arrays(ep, n, layout, with_state=keep_first and i == 0,
                                  action_bounds=bounds)
             row.update(obs=arr["obs"], actions=arr["actions"], true_rewards=arr["true_rewards"])
-            if keep_first and i == 0 and ep.get_infos(0).get(envs.INFO_KEY) is not None:
+            if keep_first and i == 0:
                 first = arr
         elif keep_first and i == 0:  # Atari: the newest of each stacked frame is the video
             first = episode_arrays(ep, n, None, with_state=True)

@@ -202,3 +202,21 @@ def test_pong_smoke_runs_with_the_cnn_reward_model(ray_cluster, tmp_path):
     assert rows[-1]["rm_version"] >= 1
     segs = PreferenceStore(str(run_dir / "preferences")).segments()
     assert segs.arrays["obs"].shape[1:] == (25, 84, 84, 4) and segs.arrays["obs"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("reward", ["env", "env_standardized"])
+def test_the_true_reward_baselines_train_without_a_reward_model(ray_cluster, tmp_path, reward):
+    """`run.reward=env` (PPO on the true reward) and `env_standardized` (the same, each train
+    batch standardized as the reward model's output is): no labels, no reward model, and a
+    final evaluation with mean and sampled actions but no reward model's view."""
+    cfg = load_config("hopper-smoke", [f"run.reward={reward}", "run.total_env_steps=6000",
+                                       "run.final_eval_episodes=2"])
+    run = train(cfg, run_dir=str(tmp_path / reward), progress=False)
+    rows = read_metrics(run)
+    assert rows and rows[-1]["env_steps"] >= 6000
+    assert all(r.get("labels_total", 0) == 0 for r in rows)
+    assert all(r.get("pred_return_mean") is None for r in rows)
+    assert not (run / "preferences").exists() or not list((run / "preferences").rglob("*.parquet"))
+    final = json.loads((run / "final_eval.json").read_text())
+    assert "rm" not in final and "rm" not in final["sampled"]
+    assert final["sampled"]["episodes"] == final["episodes"] >= 2
