@@ -107,8 +107,7 @@ def main() -> int:
                       f"not {code}: run again (--any-code reuses it)", flush=True)
             fresh = not (run / "final" / "controller.json").exists()
             per_seed[seed] = summarize(run_seed(args.preset, seed, Path(args.runs), args.overrides))
-            per_seed[seed].update({"code": code if fresh else per_seed[seed].get("code", UNKNOWN),
-                                   "machine": machine()})
+            per_seed[seed].update({"code": code if fresh else UNKNOWN, "machine": machine()})
             # written after every seed, so a stopped grid keeps what it finished
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(

@@ -187,15 +187,13 @@ def make_standardize_connector(output_std: float):
     class StandardizeReward(base):
         def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
                      metrics=None, **kwargs):
-            real = [max(0, len(ep) - 1) for ep in episodes]
-            parts = [np.asarray(ep.get_rewards(slice(0, n)), np.float32)
-                     for ep, n in zip(episodes, real) if n > 0]
+            kept = [(ep, len(ep) - 1) for ep in episodes if len(ep) > 1]  # real steps
+            parts = [np.asarray(ep.get_rewards(slice(0, n)), np.float32) for ep, n in kept]
             if not parts:
                 return batch
             allr = np.concatenate(parts)
             mean, std = float(allr.mean()), float(allr.std()) or 1.0
-            for ep, n, r in zip([e for e, n in zip(episodes, real) if n > 0],
-                                [n for n in real if n > 0], parts):
+            for (ep, n), r in zip(kept, parts):
                 ep.set_rewards(new_data=(r - mean) / std * output_std, at_indices=slice(0, n))
             if metrics is not None:
                 metrics.log_value("rlhf/true_reward_mean", mean, window=1)

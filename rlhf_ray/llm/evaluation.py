@@ -20,10 +20,6 @@ from rlhf_ray.runtime.actors import retry_call
 from rlhf_ray.runtime.metrics import clean
 
 
-def judged_none(evals: list[dict]) -> bool:
-    return any(e.get("eval_score_mean") is None for e in evals)
-
-
 class HeldOut:
     def __init__(self, cfg: LLMConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -71,9 +67,9 @@ class HeldOut:
             self.write_samples("final", samples)
         row = {k: clean(v) for k, v in ev.items()}
         row.update({f"sft_{k}": clean(v) for k, v in self.sft.items()})
-        gap = None if judged_none(self.evals) else disagreement(
-            [e["eval_rm_score_mean"] for e in self.evals],
-            [e["eval_score_mean"] for e in self.evals])
+        judged = all(e.get("eval_score_mean") is not None for e in self.evals)
+        gap = disagreement([e["eval_rm_score_mean"] for e in self.evals],
+                           [e["eval_score_mean"] for e in self.evals]) if judged else None
         row["rm_judge_diverging"] = gap is not None
         if gap is not None:
             console.note(f"warning: iteration {iteration}: the reward model's held-out score "
