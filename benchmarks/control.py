@@ -186,6 +186,8 @@ def summarize(res: dict, window: int) -> dict:
             # number of episodes with sampled actions, the policy's action noise, and the
             # reward model's predicted return of the mean-action episodes against the true
             "sampled_return": sampled.get("return_mean"),
+            # each episode's: a policy that falls in some episodes shows in the worst one
+            "final_returns": fe.get("returns"), "sampled_returns": sampled.get("returns"),
             "action_std": fe.get("action_std_mean"),
             "sampled_action_std": sampled.get("action_std_mean"),
             "rm_pred_return": rm.get("pred_return_mean"),
@@ -431,11 +433,13 @@ def markdown(record: dict) -> str:
             if any(s.get("sampled_return") is not None for s in seeds.values())]
     if diag:
         lines += ["", "The final policy, each seed: return with mean actions / with sampled "
-                  "actions; the policy's action std (mean actions); the reward model's "
+                  "actions; the worst episode of each; the policy's action std (mean "
+                  "actions); the reward model's "
                   "predicted return of the mean-action episodes against their true return "
                   "(correlation over steps).", "",
-                  "| env | variant | mean / sampled actions | action std | RM vs true, steps |",
-                  "|---|---|---|---|---|"]
+                  "| env | variant | mean / sampled actions | worst episode, mean / sampled | "
+                  "action std | RM vs true, steps |",
+                  "|---|---|---|---|---|---|"]
         for env, name, seeds in diag:
             runs = [seeds[k] for k in sorted(seeds, key=int)]
 
@@ -445,7 +449,13 @@ def markdown(record: dict) -> str:
             pairs = ", ".join(f"{r['final_return']:,.0f} / " + (
                 "-" if r.get("sampled_return") is None else f"{r['sampled_return']:,.0f}")
                 for r in runs)
-            lines.append(f"| {env} | {name} | {pairs} | {each('action_std', '.2f')} | "
+
+            def worst(key, r):
+                return f"{min(r[key]):,.0f}" if r.get(key) else "-"
+
+            worsts = ", ".join(f"{worst('final_returns', r)} / {worst('sampled_returns', r)}"
+                               for r in runs)
+            lines.append(f"| {env} | {name} | {pairs} | {worsts} | {each('action_std', '.2f')} | "
                          f"{each('rm_corr_steps', '.2f')} |")
     return "\n".join(lines) + "\n"
 

@@ -56,6 +56,12 @@ class PPOConfig(Strict):
     activation: Literal["tanh", "relu"] = "tanh"
     obs_filter: Literal["MeanStdFilter", "none"] = "MeanStdFilter"
     vf_share_layers: bool = False
+    log_std_init: float | None = Field(
+        -1.0, description="continuous actions: the Gaussian policy's initial log std, its "
+        "action noise (-1: std 0.37 of a [-1, 1] action). RLlib's own start (null) is about "
+        "0, std 1, and after 300k steps its noise was still 0.84: the final policy's mean "
+        "actions were a controller training never ran, and fell in some episodes where its "
+        "samples walked")
 
 
 class RewardModelConfig(Strict):

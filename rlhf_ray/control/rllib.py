@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -254,6 +254,9 @@ def build_ppo_config(cfg: ControlConfig, probe: EnvProbe, *, relabel: RelabelTar
     """
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from rlhf_ray.control.policy import PPOPolicyModule
 
     p, place = cfg.ppo, cfg.placement
     atari = cfg.env.preprocessing == "atari"
@@ -311,7 +314,9 @@ def build_ppo_config(cfg: ControlConfig, probe: EnvProbe, *, relabel: RelabelTar
             use_kl_loss=p.use_kl_loss, kl_coeff=p.kl_coeff, kl_target=p.kl_target,
             grad_clip=p.grad_clip,
         )
-        .rl_module(model_config=model)
+        .rl_module(rl_module_spec=RLModuleSpec(
+            module_class=PPOPolicyModule,
+            model_config={**asdict(model), "log_std_init": p.log_std_init}))
         .debugging(seed=cfg.seed, log_level="ERROR")
         # a dead rollout worker is restarted by Ray; RLlib waits this long per iteration for
         # it to answer before sampling from the healthy ones (its default, 30 s, stalls every

@@ -212,9 +212,10 @@ def test_the_tables_show_mean_and_sampled_actions_side_by_side(tmp_path):
     the final policy's episodes, where the runs recorded them; a summary keeps them."""
     b = _bench()
     fe = {"return_mean": 221.0, "episodes": 10, "action_std_mean": 0.61,
+          "returns": [40.0, 402.0],
           "rm": {"pred_return_mean": 90.0, "corr_episodes": 0.2, "corr_steps": 0.35},
           "sampled": {"return_mean": 434.0, "action_std_mean": 0.63, "episodes": 10,
-                      "rm": {"corr_steps": 0.5}}}
+                      "returns": [400.0, 468.0], "rm": {"corr_steps": 0.5}}}
     s = b.summarize({"rows": [{"env_steps": 0, "time_s": 0.0, "true_return_mean": 1.0},
                               {"env_steps": 10, "time_s": 1.0, "true_return_mean": 2.0}],
                      "final_eval": fe}, window=1)
@@ -226,5 +227,5 @@ def test_the_tables_show_mean_and_sampled_actions_side_by_side(tmp_path):
                  "RLHF 700 labels": {"0": {**_run(221.0, 0.0, 90.0, True), **s}}}}}}
     b.finish(record, tmp_path, "grid")
     md = (tmp_path / "grid.md").read_text()
-    assert "| Hopper-v5 | RLHF 700 labels | 221 / 434 | 0.61 | 0.35 |" in md
+    assert "| Hopper-v5 | RLHF 700 labels | 221 / 434 | 40 / 400 | 0.61 | 0.35 |" in md
     assert "| Hopper-v5 | true reward |" in md.split("The final policy")[0]
