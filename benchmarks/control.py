@@ -186,8 +186,6 @@ def summarize(res: dict, window: int) -> dict:
             # number of episodes with sampled actions, the policy's action noise, and the
             # reward model's predicted return of the mean-action episodes against the true
             "sampled_return": sampled.get("return_mean"),
-            # each episode's: a policy that falls in some episodes shows in the worst one
-            "final_returns": fe.get("returns"), "sampled_returns": sampled.get("returns"),
             "action_std": fe.get("action_std_mean"),
             "sampled_action_std": sampled.get("action_std_mean"),
             "rm_pred_return": rm.get("pred_return_mean"),
@@ -450,11 +448,12 @@ def markdown(record: dict) -> str:
                 "-" if r.get("sampled_return") is None else f"{r['sampled_return']:,.0f}")
                 for r in runs)
 
-            def worst(key, r):
-                return f"{min(r[key]):,.0f}" if r.get(key) else "-"
+            def worst(r, sampled):  # a policy that falls in some episodes shows here
+                fe = r.get("final_eval") or {}
+                rets = (fe.get("sampled") or {}).get("returns") if sampled else fe.get("returns")
+                return f"{min(rets):,.0f}" if rets else "-"
 
-            worsts = ", ".join(f"{worst('final_returns', r)} / {worst('sampled_returns', r)}"
-                               for r in runs)
+            worsts = ", ".join(f"{worst(r, False)} / {worst(r, True)}" for r in runs)
             lines.append(f"| {env} | {name} | {pairs} | {worsts} | {each('action_std', '.2f')} | "
                          f"{each('rm_corr_steps', '.2f')} |")
     return "\n".join(lines) + "\n"
@@ -488,7 +487,7 @@ def finish(record: dict, out: Path, tag: str) -> None:
         print(f"{env:15s} {'random policy':34s} {e['random_return']['mean']:.1f}")
         for name, r in e["summary"].items():
             vals = " ".join(f"{v:.0f}" for v in r["final_return"])
-            if name == TRUE:
+            if name == TRUE or "return_ratio" not in r:  # no baseline to divide by
                 print(f"{env:15s} {name:34s} seeds [{vals}]")
                 continue
             rr, tr = r["return_ratio"], r.get("throughput_ratio")

@@ -224,7 +224,8 @@ def test_the_tables_show_mean_and_sampled_actions_side_by_side(tmp_path):
     record = {"steps": 10, "overrides": [], "envs": {"Hopper-v5": {
         "random_return": {"mean": 0.0},
         "runs": {b.TRUE: {"0": {**_run(760.0, 0.0, 100.0, True)}},
-                 "RLHF 700 labels": {"0": {**_run(221.0, 0.0, 90.0, True), **s}}}}}}
+                 "RLHF 700 labels": {"0": {**_run(221.0, 0.0, 90.0, True), **s,
+                                             "final_eval": fe}}}}}}
     b.finish(record, tmp_path, "grid")
     md = (tmp_path / "grid.md").read_text()
     assert "| Hopper-v5 | RLHF 700 labels | 221 / 434 | 40 / 400 | 0.61 | 0.35 |" in md
