@@ -404,7 +404,8 @@ def markdown(record: dict) -> str:
         seen = [abs(v) for r in e.get("summary", {}).values() for v in r["final_return"]]
         fmt = ",.0f" if max(seen + [abs(rand or 0.0)]) >= 100 else ".1f"
         for name, r in e.get("summary", {}).items():
-            ratio = ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r else "1"
+            ratio = (ci(r["return_ratio"], "ratio", ".2f") if "return_ratio" in r
+                     else "1" if name == TRUE else "no true-reward runs here")
             if not r.get("baseline_above_floor", True):
                 ratio = "none: true reward not above random"
             tr = r.get("throughput_ratio")

@@ -7,8 +7,8 @@ returns pull it. From RLlib's start (log std about 0, std 1 on a [-1, 1] action)
 was still 0.84 after 300k Walker2d steps, with true and learned rewards alike, and the
 policy's mean actions, the final evaluation's yardstick, were then a controller that training
 never ran: in some runs they fell at once and lay still in a third of the episodes where the
-samples of the same policy walked in every one. Tuned MuJoCo PPO settings (rl-baselines3-zoo)
-start the noise low for the same reason. The state-dependent log std (RLlib's default) starts
+samples of the same policy walked in every one. rl-baselines3-zoo's tuned PPO settings for
+Hopper, HalfCheetah and Humanoid start the noise low too (log std -2). The state-dependent log std (RLlib's default) starts
 at the output layer's bias (its weights at 0: the same noise in every state); a free one
 (`free_log_std`) at its parameter.
 """
