@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_ray.control.config import ControlConfig
+from rlhf_ray.control.policy import PPOPolicyModule
 from rlhf_ray.control.envs import (
     ENV_NAME,
     INFO_KEY,
@@ -255,8 +256,6 @@ def build_ppo_config(cfg: ControlConfig, probe: EnvProbe, *, relabel: RelabelTar
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from rlhf_ray.control.policy import PPOPolicyModule
 
     p, place = cfg.ppo, cfg.placement
     atari = cfg.env.preprocessing == "atari"
