@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from rlhf_ray.control.config import ControlConfig
-from rlhf_ray.control.policy import PPOPolicyModule
 from rlhf_ray.control.envs import (
     ENV_NAME,
     INFO_KEY,
@@ -28,6 +27,7 @@ from rlhf_ray.control.envs import (
     InfoLayout,
     atari_to_uint8,
 )
+from rlhf_ray.control.policy import PPOPolicyModule
 from rlhf_ray.control.serve import score_chunks
 from rlhf_ray.core.segments import SegmentBatch, cut_segments
 from rlhf_ray.runtime.scoring import pinned_version
