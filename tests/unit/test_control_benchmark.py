@@ -230,3 +230,18 @@ def test_the_tables_show_mean_and_sampled_actions_side_by_side(tmp_path):
     md = (tmp_path / "grid.md").read_text()
     assert "| Hopper-v5 | RLHF 700 labels | 221 / 434 | 40 / 400 | 0.61 | 0.35 |" in md
     assert "| Hopper-v5 | true reward |" in md.split("The final policy")[0]
+
+
+def test_rlhf_runs_without_a_true_reward_beside_them_get_no_ratio(tmp_path, capsys):
+    """A record of RLHF runs alone (`--no-true-reward`) shows their returns and says there is
+    nothing to divide by, in the table and the printed summary, instead of a ratio of 1."""
+    b = _bench()
+    record = {"steps": 1000, "overrides": [], "envs": {"Walker2d-v5": {
+        "random_return": {"mean": 74.4},
+        "runs": {"RLHF 700 labels": {s: _run(700.0 + 100 * int(s), 0.0, 100.0, True)
+                                     for s in "01"}}}}}
+    b.finish(record, tmp_path, "alone")
+    md = (tmp_path / "alone.md").read_text()
+    assert "| Walker2d-v5 | RLHF 700 labels | 2 |" in md
+    assert "no true-reward runs here" in md
+    assert "seeds [700 800]" in capsys.readouterr().out
