@@ -381,6 +381,13 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _worst(run: dict, sampled: bool) -> str:
+    """A run's worst final-evaluation episode: where a policy falls in some episodes."""
+    fe = run.get("final_eval") or {}
+    rets = (fe.get("sampled") or {}).get("returns") if sampled else fe.get("returns")
+    return f"{min(rets):,.0f}" if rets else "-"
+
+
 def markdown(record: dict) -> str:
     """The record as the README's tables: per env and variant, every seed's final return, the
     mean with its interval and the ratio over the random floor; then the IQM over envs."""
@@ -448,13 +455,7 @@ def markdown(record: dict) -> str:
             pairs = ", ".join(f"{r['final_return']:,.0f} / " + (
                 "-" if r.get("sampled_return") is None else f"{r['sampled_return']:,.0f}")
                 for r in runs)
-
-            def worst(r, sampled):  # a policy that falls in some episodes shows here
-                fe = r.get("final_eval") or {}
-                rets = (fe.get("sampled") or {}).get("returns") if sampled else fe.get("returns")
-                return f"{min(rets):,.0f}" if rets else "-"
-
-            worsts = ", ".join(f"{worst(r, False)} / {worst(r, True)}" for r in runs)
+            worsts = ", ".join(f"{_worst(r, False)} / {_worst(r, True)}" for r in runs)
             lines.append(f"| {env} | {name} | {pairs} | {worsts} | {each('action_std', '.2f')} | "
                          f"{each('rm_corr_steps', '.2f')} |")
     return "\n".join(lines) + "\n"
