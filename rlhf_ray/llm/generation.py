@@ -1,15 +1,14 @@
 """Generation workers: the LLM workload's rollout workers.
 
-Backend `hf`: transformers `generate` with the KV cache, on CPU or GPU. Backend `vllm`: a vLLM
-engine on a GPU, weights pushed from the learner through `collective_rpc` into the running
-engine (no restart). Both answer the same two calls: `generate(prompts, n)` and
+Backend `hf`: transformers `generate` with the KV cache, on CPU or GPU. Backend `vllm`
+(`vllm_generation`): a vLLM engine in the worker's process, CPU or CUDA, weights pushed into the
+running engine. Both answer the same two calls: `generate(prompts, n)` and
 `update_weights(version, weights)`. Every sync carries a version number and every sample
 records the version that produced it.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -22,7 +21,7 @@ from rlhf_ray.llm.modeling import (
     lora_on,
     with_lora,
 )
-from rlhf_ray.storage import locations
+from rlhf_ray.runtime.devices import actor_device
 
 
 def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -36,7 +35,25 @@ def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
     return out
 
 
-class HFGenerationWorker:
+class VersionedWorker:
+    """What every generation backend shares: the policy version it holds."""
+
+    def __init__(self, seed: int = 0):
+        self.version = 0
+        self.seed = seed
+        self.calls = 0
+        self.startup_s = 0.0
+
+    def get_version(self) -> int:
+        return self.version
+
+    def set_version(self, version: int) -> int:
+        """The version of the weights loaded at start (a resumed run's policy)."""
+        self.version = int(version)
+        return self.version
+
+
+class HFGenerationWorker(VersionedWorker):
     """transformers `generate` with sampling; prompts left padded, KV cache on."""
 
     def __init__(self, model_path: str, gen: dict, *, max_prompt_tokens: int = 64, seed: int = 0,
@@ -46,10 +63,11 @@ class HFGenerationWorker:
         """`prompt_format`: `PromptFormat.settings(cfg.data)` (chat template, instruction).
         `lora`: the policy trains LoRA adapters on this model (the SFT model): updates carry
         adapter weights, merged into the weights here (`adapter_path`: a checkpoint's)."""
-
+        t0 = time.time()
+        super().__init__(seed)
         torch.set_num_threads(torch_threads)
         self.gen = GenerationConfig.model_validate(gen)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = actor_device(device, "a generation worker")
         self.tok = load_tokenizer(model_path)
         self.model = load_policy(model_path, dtype, self.device).eval()
         self.lora = lora_on(lora)
@@ -58,9 +76,7 @@ class HFGenerationWorker:
                                    top=train_top_layers).eval()
             self.model.merge_adapter()
         self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
-        self.version = 0
-        self.seed = seed
-        self.calls = 0
+        self.startup_s = time.time() - t0
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         return [self.fmt.encode(p) for p in prompts]
@@ -92,7 +108,8 @@ class HFGenerationWorker:
         tokens = sum(len(r) for r in resp)
         return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
                 "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
-                "tokens": tokens, "generate_s": time.time() - t0, **extra}
+                "tokens": tokens, "generate_s": time.time() - t0, "startup_s": self.startup_s,
+                **extra}
 
     def _sample(self, pids: list[list[int]], n: int,
                 logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:
@@ -142,103 +159,3 @@ class HFGenerationWorker:
                              f"unexpected {unexpected[:3]}")
         self.version = version
         return self.version
-
-    def get_version(self) -> int:
-        return self.version
-
-    def set_version(self, version: int) -> int:
-        """The version of the weights loaded at start (a resumed run's policy)."""
-        self.version = int(version)
-        return self.version
-
-
-class VLLMGenerationWorker:
-    """A vLLM engine on one GPU. Written against vLLM's documented offline API
-    (`LLM`, `SamplingParams`, `LLM.collective_rpc`); it needs the `vllm` extra and a GPU,
-    neither of which exists on the machines this project is built on, so it is untested here.
-    Weights are pushed into the running engine: each vLLM worker loads the learner's
-    state dict through the model's own `load_weights` (no engine restart)."""
-
-    def __init__(self, model_path: str, gen: dict, *, max_prompt_tokens: int = 64, seed: int = 0,
-                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
-                 prompt_format: dict | None = None, lora: dict | None = None,
-                 adapter_path: str | None = None, train_top_layers: int | None = None):
-        if lora_on(lora):
-            raise ValueError("model.lora with generation.backend=vllm: not supported yet "
-                             "(use backend hf, or full fine-tuning)")
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise RuntimeError("generation.backend=vllm needs vLLM on a GPU machine: "
-                               "pip install 'rlhf-ray[vllm]'") from None
-        from transformers import AutoTokenizer
-
-        # weight pushes send a function to the engine's workers (collective_rpc with a callable)
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        self.gen = GenerationConfig.model_validate(gen)
-
-        model_path = locations.local_dir(model_path)
-        self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
-        self.llm = LLM(model=model_path, seed=seed, dtype="auto" if dtype == "float32" else dtype,
-                       gpu_memory_utilization=self.gen.vllm_gpu_memory_utilization,
-                       enable_prefix_caching=True)
-        self.version = 0
-        self.seed = seed
-        self.calls = 0
-
-    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None,
-                 logprobs: bool = False) -> dict:
-        """`logprobs` is not answered: vLLM's kernels differ from the learner's, so the
-        learner recomputes the old log-probs (as verl and OpenRLHF do)."""
-        from vllm import SamplingParams
-
-        t0 = time.time()
-        self.calls += 1
-        params = SamplingParams(
-            n=n, temperature=self.gen.temperature, top_k=self.gen.top_k or -1,
-            top_p=self.gen.top_p, max_tokens=self.gen.max_new_tokens,
-            seed=(self.seed * 1_000_003 + self.calls) if seed is None else seed)
-        pids = [self.fmt.encode(p) for p in prompts]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in pids], params, use_tqdm=False)
-        resp, texts = [], []
-        for o in outs:
-            for c in o.outputs:
-                ids = list(c.token_ids) or [self.tok.eos_token_id]
-                resp.append(ids)
-                texts.append(self.tok.decode(ids, skip_special_tokens=True))
-        return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
-                "texts": texts, "prompts": [q for q in prompts for _ in range(n)],
-                "version": self.version, "tokens": sum(len(r) for r in resp),
-                "generate_s": time.time() - t0}
-
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        if version <= self.version:
-            return self.version
-        items = list(weights.items())
-        self.llm.collective_rpc(_vllm_load_weights, args=(items,))
-        self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
-        self.version = version
-        return self.version
-
-    def get_version(self) -> int:
-        return self.version
-
-    def set_version(self, version: int) -> int:
-        """The version of the weights loaded at start (a resumed run's policy)."""
-        self.version = int(version)
-        return self.version
-
-
-def _vllm_load_weights(worker, items):
-    """Runs inside each vLLM worker (`collective_rpc` passes the worker first)."""
-    worker.model_runner.model.load_weights(weights=iter(items))
-    return True
-
-
-def generation_worker_class(backend: str):
-    if backend == "hf":
-        return HFGenerationWorker
-    if backend == "vllm":
-        return VLLMGenerationWorker
-    raise ValueError(f"generation.backend={backend!r}: use 'hf' or 'vllm'")

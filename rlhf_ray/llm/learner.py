@@ -24,12 +24,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_ray.core import lm_ppo
 from rlhf_ray.llm.config import PPOConfig
-from rlhf_ray.llm.experience import CachedTrunk, Experience, Forward, make_experience, unwrap
-from rlhf_ray.llm.modeling import (TokenBatch, TokenValueModel, adapter_state_cpu, load_policy,
-                                   load_scalar_model, load_tokenizer, lora_on, make_batch,
-                                   save_model, state_dict_cpu, with_lora)
+from rlhf_ray.llm.experience import (
+    CachedTrunk,
+    Experience,
+    Forward,
+    make_experience,
+    unwrap,
+)
+from rlhf_ray.llm.modeling import (
+    TokenBatch,
+    TokenValueModel,
+    adapter_state_cpu,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    lora_on,
+    make_batch,
+    save_model,
+    state_dict_cpu,
+    with_lora,
+)
 from rlhf_ray.llm.modeling import train_top_layers as freeze_below
 from rlhf_ray.runtime.cluster import free_port
+from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage import locations
 
 
@@ -50,8 +67,7 @@ class PPOLearner:
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
         self.cfg = PPOConfig.model_validate(ppo)
-        self.device = device or (f"cuda:{torch.cuda.current_device()}"
-                                 if torch.cuda.is_available() else "cpu")
+        self.device = actor_device(device, f"learner rank {rank}")
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
         self.policy = with_lora(load_policy(policy_path, dtype, self.device), self.lora,
@@ -132,11 +148,11 @@ class PPOLearner:
                           response_len=shard.get("response_len")).to(self.device)
 
     def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float,
-                    old_logprobs: list[list[float]] | None = None) -> Experience:
+                    sampler_logprobs: list[list[float]] | None = None) -> Experience:
         """This rank's shard made ready for PPO epochs (`experience.make_experience`)."""
         return make_experience(self.forward, unwrap(self.policy), unwrap(self.critic), self.ref,
                                b, scores, beta, self.cfg,
-                               lambda idx: self._micro_batches(b, idx), old_logprobs,
+                               lambda idx: self._micro_batches(b, idx), sampler_logprobs,
                                self._allreduce)
 
     # ---------------------------------------------------------------- the PPO step
@@ -150,6 +166,7 @@ class PPOLearner:
         mask, t = m.response_mask, m.response_mask.shape[1]
         old_lp, adv, old_values, returns = (x[idx, :t] for x in (exp.old_lp, exp.adv, exp.values,
                                                                  exp.returns))
+        is_w = None if exp.is_weights is None else exp.is_weights[idx, :t]
         want_ent = self.cfg.entropy_coef > 0
         out = self.forward.logprobs(self.policy, m, trunk["policy"], want_ent)
         lp, ent = (out if want_ent else (out, None))
@@ -157,7 +174,7 @@ class PPOLearner:
         # per-token sums over this micro batch, divided by the whole minibatch's token count
         # on all ranks; times world size because DDP averages gradients over ranks
         scale = float(mask.sum()) / tokens_global * self.world
-        pg, pg_stats = lm_ppo.policy_loss(lp, old_lp, adv, mask, self.cfg.cliprange)
+        pg, pg_stats = lm_ppo.policy_loss(lp, old_lp, adv, mask, self.cfg.cliprange, is_w)
         vf, vf_stats = lm_ppo.value_loss(values, old_values, returns, mask,
                                          self.cfg.cliprange_value)
         loss = pg + vf
@@ -193,14 +210,14 @@ class PPOLearner:
 
     def step(self, shard: dict, beta: float) -> dict:
         """One PPO iteration on this rank's shard: {prompt_ids, response_ids, scores
-        (normalized RM scores), prompt_len, response_len, and optionally old_logprobs (the
-        sampling policy's, from generation)}. All ranks call it together."""
+        (normalized RM scores), prompt_len, response_len, and optionally sampler_logprobs
+        (the sampling policy's, from generation)}. All ranks call it together."""
         t0 = time.time()
         self.policy.train()
         self.critic.train()
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
-        exp = self._experience(b, scores, beta, shard.get("old_logprobs"))
+        exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
         n = len(b)
         per_rank_mb = self.cfg.minibatch_size // self.world
         stats: list[dict] = []
@@ -226,6 +243,8 @@ class PPOLearner:
         out.update(kl_mean=tot[0] / tot[2], kl_k1_mean=tot[1] / tot[2],
                    response_len_mean=tot[3] / tot[2], reward_total_mean=tot[4] / tot[2],
                    learner_s=time.time() - t0, policy_version=self.version)
+        if exp.sampler_stats:  # this rank's (a per-token mean: close to the global one)
+            out.update(exp.sampler_stats)
         return out
 
     # ---------------------------------------------------------------- for tests and syncs
@@ -234,7 +253,7 @@ class PPOLearner:
         2 ranks with half a batch each must match 1 rank with all of it."""
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
-        exp = self._experience(b, scores, beta, shard.get("old_logprobs"))
+        exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
         self.opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         self._backward(b, exp, np.arange(len(b)))

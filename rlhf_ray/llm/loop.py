@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlhf_ray.core.lm_ppo import (AdaptiveKLController, FixedKLController,
-                                  kl_controller_from_state)
+from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController, kl_controller_from_state
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm import serve as serve_lm
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
-from rlhf_ray.llm.metrics import LLM
+from rlhf_ray.llm.metrics import LLM, SAMPLER_KEYS
 from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 from rlhf_ray.llm.sft import SFTTask
 from rlhf_ray.llm.stages import StartPoints, start_points
@@ -232,7 +231,15 @@ class LLMController(RunController):
         last: dict = {}
         batch = cfg.ppo.rollout_batch_size
         pending = None  # async_generation: the next batch, sampled while the learner steps
-        with_lp = cfg.ppo.old_logprobs == "generation"
+        # the sampler's log-probs: PPO's old ones, or compared with the learner's (sampler_kl)
+        with_lp = (cfg.ppo.old_logprobs == "generation" or cfg.generation.backend == "vllm"
+                   or cfg.ppo.async_generation or cfg.ppo.importance_sampling_cap is not None)
+        if (cfg.ppo.async_generation and cfg.ppo.old_logprobs == "learner"
+                and cfg.ppo.importance_sampling_cap is None):
+            self.log("warning: ppo.async_generation with ppo.old_logprobs=learner: PPO's old "
+                     "log-probs are the learner's, one version ahead of the sampler, with no "
+                     "correction (sampler_kl measures the gap); set ppo.importance_sampling_cap "
+                     "(truncated importance sampling) or ppo.old_logprobs=generation")
         while self.iteration < cfg.run.iterations and not self.should_stop():
             timer = PhaseTimer()
             # 1. samples of policy v (generated while the last step ran, with async_generation)
@@ -324,6 +331,8 @@ class LLMController(RunController):
             "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
             "approx_kl": clean(s.stats.get("approx_kl")),
             "clipfrac": clean(s.stats.get("clipfrac")),
+            **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
+            "generation_startup_s": clean(s.out.get("startup_s")),
             **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),
         }
 
@@ -340,7 +349,7 @@ class LLMController(RunController):
             # it refits beside the learner: the CPUs it reserves (its first fit, alone,
             # takes the node's: stage_threads)
             torch_threads=max(1, int(place.reward_trainer.num_cpus)), dtype=cfg.model.dtype,
-            train_top_layers=cfg.model.train_top_layers)
+            train_top_layers=cfg.model.train_top_layers, device=place.devices()["reward_trainer"])
         self.actors += [weights, self.trainer]
         self.feedback.attach(self.trainer, weights)
         if with_labeler:
@@ -355,7 +364,8 @@ class LLMController(RunController):
             namespace=ray.get_runtime_context().namespace, serve_cfg=self.cfg.placement.reward_model,
             torch_threads=self.cfg.run.torch_threads,
             max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-            max_response_tokens=rm_max_response_tokens(self.cfg), wait=False)
+            max_response_tokens=rm_max_response_tokens(self.cfg), wait=False,
+            dtype=self.cfg.model.dtype)
         self.apps.append(self.names.reward_app)
 
     def start_generation(self, policy_path: str, adapter_path: str | None = None) -> None:

@@ -13,6 +13,10 @@ LLM_METRICS: dict[str, str] = {
     "clipfrac": "losses",
     "policy_version": "counters", "sample_policy_versions": "counters", "policy_lag": "counters",
     "generation_restarts": "counters",
+    # the sampler against the learner on the same tokens (lm_ppo.sampler_correction), where
+    # the sampler's log-probs are compared with the learner's (ppo.old_logprobs=learner)
+    "sampler_kl": "losses", "sampler_is_weight_mean": "losses", "sampler_is_clipped_frac": "losses",
+    "generation_startup_s": "time",
     "generate_s": "time", "score_s": "time", "learner_s": "time", "sync_s": "time",
     "iteration_s": "time",
     # held-out evaluations (every eval.every iterations and the last): the yardstick's
@@ -36,6 +40,8 @@ def _held_out(m: dict) -> str:
         line += " | WARNING rm rising, yardstick not"
     return line
 
+
+SAMPLER_KEYS = ("sampler_kl", "sampler_is_weight_mean", "sampler_is_clipped_frac")
 
 LLM = MetricsTable(
     sections=LLM_METRICS,

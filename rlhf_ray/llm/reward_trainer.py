@@ -27,6 +27,7 @@ from rlhf_ray.llm.modeling import (
 )
 from rlhf_ray.llm.modeling import train_top_layers as freeze_below
 from rlhf_ray.runtime.actors import torch_threads
+from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage.weights import Publishes
 
 
@@ -46,9 +47,12 @@ def rankings_to_comparisons(rankings: list[dict]) -> list[dict]:
 class LMRewardTrainer(Publishes):
     def __init__(self, init_path: str, cfg: RewardModelConfig, *, max_prompt_tokens: int = 64,
                  max_response_tokens: int = 64, seed: int = 0, torch_threads: int = 1,
-                 dtype: str = "float32", device: str = "cpu", train_top_layers: int | None = None):
+                 dtype: str = "float32", device: str | None = None,
+                 train_top_layers: int | None = None):
+        """`device`: the placement's (`placement.devices()`); None: CUDA where visible."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
+        device = actor_device(device, "the reward trainer")
         self.cfg = cfg
         self.tok = load_tokenizer(init_path)
         self.model = load_scalar_model(init_path, dtype, device)

@@ -17,6 +17,7 @@ from rlhf_ray.llm.modeling import (
     load_scalar_model,
     load_tokenizer,
 )
+from rlhf_ray.runtime.devices import actor_device, placed_device
 from rlhf_ray.runtime.scoring import VersionedScorer, standalone
 from rlhf_ray.runtime.scoring import deploy as _deploy
 
@@ -27,9 +28,10 @@ class LMRewardServer(VersionedScorer):
     def __init__(self, model_path: str, weight_store: str, namespace: str,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
                  torch_threads: int = 1, max_prompt_tokens: int = 64,
-                 max_response_tokens: int = 64, dtype: str = "float32"):
+                 max_response_tokens: int = 64, dtype: str = "float32",
+                 device: str | None = None):
         torch.set_num_threads(torch_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device(device, "the reward-model server")
         self.tok = load_tokenizer(model_path)
         self.model = load_scalar_model(model_path, dtype, self.device).eval()
         self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
@@ -87,14 +89,14 @@ class LMRewardServer(VersionedScorer):
 
 def deploy(model_path: str, *, app_name: str, weight_store: str, namespace: str, serve_cfg,
            torch_threads: int = 1, max_prompt_tokens: int = 64, max_response_tokens: int = 64,
-           route_prefix: str | None = None, wait: bool = True):
+           route_prefix: str | None = None, wait: bool = True, dtype: str = "float32"):
     """Start the LM reward-model application; resources and batching come from the config.
     `wait=False` returns at once (the replica starts while the caller starts other roles);
     `runtime.serving.wait_running(app_name)` then waits for it."""
     return _deploy(LMRewardServer, DEPLOYMENT_NAME,
                    (model_path, weight_store, namespace, serve_cfg.max_batch_size,
                     serve_cfg.batch_wait_timeout_s, torch_threads, max_prompt_tokens,
-                    max_response_tokens),
+                    max_response_tokens, dtype, placed_device(serve_cfg)),
                    app_name=app_name, serve_cfg=serve_cfg, route_prefix=route_prefix, wait=wait)
 
 

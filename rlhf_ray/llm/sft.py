@@ -25,13 +25,16 @@ from rlhf_ray.llm.modeling import (
 )
 from rlhf_ray.llm.tiny import build_model
 from rlhf_ray.runtime.actors import stage_threads
+from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage import locations
 
 
-def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
+def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False,
+            device: str | None = None) -> str:
     """Supervised fine-tuning on (prompt, response) demonstrations: cross-entropy on the
     response tokens (and EOS) only. Builds the tiny model first when `model.policy: tiny`.
-    Saves a Hugging Face model folder (safetensors) to `out_dir`; returns it."""
+    Saves a Hugging Face model folder (safetensors) to `out_dir`; returns it. `device`: the
+    learners' (`placement.devices()`); None: CUDA where this process sees it."""
     import torch
 
     torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
@@ -48,7 +51,8 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
     else:
         src = assets.resolve(src)
     tok = load_tokenizer(src)
-    model = load_policy(src, cfg.model.dtype)
+    device = actor_device(device, "SFT")
+    model = load_policy(src, cfg.model.dtype, device)
     train_top_layers(model, cfg.model.train_top_layers)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -64,7 +68,8 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False) -> str:
         for s in range(0, len(rows), bs):
             part = [rows[i] for i in perm[s:s + bs]]
             b = encode_pairs(tok, [r["prompt"] for r in part], [r["response"] for r in part],
-                             cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens, fmt)
+                             cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens,
+                             fmt).to(device)
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                            position_ids=b.position_ids).logits[:, b.prompt_len - 1:-1]
             target = b.input_ids[:, b.prompt_len:]
@@ -90,4 +95,4 @@ class SFTTask:
     """SFT as an actor (see the module docstring)."""
 
     def run(self, cfg: LLMConfig, out: str) -> str:
-        return run_sft(cfg, out, progress=True)
+        return run_sft(cfg, out, progress=True, device=cfg.placement.devices()["sft"])

@@ -3,8 +3,8 @@ worker groups): the generation workers (prompts split over them, all calls in fl
 once, a restarted worker given the current policy before it is asked again) and the PPO
 learner group (one torch.distributed group; every rank steps on its shard at once).
 
-The role classes are `generation.HFGenerationWorker` / `VLLMGenerationWorker` and
-`learner.PPOLearner`; this module is their wiring.
+The role classes are `generation.HFGenerationWorker` / `vllm_generation.VLLMGenerationWorker`
+and `learner.PPOLearner`; this module is their wiring.
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ from typing import Callable
 
 import numpy as np
 
-from rlhf_ray.llm.generation import generation_worker_class
+from rlhf_ray.llm.generation import HFGenerationWorker
 from rlhf_ray.llm.learner import PPOLearner
 from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
+from rlhf_ray.llm.vllm_generation import VLLMGenerationWorker
 from rlhf_ray.runtime.actors import remote_role
 
 Bundle = Callable[[str, int], "int | None"]  # (role, i) -> a bundle of the run's plan
+BACKENDS = {"hf": HFGenerationWorker, "vllm": VLLMGenerationWorker}
+
+
+def generation_worker_class(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"generation.backend={backend!r}: use 'hf' or 'vllm'")
+    return BACKENDS[backend]
 
 
 class GenerationGroup:
@@ -32,7 +40,8 @@ class GenerationGroup:
             policy_path, cfg.generation.model_dump(), max_prompt_tokens=cfg.data.max_prompt_tokens,
             seed=cfg.seed * 101 + i, torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype,
             prompt_format=PromptFormat.settings(cfg.data), lora=cfg.model.lora.model_dump(),
-            adapter_path=adapter_path, train_top_layers=cfg.model.train_top_layers)
+            adapter_path=adapter_path, train_top_layers=cfg.model.train_top_layers,
+            device=place.devices()["generation"])
             for i in range(place.num_generation_workers)]
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
@@ -45,7 +54,7 @@ class GenerationGroup:
     def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False) -> tuple:
         """Start generating (every worker at once); `collect` waits for the samples. The
         workers sample with the weights they hold when they get to it. `logprobs`: with the
-        sampling policy's token log-probs, where the backend gives them (hf)."""
+        sampling policy's token log-probs (both backends give them)."""
         k = len(self.workers)
         parts = [prompts[i::k] for i in range(k)]
         refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
@@ -83,6 +92,7 @@ class GenerationGroup:
         merged["versions"] = [o["version"] for o in outs]
         merged["tokens"] = sum(o["tokens"] for o in outs)
         merged["generate_s"] = max(o["generate_s"] for o in outs)
+        merged["startup_s"] = max(o.get("startup_s", 0.0) for o in outs)
         return merged
 
     def push(self, version: int, weights_ref) -> None:
@@ -130,7 +140,7 @@ class LearnerGroup:
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype, pad_id=pad,
             ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
-            train_top_layers=cfg.model.train_top_layers)
+            train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"])
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])
@@ -143,9 +153,10 @@ class LearnerGroup:
         n = len(self.ranks)
         p_len = max(len(x) for x in out["prompt_ids"])
         r_len = max(len(y) for y in out["response_ids"])
-        # the sampler's token log-probs, where generation gave them, are PPO's old log-probs
+        # the sampler's token log-probs, where generation gave them: PPO's old log-probs, or
+        # compared with the learner's (ppo.old_logprobs)
         keys = {"prompt_ids": "prompt_ids", "response_ids": "response_ids",
-                "logprobs": "old_logprobs"}
+                "logprobs": "sampler_logprobs"}
         return ray.get([lr.step.remote(
             {**{to: out[k][r::n] for k, to in keys.items() if k in out},
              "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)

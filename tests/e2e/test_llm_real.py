@@ -22,11 +22,13 @@ pytestmark = pytest.mark.e2e
 
 
 def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_cluster, tmp_path):
-    """The three stages on SmolLM2-135M with LoRA on its top blocks."""
+    """The three stages on SmolLM2-135M with LoRA on its top blocks, generation on a vLLM
+    engine (the CPU build) that follows the learner by adapters."""
     run = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "smollm2-reviews-smoke",
-                          "--run-dir", str(run)], env=env, capture_output=True, text=True,
+                          "--run-dir", str(run), "generation.backend=vllm",
+                          "ppo.old_logprobs=learner"], env=env, capture_output=True, text=True,
                          timeout=900)
     log = (run / "driver.log").read_text()[-3000:] if (run / "driver.log").exists() else ""
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + log
@@ -39,6 +41,9 @@ def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_clust
         assert not [k for k in LLM.required if row.get(k) is None], row
         assert not LLM.unregistered(row)
         assert 0 <= row["oracle_score_mean"] <= 1  # the MiniLM probe's P(positive)
+        # the engine samples from the learner's policy (adapters synced each step): its
+        # token log-probs are the learner's up to the kernels' difference
+        assert row["sampler_kl"] < 1e-3 and row["generation_startup_s"] > 0
     last = rows[-1]
     for key in ("eval_score_mean", "eval_vader_mean", "eval_rm_score_mean",
                 "sft_eval_score_mean", "sft_eval_vader_mean", "sft_eval_rm_score_mean"):

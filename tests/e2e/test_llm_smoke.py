@@ -90,7 +90,8 @@ TINY = ["data.num_sft_examples=256", "data.num_prompts=128", "sft.epochs=1",
 
 
 def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, s3, tmp_path):
-    """`rlhf-ray train llm-tiny-smoke --run-dir s3://...` (PPO with LoRA), then `rlhf-ray
+    """`rlhf-ray train llm-tiny-smoke --run-dir s3://...` (PPO with LoRA, generation on a
+    vLLM engine that follows the learner by adapters), then `rlhf-ray
     train --resume s3://...` from another working dir with another cache (another node, as far as the run
     can tell), on a real S3-protocol server: the SFT model, the reward model and every
     checkpoint are written by the roles straight to the bucket and read back from it; the
@@ -119,9 +120,10 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
         return locations.read_text(log)[-3000:] if locations.exists(log) else ""
 
     # PPO with LoRA adapters (as the real-model presets train): the resume rebuilds the
-    # learner's and the generation worker's policy from the final checkpoint's adapters
-    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY, "model.lora.r=4"],
-                           **job(1))
+    # learner's and the vLLM engine's policy from the final checkpoint's adapters; the
+    # learner's log-probs are compared with the engine's (sampler_kl)
+    first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY, "model.lora.r=4",
+                            "generation.backend=vllm", "ppo.old_logprobs=learner"], **job(1))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:] + log_tail()
     assert_own_lines_only(first, run)
     assert f"run folder: {run}" in first.stderr and f"done: {run}" in first.stdout
@@ -142,6 +144,8 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     # policy version, beta and the SFT model's evaluation carry on from the final checkpoint
     assert more[2]["policy_version"] == 3
     assert more[2]["sample_policy_versions"] == [2]  # the workers loaded the checkpoint's policy
+    # ... the engine sampled from the checkpoint's adapters: its log-probs are the learner's
+    assert all(r["sampler_kl"] < 1e-4 for r in more) and more[2]["generation_startup_s"] > 0
     assert abs(more[2]["kl_coef"] - rows[-1]["kl_coef_next"]) < 1e-5
     assert more[2]["sft_oracle_score_mean"] == rows[-1]["sft_oracle_score_mean"]
     # the resumed labeler opened the same store: every earlier ranking counts, new ones join
@@ -174,8 +178,8 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert (rm_dir / "reward_model" / "model.safetensors").exists()
     assert not (rm_dir / "sft").exists()  # started from the given SFT model
     # the roles of this stage share one placement group (STRICT_PACK: one node), and the
-    # generation worker is killed (SIGKILL) after the first iteration: Ray restarts it, the
-    # controller gives it the current policy and asks again
+    # generation worker (a vLLM engine) is killed (SIGKILL) after the first iteration: Ray
+    # restarts it, the controller gives it the current policy and asks again
     import os
     import signal
 
@@ -185,7 +189,8 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
 
     ctl = LLMController(load_config("llm-tiny-smoke", base + [
         f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
-        "placement.group_strategy=STRICT_PACK", "run.run_name=packed"]),
+        "placement.group_strategy=STRICT_PACK", "run.run_name=packed",
+        "generation.backend=vllm", "ppo.old_logprobs=learner"]),
         str(tmp_path / "c"), progress=False)
     pids = []
 
@@ -206,22 +211,28 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert pids[0] != pids[1] and rows[-1]["generation_restarts"] == 1  # a new process ...
     assert rows[-1]["sample_policy_versions"] == [1]  # ... that sampled with the synced policy
+    assert all(r["sampler_kl"] < 1e-4 for r in rows)  # (the learner's own log-probs)
     assert all(r["labels_total"] == 0 for r in rows)  # a fixed reward model: no labeling
     assert (ppo_dir / "final" / "policy" / "model.safetensors").exists()
     # ppo.async_generation: the next batch is sampled while the learner steps, one step
-    # off-policy, and the rows say so. This run is also a user's own: prompts from a file,
-    # no built-in task, no oracle and no yardstick (nothing of the toy task it did not ask for)
+    # off-policy, and the rows say so; the learner's old log-probs are a version ahead of the
+    # sampler's, and truncated importance sampling corrects for it. This run is also a
+    # user's own: prompts from a file, no built-in task, no oracle and no yardstick (nothing
+    # of the toy task it did not ask for)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny.prompts(40, 7)))
     own = load_config("llm-tiny-smoke", base + [
         f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
-        "ppo.async_generation=true", "run.iterations=3", "eval.every=2", "data.task=null",
+        "ppo.async_generation=true", "ppo.old_logprobs=learner",
+        "ppo.importance_sampling_cap=2", "run.iterations=3", "eval.every=2", "data.task=null",
         "labeler.oracle=null", f"data.prompts_path={prompts}", "labels.per_iteration=0"])
     d = train(own, run_dir=str(tmp_path / "d"), stages="ppo", progress=False)
     rows = read_metrics(d)
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     assert [r["sample_policy_versions"] for r in rows] == [[0], [0], [1]]
     assert [r["policy_lag"] for r in rows] == [0, 1, 1]
+    assert rows[0]["sampler_kl"] < 1e-4 < rows[1]["sampler_kl"]  # on-policy, then one behind
+    assert all(0 < r["sampler_is_weight_mean"] <= 2 for r in rows)
     assert all(r.get("oracle_score_mean") is None for r in rows)  # no judge it did not name
     evals = [r for r in rows if r.get("eval_rm_score_mean") is not None]
     assert [r["iteration"] for r in evals] == [2, 3]

@@ -72,18 +72,26 @@ def test_two_nccl_ranks_match_one(ray_cluster, tiny_path):
 
 @pytest.mark.vllm
 @needs_cuda
-def test_vllm_weight_push_changes_outputs(tiny_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (no CPU wheel exists; "
-                        "pip install 'rlhf-ray[vllm]' on a GPU machine)")
-    from rlhf_ray.llm.generation import VLLMGenerationWorker
+def test_vllm_weight_push_on_cuda(tiny_path):
+    """The vLLM backend on CUDA (the `vllm` extra): after a push, the engine's log-probs of
+    what it sampled are the pushed model's (the CPU build's test: tests/integration)."""
     from rlhf_ray.llm.modeling import load_policy, state_dict_cpu
+    from rlhf_ray.llm.vllm_generation import VLLMGenerationWorker
 
-    w = VLLMGenerationWorker(tiny_path, {"max_new_tokens": 8, "vllm_gpu_memory_utilization": 0.2})
+    w = VLLMGenerationWorker(tiny_path, {"backend": "vllm", "max_new_tokens": 8,
+                                         "vllm_gpu_memory_utilization": 0.2}, device="cuda")
     prompts = tiny.prompts(4, seed=2)
     a = w.generate(prompts, n=2, seed=7)
-    weights = state_dict_cpu(load_policy(tiny_path))
+    model = load_policy(tiny_path)
     torch.manual_seed(0)
-    new = {k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}
+    new = {k: v + 0.5 * torch.randn_like(v) for k, v in state_dict_cpu(model).items()}
     assert w.update_weights(1, new) == 1
-    b = w.generate(prompts, n=2, seed=7)
+    b = w.generate(prompts, n=2, seed=7, logprobs=True)
     assert b["version"] == 1 and b["response_ids"] != a["response_ids"]
+    model.load_state_dict(new)
+    ids = torch.tensor([b["prompt_ids"][0] + b["response_ids"][0]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    p = len(b["prompt_ids"][0])
+    want = lp[p - 1:-1].gather(1, torch.tensor(b["response_ids"][0])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(b["logprobs"][0]), want, atol=1e-3, rtol=0)

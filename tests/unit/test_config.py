@@ -40,6 +40,20 @@ def test_bad_config_messages_name_field_and_value(override, fragment):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override,fragment", [
+    ("ppo.importance_sampling_cap=2",
+     "ppo.importance_sampling_cap: needs ppo.old_logprobs=learner"),
+    ("ppo.importance_sampling_cap=0.5",
+     "ppo.importance_sampling_cap=0.5: Input should be greater than 1"),
+    ("generation.backend=sglang", "generation.backend='sglang'"),
+    ("generation.vllm_kv_cache_gib=0", "generation.vllm_kv_cache_gib=0"),
+])
+def test_bad_llm_config_messages_name_field_and_value(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("llm-tiny-smoke", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cli_bad_config_exits_2_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "hopper-smoke", "ppo.lr=-1"],
                           capture_output=True, text=True, timeout=120)

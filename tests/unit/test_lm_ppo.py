@@ -19,6 +19,7 @@ from rlhf_ray.core.lm_ppo import (
     masked_whiten,
     micro_batches,
     policy_loss,
+    sampler_correction,
     token_rewards,
     value_loss,
 )
@@ -150,6 +151,27 @@ def test_policy_loss_clips_and_reports():
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
     assert stats["clipfrac"] == pytest.approx(0.5)
     assert stats["approx_kl"] == pytest.approx(0.5 - math.log(1.5))
+
+
+def test_sampler_correction_on_known_numbers():
+    """Truncated importance sampling of the sampler's tokens: w = min(pi / pi_sampler, cap),
+    padding 0; sampler_kl is k3 of KL(sampler || learner); weights scale each token's term."""
+    learner = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.1], [0.3, 0.6, 0.3]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    w, stats = sampler_correction(learner, sampler, mask, cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 3.0], [1.0, 0.5, 0.0]]))
+    r = torch.tensor([2.0, 0.5, 9.0, 1.0, 0.5])
+    assert stats["sampler_kl"] == pytest.approx(float((r - 1 - r.log()).mean()), rel=1e-5)
+    assert stats["sampler_is_weight_mean"] == pytest.approx(7.0 / 5, rel=1e-6)
+    assert stats["sampler_is_clipped_frac"] == pytest.approx(1 / 5)
+    none, same = sampler_correction(learner, learner, mask)
+    assert none is None and same == {"sampler_kl": 0.0}
+    adv, old = torch.ones(2, 3), learner.clone()
+    plain, _ = policy_loss(learner, old, adv, mask)
+    weighted, _ = policy_loss(learner, old, adv, mask, weights=w)
+    # at ratio 1 each token's term is -A = -1: the weighted loss is -mean(w)
+    assert float(plain) == pytest.approx(-1.0) and float(weighted) == pytest.approx(-7.0 / 5)
 
 
 def test_padding_never_reaches_a_loss():

