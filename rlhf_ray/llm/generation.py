@@ -52,6 +52,17 @@ class VersionedWorker:
         self.version = int(version)
         return self.version
 
+    def _samples(self, prompts: list[str], pids: list[list[int]], resp: list[list[int]],
+                 n: int, t0: float, lps: list[list[float]] | None) -> dict:
+        """What `generate` answers, whichever backend sampled `resp` (rows grouped by
+        prompt, n each); `lps`: their log-probs, where asked for. Needs `self.tok`."""
+        extra = {"logprobs": lps} if lps is not None else {}
+        return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
+                "texts": [self.tok.decode(r, skip_special_tokens=True) for r in resp],
+                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
+                "tokens": sum(len(r) for r in resp), "generate_s": time.time() - t0,
+                "startup_s": self.startup_s, **extra}
+
 
 class HFGenerationWorker(VersionedWorker):
     """transformers `generate` with sampling; prompts left padded, KV cache on."""
@@ -102,14 +113,7 @@ class HFGenerationWorker(VersionedWorker):
             r, lp = self._sample(pids[s:s + step], n, logprobs)
             resp += r
             lps += lp
-        extra = {"logprobs": lps} if logprobs else {}
-        texts = [self.tok.decode(r, skip_special_tokens=True) for r in resp]
-        prompt_rows = [x for x in pids for _ in range(n)]
-        tokens = sum(len(r) for r in resp)
-        return {"prompt_ids": prompt_rows, "response_ids": resp, "texts": texts,
-                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
-                "tokens": tokens, "generate_s": time.time() - t0, "startup_s": self.startup_s,
-                **extra}
+        return self._samples(prompts, pids, resp, n, t0, lps if logprobs else None)
 
     def _sample(self, pids: list[list[int]], n: int,
                 logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:

@@ -68,6 +68,8 @@ class VLLMGenerationWorker(VersionedWorker):
         # before vLLM is imported: the engine in this process (weights pushed as tensors)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         torch.set_num_threads(torch_threads)  # the CPU worker keeps the threads it finds
+        from transformers import AutoConfig
+
         try:
             from vllm import LLM
         except ImportError:
@@ -80,12 +82,14 @@ class VLLMGenerationWorker(VersionedWorker):
         self.tok = load_tokenizer(model_path)
         self.fmt = PromptFormat.from_dict(self.tok, prompt_format, max_prompt_tokens)
         self.lora = dict(lora) if lora_on(lora) else None
-        self._lora_dir = tempfile.mkdtemp(prefix="rlhf-ray-vllm-lora-")
+        self._lora_dir = tempfile.mkdtemp(prefix="rlhf-ray-vllm-lora-") if self.lora else None
         self._lora_ids = 0
         self.lora_request = None
         if self.lora and adapter_path:  # a resumed run's adapters
             self.lora_request = self._adapter(locations.local_dir(adapter_path), "start")
-        max_pos = getattr(self._hf_config(model_path), "max_position_embeddings", None)
+        hf_config = AutoConfig.from_pretrained(model_path)
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        max_pos = getattr(hf_config, "max_position_embeddings", None)
         want = self.fmt.max_prompt + self.gen.max_new_tokens
         kwargs = dict(
             model=model_path, tokenizer=model_path, seed=seed,
@@ -102,14 +106,7 @@ class VLLMGenerationWorker(VersionedWorker):
             kwargs.update(enable_lora=True, max_loras=1,
                           max_lora_rank=vllm_lora_rank(int(self.lora["r"])))
         self.llm = LLM(**kwargs)
-        self.tied = bool(getattr(self._hf_config(model_path), "tie_word_embeddings", False))
         self.startup_s = time.time() - t0
-
-    @staticmethod
-    def _hf_config(path: str):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path)
 
     def generate(self, prompts: list[str], n: int = 1, seed: int | None = None,
                  logprobs: bool = False) -> dict:
@@ -135,12 +132,7 @@ class VLLMGenerationWorker(VersionedWorker):
                 resp.append(ids or [self.tok.eos_token_id])
                 if logprobs:  # an empty response stands as EOS, whose log-prob is unknown: 0
                     lps.append([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] or [0.0])
-        extra = {"logprobs": lps} if logprobs else {}
-        return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
-                "texts": [self.tok.decode(r, skip_special_tokens=True) for r in resp],
-                "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
-                "tokens": sum(len(r) for r in resp), "generate_s": time.time() - t0,
-                "startup_s": self.startup_s, **extra}
+        return self._samples(prompts, pids, resp, n, t0, lps if logprobs else None)
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """The learner's policy v `version` into the running engine; stale versions are

@@ -11,6 +11,8 @@ whose process sees none fails at once, saying so, instead of training on the CPU
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -28,13 +30,8 @@ def actor_device(device: str | None = None, role: str = "this role") -> str:
         if not torch.cuda.is_available():
             raise RuntimeError(f"{role} is placed on a GPU (num_gpus > 0) but its process "
                                f"sees no CUDA device (CUDA_VISIBLE_DEVICES="
-                               f"{_visible()!r}, torch {torch.__version__})")
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+                               f"torch {torch.__version__})")
         if device == "cuda":
             return f"cuda:{torch.cuda.current_device()}"
     return device
-
-
-def _visible() -> str | None:
-    import os
-
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
