@@ -265,6 +265,8 @@ class ControlController(RunController):
             "true_return_mean": clean(ret), "episode_len_mean": clean(ep_len),
             "kl_mean": clean(find_metric(result, "mean_kl_loss")),
             "kl_coef": clean(find_metric(result, "curr_kl_coeff")),
+            # the policy's entropy (a Gaussian's grows with its action noise, log std per dim)
+            "policy_entropy": clean(find_metric(result, "entropy")),
             "lr": clean(find_metric(result, "default_optimizer_learning_rate")),
             "time_s": self.elapsed_s(),
             **timer.seconds(),

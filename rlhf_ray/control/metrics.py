@@ -15,6 +15,7 @@ CONTROL_METRICS: dict[str, str] = {
     "rm_train_accuracy": "reward_model", "rm_val_loss": "reward_model",
     "rm_versions_mixed": "reward_model",  # relabelling calls whose scores mixed versions: 0
     "rm_l2_mean": "reward_model",
+    "policy_entropy": "losses",  # the policy's entropy: a Gaussian's action noise
     "lr": "losses",  # the policy optimizer's learning rate (a PBT mutation shows here)
     "ppo_iteration_s": "time", "sample_s": "time", "learn_s": "time", "relabel_s": "time",
     "segment_cut_s": "time",

@@ -1,6 +1,7 @@
 """Smoke presets end to end on the session's local Ray cluster."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -216,6 +217,10 @@ def test_the_true_reward_baselines_train_without_a_reward_model(ray_cluster, tmp
     assert rows and rows[-1]["env_steps"] >= 6000
     assert all(r.get("labels_total", 0) == 0 for r in rows)
     assert all(r.get("pred_return_mean") is None for r in rows)
+    # the policy's entropy is logged, and starts where `ppo.log_std_init` puts the noise: a
+    # diagonal Gaussian's is sum over action dims of 0.5 ln(2 pi e) + log std (Hopper: 3)
+    start = 3 * (0.5 * math.log(2 * math.pi * math.e) + cfg.ppo.log_std_init)
+    assert abs(rows[0]["policy_entropy"] - start) < 0.3, (rows[0]["policy_entropy"], start)
     assert not (run / "preferences").exists() or not list((run / "preferences").rglob("*.parquet"))
     final = json.loads((run / "final_eval.json").read_text())
     assert "rm" not in final and "rm" not in final["sampled"]
