@@ -97,6 +97,14 @@ class VLLMGenerationWorker(VersionedWorker):
             max_model_len=min(want, max_pos) if max_pos else want,
             enforce_eager=self.gen.vllm_enforce_eager, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs")
+        if self.device == "cpu":
+            # A prompt is prefilled whole, never in chunks: when a step prefills part of a
+            # prompt, vLLM 0.32 rewinds that request's seeded generator (`set_offset`), which
+            # a CPU generator does not have ("CPU Generator does not use offset"); a batch
+            # over the step's token budget (4,096: e.g. 256 eval prompts of 48 tokens) then
+            # died. The budget must still hold one whole sequence.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(4096, kwargs["max_model_len"]))
         if self.device == "cpu" or self.gen.vllm_kv_cache_gib is not None:
             # a CPU engine otherwise takes gpu_memory_utilization of the node's memory
             kwargs["kv_cache_memory_bytes"] = int((self.gen.vllm_kv_cache_gib or 1.0) * 2**30)

@@ -79,6 +79,10 @@ def test_full_weights_push_seeds_and_logprobs(ray_cluster, tiny_path):
         call("generate", same, n=2, seed=5)["response_ids"]  # a given seed reproduces
     base = load_policy(tiny_path).eval()
     _assert_sampled_from(base, a)
+    # more prompt tokens than one engine step holds (100 x 61 > 4,096): with chunked
+    # prefill, vLLM rewound a seeded request's CPU generator and the call died
+    long = [" ".join(tiny.prompts(12, seed=i)) for i in range(100)]
+    assert len(call("generate", long)["response_ids"]) == 100
 
     torch.manual_seed(0)
     new = {k: v + 0.3 * v.std() * torch.randn_like(v) if v.numel() > 1 else v
