@@ -214,8 +214,7 @@ def test_reward_normalization_is_measured_again_for_a_new_reward_model(served_lm
                  enumerate(sft_prompts)]
     first = handle.score.remote(sft_prompts, sft_texts).result()
     norm = ScoreNormalizer(enabled=True, clip=None)
-    norm.calibrate(sft_prompts, sft_texts, [True] * len(sft_texts), np.asarray(first["scores"]),
-                   first["version"])
+    norm.calibrate(sft_prompts, sft_texts, np.asarray(first["scores"]), first["version"])
     batch_p, batch_t = tiny.prompts(4, seed=6), ["good", "bad", "fine", "good good"]
     scored, scores = norm.score(handle, batch_p, batch_t)
     assert norm.remeasured == 0 and scored["version"] == first["version"]
