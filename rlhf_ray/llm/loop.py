@@ -212,9 +212,8 @@ class LLMController(RunController):
 
     def calibrate(self) -> None:
         """Reward normalization: the reward model's mean and std on SFT samples of the
-        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average),
-        measured again for each new reward-model version (`ScoreNormalizer`). The same
-        samples are the SFT model's held-out evaluation."""
+        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
+        fixed for the run. The same samples are the SFT model's held-out evaluation."""
         raw, samples, version = self.held_out.judge_sft(self.generation, self.rm_handle)
         self.norm.calibrate([x["prompt"] for x in samples], [x["response"] for x in samples],
                             [x["finished"] for x in samples], raw, version)
