@@ -192,10 +192,6 @@ class PPOConfig(Strict):
         True, description="standardize RM scores by their mean and std on SFT samples, "
         "measured before PPO and again for each new reward-model version")
     reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
-    missing_eos_penalty: float | None = Field(
-        None, ge=0, description="subtracted from the normalized score of a response cut at "
-        "generation.max_new_tokens before it ended (TRL's missing_eos_penalty); the reward "
-        "model sees such a response without an EOS either way. null: none")
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)

@@ -44,15 +44,14 @@ class HeldOut:
         """The policy on the held-out prompts: the yardstick's means (`eval_<key>_mean`) and
         the reward model's, its raw scores, and the samples with their scores."""
         out = generation.generate(self.prompts, seed=self.seed)
-        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"],
-                                                        finished=out["finished"]))
+        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
         self.rm_version = res.get("version")
         judge = self.yardstick()
         judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
         ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
         samples = [{"prompt": p, "response": r, "rm_score": float(q),
-                    "finished": out["finished"][i], **{k: float(v[i]) for k, v in judged.items()}}
+                    **{k: float(v[i]) for k, v in judged.items()}}
                    for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
                                                      res["scores"]))]
         return ev, np.asarray(res["scores"], dtype=np.float64), samples

@@ -73,11 +73,7 @@ class VersionedWorker:
         """What `generate` answers, whichever backend sampled `resp` (rows grouped by
         prompt, n each); `lps`: their log-probs, where asked for. Needs `self.tok`."""
         extra = {"logprobs": lps} if lps is not None else {}
-        eos = self.tok.eos_token_id
         return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
-                # ended with EOS, or cut at generation.max_new_tokens (the reward model
-                # must see the difference)
-                "finished": [bool(r) and r[-1] == eos for r in resp],
                 "texts": [self.tok.decode(r, skip_special_tokens=True) for r in resp],
                 "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
                 "tokens": sum(len(r) for r in resp), "generate_s": time.time() - t0,

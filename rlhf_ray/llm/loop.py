@@ -216,7 +216,7 @@ class LLMController(RunController):
         fixed for the run. The same samples are the SFT model's held-out evaluation."""
         raw, samples, version = self.held_out.judge_sft(self.generation, self.rm_handle)
         self.norm.calibrate([x["prompt"] for x in samples], [x["response"] for x in samples],
-                            [x["finished"] for x in samples], raw, version)
+                            raw, version)
         if self.cfg.ppo.normalize_reward and self.cfg.model.critic_init == "reward_model":
             self.learner.fold_reward_normalization(self.norm.mean, self.norm.std)  # its values
         self.sft_oracle = self.held_out.sft.get("eval_score_mean")
@@ -250,10 +250,7 @@ class LLMController(RunController):
             timer.mark("generate")
             # 2. scores from the reward model's deployment, normalized (on its version's
             #    scores of SFT samples) and clipped
-            scored, scores = self.norm.score(self.rm_handle, out["prompts"], out["texts"],
-                                             out["finished"])
-            if cfg.ppo.missing_eos_penalty:  # in normalized units, after the clip
-                scores = scores - cfg.ppo.missing_eos_penalty * ~np.asarray(out["finished"])
+            scored, scores = self.norm.score(self.rm_handle, out["prompts"], out["texts"])
             raw = np.asarray(scored["scores"], dtype=np.float64)
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
@@ -324,7 +321,6 @@ class LLMController(RunController):
             "reward_norm_mean": clean(self.norm.mean), "reward_norm_std": clean(self.norm.std),
             "kl_coef_next": clean(self.kl_ctl.beta),
             "response_len_mean": clean(s.stats["response_len_mean"]),
-            "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
             "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
             "policy_version": int(s.version),
             "sample_policy_versions": sorted(set(s.out["versions"])),

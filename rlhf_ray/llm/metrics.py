@@ -9,7 +9,6 @@ LLM_METRICS: dict[str, str] = {
     **SHARED,
     "oracle_score_mean": "charts", "sft_oracle_score_mean": "charts", "rm_score_mean": "charts",
     "response_len_mean": "charts", "tokens_per_s": "charts",
-    "truncated_frac": "charts",  # responses cut at generation.max_new_tokens, not ended
     "kl_coef_next": "losses", "pg_loss": "losses", "vf_loss": "losses", "approx_kl": "losses",
     "clipfrac": "losses", "lr": "losses",  # the policy's learning rate (ppo.lr_schedule)
     "policy_version": "counters", "sample_policy_versions": "counters", "policy_lag": "counters",

@@ -387,19 +387,16 @@ def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
-                 max_response_tokens: int, fmt: PromptFormat | None = None,
-                 finished: list[bool] | None = None) -> TokenBatch:
+                 max_response_tokens: int, fmt: PromptFormat | None = None) -> TokenBatch:
     """Text (prompt, response) pairs -> a TokenBatch; responses end with EOS unless cut at
-    `max_response_tokens` or, per `finished`, the policy never ended them (cut at its
-    `generation.max_new_tokens`: a truncated answer must not read as a complete one).
-    `fmt`: read prompts as the policy does (chat template); default BOS + plain text."""
+    `max_response_tokens`. `fmt`: read
+    prompts as the policy does (chat template); default BOS + plain text."""
     fmt = fmt or PromptFormat(tokenizer, chat_template="off", max_prompt_tokens=max_prompt_tokens + 1)
     pids = [fmt.encode(p) for p in prompts]
     rids = []
-    for i, r in enumerate(responses):  # a response cut short gets no EOS: it did not end
+    for r in responses:  # a response cut at the limit gets no EOS (it did not end there)
         ids = tokenizer(r, add_special_tokens=False)["input_ids"]
-        ended = finished is None or bool(finished[i])
-        rids.append(ids[:max_response_tokens] if len(ids) >= max_response_tokens or not ended
+        rids.append(ids[:max_response_tokens] if len(ids) >= max_response_tokens
                     else ids + [tokenizer.eos_token_id])
     return make_batch(pids, rids, tokenizer.pad_token_id)
 

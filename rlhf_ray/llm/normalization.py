@@ -28,13 +28,12 @@ class ScoreNormalizer:
         self.version: int | None = None  # the reward model's version they were measured on
         self.prompts: list[str] = []  # the SFT samples they are measured on
         self.texts: list[str] = []
-        self.finished: list[bool] = []
         self.remeasured = 0  # times measured again (a new reward-model version)
 
-    def calibrate(self, prompts: list[str], texts: list[str], finished: list[bool],
-                  raw: np.ndarray, version: int | None) -> None:
+    def calibrate(self, prompts: list[str], texts: list[str], raw: np.ndarray,
+                  version: int | None) -> None:
         """The reward model's raw scores of SFT samples (and the version that gave them)."""
-        self.prompts, self.texts, self.finished = list(prompts), list(texts), list(finished)
+        self.prompts, self.texts = list(prompts), list(texts)
         self._measure(np.asarray(raw, dtype=np.float64), version)
 
     def _measure(self, raw: np.ndarray, version: int | None) -> None:
@@ -46,17 +45,14 @@ class ScoreNormalizer:
         scores = (np.asarray(raw, dtype=np.float64) - self.mean) / self.std
         return np.clip(scores, -self.clip, self.clip) if self.clip else scores
 
-    def score(self, rm_handle, prompts: list[str], texts: list[str],
-              finished: list[bool] | None = None) -> tuple[dict, np.ndarray]:
+    def score(self, rm_handle, prompts: list[str], texts: list[str]) -> tuple[dict, np.ndarray]:
         """The reward model's answer for a batch (`scores`, `version`) and the batch's
-        normalized scores, under a normalization measured on the version that scored it.
-        `finished`: whether each response ended or was cut at the length limit."""
-        done = [True] * len(prompts) if finished is None else list(finished)
-        scored = retry_call(lambda: rm_handle.score.remote(prompts, texts, finished=done))
+        normalized scores, under a normalization measured on the version that scored it."""
+        scored = retry_call(lambda: rm_handle.score.remote(prompts, texts))
         if (self.enabled and self.prompts and self.version is not None
                 and scored.get("version") != self.version):
-            both = retry_call(lambda: rm_handle.score.remote(
-                prompts + self.prompts, texts + self.texts, finished=done + self.finished))
+            both = retry_call(lambda: rm_handle.score.remote(prompts + self.prompts,
+                                                             texts + self.texts))
             raw = np.asarray(both["scores"], dtype=np.float64)
             self._measure(raw[len(prompts):], both.get("version"))
             self.remeasured += 1
@@ -75,4 +71,3 @@ class ScoreNormalizer:
             rows = [json.loads(x) for x in sft_samples.read_text().splitlines() if x.strip()]
             self.prompts = [r["prompt"] for r in rows]
             self.texts = [r["response"] for r in rows]
-            self.finished = [r.get("finished", True) for r in rows]

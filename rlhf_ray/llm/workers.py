@@ -86,8 +86,7 @@ class GenerationGroup:
             if all(i in done for i in range(k) if parts[i]):
                 break
         outs = [done[i] for i in sorted(done)]
-        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": [],
-                        "finished": []}
+        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": []}
         for o in outs:
             for key in merged:
                 merged[key] += o[key]

@@ -230,26 +230,3 @@ def test_reward_normalization_is_measured_again_for_a_new_reward_model(served_lm
     sft_now = np.asarray(handle.score.remote(sft_prompts, sft_texts).result()["scores"])
     assert norm.normalize(sft_now).mean() == pytest.approx(0.0, abs=1e-4)
     assert np.allclose(scores, norm.normalize(np.asarray(scored["scores"])))
-
-
-def test_a_truncated_response_is_scored_as_unfinished(served_lm, serve_http):
-    """The same text scores differently when the policy never ended it (no EOS appended),
-    through the handle and over HTTP (`finished`), and a malformed flag list is refused."""
-    _, _, handle, app = served_lm
-    prompts, texts = tiny.prompts(2, seed=9), ["good fox", "good fox"]
-    both = handle.score.remote(prompts[:1] * 2, texts, finished=[True, False]).result()
-    assert both["scores"][0] != pytest.approx(both["scores"][1], abs=1e-6)
-    default = handle.score.remote(prompts[:1], texts[:1]).result()
-    assert default["scores"][0] == pytest.approx(both["scores"][0], abs=1e-5)
-    host, port = serve_http
-    url = f"http://{host}:{port}/{app}/score"
-    body = {"prompts": prompts[:1] * 2, "responses": texts, "finished": [True, False]}
-    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert np.allclose(json.loads(r.read())["scores"], both["scores"], atol=1e-5)
-    bad = urllib.request.Request(url, json.dumps({**body, "finished": [True]}).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(bad, timeout=60)
-    assert err.value.code == 422 and b"finished must be" in err.value.read()

@@ -310,12 +310,3 @@ def test_a_response_standing_as_eos_has_the_log_prob_of_eos():
     assert got[0] == pytest.approx([float(lsm0[0, eos])])
     assert got[0][0] != pytest.approx(float(lsm0[0, pad]))
     assert got[1] == pytest.approx([float(lsm0[1, 3]), float(lsm1[1, 1])])
-
-
-def test_a_response_cut_at_the_length_limit_gets_no_eos_for_the_reward_model(tiny_model):
-    tok = load_tokenizer(tiny_model)
-    b = encode_pairs(tok, ["a b", "a b"], ["good fox", "good fox"], 8, 16,
-                     finished=[True, False])
-    ends = [b.input_ids[i, b.prompt_len:][b.response_mask[i].bool()].tolist() for i in range(2)]
-    assert ends[0][-1] == tok.eos_token_id and ends[1][-1] != tok.eos_token_id
-    assert ends[0][:-1] == ends[1]  # the same text, only the ending differs
