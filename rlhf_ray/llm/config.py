@@ -190,7 +190,7 @@ class PPOConfig(Strict):
     whiten_advantages: bool = True
     normalize_reward: bool = Field(
         True, description="standardize RM scores by their mean and std on SFT samples, "
-        "measured before PPO and again for each new reward-model version")
+        "measured once before PPO starts")
     reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -31,7 +31,6 @@ class HeldOut:
         # and each policy sample the same prompts with the same random draws, so the gain
         # between them is a paired difference, not two independent samples' noise
         self.seed = 2**31 + cfg.seed
-        self.rm_version: int | None = None  # the reward model's that scored the last one
 
     def yardstick(self):
         """The judge, or None where the config names neither `eval.yardstick` nor
@@ -45,7 +44,6 @@ class HeldOut:
         the reward model's, its raw scores, and the samples with their scores."""
         out = generation.generate(self.prompts, seed=self.seed)
         res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
-        self.rm_version = res.get("version")
         judge = self.yardstick()
         judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
@@ -56,14 +54,13 @@ class HeldOut:
                                                      res["scores"]))]
         return ev, np.asarray(res["scores"], dtype=np.float64), samples
 
-    def judge_sft(self, generation, rm_handle) -> tuple[np.ndarray, list[dict], int | None]:
+    def judge_sft(self, generation, rm_handle) -> np.ndarray:
         """The SFT model's evaluation (kept for every later row); returns the reward model's
-        raw scores of its samples, the samples and the reward model's version (what the
-        reward normalization is measured on)."""
+        raw scores of its samples (the reward normalization's)."""
         ev, raw, samples = self.evaluate(generation, rm_handle)
         self.sft = ev
         self.write_samples("sft", samples)
-        return raw, samples, self.rm_version
+        return raw
 
     def row(self, iteration: int, final: bool, generation, rm_handle) -> dict:
         """A held-out evaluation's row entries, the SFT model's beside them, and whether the

@@ -35,12 +35,11 @@ from rlhf_ray.llm import serve as serve_lm
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
 from rlhf_ray.llm.metrics import LLM, SAMPLER_KEYS
-from rlhf_ray.llm.normalization import ScoreNormalizer
 from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 from rlhf_ray.llm.sft import SFTTask
 from rlhf_ray.llm.stages import StartPoints, start_points
 from rlhf_ray.llm.workers import GenerationGroup, LearnerGroup
-from rlhf_ray.runtime.actors import remote_role
+from rlhf_ray.runtime.actors import remote_role, retry_call
 from rlhf_ray.runtime.controller import RunController
 from rlhf_ray.runtime.memory import MemorySampler, peak_memory, peak_rss_mb
 from rlhf_ray.runtime.metrics import PhaseTimer, clean
@@ -89,7 +88,7 @@ class LLMController(RunController):
         super().__init__(cfg, run_dir, on_metrics, progress, stop_event, **kwargs)
         lm_data.check(cfg)
         self.kl_ctl = kl_controller(cfg.ppo.kl)
-        self.norm = ScoreNormalizer(cfg.ppo.normalize_reward, cfg.ppo.reward_clip)
+        self.score_mean, self.score_std = 0.0, 1.0
         self.sft_oracle = None
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
         self.memory_sampler = MemorySampler()  # the machine's used memory over the run
@@ -214,11 +213,11 @@ class LLMController(RunController):
         """Reward normalization: the reward model's mean and std on SFT samples of the
         held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
         fixed for the run. The same samples are the SFT model's held-out evaluation."""
-        raw, samples, version = self.held_out.judge_sft(self.generation, self.rm_handle)
-        self.norm.calibrate([x["prompt"] for x in samples], [x["response"] for x in samples],
-                            raw, version)
-        if self.cfg.ppo.normalize_reward and self.cfg.model.critic_init == "reward_model":
-            self.learner.fold_reward_normalization(self.norm.mean, self.norm.std)  # its values
+        s = self.held_out.judge_sft(self.generation, self.rm_handle)
+        if self.cfg.ppo.normalize_reward and len(s) > 1:
+            self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
+            if self.cfg.model.critic_init == "reward_model":  # its values: normalized too
+                self.learner.fold_reward_normalization(self.score_mean, self.score_std)
         self.sft_oracle = self.held_out.sft.get("eval_score_mean")
 
     def ppo(self, online: bool) -> dict:
@@ -248,10 +247,12 @@ class LLMController(RunController):
                 self.next_prompts(batch), logprobs=with_lp))
             pending = None
             timer.mark("generate")
-            # 2. scores from the reward model's deployment, normalized (on its version's
-            #    scores of SFT samples) and clipped
-            scored, scores = self.norm.score(self.rm_handle, out["prompts"], out["texts"])
+            # 2. scores from the reward model's deployment, normalized and clipped
+            scored = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
             raw = np.asarray(scored["scores"], dtype=np.float64)
+            scores = (raw - self.score_mean) / self.score_std
+            if cfg.ppo.reward_clip:
+                scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
@@ -318,7 +319,6 @@ class LLMController(RunController):
             "sft_oracle_score_mean": clean(self.sft_oracle),
             "rm_score_mean": clean(s.raw.mean()),
             "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
-            "reward_norm_mean": clean(self.norm.mean), "reward_norm_std": clean(self.norm.std),
             "kl_coef_next": clean(self.kl_ctl.beta),
             "response_len_mean": clean(s.stats["response_len_mean"]),
             "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
@@ -415,8 +415,8 @@ class LLMController(RunController):
         ray.get(self.trainer.save.remote(locations.join(path, "reward_model")))
         return self.save_state(path, {
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
-            "prompt_order": [int(i) for i in self.order], **self.norm.state(),
-            "sft_oracle": self.sft_oracle,
+            "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
+            "score_std": self.score_std, "sft_oracle": self.sft_oracle,
             **self.held_out.state(),
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
@@ -432,7 +432,7 @@ class LLMController(RunController):
         self.cursor = int(state["prompt_cursor"])
         if state.get("prompt_order"):
             self.order = np.asarray(state["prompt_order"])
-        self.norm.restore(state, self.run_dir / "samples_sft.jsonl")
+        self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
         self.sft_oracle = None if state["sft_oracle"] is None else float(state["sft_oracle"])
         self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
