@@ -13,7 +13,6 @@ across ranks (DDP's gradient average then gives the global token mean).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -89,9 +88,7 @@ class PPOLearner:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             critic.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        bias = locations.join(critic_path, TokenValueModel.BIAS_FILE)
-        self.critic = TokenValueModel(critic, json.loads(locations.read_text(bias))["value_bias"]
-                                      if locations.exists(bias) else 0.0)
+        self.critic = TokenValueModel(critic)
         for model in (self.policy, self.critic, self.ref):  # old and new log-probs alike
             if model is not None:
                 disable_dropout(model)
@@ -306,19 +303,11 @@ class PPOLearner:
                 policy.save_pretrained(os.path.join(local, "policy_adapter"))
                 policy = copy.deepcopy(policy).merge_and_unload()
             save_model(policy, tok, os.path.join(local, "policy"))
-            critic = unwrap(self.critic)
-            save_model(critic.model, tok, os.path.join(local, "critic"))
-            with open(os.path.join(local, "critic", TokenValueModel.BIAS_FILE), "w") as f:
-                json.dump({"value_bias": float(critic.value_bias)}, f)
+            save_model(unwrap(self.critic).model, tok, os.path.join(local, "critic"))
             torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                         "version": self.version}, os.path.join(local, "optimizer.pt"))
         return {"policy": locations.join(out_dir, "policy"),
                 "critic": locations.join(out_dir, "critic")}
-
-    def fold_reward_normalization(self, mean: float, std: float) -> None:
-        """The critic, started from the reward model, predicts normalized scores (every rank
-        alike, before the first step: DDP's copies stay equal)."""
-        unwrap(self.critic).fold_normalization(mean, std)
 
     def close(self) -> None:
         if self._ddp and dist.is_initialized():

@@ -216,8 +216,6 @@ class LLMController(RunController):
         s = self.held_out.judge_sft(self.generation, self.rm_handle)
         if self.cfg.ppo.normalize_reward and len(s) > 1:
             self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
-            if self.cfg.model.critic_init == "reward_model":  # its values: normalized too
-                self.learner.fold_reward_normalization(self.score_mean, self.score_std)
         self.sft_oracle = self.held_out.sft.get("eval_score_mean")
 
     def ppo(self, online: bool) -> dict:

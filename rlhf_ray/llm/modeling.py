@@ -283,32 +283,15 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, prompt_len
 
 
 class TokenValueModel(torch.nn.Module):
-    """The critic as one module whose forward gives the scalar head at every position, plus
-    a learned offset `value_bias` (a Llama score head has no bias), so DDP can wrap it (DDP
-    syncs gradients only through its wrapped module's forward)."""
+    """The critic as one module whose forward gives the scalar head at every position, so
+    DDP can wrap it (DDP syncs gradients only through its wrapped module's forward)."""
 
-    BIAS_FILE = "value_bias.json"  # beside the critic's model folder in a checkpoint
-
-    def __init__(self, scalar_model, bias: float = 0.0):
+    def __init__(self, scalar_model):
         super().__init__()
         self.model = scalar_model
-        p = next(scalar_model.parameters())
-        self.value_bias = torch.nn.Parameter(torch.tensor(float(bias), device=p.device))
 
     def forward(self, input_ids, attention_mask, position_ids, inputs_embeds=None):
-        return token_scalars(self.model, input_ids, attention_mask, position_ids,
-                             inputs_embeds) + self.value_bias.float()
-
-    @torch.no_grad()
-    def fold_normalization(self, mean: float, std: float) -> None:
-        """A critic that starts as the reward model predicts raw scores; PPO's returns are
-        normalized ones, (raw - mean) / std: make its head predict those (weights / std,
-        offset - mean / std), so its first values are not off by the mean and scale."""
-        head = scalar_head(self.model)
-        head.weight.div_(std)
-        if getattr(head, "bias", None) is not None:
-            head.bias.div_(std)
-        self.value_bias.copy_((self.value_bias - mean) / std)
+        return token_scalars(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
 
 
 def response_values(critic, input_ids, attention_mask, position_ids, prompt_len: int,

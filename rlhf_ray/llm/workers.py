@@ -166,11 +166,6 @@ class LearnerGroup:
              "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)
             for r, lr in enumerate(self.ranks)])[0]
 
-    def fold_reward_normalization(self, mean: float, std: float) -> None:
-        import ray
-
-        ray.get([r.fold_reward_normalization.remote(mean, std) for r in self.ranks])
-
     def policy_weights(self):
         """(version, ObjectRef of the state dict) of the policy (rank 0's: DDP keeps the
         ranks equal); the weights go from the learner's object store to the workers'."""
