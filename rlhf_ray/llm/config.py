@@ -177,12 +177,6 @@ class PPOConfig(Strict):
     ppo_epochs: int = Field(4, ge=1)
     lr: float = Field(3e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)
-    lr_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="both learning rates over the run's PPO iterations: constant, "
-        "or decayed linearly to 0 after the last (`run.iterations`)")
-    lr_warmup_iterations: int = Field(
-        0, ge=0, description="PPO iterations of linear warm-up of both rates before the "
-        "schedule (0: none)")
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_ray.core import lm_ppo
-from rlhf_ray.core.schedules import lr_factor
 from rlhf_ray.llm.config import PPOConfig
 from rlhf_ray.llm.experience import (
     CachedTrunk,
@@ -58,20 +57,17 @@ class PPOLearner:
                  dtype: str = "float32", device: str | None = None, pad_id: int = 0,
                  ref_path: str | None = None, state_path: str | None = None,
                  lora: dict | None = None, adapter_path: str | None = None,
-                 gradient_checkpointing: bool = False, train_top_layers: int | None = None,
-                 iterations: int | None = None):
+                 gradient_checkpointing: bool = False, train_top_layers: int | None = None):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
         state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
         `model.lora` section), policy_path is the base (the SFT model), the policy trains
         adapters on it (`adapter_path`: a checkpoint's), and the reference is the same model
-        with its adapters off: no second copy. `iterations`: the run's PPO iterations (the
-        learning-rate schedule's length)."""
+        with its adapters off: no second copy."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
         self.cfg = PPOConfig.model_validate(ppo)
-        self.iterations = iterations or 1
         self.device = actor_device(device, f"learner rank {rank}")
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
@@ -223,11 +219,6 @@ class PPOLearner:
         t0 = time.time()
         self.policy.train()
         self.critic.train()
-        lr_scale = lr_factor(self.version, self.iterations, self.cfg.lr_warmup_iterations,
-                             self.cfg.lr_schedule)  # resumed runs: the version says where
-        for opt, lr in ((self.opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr)):
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_scale
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
         exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
@@ -255,8 +246,7 @@ class PPOLearner:
         out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
         out.update(kl_mean=tot[0] / tot[2], kl_k1_mean=tot[1] / tot[2],
                    response_len_mean=tot[3] / tot[2], reward_total_mean=tot[4] / tot[2],
-                   learner_s=time.time() - t0, policy_version=self.version,
-                   lr=self.cfg.lr * lr_scale)
+                   learner_s=time.time() - t0, policy_version=self.version)
         if exp.sampler_stats:  # this rank's (a per-token mean: close to the global one)
             out.update(exp.sampler_stats)
         return out

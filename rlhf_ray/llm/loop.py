@@ -328,7 +328,7 @@ class LLMController(RunController):
             **self.feedback.metrics(),
             "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
             "approx_kl": clean(s.stats.get("approx_kl")),
-            "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
+            "clipfrac": clean(s.stats.get("clipfrac")),
             **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
             "generation_startup_s": clean(s.out.get("startup_s")),
             **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),

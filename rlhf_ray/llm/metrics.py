@@ -10,7 +10,7 @@ LLM_METRICS: dict[str, str] = {
     "oracle_score_mean": "charts", "sft_oracle_score_mean": "charts", "rm_score_mean": "charts",
     "response_len_mean": "charts", "tokens_per_s": "charts",
     "kl_coef_next": "losses", "pg_loss": "losses", "vf_loss": "losses", "approx_kl": "losses",
-    "clipfrac": "losses", "lr": "losses",  # the policy's learning rate (ppo.lr_schedule)
+    "clipfrac": "losses",
     "policy_version": "counters", "sample_policy_versions": "counters", "policy_lag": "counters",
     "generation_restarts": "counters",
     # the sampler against the learner on the same tokens (lm_ppo.sampler_correction), where

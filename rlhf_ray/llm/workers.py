@@ -143,8 +143,7 @@ class LearnerGroup:
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype, pad_id=pad,
             ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
-            train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"],
-            iterations=cfg.run.iterations)
+            train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"])
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])

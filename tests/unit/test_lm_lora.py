@@ -191,20 +191,3 @@ def test_dropout_is_off_so_the_first_ratio_is_one(tmp_path, where):
                     p.normal_(0, 0.5)
     stats = learner.step({**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}, 0.1)
     assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0, stats
-
-
-def test_learning_rate_warms_up_and_decays_over_the_runs_iterations(tiny_path):
-    from rlhf_ray.llm.generation import HFGenerationWorker
-    from rlhf_ray.llm.learner import PPOLearner
-
-    ppo = PPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1,
-                    lr=1e-3, critic_lr=1e-2, lr_schedule="linear",
-                    lr_warmup_iterations=2).model_dump()
-    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 4}, seed=0)
-    out = gen.generate(tiny.prompts(4, seed=1), seed=3)
-    learner = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id,
-                         iterations=4)
-    shard = {**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
-    got = [learner.step(shard, 0.1)["lr"] for _ in range(4)]
-    assert got == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warm-up 2, then 1 - (v - 2) / 2
-    assert learner.critic_opt.param_groups[0]["lr"] == pytest.approx(5e-3)
