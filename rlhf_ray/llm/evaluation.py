@@ -27,10 +27,6 @@ class HeldOut:
         self.judge = None  # loaded on first use
         self.sft: dict = {}  # the SFT model's evaluation (means)
         self.evals: list[dict] = []  # every evaluation of the policy so far (means)
-        # one sampling seed for every evaluation (no training call draws it): the SFT model
-        # and each policy sample the same prompts with the same random draws, so the gain
-        # between them is a paired difference, not two independent samples' noise
-        self.seed = 2**31 + cfg.seed
 
     def yardstick(self):
         """The judge, or None where the config names neither `eval.yardstick` nor
@@ -42,7 +38,7 @@ class HeldOut:
     def evaluate(self, generation, rm_handle) -> tuple[dict, np.ndarray, list[dict]]:
         """The policy on the held-out prompts: the yardstick's means (`eval_<key>_mean`) and
         the reward model's, its raw scores, and the samples with their scores."""
-        out = generation.generate(self.prompts, seed=self.seed)
+        out = generation.generate(self.prompts)
         res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
         judge = self.yardstick()
         judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}

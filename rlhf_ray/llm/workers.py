@@ -46,33 +46,30 @@ class GenerationGroup:
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
 
-    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
+    def generate(self, prompts: list[str], n: int = 1) -> dict:
         """n samples of each prompt, merged in the workers' order; each part records the
-        policy version that produced it (`versions`). `seed`: the sampling's (worker i's
-        part: seed + i), so that two calls with one seed share their random draws."""
-        return self.collect(self.submit(prompts, n, seed=seed))
+        policy version that produced it (`versions`)."""
+        return self.collect(self.submit(prompts, n))
 
-    def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False,
-               seed: int | None = None) -> tuple:
+    def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False) -> tuple:
         """Start generating (every worker at once); `collect` waits for the samples. The
         workers sample with the weights they hold when they get to it. `logprobs`: with the
         sampling policy's token log-probs (both backends give them)."""
         k = len(self.workers)
         parts = [prompts[i::k] for i in range(k)]
-        seeds = [None if seed is None else seed + i for i in range(k)]
-        refs = {i: w.generate.remote(parts[i], n, seed=seeds[i], logprobs=logprobs)
+        refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
                 for i, w in enumerate(self.workers) if parts[i]}
-        return parts, n, refs, logprobs, seeds
+        return parts, n, refs, logprobs
 
     def collect(self, pending: tuple) -> dict:
         import ray
 
-        parts, n, refs, logprobs, seeds = pending
+        parts, n, refs, logprobs = pending
         k = len(self.workers)
         done: dict[int, dict] = {}
         for attempt in range(5):
             if attempt:
-                refs = {i: w.generate.remote(parts[i], n, seed=seeds[i], logprobs=logprobs)
+                refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
                         for i, w in enumerate(self.workers) if parts[i] and i not in done}
             for i, ref in refs.items():
                 try:
