@@ -35,22 +35,6 @@ def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
     return out
 
 
-def response_logprobs_from_steps(step_logits, resp: list[list[int]],
-                                 temperature: float) -> list[list[float]]:
-    """log pi(y_t | x, y_<t) of each response's tokens, from the raw logits of the step that
-    sampled position t (`generate`'s `output_logits`: one [N, V] per step). The tokens are
-    the responses' own, so a response that stands as EOS (its first token sampled was the
-    pad token) has the log-prob of EOS, the token the learner sees, not of the pad."""
-    n, steps = len(resp), len(step_logits)
-    toks = torch.zeros((n, steps), dtype=torch.long)
-    for i, r in enumerate(resp):
-        toks[i, :min(len(r), steps)] = torch.tensor(r[:steps])
-    lp = torch.stack([torch.log_softmax(x.float() / temperature, -1).cpu()
-                      .gather(1, toks[:, j:j + 1]).squeeze(1)
-                      for j, x in enumerate(step_logits)], 1)
-    return [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
-
-
 class VersionedWorker:
     """What every generation backend shares: the policy version it holds."""
 
@@ -153,7 +137,11 @@ class HFGenerationWorker(VersionedWorker):
         resp = [r if r else [self.tok.eos_token_id] for r in resp]
         if not logprobs:
             return resp, []
-        return resp, response_logprobs_from_steps(out.logits, resp, self.gen.temperature)
+        # each sampled token's log-prob, from the raw logits of the step that sampled it
+        lp = torch.stack([torch.log_softmax(x.float() / self.gen.temperature, -1)
+                          .gather(1, seqs[:, p + j:p + j + 1]).squeeze(1)
+                          for j, x in enumerate(out.logits)], 1).cpu()
+        return resp, [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load the learner's policy weights in place; stale versions are ignored."""

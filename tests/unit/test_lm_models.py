@@ -294,19 +294,3 @@ def test_sft_trains_in_train_mode_so_gradient_checkpointing_recomputes(tiny_mode
     ids = torch.tensor([[5, 6, 7, 8]])
     model(input_ids=ids).logits.sum().backward()
     assert len(calls) == 2, "the block ran once: nothing was recomputed in backward"
-
-
-def test_a_response_standing_as_eos_has_the_log_prob_of_eos():
-    """A first sampled token equal to the pad token leaves an empty response, which stands as
-    EOS: its old log-prob must be EOS's, not the pad's that was sampled."""
-    from rlhf_ray.llm.generation import response_logprobs_from_steps
-
-    pad, eos = 0, 2
-    step0 = torch.tensor([[3.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 4.0]])
-    step1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
-    resp = [[eos], [3, 1]]  # row 0 sampled the pad (logit 3) first, row 1 tokens 3 then 1
-    got = response_logprobs_from_steps([step0, step1], resp, temperature=2.0)
-    lsm0, lsm1 = (torch.log_softmax(x / 2.0, -1) for x in (step0, step1))
-    assert got[0] == pytest.approx([float(lsm0[0, eos])])
-    assert got[0][0] != pytest.approx(float(lsm0[0, pad]))
-    assert got[1] == pytest.approx([float(lsm0[1, 3]), float(lsm1[1, 1])])
