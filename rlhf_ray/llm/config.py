@@ -29,9 +29,8 @@ class TinyModelConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy (the critic trains
-    its weights in full, `model.train_top_layers` of them); the reference is then the policy
-    with its adapters off, not a second copy."""
+    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy and the critic; the
+    reference is then the policy with its adapters off, not a second copy."""
 
     r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
     alpha: float = Field(16.0, gt=0)
@@ -59,8 +58,8 @@ class ModelConfig(Strict):
         False, description="recompute activations in the learners' backward (less memory)")
     train_top_layers: int | None = Field(
         None, ge=1, description="train only the top N transformer blocks (and the heads) of "
-        "every model (SFT, reward model, policy, critic; the policy's LoRA goes on those "
-        "blocks): the backward pass stops below them. null: all")
+        "every model (SFT, reward model, policy, critic; LoRA goes on those blocks): the "
+        "backward pass stops below them. null: all")
 
 
 class ReviewsSplit(Strict):

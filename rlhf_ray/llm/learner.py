@@ -35,7 +35,6 @@ from rlhf_ray.llm.modeling import (
     TokenBatch,
     TokenValueModel,
     adapter_state_cpu,
-    disable_dropout,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -85,9 +84,6 @@ class PPOLearner:
             critic.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.critic = TokenValueModel(critic)
-        for model in (self.policy, self.critic, self.ref):  # old and new log-probs alike
-            if model is not None:
-                disable_dropout(model)
         self.policy.config.use_cache = False
         # how the models run: the frozen trunk below the trained blocks once per iteration
         # (`ppo.cache_frozen_blocks`), or every block in every pass

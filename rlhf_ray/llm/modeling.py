@@ -148,22 +148,6 @@ def with_lora(model, lora: dict | None, adapter_path: str | None = None,
         if keep else None))
 
 
-def disable_dropout(model):
-    """Every dropout of `model` off, in train mode too: `nn.Dropout` modules (LoRA's
-    included) and the attention's functional dropout (`attention_dropout`). PPO needs it: a
-    token's old log-prob and its new one in the first minibatch must come from one function,
-    or the ratio starts away from 1 (TRL turns dropout off in all four models too)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-    for cfg in {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-                if c is not None and hasattr(c, "attention_dropout")}.values():
-        cfg.attention_dropout = 0.0
-    return model
-
-
 def adapter_state_cpu(model) -> dict[str, torch.Tensor]:
     """A LoRA policy's adapter weights (all a generation worker needs to follow it)."""
     from peft import get_peft_model_state_dict
@@ -215,9 +199,8 @@ class PromptFormat:
 
 
 def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """An LM backbone with a scalar head. From a causal-LM folder the head is a fresh
-    `score` layer, initialized as transformers does (weights from N(0, 0.02): small outputs,
-    not zero); from a reward-model folder it is the trained head."""
+    """An LM backbone with a scalar head. From a causal-LM folder the head starts at zero
+    output scale (a fresh `score` layer); from a reward-model folder it is the trained head."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
