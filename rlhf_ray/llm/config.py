@@ -153,16 +153,12 @@ class RewardModelConfig(Strict):
 
 class KLConfig(Strict):
     estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
-    controller: Literal["fixed", "adaptive", "doubling"] = Field(
-        "adaptive", description="adaptive: Ziegler et al. 2019's proportional rule on log "
-        "beta; doubling: the PPO paper's (beta x2 above 1.5 x target, /2 below target / 1.5)")
+    controller: Literal["fixed", "adaptive"] = "adaptive"
     init_coef: float = Field(0.1, ge=0, description="beta at the start")
-    target: float = Field(2.0, gt=0, description="adaptive, doubling: KL per response (nats) "
-                          "to hold")
+    target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
     horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
-    min_coef: float = Field(0.0, ge=0, description="adaptive, doubling: beta never falls below "
-                            "this (stops the windup while the policy has not reached the target "
-                            "yet)")
+    min_coef: float = Field(0.0, ge=0, description="adaptive: beta never falls below this "
+                            "(stops the windup while the policy has not reached the target yet)")
 
 
 class PPOConfig(Strict):

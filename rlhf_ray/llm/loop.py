@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlhf_ray.core.lm_ppo import kl_controller_from_state, make_kl_controller
+from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController, kl_controller_from_state
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm import serve as serve_lm
@@ -51,9 +51,11 @@ from rlhf_ray.storage.weights import WeightStore
 RM_KEYS = ("rm_val_accuracy", "rm_train_loss", "rm_train_s")
 
 
-def kl_controller(k):
-    """beta's controller from the `ppo.kl` section."""
-    return make_kl_controller(k.controller, k.init_coef, k.target, k.horizon, k.min_coef)
+def kl_controller(cfg):
+    k = cfg.ppo.kl
+    if k.controller == "adaptive":
+        return AdaptiveKLController(k.init_coef, k.target, k.horizon, k.min_coef)
+    return FixedKLController(k.init_coef)
 
 
 def rm_max_response_tokens(cfg) -> int:
@@ -87,7 +89,7 @@ class LLMController(RunController):
                  stop_event=None, **kwargs):
         super().__init__(cfg, run_dir, on_metrics, progress, stop_event, **kwargs)
         lm_data.check(cfg)
-        self.kl_ctl = kl_controller(cfg.ppo.kl)
+        self.kl_ctl = kl_controller(cfg)
         self.score_mean, self.score_std = 0.0, 1.0
         self.sft_oracle = None
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
@@ -426,7 +428,7 @@ class LLMController(RunController):
         if override_kl or state.get("kl_settings", kl_now) != kl_now:
             # the KL settings changed since the checkpoint (a PBT mutation, an override on
             # resume): the controller starts from the new settings
-            self.kl_ctl = kl_controller(self.cfg.ppo.kl)
+            self.kl_ctl = kl_controller(self.cfg)
         self.cursor = int(state["prompt_cursor"])
         if state.get("prompt_order"):
             self.order = np.asarray(state["prompt_order"])
