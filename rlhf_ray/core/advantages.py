@@ -123,7 +123,6 @@ def reinforce_pp_baseline(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: 
 CRITIC_FREE = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
                "reinforce_pp_baseline": reinforce_pp_baseline}
 ESTIMATORS = ("gae", *CRITIC_FREE)  # gae: `lm_ppo.gae`, with a critic
-MIN_GROUP = {"grpo": 2, "rloo": 2, "dr_grpo": 2, "reinforce_pp_baseline": 2}
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm")
