@@ -30,6 +30,11 @@ def generation_worker_class(backend: str):
     return BACKENDS[backend]
 
 
+def sampler_dtype(cfg) -> str:
+    """The generation workers' dtype: `generation.dtype`, or the learner's (`model.dtype`)."""
+    return cfg.model.dtype if cfg.generation.dtype == "model" else cfg.generation.dtype
+
+
 class GenerationGroup:
     def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None,
                  adapter_path: str | None = None):
@@ -38,7 +43,7 @@ class GenerationGroup:
         self.workers = [remote_role(cls, place.generation_worker, bundle("generation", i), pg=pg,
                                     max_restarts=-1).remote(
             policy_path, cfg.generation.model_dump(), max_prompt_tokens=cfg.data.max_prompt_tokens,
-            seed=cfg.seed * 101 + i, torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype,
+            seed=cfg.seed * 101 + i, torch_threads=cfg.run.torch_threads, dtype=sampler_dtype(cfg),
             prompt_format=PromptFormat.settings(cfg.data), lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, train_top_layers=cfg.model.train_top_layers,
             device=place.devices()["generation"])

@@ -86,3 +86,14 @@ def test_reward_model_autoscaling_reaches_serve_and_pages_are_per_run():
     assert route_prefix(cfg, "hopper 2026/12") == "/label/hopper-2026-12"
     cfg = load_config("hopper-smoke", ["labeler.route_prefix=/team-a"])
     assert route_prefix(cfg, "anything") == "/team-a"
+
+
+def test_the_sampler_dtype_is_the_learners_unless_set():
+    from rlhf_ray.llm.workers import sampler_dtype
+
+    assert sampler_dtype(load_config("smollm2-reviews")) == "float32"
+    assert sampler_dtype(load_config("llm-tiny-smoke", ["model.dtype=bfloat16"])) == "bfloat16"
+    assert sampler_dtype(load_config("smollm2-reviews", ["generation.dtype=bfloat16"])) == \
+        "bfloat16"
+    with pytest.raises(ConfigError, match="generation.dtype='fp8'"):
+        load_config("llm-tiny-smoke", ["generation.dtype=fp8"])
