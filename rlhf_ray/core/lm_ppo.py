@@ -236,7 +236,50 @@ class AdaptiveKLController:
                 "horizon": self.horizon, "min_beta": self.min_beta}
 
 
-def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLController:
+@dataclass
+class DoublingKLController:
+    """The PPO paper's adaptive KL penalty (Schulman et al. 2017, section 4):
+
+        KL < target / 1.5:  beta <- beta / 2;    KL > target * 1.5:  beta <- beta * 2,
+
+    and beta stays put in between. It reacts within one iteration where Ziegler's rule moves
+    beta by at most 20% x n_steps / horizon, and it overshoots more (the paper: "the
+    parameters 1.5 and 2 are chosen heuristically, but the algorithm is not very sensitive to
+    them"). `min_beta` bounds beta from below, as in `AdaptiveKLController`."""
+
+    beta: float
+    target: float
+    min_beta: float = 0.0
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if kl < self.target / 1.5:
+            self.beta = max(self.beta / 2.0, self.min_beta)
+        elif kl > self.target * 1.5:
+            self.beta *= 2.0
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"kind": "doubling", "beta": self.beta, "target": self.target,
+                "min_beta": self.min_beta}
+
+
+KLController = FixedKLController | AdaptiveKLController | DoublingKLController
+
+
+def make_kl_controller(controller: str, init_coef: float, target: float, horizon: float,
+                       min_coef: float = 0.0) -> KLController:
+    """The controller a config names (`ppo.kl`): fixed, adaptive (Ziegler) or doubling (PPO)."""
+    if controller == "adaptive":
+        return AdaptiveKLController(init_coef, target, horizon, min_coef)
+    if controller == "doubling":
+        return DoublingKLController(init_coef, target, min_coef)
+    if controller == "fixed":
+        return FixedKLController(init_coef)
+    raise ValueError(f"unknown KL controller {controller!r}: use 'fixed', 'adaptive' or "
+                     "'doubling'")
+
+
+def kl_controller_from_state(state: dict) -> KLController:
     """Rebuild a controller from `state_dict()` (checkpoints keep beta across a resume)."""
     kind = state.get("kind")
     if kind == "fixed":
@@ -244,4 +287,8 @@ def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLContr
     if kind == "adaptive":
         return AdaptiveKLController(float(state["beta"]), float(state["target"]),
                                     float(state["horizon"]), float(state.get("min_beta", 0.0)))
-    raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed' or 'adaptive'")
+    if kind == "doubling":
+        return DoublingKLController(float(state["beta"]), float(state["target"]),
+                                    float(state.get("min_beta", 0.0)))
+    raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed', "
+                     "'adaptive' or 'doubling'")

@@ -29,8 +29,9 @@ class TinyModelConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy and the critic; the
-    reference is then the policy with its adapters off, not a second copy."""
+    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy (the critic trains
+    its weights in full, `model.train_top_layers` of them); the reference is then the policy
+    with its adapters off, not a second copy."""
 
     r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
     alpha: float = Field(16.0, gt=0)
@@ -58,8 +59,8 @@ class ModelConfig(Strict):
         False, description="recompute activations in the learners' backward (less memory)")
     train_top_layers: int | None = Field(
         None, ge=1, description="train only the top N transformer blocks (and the heads) of "
-        "every model (SFT, reward model, policy, critic; LoRA goes on those blocks): the "
-        "backward pass stops below them. null: all")
+        "every model (SFT, reward model, policy, critic; the policy's LoRA goes on those "
+        "blocks): the backward pass stops below them. null: all")
 
 
 class ReviewsSplit(Strict):
@@ -153,12 +154,16 @@ class RewardModelConfig(Strict):
 
 class KLConfig(Strict):
     estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
-    controller: Literal["fixed", "adaptive"] = "adaptive"
+    controller: Literal["fixed", "adaptive", "doubling"] = Field(
+        "adaptive", description="adaptive: Ziegler et al. 2019's proportional rule on log "
+        "beta; doubling: the PPO paper's (beta x2 above 1.5 x target, /2 below target / 1.5)")
     init_coef: float = Field(0.1, ge=0, description="beta at the start")
-    target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
+    target: float = Field(2.0, gt=0, description="adaptive, doubling: KL per response (nats) "
+                          "to hold")
     horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
-    min_coef: float = Field(0.0, ge=0, description="adaptive: beta never falls below this "
-                            "(stops the windup while the policy has not reached the target yet)")
+    min_coef: float = Field(0.0, ge=0, description="adaptive, doubling: beta never falls below "
+                            "this (stops the windup while the policy has not reached the target "
+                            "yet)")
 
 
 class PPOConfig(Strict):
@@ -172,6 +177,12 @@ class PPOConfig(Strict):
     ppo_epochs: int = Field(4, ge=1)
     lr: float = Field(3e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="both learning rates over the run's PPO iterations: constant, "
+        "or decayed linearly to 0 after the last (`run.iterations`)")
+    lr_warmup_iterations: int = Field(
+        0, ge=0, description="PPO iterations of linear warm-up of both rates before the "
+        "schedule (0: none)")
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)
@@ -179,8 +190,12 @@ class PPOConfig(Strict):
     whiten_advantages: bool = True
     normalize_reward: bool = Field(
         True, description="standardize RM scores by their mean and std on SFT samples, "
-        "measured once before PPO starts")
+        "measured before PPO and again for each new reward-model version")
     reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the normalized score of a response cut at "
+        "generation.max_new_tokens before it ended (TRL's missing_eos_penalty); the reward "
+        "model sees such a response without an EOS either way. null: none")
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)

@@ -13,6 +13,7 @@ across ranks (DDP's gradient average then gives the global token mean).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhf_ray.core import lm_ppo
+from rlhf_ray.core.schedules import lr_factor
 from rlhf_ray.llm.config import PPOConfig
 from rlhf_ray.llm.experience import (
     CachedTrunk,
@@ -35,6 +37,7 @@ from rlhf_ray.llm.modeling import (
     TokenBatch,
     TokenValueModel,
     adapter_state_cpu,
+    disable_dropout,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -56,17 +59,20 @@ class PPOLearner:
                  dtype: str = "float32", device: str | None = None, pad_id: int = 0,
                  ref_path: str | None = None, state_path: str | None = None,
                  lora: dict | None = None, adapter_path: str | None = None,
-                 gradient_checkpointing: bool = False, train_top_layers: int | None = None):
+                 gradient_checkpointing: bool = False, train_top_layers: int | None = None,
+                 iterations: int | None = None):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
         state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
         `model.lora` section), policy_path is the base (the SFT model), the policy trains
         adapters on it (`adapter_path`: a checkpoint's), and the reference is the same model
-        with its adapters off: no second copy."""
+        with its adapters off: no second copy. `iterations`: the run's PPO iterations (the
+        learning-rate schedule's length)."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
         self.cfg = PPOConfig.model_validate(ppo)
+        self.iterations = iterations or 1
         self.device = actor_device(device, f"learner rank {rank}")
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
@@ -83,7 +89,12 @@ class PPOLearner:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             critic.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.critic = TokenValueModel(critic)
+        bias = locations.join(critic_path, TokenValueModel.BIAS_FILE)
+        self.critic = TokenValueModel(critic, json.loads(locations.read_text(bias))["value_bias"]
+                                      if locations.exists(bias) else 0.0)
+        for model in (self.policy, self.critic, self.ref):  # old and new log-probs alike
+            if model is not None:
+                disable_dropout(model)
         self.policy.config.use_cache = False
         # how the models run: the frozen trunk below the trained blocks once per iteration
         # (`ppo.cache_frozen_blocks`), or every block in every pass
@@ -215,6 +226,11 @@ class PPOLearner:
         t0 = time.time()
         self.policy.train()
         self.critic.train()
+        lr_scale = lr_factor(self.version, self.iterations, self.cfg.lr_warmup_iterations,
+                             self.cfg.lr_schedule)  # resumed runs: the version says where
+        for opt, lr in ((self.opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr)):
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_scale
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
         exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
@@ -242,7 +258,8 @@ class PPOLearner:
         out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
         out.update(kl_mean=tot[0] / tot[2], kl_k1_mean=tot[1] / tot[2],
                    response_len_mean=tot[3] / tot[2], reward_total_mean=tot[4] / tot[2],
-                   learner_s=time.time() - t0, policy_version=self.version)
+                   learner_s=time.time() - t0, policy_version=self.version,
+                   lr=self.cfg.lr * lr_scale)
         if exp.sampler_stats:  # this rank's (a per-token mean: close to the global one)
             out.update(exp.sampler_stats)
         return out
@@ -289,11 +306,19 @@ class PPOLearner:
                 policy.save_pretrained(os.path.join(local, "policy_adapter"))
                 policy = copy.deepcopy(policy).merge_and_unload()
             save_model(policy, tok, os.path.join(local, "policy"))
-            save_model(unwrap(self.critic).model, tok, os.path.join(local, "critic"))
+            critic = unwrap(self.critic)
+            save_model(critic.model, tok, os.path.join(local, "critic"))
+            with open(os.path.join(local, "critic", TokenValueModel.BIAS_FILE), "w") as f:
+                json.dump({"value_bias": float(critic.value_bias)}, f)
             torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                         "version": self.version}, os.path.join(local, "optimizer.pt"))
         return {"policy": locations.join(out_dir, "policy"),
                 "critic": locations.join(out_dir, "critic")}
+
+    def fold_reward_normalization(self, mean: float, std: float) -> None:
+        """The critic, started from the reward model, predicts normalized scores (every rank
+        alike, before the first step: DDP's copies stay equal)."""
+        unwrap(self.critic).fold_normalization(mean, std)
 
     def close(self) -> None:
         if self._ddp and dist.is_initialized():

@@ -28,18 +28,19 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController, kl_controller_from_state
+from rlhf_ray.core.lm_ppo import kl_controller_from_state, make_kl_controller
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm import serve as serve_lm
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
 from rlhf_ray.llm.metrics import LLM, SAMPLER_KEYS
+from rlhf_ray.llm.normalization import ScoreNormalizer
 from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 from rlhf_ray.llm.sft import SFTTask
 from rlhf_ray.llm.stages import StartPoints, start_points
 from rlhf_ray.llm.workers import GenerationGroup, LearnerGroup
-from rlhf_ray.runtime.actors import remote_role, retry_call
+from rlhf_ray.runtime.actors import remote_role
 from rlhf_ray.runtime.controller import RunController
 from rlhf_ray.runtime.memory import MemorySampler, peak_memory, peak_rss_mb
 from rlhf_ray.runtime.metrics import PhaseTimer, clean
@@ -51,11 +52,9 @@ from rlhf_ray.storage.weights import WeightStore
 RM_KEYS = ("rm_val_accuracy", "rm_train_loss", "rm_train_s")
 
 
-def kl_controller(cfg):
-    k = cfg.ppo.kl
-    if k.controller == "adaptive":
-        return AdaptiveKLController(k.init_coef, k.target, k.horizon, k.min_coef)
-    return FixedKLController(k.init_coef)
+def kl_controller(k):
+    """beta's controller from the `ppo.kl` section."""
+    return make_kl_controller(k.controller, k.init_coef, k.target, k.horizon, k.min_coef)
 
 
 def rm_max_response_tokens(cfg) -> int:
@@ -89,8 +88,8 @@ class LLMController(RunController):
                  stop_event=None, **kwargs):
         super().__init__(cfg, run_dir, on_metrics, progress, stop_event, **kwargs)
         lm_data.check(cfg)
-        self.kl_ctl = kl_controller(cfg)
-        self.score_mean, self.score_std = 0.0, 1.0
+        self.kl_ctl = kl_controller(cfg.ppo.kl)
+        self.norm = ScoreNormalizer(cfg.ppo.normalize_reward, cfg.ppo.reward_clip)
         self.sft_oracle = None
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
         self.memory_sampler = MemorySampler()  # the machine's used memory over the run
@@ -213,11 +212,14 @@ class LLMController(RunController):
 
     def calibrate(self) -> None:
         """Reward normalization: the reward model's mean and std on SFT samples of the
-        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
-        fixed for the run. The same samples are the SFT model's held-out evaluation."""
-        s = self.held_out.judge_sft(self.generation, self.rm_handle)
-        if self.cfg.ppo.normalize_reward and len(s) > 1:
-            self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
+        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average),
+        measured again for each new reward-model version (`ScoreNormalizer`). The same
+        samples are the SFT model's held-out evaluation."""
+        raw, samples, version = self.held_out.judge_sft(self.generation, self.rm_handle)
+        self.norm.calibrate([x["prompt"] for x in samples], [x["response"] for x in samples],
+                            [x["finished"] for x in samples], raw, version)
+        if self.cfg.ppo.normalize_reward and self.cfg.model.critic_init == "reward_model":
+            self.learner.fold_reward_normalization(self.norm.mean, self.norm.std)  # its values
         self.sft_oracle = self.held_out.sft.get("eval_score_mean")
 
     def ppo(self, online: bool) -> dict:
@@ -247,12 +249,13 @@ class LLMController(RunController):
                 self.next_prompts(batch), logprobs=with_lp))
             pending = None
             timer.mark("generate")
-            # 2. scores from the reward model's deployment, normalized and clipped
-            scored = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
+            # 2. scores from the reward model's deployment, normalized (on its version's
+            #    scores of SFT samples) and clipped
+            scored, scores = self.norm.score(self.rm_handle, out["prompts"], out["texts"],
+                                             out["finished"])
+            if cfg.ppo.missing_eos_penalty:  # in normalized units, after the clip
+                scores = scores - cfg.ppo.missing_eos_penalty * ~np.asarray(out["finished"])
             raw = np.asarray(scored["scores"], dtype=np.float64)
-            scores = (raw - self.score_mean) / self.score_std
-            if cfg.ppo.reward_clip:
-                scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
@@ -319,8 +322,10 @@ class LLMController(RunController):
             "sft_oracle_score_mean": clean(self.sft_oracle),
             "rm_score_mean": clean(s.raw.mean()),
             "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
+            "reward_norm_mean": clean(self.norm.mean), "reward_norm_std": clean(self.norm.std),
             "kl_coef_next": clean(self.kl_ctl.beta),
             "response_len_mean": clean(s.stats["response_len_mean"]),
+            "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
             "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
             "policy_version": int(s.version),
             "sample_policy_versions": sorted(set(s.out["versions"])),
@@ -330,7 +335,7 @@ class LLMController(RunController):
             **self.feedback.metrics(),
             "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
             "approx_kl": clean(s.stats.get("approx_kl")),
-            "clipfrac": clean(s.stats.get("clipfrac")),
+            "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
             **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
             "generation_startup_s": clean(s.out.get("startup_s")),
             **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),
@@ -415,8 +420,8 @@ class LLMController(RunController):
         ray.get(self.trainer.save.remote(locations.join(path, "reward_model")))
         return self.save_state(path, {
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
-            "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
-            "score_std": self.score_std, "sft_oracle": self.sft_oracle,
+            "prompt_order": [int(i) for i in self.order], **self.norm.state(),
+            "sft_oracle": self.sft_oracle,
             **self.held_out.state(),
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
@@ -428,11 +433,11 @@ class LLMController(RunController):
         if override_kl or state.get("kl_settings", kl_now) != kl_now:
             # the KL settings changed since the checkpoint (a PBT mutation, an override on
             # resume): the controller starts from the new settings
-            self.kl_ctl = kl_controller(self.cfg)
+            self.kl_ctl = kl_controller(self.cfg.ppo.kl)
         self.cursor = int(state["prompt_cursor"])
         if state.get("prompt_order"):
             self.order = np.asarray(state["prompt_order"])
-        self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
+        self.norm.restore(state, self.run_dir / "samples_sft.jsonl")
         self.sft_oracle = None if state["sft_oracle"] is None else float(state["sft_oracle"])
         self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")

@@ -271,3 +271,51 @@ def test_checkpoint_of_another_format_is_refused_clearly(tmp_path):
     (ck / "controller.json").write_text("{truncated")
     with pytest.raises(ValueError, match="unreadable controller.json"):
         ctl.load_state(ck)
+
+
+def test_sft_trains_in_train_mode_so_gradient_checkpointing_recomputes(tiny_model):
+    """transformers checkpoints only in train mode: with `model.gradient_checkpointing` the
+    SFT model's blocks must run again in the backward pass."""
+    from rlhf_ray.llm.modeling import decoder_layers
+    from rlhf_ray.llm.sft import trainable_policy
+
+    cfg = load_config("llm-tiny-smoke", ["model.gradient_checkpointing=true"])
+    model = trainable_policy(cfg, tiny_model, "cpu")
+    assert model.training
+    calls = []
+    mlp = decoder_layers(model)[1][0].mlp
+    forward = mlp.forward
+
+    def counted(*a, **kw):  # (a recomputation runs no module hooks: count the calls)
+        calls.append(1)
+        return forward(*a, **kw)
+
+    mlp.forward = counted
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2, "the block ran once: nothing was recomputed in backward"
+
+
+def test_a_response_standing_as_eos_has_the_log_prob_of_eos():
+    """A first sampled token equal to the pad token leaves an empty response, which stands as
+    EOS: its old log-prob must be EOS's, not the pad's that was sampled."""
+    from rlhf_ray.llm.generation import response_logprobs_from_steps
+
+    pad, eos = 0, 2
+    step0 = torch.tensor([[3.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 4.0]])
+    step1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
+    resp = [[eos], [3, 1]]  # row 0 sampled the pad (logit 3) first, row 1 tokens 3 then 1
+    got = response_logprobs_from_steps([step0, step1], resp, temperature=2.0)
+    lsm0, lsm1 = (torch.log_softmax(x / 2.0, -1) for x in (step0, step1))
+    assert got[0] == pytest.approx([float(lsm0[0, eos])])
+    assert got[0][0] != pytest.approx(float(lsm0[0, pad]))
+    assert got[1] == pytest.approx([float(lsm0[1, 3]), float(lsm1[1, 1])])
+
+
+def test_a_response_cut_at_the_length_limit_gets_no_eos_for_the_reward_model(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    b = encode_pairs(tok, ["a b", "a b"], ["good fox", "good fox"], 8, 16,
+                     finished=[True, False])
+    ends = [b.input_ids[i, b.prompt_len:][b.response_mask[i].bool()].tolist() for i in range(2)]
+    assert ends[0][-1] == tok.eos_token_id and ends[1][-1] != tok.eos_token_id
+    assert ends[0][:-1] == ends[1]  # the same text, only the ending differs
