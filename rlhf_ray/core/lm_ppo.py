@@ -106,20 +106,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip: float = 0.2,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                weights: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens.
 
     All inputs [B, T]. `weights`: per-token importance weights of the sampler's tokens
-    (`sampler_correction`), constants multiplying each token's term. Returns (pg_loss,
-    {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new) that CleanRL and
-    TRL report.
+    (`sampler_correction`), constants multiplying each token's term. `token_weights`: each
+    token's share of the loss (`advantages.agg_weights`: another aggregation than the token
+    mean, or a micro batch's share of a larger batch); the loss is then the weighted sum.
+    Returns (pg_loss, {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new)
+    that CleanRL and TRL report.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     terms = torch.maximum(unclipped, clipped)
-    loss = masked_mean(terms if weights is None else terms * weights, mask)
+    if weights is not None:
+        terms = terms * weights
+    loss = masked_mean(terms, mask) if token_weights is None else \
+        (terms * token_weights * mask.to(terms.dtype)).sum()
     with torch.no_grad():
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)

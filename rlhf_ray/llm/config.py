@@ -153,7 +153,15 @@ class RewardModelConfig(Strict):
 
 
 class KLConfig(Strict):
-    estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="the per-token KL estimate (Schulman's k1 = log ratio, k3 = "
+        "ratio - 1 - log ratio: unbiased and >= 0, GRPO's for the loss)")
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -beta x KL in each token's reward (InstructGPT, "
+        "REINFORCE++); loss: beta x KL(policy || reference) as a term of the policy loss, "
+        "clamped to +-loss_clamp per token (GRPO; verl's use_kl_loss)")
+    loss_clamp: float | None = Field(10.0, gt=0, description="placement=loss: the per-token "
+                                     "clamp (verl, OpenRLHF); null: none")
     controller: Literal["fixed", "adaptive", "doubling"] = Field(
         "adaptive", description="adaptive: Ziegler et al. 2019's proportional rule on log "
         "beta; doubling: the PPO paper's (beta x2 above 1.5 x target, /2 below target / 1.5)")
@@ -167,7 +175,23 @@ class KLConfig(Strict):
 
 
 class PPOConfig(Strict):
-    rollout_batch_size: int = Field(64, ge=1, description="prompts (responses) per iteration")
+    rollout_batch_size: int = Field(64, ge=1, description="prompts per iteration (each "
+                                    "sampled samples_per_prompt times)")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="K responses per prompt, consecutive in the batch: the group "
+        "that GRPO's, RLOO's and REINFORCE++-baseline's baselines come from (verl's "
+        "rollout.n, OpenRLHF's n_samples_per_prompt, TRL's num_generations); with "
+        "labels.responses_per_query = K, online rankings reuse the rollout's groups")
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: a critic and GAE (InstructGPT's PPO); the rest build no "
+        "critic (core/advantages.py): grpo (Shao et al. 2024), dr_grpo (Liu et al. 2025), "
+        "rloo (Ahmadian et al. 2024), reinforce_pp and reinforce_pp_baseline (Hu 2025)")
+    loss_agg: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                      "seq-mean-token-sum-norm"] = Field(
+        "auto", description="how per-token policy-loss terms make the loss (verl's agg_loss); "
+        "auto: the estimator's paper's (GRPO: seq-mean-token-mean; Dr. GRPO: "
+        "seq-mean-token-sum-norm over generation.max_new_tokens; else token-mean)")
     minibatch_size: int = Field(16, ge=1, description="responses per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="responses per forward (grad accumulation)")
     micro_batch_tokens: int | None = Field(
@@ -308,9 +332,17 @@ class LLMConfig(Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> "LLMConfig":
         p, n = self.ppo, self.placement.num_learners
-        if p.rollout_batch_size % p.minibatch_size:
-            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide "
-                             f"ppo.rollout_batch_size={p.rollout_batch_size}")
+        responses = p.rollout_batch_size * p.samples_per_prompt
+        if responses % p.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide the "
+                             f"responses per iteration ({responses} = ppo.rollout_batch_size "
+                             f"x ppo.samples_per_prompt)")
+        # core.advantages.GROUPED (not imported: configs load without torch)
+        if p.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") \
+                and p.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage_estimator={p.advantage_estimator}: needs "
+                             f"ppo.samples_per_prompt >= 2 (its baseline is the other "
+                             f"responses to the same prompt)")
         if p.minibatch_size % n:
             raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must split evenly over "
                              f"placement.num_learners={n}")

@@ -90,6 +90,7 @@ class LLMController(RunController):
         lm_data.check(cfg)
         self.kl_ctl = kl_controller(cfg.ppo.kl)
         self.norm = ScoreNormalizer(cfg.ppo.normalize_reward, cfg.ppo.reward_clip)
+        self.queries_from_rollout = 0  # this iteration's ranking queries that were its groups
         self.sft_oracle = None
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
         self.memory_sampler = MemorySampler()  # the machine's used memory over the run
@@ -231,7 +232,7 @@ class LLMController(RunController):
                      "reward model's score (the training signal) and the KL only")
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
-        batch = cfg.ppo.rollout_batch_size
+        batch, k = cfg.ppo.rollout_batch_size, cfg.ppo.samples_per_prompt
         pending = None  # async_generation: the next batch, sampled while the learner steps
         # the sampler's log-probs: PPO's old ones, or compared with the learner's (sampler_kl)
         with_lp = (cfg.ppo.old_logprobs == "generation" or cfg.generation.backend == "vllm"
@@ -244,9 +245,10 @@ class LLMController(RunController):
                      "(truncated importance sampling) or ppo.old_logprobs=generation")
         while self.iteration < cfg.run.iterations and not self.should_stop():
             timer = PhaseTimer()
+            self.queries_from_rollout = 0
             # 1. samples of policy v (generated while the last step ran, with async_generation)
             out = self.generation.collect(pending or self.generation.submit(
-                self.next_prompts(batch), logprobs=with_lp))
+                self.next_prompts(batch), n=k, logprobs=with_lp))
             pending = None
             timer.mark("generate")
             # 2. scores from the reward model's deployment, normalized (on its version's
@@ -256,10 +258,13 @@ class LLMController(RunController):
             if cfg.ppo.missing_eos_penalty:  # in normalized units, after the clip
                 scores = scores - cfg.ppo.missing_eos_penalty * ~np.asarray(out["finished"])
             raw = np.asarray(scored["scores"], dtype=np.float64)
+            if cfg.ppo.advantage_estimator != "gae":  # critic-free: less the group baseline
+                scores = shape_scores(cfg.ppo.advantage_estimator, scores, k)
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
-                pending = self.generation.submit(self.next_prompts(batch), logprobs=with_lp)
+                pending = self.generation.submit(self.next_prompts(batch), n=k,
+                                                 logprobs=with_lp)
             # 3. PPO on KL-penalized token rewards, then the KL controller
             beta = self.kl_ctl.beta
             stats = self.learner.step(out, scores, beta)
@@ -274,7 +279,11 @@ class LLMController(RunController):
             if online:
                 self.feedback.expire_overdue()
                 if cfg.labels.per_iteration:
-                    self.ask_for_labels(cfg.labels.per_iteration, block=False)
+                    # the rollout's groups, where they are as large as a ranking query
+                    same_k = k == cfg.labels.responses_per_query
+                    asked = self.ask_for_labels(cfg.labels.per_iteration, block=False,
+                                                groups=out if same_k else None)
+                    self.queries_from_rollout = asked if same_k else 0
                     self.feedback.feed()
             timer.mark("labeling")
             # 6. metrics (the yardstick on held-out prompts now and then), checkpoint
@@ -334,6 +343,8 @@ class LLMController(RunController):
             "labeler_restarts": self.feedback.restarts, "rm_version": int(s.scored["version"]),
             **self.feedback.metrics(),
             "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
+            "kl_loss": clean(s.stats.get("kl_loss")),
+            "queries_from_rollout": self.queries_from_rollout,
             "approx_kl": clean(s.stats.get("approx_kl")),
             "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
             **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
@@ -397,15 +408,23 @@ class LLMController(RunController):
             self.cursor += 1
         return out
 
-    def ask_for_labels(self, n_prompts: int, block: bool) -> int:
-        """K samples for each of n prompts from the current policy -> ranking queries."""
+    def ask_for_labels(self, n_prompts: int, block: bool, groups: dict | None = None) -> int:
+        """K samples for each of n prompts from the current policy -> ranking queries.
+        `groups`: a rollout sampled K per prompt (`ppo.samples_per_prompt` = K): its first n
+        groups are the queries, nothing is generated for them (group sampling done once for
+        the baseline and the labels)."""
         cfg = self.cfg
         n_prompts = min(n_prompts, cfg.labels.budget - self.feedback.requested)
         if n_prompts <= 0 or self.labeler is None:
             return 0
         k = cfg.labels.responses_per_query
-        prompts = self.next_prompts(n_prompts)
-        out = self.generation.generate(prompts, n=k)
+        if groups is not None:
+            n_prompts = min(n_prompts, len(groups["prompts"]) // k)
+            out = groups
+            prompts = [groups["prompts"][i * k] for i in range(n_prompts)]
+        else:
+            prompts = self.next_prompts(n_prompts)
+            out = self.generation.generate(prompts, n=k)
         responses = [out["texts"][i * k:(i + 1) * k] for i in range(n_prompts)]
         self.feedback.ask(n_prompts, prompts, responses, block=block)
         return n_prompts
@@ -442,3 +461,13 @@ class LLMController(RunController):
         self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state
+
+
+def shape_scores(estimator: str, scores: np.ndarray, group_size: int) -> np.ndarray:
+    """A critic-free estimator's sequence-level half (`advantages.shape_scores`), here where
+    the whole batch's groups are (the learner ranks get rows, not groups)."""
+    import torch
+
+    from rlhf_ray.core.advantages import shape_scores as shape
+
+    return shape(estimator, torch.as_tensor(scores, dtype=torch.float64), group_size).numpy()

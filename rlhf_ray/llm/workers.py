@@ -145,7 +145,7 @@ class LearnerGroup:
             ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
             train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"],
-            iterations=cfg.run.iterations)
+            iterations=cfg.run.iterations, max_new_tokens=cfg.generation.max_new_tokens)
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])

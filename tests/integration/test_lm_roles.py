@@ -37,14 +37,21 @@ def _rollout(tiny_paths, n: int, seed: int = 0) -> dict:
     return out
 
 
-@pytest.mark.parametrize("lora_r,top,tokens", [(0, None, None), (4, 1, 14)])
+CRITIC_FREE = {"advantage_estimator": "reinforce_pp", "loss_agg": "seq-mean-token-mean",
+               "kl": {"placement": "loss", "estimator": "k3"}}
+
+
+@pytest.mark.parametrize("lora_r,top,tokens,extra", [(0, None, None, {}), (4, 1, 14, {}),
+                                                     (0, None, None, CRITIC_FREE)])
 def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r,
-                                                                 top, tokens):
+                                                                 top, tokens, extra):
     """Global advantage whitening and global token normalization make DDP over 2 gloo
     ranks compute the gradients of the whole batch, though the ranks' token counts differ;
     also when the policy trains LoRA adapters (peft) on its top block, its reference is itself
     with adapters off, the frozen block's output is cached for the epochs, and micro batches
-    sized by tokens give the two ranks different numbers of forward passes."""
+    sized by tokens give the two ranks different numbers of forward passes; and with no
+    critic (REINFORCE++: returns whitened over both ranks), a per-response loss aggregation
+    (normalized by the responses of both ranks) and the KL as a loss term."""
     ray = ray_cluster
     from rlhf_ray.core.lm_ppo import micro_batches
     from rlhf_ray.llm.learner import PPOLearner
@@ -52,7 +59,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
 
     batch = _rollout(tiny_paths, 8)
     ppo = PPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2,
-                      micro_batch_tokens=tokens, entropy_coef=0.01).model_dump()
+                    micro_batch_tokens=tokens, entropy_coef=0.01, **extra).model_dump()
     if tokens:  # the ranks' plans differ in length: DDP must not need equal forward counts
         plans = [micro_batches(np.arange(4), *make_batch(
             [batch["prompt_ids"][i] for i in rows], [batch["response_ids"][i] for i in rows],
@@ -92,6 +99,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
     assert any(np.abs(g).max() > 0 for g in full.values())
     policy = [n for n in full if n.startswith("policy.")]
     assert policy and all(("lora_" in n) == bool(lora_r) for n in policy)
+    assert any(n.startswith("critic.") for n in full) == (not extra)
 
 
 @pytest.fixture(scope="module")
