@@ -123,9 +123,73 @@ def reinforce_pp_baseline(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: 
 CRITIC_FREE = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
                "reinforce_pp_baseline": reinforce_pp_baseline}
 ESTIMATORS = ("gae", *CRITIC_FREE)  # gae: `lm_ppo.gae`, with a critic
+GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need K >= 2 per prompt
+
+
+# Each critic-free estimator in two halves, so that a distributed learner never needs a whole
+# group on one rank: `shape_scores` (sequence level: the group baseline, on whoever holds the
+# whole batch) and `token_advantages` (per token, row by row, with the batch-wide whitening
+# of REINFORCE++ through `allreduce`). token_advantages(e, shape_scores(e, s, K), ...) is
+# exactly the estimator's function above (tested).
+def shape_scores(estimator: str, scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] -> [B]: the scores less their group baseline (scaled by the group's std for GRPO;
+    unchanged for REINFORCE++, whose baseline is the batch whitening)."""
+    if estimator not in CRITIC_FREE:
+        raise ValueError(f"unknown critic-free estimator {estimator!r}: use one of "
+                         f"{', '.join(CRITIC_FREE)}")
+    if estimator == "reinforce_pp":
+        return scores
+    if estimator in ("grpo", "rloo") and group_size < 2:
+        raise ValueError(f"{estimator} needs at least 2 responses per prompt")
+    g = grouped(scores.float(), group_size)
+    mean = g.mean(1, keepdim=True)
+    if estimator == "grpo":
+        out = (g - mean) / (g.std(1, keepdim=True) + 1e-6)
+    elif estimator == "rloo":
+        out = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    else:  # dr_grpo, reinforce_pp_baseline
+        out = g - mean
+    return out.reshape(-1).to(scores.dtype)
+
+
+def token_advantages(estimator: str, shaped: torch.Tensor, kl_rewards: torch.Tensor,
+                     mask: torch.Tensor, gamma: float = 1.0, allreduce: Allreduce | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] from shaped scores [B] (`shape_scores`) and the per-token
+    KL penalty in reward form; REINFORCE++'s advantages whitened over the whole batch."""
+    adv, ret = _from_scores(shaped, kl_rewards, mask, gamma)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        adv = masked_whiten(ret, mask, allreduce=allreduce)
+    return adv, ret
+
+
+def default_agg(estimator: str) -> str:
+    """The loss aggregation each estimator's paper uses: GRPO's per-response token mean,
+    Dr. GRPO's constant-normalized token sum, a token mean for the rest (PPO, RLOO and
+    REINFORCE++ as OpenRLHF runs them)."""
+    return {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}.get(
+        estimator, "token-mean")
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm")
+
+
+def agg_weights(mask: torch.Tensor, mode: str, num_seqs: float, num_tokens: float,
+                norm_len: int) -> torch.Tensor:
+    """Per-token weights [B, T] (0 on padding) such that sum(terms * weights) over a whole
+    minibatch is `agg_loss(terms, mask, mode, norm_len)`, when the minibatch is split into
+    micro batches and learner ranks: `num_seqs` and `num_tokens` are the whole minibatch's
+    response and token counts (all ranks), so each part's sum is its share."""
+    m = mask.float()
+    if mode == "token-mean":
+        return m / max(num_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        return m / m.sum(1, keepdim=True).clamp_min(1.0) / max(num_seqs, 1.0)
+    if mode == "seq-mean-token-sum":
+        return m / max(num_seqs, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return m / float(norm_len) / max(num_seqs, 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}: use one of {', '.join(AGG_MODES)}")
 
 
 def agg_loss(terms: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",

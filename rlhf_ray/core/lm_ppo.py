@@ -106,20 +106,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip: float = 0.2,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                weights: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens.
 
     All inputs [B, T]. `weights`: per-token importance weights of the sampler's tokens
-    (`sampler_correction`), constants multiplying each token's term. Returns (pg_loss,
-    {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new) that CleanRL and
-    TRL report.
+    (`sampler_correction`), constants multiplying each token's term. `token_weights`: each
+    token's share of the loss (`advantages.agg_weights`: another aggregation than the token
+    mean, or a micro batch's share of a larger batch); the loss is then the weighted sum.
+    Returns (pg_loss, {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new)
+    that CleanRL and TRL report.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     terms = torch.maximum(unclipped, clipped)
-    loss = masked_mean(terms if weights is None else terms * weights, mask)
+    if weights is not None:
+        terms = terms * weights
+    loss = masked_mean(terms, mask) if token_weights is None else \
+        (terms * token_weights * mask.to(terms.dtype)).sum()
     with torch.no_grad():
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
@@ -236,7 +242,50 @@ class AdaptiveKLController:
                 "horizon": self.horizon, "min_beta": self.min_beta}
 
 
-def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLController:
+@dataclass
+class DoublingKLController:
+    """The PPO paper's adaptive KL penalty (Schulman et al. 2017, section 4):
+
+        KL < target / 1.5:  beta <- beta / 2;    KL > target * 1.5:  beta <- beta * 2,
+
+    and beta stays put in between. It reacts within one iteration where Ziegler's rule moves
+    beta by at most 20% x n_steps / horizon, and it overshoots more (the paper: "the
+    parameters 1.5 and 2 are chosen heuristically, but the algorithm is not very sensitive to
+    them"). `min_beta` bounds beta from below, as in `AdaptiveKLController`."""
+
+    beta: float
+    target: float
+    min_beta: float = 0.0
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if kl < self.target / 1.5:
+            self.beta = max(self.beta / 2.0, self.min_beta)
+        elif kl > self.target * 1.5:
+            self.beta *= 2.0
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"kind": "doubling", "beta": self.beta, "target": self.target,
+                "min_beta": self.min_beta}
+
+
+KLController = FixedKLController | AdaptiveKLController | DoublingKLController
+
+
+def make_kl_controller(controller: str, init_coef: float, target: float, horizon: float,
+                       min_coef: float = 0.0) -> KLController:
+    """The controller a config names (`ppo.kl`): fixed, adaptive (Ziegler) or doubling (PPO)."""
+    if controller == "adaptive":
+        return AdaptiveKLController(init_coef, target, horizon, min_coef)
+    if controller == "doubling":
+        return DoublingKLController(init_coef, target, min_coef)
+    if controller == "fixed":
+        return FixedKLController(init_coef)
+    raise ValueError(f"unknown KL controller {controller!r}: use 'fixed', 'adaptive' or "
+                     "'doubling'")
+
+
+def kl_controller_from_state(state: dict) -> KLController:
     """Rebuild a controller from `state_dict()` (checkpoints keep beta across a resume)."""
     kind = state.get("kind")
     if kind == "fixed":
@@ -244,4 +293,8 @@ def kl_controller_from_state(state: dict) -> FixedKLController | AdaptiveKLContr
     if kind == "adaptive":
         return AdaptiveKLController(float(state["beta"]), float(state["target"]),
                                     float(state["horizon"]), float(state.get("min_beta", 0.0)))
-    raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed' or 'adaptive'")
+    if kind == "doubling":
+        return DoublingKLController(float(state["beta"]), float(state["target"]),
+                                    float(state.get("min_beta", 0.0)))
+    raise ValueError(f"unknown KL controller kind {kind!r} in checkpoint: expected 'fixed', "
+                     "'adaptive' or 'doubling'")

@@ -29,8 +29,9 @@ class TinyModelConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy and the critic; the
-    reference is then the policy with its adapters off, not a second copy."""
+    """Low-rank adapters through `peft` (Hu et al. 2021) on the policy (the critic trains
+    its weights in full, `model.train_top_layers` of them); the reference is then the policy
+    with its adapters off, not a second copy."""
 
     r: int = Field(0, ge=0, description="adapter rank; 0: full fine-tuning")
     alpha: float = Field(16.0, gt=0)
@@ -58,8 +59,8 @@ class ModelConfig(Strict):
         False, description="recompute activations in the learners' backward (less memory)")
     train_top_layers: int | None = Field(
         None, ge=1, description="train only the top N transformer blocks (and the heads) of "
-        "every model (SFT, reward model, policy, critic; LoRA goes on those blocks): the "
-        "backward pass stops below them. null: all")
+        "every model (SFT, reward model, policy, critic; the policy's LoRA goes on those "
+        "blocks): the backward pass stops below them. null: all")
 
 
 class ReviewsSplit(Strict):
@@ -158,17 +159,45 @@ class RewardModelConfig(Strict):
 
 
 class KLConfig(Strict):
-    estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL in the reward")
-    controller: Literal["fixed", "adaptive"] = "adaptive"
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="the per-token KL estimate (Schulman's k1 = log ratio, k3 = "
+        "ratio - 1 - log ratio: unbiased and >= 0, GRPO's for the loss)")
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -beta x KL in each token's reward (InstructGPT, "
+        "REINFORCE++); loss: beta x KL(policy || reference) as a term of the policy loss, "
+        "clamped to +-loss_clamp per token (GRPO; verl's use_kl_loss)")
+    loss_clamp: float | None = Field(10.0, gt=0, description="placement=loss: the per-token "
+                                     "clamp (verl, OpenRLHF); null: none")
+    controller: Literal["fixed", "adaptive", "doubling"] = Field(
+        "adaptive", description="adaptive: Ziegler et al. 2019's proportional rule on log "
+        "beta; doubling: the PPO paper's (beta x2 above 1.5 x target, /2 below target / 1.5)")
     init_coef: float = Field(0.1, ge=0, description="beta at the start")
-    target: float = Field(2.0, gt=0, description="adaptive: KL per response (nats) to hold")
+    target: float = Field(2.0, gt=0, description="adaptive, doubling: KL per response (nats) "
+                          "to hold")
     horizon: int = Field(10_000, ge=1, description="adaptive: Ziegler et al.'s K_beta horizon")
-    min_coef: float = Field(0.0, ge=0, description="adaptive: beta never falls below this "
-                            "(stops the windup while the policy has not reached the target yet)")
+    min_coef: float = Field(0.0, ge=0, description="adaptive, doubling: beta never falls below "
+                            "this (stops the windup while the policy has not reached the target "
+                            "yet)")
 
 
 class PPOConfig(Strict):
-    rollout_batch_size: int = Field(64, ge=1, description="prompts (responses) per iteration")
+    rollout_batch_size: int = Field(64, ge=1, description="prompts per iteration (each "
+                                    "sampled samples_per_prompt times)")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="K responses per prompt, consecutive in the batch: the group "
+        "that GRPO's, RLOO's and REINFORCE++-baseline's baselines come from (verl's "
+        "rollout.n, OpenRLHF's n_samples_per_prompt, TRL's num_generations); with "
+        "labels.responses_per_query = K, online rankings reuse the rollout's groups")
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: a critic and GAE (InstructGPT's PPO); the rest build no "
+        "critic (core/advantages.py): grpo (Shao et al. 2024), dr_grpo (Liu et al. 2025), "
+        "rloo (Ahmadian et al. 2024), reinforce_pp and reinforce_pp_baseline (Hu 2025)")
+    loss_agg: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                      "seq-mean-token-sum-norm"] = Field(
+        "auto", description="how per-token policy-loss terms make the loss (verl's agg_loss); "
+        "auto: the estimator's paper's (GRPO: seq-mean-token-mean; Dr. GRPO: "
+        "seq-mean-token-sum-norm over generation.max_new_tokens; else token-mean)")
     minibatch_size: int = Field(16, ge=1, description="responses per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="responses per forward (grad accumulation)")
     micro_batch_tokens: int | None = Field(
@@ -178,6 +207,12 @@ class PPOConfig(Strict):
     ppo_epochs: int = Field(4, ge=1)
     lr: float = Field(3e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="both learning rates over the run's PPO iterations: constant, "
+        "or decayed linearly to 0 after the last (`run.iterations`)")
+    lr_warmup_iterations: int = Field(
+        0, ge=0, description="PPO iterations of linear warm-up of both rates before the "
+        "schedule (0: none)")
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)
@@ -185,8 +220,12 @@ class PPOConfig(Strict):
     whiten_advantages: bool = True
     normalize_reward: bool = Field(
         True, description="standardize RM scores by their mean and std on SFT samples, "
-        "measured once before PPO starts")
+        "measured before PPO and again for each new reward-model version")
     reward_clip: float | None = Field(5.0, gt=0, description="clip normalized scores to +-this")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the normalized score of a response cut at "
+        "generation.max_new_tokens before it ended (TRL's missing_eos_penalty); the reward "
+        "model sees such a response without an EOS either way. null: none")
     entropy_coef: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)
@@ -299,9 +338,17 @@ class LLMConfig(Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> "LLMConfig":
         p, n = self.ppo, self.placement.num_learners
-        if p.rollout_batch_size % p.minibatch_size:
-            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide "
-                             f"ppo.rollout_batch_size={p.rollout_batch_size}")
+        responses = p.rollout_batch_size * p.samples_per_prompt
+        if responses % p.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must divide the "
+                             f"responses per iteration ({responses} = ppo.rollout_batch_size "
+                             f"x ppo.samples_per_prompt)")
+        # core.advantages.GROUPED (not imported: configs load without torch)
+        if p.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") \
+                and p.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage_estimator={p.advantage_estimator}: needs "
+                             f"ppo.samples_per_prompt >= 2 (its baseline is the other "
+                             f"responses to the same prompt)")
         if p.minibatch_size % n:
             raise ValueError(f"ppo.minibatch_size={p.minibatch_size}: must split evenly over "
                              f"placement.num_learners={n}")

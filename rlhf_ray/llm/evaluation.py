@@ -27,6 +27,11 @@ class HeldOut:
         self.judge = None  # loaded on first use
         self.sft: dict = {}  # the SFT model's evaluation (means)
         self.evals: list[dict] = []  # every evaluation of the policy so far (means)
+        # one sampling seed for every evaluation (no training call draws it): the SFT model
+        # and each policy sample the same prompts with the same random draws, so the gain
+        # between them is a paired difference, not two independent samples' noise
+        self.seed = 2**31 + cfg.seed
+        self.rm_version: int | None = None  # the reward model's that scored the last one
 
     def yardstick(self):
         """The judge, or None where the config names neither `eval.yardstick` nor
@@ -38,25 +43,28 @@ class HeldOut:
     def evaluate(self, generation, rm_handle) -> tuple[dict, np.ndarray, list[dict]]:
         """The policy on the held-out prompts: the yardstick's means (`eval_<key>_mean`) and
         the reward model's, its raw scores, and the samples with their scores."""
-        out = generation.generate(self.prompts)
-        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"]))
+        out = generation.generate(self.prompts, seed=self.seed)
+        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"],
+                                                        finished=out["finished"]))
+        self.rm_version = res.get("version")
         judge = self.yardstick()
         judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
         ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
         samples = [{"prompt": p, "response": r, "rm_score": float(q),
-                    **{k: float(v[i]) for k, v in judged.items()}}
+                    "finished": out["finished"][i], **{k: float(v[i]) for k, v in judged.items()}}
                    for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],
                                                      res["scores"]))]
         return ev, np.asarray(res["scores"], dtype=np.float64), samples
 
-    def judge_sft(self, generation, rm_handle) -> np.ndarray:
+    def judge_sft(self, generation, rm_handle) -> tuple[np.ndarray, list[dict], int | None]:
         """The SFT model's evaluation (kept for every later row); returns the reward model's
-        raw scores of its samples (the reward normalization's)."""
+        raw scores of its samples, the samples and the reward model's version (what the
+        reward normalization is measured on)."""
         ev, raw, samples = self.evaluate(generation, rm_handle)
         self.sft = ev
         self.write_samples("sft", samples)
-        return raw
+        return raw, samples, self.rm_version
 
     def row(self, iteration: int, final: bool, generation, rm_handle) -> dict:
         """A held-out evaluation's row entries, the SFT model's beside them, and whether the

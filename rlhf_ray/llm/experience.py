@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlhf_ray.core import lm_ppo
+from rlhf_ray.core import advantages, lm_ppo
 from rlhf_ray.llm.modeling import (
     TokenBatch,
     decoder_layers,
@@ -78,7 +78,8 @@ class CachedTrunk(Forward):
     @classmethod
     def for_models(cls, policy, critic, top: int, temperature: float, rank: int = 0):
         """The cache for models that train their top `top` blocks."""
-        return cls(temperature, {role: max(0, len(decoder_layers(model)[1]) - top)
+        return cls(temperature, {role: 0 if model is None else
+                                 max(0, len(decoder_layers(model)[1]) - top)
                                  for role, model in (("policy", policy), ("critic", critic))},
                    rank)
 
@@ -108,7 +109,7 @@ class CachedTrunk(Forward):
         if self.checked:
             return
         self.checked = True
-        modes = [(mod, mod.training) for mod in (policy, critic)]
+        modes = [(mod, mod.training) for mod in (policy, critic) if mod is not None]
         for mod, _ in modes:
             mod.eval()
         try:
@@ -162,11 +163,15 @@ class Experience:
 def make_experience(forward: Forward, policy, critic, ref, b: TokenBatch, scores: torch.Tensor,
                     beta: float, ppo, micro_batches: Callable[[np.ndarray], list[np.ndarray]],
                     sampler_logprobs: list[list[float]] | None = None,
-                    allreduce: Callable[..., list[float]] | None = None) -> Experience:
+                    allreduce: Callable[..., list[float]] | None = None,
+                    needs_ref: bool = True) -> Experience:
     """Old and reference log-probs, values, KL-penalized rewards, GAE for batch `b`.
 
-    policy, critic: the bare models (no DDP: these passes need no collectives); ref: the
-    frozen reference, or None where it is the policy with its LoRA adapters off. `ppo`: the
+    policy, critic: the bare models (no DDP: these passes need no collectives); critic None:
+    a critic-free estimator (`ppo.advantage_estimator`), whose `scores` come shaped by their
+    group baseline (`advantages.shape_scores`). ref: the frozen reference, or None where it
+    is the policy with its LoRA adapters off; `needs_ref` False: no reference at all (beta
+    fixed at 0: its log-probs are the old ones, the KL 0). `ppo`: the
     `ppo` section (KL estimator, gamma, lambda, whitening, old log-probs, sampler
     correction). `sampler_logprobs`: the sampling policy's per-token log-probs from
     generation: PPO's old log-probs with `ppo.old_logprobs=generation` (one forward pass
@@ -198,23 +203,32 @@ def make_experience(forward: Forward, policy, critic, ref, b: TokenBatch, scores
                              torch.arange(cols.start, cols.stop)[None, :]] = h
         if not given:
             old_lp[idx, :t] = forward.logprobs(policy, m, trunks["policy"])
-        if ref is None:  # LoRA: the reference is the base, adapters off
+        if needs_ref and ref is None:  # LoRA: the reference is the base, adapters off
             with policy.disable_adapter():
                 ref_lp[idx, :t] = forward.logprobs(policy, m, trunks["policy"])
-        else:  # its own blocks throughout (a second copy; the trunk is the policy's)
+        elif needs_ref:  # its own blocks throughout (a second copy; the trunk is the policy's)
             ref_lp[idx, :t] = response_logprobs(ref, m.input_ids, m.attention_mask,
                                                 m.position_ids, m.prompt_len,
                                                 forward.temperature)
-        values[idx, :t] = forward.values(critic, m, trunks["critic"]).float()
+        if critic is not None:
+            values[idx, :t] = forward.values(critic, m, trunks["critic"]).float()
     mask = b.response_mask
+    if not needs_ref:  # the old log-probs stand in: the KL is 0
+        ref_lp = old_lp
     is_weights, sampler_stats = None, None
     if sampler_lp is not None and not given:
         is_weights, sampler_stats = lm_ppo.sampler_correction(old_lp, sampler_lp, mask,
                                                               ppo.importance_sampling_cap)
     kl = lm_ppo.kl_estimate(old_lp, ref_lp, ppo.kl.estimator) * mask
-    rewards = lm_ppo.token_rewards(scores, kl, beta, mask)
-    adv, returns = lm_ppo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        adv = lm_ppo.masked_whiten(adv, mask, allreduce=allreduce)
+    # the KL in the reward, or (placement=loss) in the policy loss instead
+    kl_in_reward = kl if ppo.kl.placement == "reward" else torch.zeros_like(kl)
+    rewards = lm_ppo.token_rewards(scores, kl_in_reward, beta, mask)
+    if critic is None:  # the score already less its baseline; the KL penalty per token
+        adv, returns = advantages.token_advantages(
+            ppo.advantage_estimator, scores, -beta * kl_in_reward, mask, ppo.gamma, allreduce)
+    else:
+        adv, returns = lm_ppo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            adv = lm_ppo.masked_whiten(adv, mask, allreduce=allreduce)
     return Experience(old_lp, ref_lp, values, adv, returns, kl, rewards,
                       caches["policy"], caches["critic"], is_weights, sampler_stats)

@@ -35,6 +35,22 @@ def _cut_at_eos(ids: list[int], eos: int, pad: int) -> list[int]:
     return out
 
 
+def response_logprobs_from_steps(step_logits, resp: list[list[int]],
+                                 temperature: float) -> list[list[float]]:
+    """log pi(y_t | x, y_<t) of each response's tokens, from the raw logits of the step that
+    sampled position t (`generate`'s `output_logits`: one [N, V] per step). The tokens are
+    the responses' own, so a response that stands as EOS (its first token sampled was the
+    pad token) has the log-prob of EOS, the token the learner sees, not of the pad."""
+    n, steps = len(resp), len(step_logits)
+    toks = torch.zeros((n, steps), dtype=torch.long)
+    for i, r in enumerate(resp):
+        toks[i, :min(len(r), steps)] = torch.tensor(r[:steps])
+    lp = torch.stack([torch.log_softmax(x.float() / temperature, -1).cpu()
+                      .gather(1, toks[:, j:j + 1]).squeeze(1)
+                      for j, x in enumerate(step_logits)], 1)
+    return [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
+
+
 class VersionedWorker:
     """What every generation backend shares: the policy version it holds."""
 
@@ -57,7 +73,11 @@ class VersionedWorker:
         """What `generate` answers, whichever backend sampled `resp` (rows grouped by
         prompt, n each); `lps`: their log-probs, where asked for. Needs `self.tok`."""
         extra = {"logprobs": lps} if lps is not None else {}
+        eos = self.tok.eos_token_id
         return {"prompt_ids": [x for x in pids for _ in range(n)], "response_ids": resp,
+                # ended with EOS, or cut at generation.max_new_tokens (the reward model
+                # must see the difference)
+                "finished": [bool(r) and r[-1] == eos for r in resp],
                 "texts": [self.tok.decode(r, skip_special_tokens=True) for r in resp],
                 "prompts": [q for q in prompts for _ in range(n)], "version": self.version,
                 "tokens": sum(len(r) for r in resp), "generate_s": time.time() - t0,
@@ -137,11 +157,7 @@ class HFGenerationWorker(VersionedWorker):
         resp = [r if r else [self.tok.eos_token_id] for r in resp]
         if not logprobs:
             return resp, []
-        # each sampled token's log-prob, from the raw logits of the step that sampled it
-        lp = torch.stack([torch.log_softmax(x.float() / self.gen.temperature, -1)
-                          .gather(1, seqs[:, p + j:p + j + 1]).squeeze(1)
-                          for j, x in enumerate(out.logits)], 1).cpu()
-        return resp, [lp[i, :len(r)].tolist() for i, r in enumerate(resp)]
+        return resp, response_logprobs_from_steps(out.logits, resp, self.gen.temperature)
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load the learner's policy weights in place; stale versions are ignored."""

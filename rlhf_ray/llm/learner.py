@@ -5,6 +5,13 @@ reference, and receives its shard of every rollout batch from the controller. A 
 the experience (old log-probs, reference log-probs, values, KL-penalized token rewards, GAE)
 and runs PPO epochs over minibatches with gradient accumulation over micro batches.
 
+With a critic-free estimator (`ppo.advantage_estimator`: GRPO, Dr. GRPO, RLOO, REINFORCE++)
+there is no critic at all (no model, optimizer, value loss or checkpoint folder): the
+controller sends scores already shaped by their group baseline (`advantages.shape_scores`)
+and each rank makes token advantages of its own rows. With the KL as a loss term
+(`ppo.kl.placement=loss`) the rewards carry no KL; with beta fixed at 0 there is no reference
+model either.
+
 Batch statistics are global, so N ranks with a shard each compute exactly what one rank with
 the whole batch would: advantages are whitened with all-reduced moments, and each
 minibatch's loss is a sum over its tokens divided by the token count of the whole minibatch
@@ -13,6 +20,7 @@ across ranks (DDP's gradient average then gives the global token mean).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -22,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rlhf_ray.core import lm_ppo
+from rlhf_ray.core import advantages, lm_ppo
+from rlhf_ray.core.schedules import lr_factor
 from rlhf_ray.llm.config import PPOConfig
 from rlhf_ray.llm.experience import (
     CachedTrunk,
@@ -35,6 +44,7 @@ from rlhf_ray.llm.modeling import (
     TokenBatch,
     TokenValueModel,
     adapter_state_cpu,
+    disable_dropout,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -56,17 +66,28 @@ class PPOLearner:
                  dtype: str = "float32", device: str | None = None, pad_id: int = 0,
                  ref_path: str | None = None, state_path: str | None = None,
                  lora: dict | None = None, adapter_path: str | None = None,
-                 gradient_checkpointing: bool = False, train_top_layers: int | None = None):
+                 gradient_checkpointing: bool = False, train_top_layers: int | None = None,
+                 iterations: int | None = None, max_new_tokens: int | None = None):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
         state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
         `model.lora` section), policy_path is the base (the SFT model), the policy trains
         adapters on it (`adapter_path`: a checkpoint's), and the reference is the same model
-        with its adapters off: no second copy."""
+        with its adapters off: no second copy. `iterations`: the run's PPO iterations (the
+        learning-rate schedule's length); `max_new_tokens`: the generation limit (Dr. GRPO's
+        constant loss normalizer)."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
         self.cfg = PPOConfig.model_validate(ppo)
+        self.iterations = iterations or 1
+        est = self.cfg.advantage_estimator
+        self.agg = advantages.default_agg(est) if self.cfg.loss_agg == "auto" else \
+            self.cfg.loss_agg
+        self.norm_len = max_new_tokens or 1
+        kl = self.cfg.kl
+        # beta fixed at 0: the KL never enters, so no reference (TRL's GRPO default)
+        self.needs_ref = not (kl.controller == "fixed" and kl.init_coef == 0)
         self.device = actor_device(device, f"learner rank {rank}")
         self.pad_id = pad_id
         self.lora = lora if lora_on(lora) else None
@@ -74,16 +95,25 @@ class PPOLearner:
                                 adapter_path, top=train_top_layers)
         if not self.lora:
             freeze_below(self.policy, train_top_layers)
-        self.ref = None if self.lora else (
+        self.ref = None if (self.lora or not self.needs_ref) else (
             load_policy(ref_path or policy_path, dtype, self.device).eval().requires_grad_(False))
-        critic = load_scalar_model(critic_path, dtype, self.device)
-        freeze_below(critic, train_top_layers)
+        critic = None
+        if est == "gae":
+            critic = load_scalar_model(critic_path, dtype, self.device)
+            freeze_below(critic, train_top_layers)
         if gradient_checkpointing:  # activations recomputed in backward: memory for time
-            self.policy.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-            critic.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.critic = TokenValueModel(critic)
+            for model in (self.policy, critic):
+                if model is not None:
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.critic = None
+        if critic is not None:
+            bias = locations.join(critic_path, TokenValueModel.BIAS_FILE)
+            self.critic = TokenValueModel(critic, json.loads(locations.read_text(bias))[
+                "value_bias"] if locations.exists(bias) else 0.0)
+        for model in (self.policy, self.critic, self.ref):  # old and new log-probs alike
+            if model is not None:
+                disable_dropout(model)
         self.policy.config.use_cache = False
         # how the models run: the frozen trunk below the trained blocks once per iteration
         # (`ppo.cache_frozen_blocks`), or every block in every pass
@@ -100,17 +130,27 @@ class PPOLearner:
     def _opts(self) -> None:
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                      lr=self.cfg.lr)
-        self.critic_opt = torch.optim.AdamW([p for p in self.critic.parameters() if p.requires_grad],
-                                            lr=self.cfg.critic_lr)
+        self.critic_opt = None if self.critic is None else torch.optim.AdamW(
+            [p for p in self.critic.parameters() if p.requires_grad], lr=self.cfg.critic_lr)
         if self._state_path and locations.exists(self._state_path):  # resuming: same moments
             state = torch.load(locations.local_file(self._state_path), map_location=self.device,
                                weights_only=True)
             self.opt.load_state_dict(state["opt"])
-            self.critic_opt.load_state_dict(state["critic_opt"])
-            for o, lr in ((self.opt, self.cfg.lr), (self.critic_opt, self.cfg.critic_lr)):
+            if self.critic_opt is not None:
+                self.critic_opt.load_state_dict(state["critic_opt"])
+            for o, lr in self._optimizers():
                 for g in o.param_groups:  # the config's rates win (a sweep may have changed them)
                     g["lr"] = lr
             self.version = int(state["version"])
+
+    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        """(optimizer, its configured learning rate): the policy's, and the critic's if any."""
+        return [(self.opt, self.cfg.lr)] + ([] if self.critic_opt is None else
+                                            [(self.critic_opt, self.cfg.critic_lr)])
+
+    def _models(self) -> list:
+        """The trained models: the policy, and the critic if any."""
+        return [self.policy] + ([] if self.critic is None else [self.critic])
 
     # ---------------------------------------------------------------- distributed
     def address(self) -> tuple[str, int]:
@@ -129,7 +169,8 @@ class PPOLearner:
         # broadcast in every forward would make the ranks' forward counts a collective, which
         # token-budget micro batches (a different number per rank) would break
         self.policy = DDP(self.policy, device_ids=ids, broadcast_buffers=False)
-        self.critic = DDP(self.critic, device_ids=ids, broadcast_buffers=False)
+        if self.critic is not None:
+            self.critic = DDP(self.critic, device_ids=ids, broadcast_buffers=False)
         self._ddp = True
         self._opts()
         return dist.get_world_size()
@@ -150,38 +191,54 @@ class PPOLearner:
     def _experience(self, b: TokenBatch, scores: torch.Tensor, beta: float,
                     sampler_logprobs: list[list[float]] | None = None) -> Experience:
         """This rank's shard made ready for PPO epochs (`experience.make_experience`)."""
-        return make_experience(self.forward, unwrap(self.policy), unwrap(self.critic), self.ref,
+        return make_experience(self.forward, unwrap(self.policy),
+                               None if self.critic is None else unwrap(self.critic), self.ref,
                                b, scores, beta, self.cfg,
                                lambda idx: self._micro_batches(b, idx), sampler_logprobs,
-                               self._allreduce)
+                               self._allreduce, needs_ref=self.needs_ref)
 
     # ---------------------------------------------------------------- the PPO step
     def _minibatch_loss(self, b: TokenBatch, exp: Experience, idx: np.ndarray,
-                        tokens_global: float, sync: bool) -> tuple[torch.Tensor, dict]:
+                        tokens_global: float, seqs_global: float, beta: float,
+                        ) -> tuple[torch.Tensor, dict]:
         sub = b.select(idx)
         m, cols = sub.trimmed(), sub.kept_columns()  # this micro batch's own padding only
         trunk = {role: (None if exp.trunk(role) is None or not self.forward.blocks[role]
                         else exp.trunk(role)[torch.as_tensor(idx)][:, cols])
                  for role in ("policy", "critic")}
         mask, t = m.response_mask, m.response_mask.shape[1]
-        old_lp, adv, old_values, returns = (x[idx, :t] for x in (exp.old_lp, exp.adv, exp.values,
-                                                                 exp.returns))
+        old_lp, adv, old_values, returns, ref_lp = (
+            x[idx, :t] for x in (exp.old_lp, exp.adv, exp.values, exp.returns, exp.ref_lp))
         is_w = None if exp.is_weights is None else exp.is_weights[idx, :t]
         want_ent = self.cfg.entropy_coef > 0
         out = self.forward.logprobs(self.policy, m, trunk["policy"], want_ent)
         lp, ent = (out if want_ent else (out, None))
-        values = self.forward.values(self.critic, m, trunk["critic"])
-        # per-token sums over this micro batch, divided by the whole minibatch's token count
-        # on all ranks; times world size because DDP averages gradients over ranks
+        # each token's share of the whole minibatch's loss (all micro batches, all ranks:
+        # `ppo.loss_agg`), times world size because DDP averages gradients over ranks
+        weights = advantages.agg_weights(mask, self.agg, seqs_global, tokens_global,
+                                         self.norm_len) * self.world
+        pg, pg_stats = lm_ppo.policy_loss(lp, old_lp, adv, mask, self.cfg.cliprange, is_w,
+                                          token_weights=weights)
+        # this micro batch's loss as a token mean (for the rows); the other terms are token
+        # means over the whole minibatch, as the policy loss was before ppo.loss_agg
         scale = float(mask.sum()) / tokens_global * self.world
-        pg, pg_stats = lm_ppo.policy_loss(lp, old_lp, adv, mask, self.cfg.cliprange, is_w)
-        vf, vf_stats = lm_ppo.value_loss(values, old_values, returns, mask,
-                                         self.cfg.cliprange_value)
-        loss = pg + vf
+        loss = pg
+        stats = {"pg_loss": float(lm_ppo.policy_loss(lp.detach(), old_lp, adv, mask,
+                                                     self.cfg.cliprange, is_w)[0]), **pg_stats}
+        if self.critic is not None:
+            values = self.forward.values(self.critic, m, trunk["critic"])
+            vf, vf_stats = lm_ppo.value_loss(values, old_values, returns, mask,
+                                             self.cfg.cliprange_value)
+            loss = loss + vf * scale
+            stats.update(vf_loss=float(vf.detach()), **vf_stats)
+        if self.cfg.kl.placement == "loss" and self.needs_ref and beta:
+            kl = advantages.kl_loss(lp, ref_lp, mask, self.cfg.kl.estimator,
+                                    self.cfg.kl.loss_clamp)
+            loss = loss + beta * kl * scale
+            stats["kl_loss"] = float(kl.detach())
         if ent is not None:
-            loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask)
-        stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vf.detach()), **pg_stats, **vf_stats}
-        return loss * scale, stats
+            loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask) * scale
+        return loss, stats
 
     def _micro_batches(self, b: TokenBatch, idx: np.ndarray) -> list[np.ndarray]:
         """`ppo.micro_batch_size` rows at a time, or as many as `ppo.micro_batch_tokens`
@@ -189,18 +246,20 @@ class PPOLearner:
         return lm_ppo.micro_batches(idx, *b.lengths(), self.cfg.micro_batch_size,
                                     self.cfg.micro_batch_tokens)
 
-    def _backward(self, b: TokenBatch, exp: Experience, idx: np.ndarray) -> list[dict]:
+    def _backward(self, b: TokenBatch, exp: Experience, idx: np.ndarray,
+                  beta: float) -> list[dict]:
         """Accumulate the gradients of one minibatch (this rank's part, `idx`)."""
-        (tokens_global,) = self._allreduce(float(b.response_mask[idx].sum()))
+        tokens_global, seqs_global = self._allreduce(float(b.response_mask[idx].sum()),
+                                                     float(len(idx)))
         micros = self._micro_batches(b, idx)
         stats = []
         for k, micro in enumerate(micros):
             last = k == len(micros) - 1
-            ctx = [m.no_sync() for m in (self.policy, self.critic)] if (self._ddp and not last) else []
+            ctx = [m.no_sync() for m in self._models()] if (self._ddp and not last) else []
             for c in ctx:
                 c.__enter__()
             try:
-                loss, s = self._minibatch_loss(b, exp, micro, tokens_global, last)
+                loss, s = self._minibatch_loss(b, exp, micro, tokens_global, seqs_global, beta)
                 loss.backward()
             finally:
                 for c in ctx:
@@ -213,8 +272,13 @@ class PPOLearner:
         (normalized RM scores), prompt_len, response_len, and optionally sampler_logprobs
         (the sampling policy's, from generation)}. All ranks call it together."""
         t0 = time.time()
-        self.policy.train()
-        self.critic.train()
+        for model in self._models():
+            model.train()
+        lr_scale = lr_factor(self.version, self.iterations, self.cfg.lr_warmup_iterations,
+                             self.cfg.lr_schedule)  # resumed runs: the version says where
+        for opt, lr in self._optimizers():
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_scale
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
         exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
@@ -225,14 +289,14 @@ class PPOLearner:
             perm = self.rng.permutation(n)
             for s in range(0, n, per_rank_mb):
                 idx = perm[s:s + per_rank_mb]
-                self.opt.zero_grad(set_to_none=True)
-                self.critic_opt.zero_grad(set_to_none=True)
-                stats += self._backward(b, exp, idx)
+                for opt, _ in self._optimizers():
+                    opt.zero_grad(set_to_none=True)
+                stats += self._backward(b, exp, idx, beta)
                 if self.cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.max_grad_norm)
-                self.opt.step()
-                self.critic_opt.step()
+                    for model in self._models():
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+                for opt, _ in self._optimizers():
+                    opt.step()
         self.version += 1
         mask = b.response_mask.to(torch.float32)
         kl_seq = exp.kl.sum(1)
@@ -242,7 +306,8 @@ class PPOLearner:
         out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
         out.update(kl_mean=tot[0] / tot[2], kl_k1_mean=tot[1] / tot[2],
                    response_len_mean=tot[3] / tot[2], reward_total_mean=tot[4] / tot[2],
-                   learner_s=time.time() - t0, policy_version=self.version)
+                   learner_s=time.time() - t0, policy_version=self.version,
+                   lr=self.cfg.lr * lr_scale)
         if exp.sampler_stats:  # this rank's (a per-token mean: close to the global one)
             out.update(exp.sampler_stats)
         return out
@@ -254,11 +319,11 @@ class PPOLearner:
         b = self._batch(shard)
         scores = torch.as_tensor(shard["scores"], dtype=torch.float32, device=self.device)
         exp = self._experience(b, scores, beta, shard.get("sampler_logprobs"))
-        self.opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        self._backward(b, exp, np.arange(len(b)))
+        for opt, _ in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        self._backward(b, exp, np.arange(len(b)), beta)
         out = {}
-        for prefix, model in (("policy.", self.policy), ("critic.", self.critic)):  # noqa: B007
+        for prefix, model in zip(("policy.", "critic."), self._models()):
             for name, p in unwrap(model).named_parameters():
                 if p.grad is not None:
                     out[prefix + name] = p.grad.detach().cpu().numpy().copy()
@@ -289,11 +354,24 @@ class PPOLearner:
                 policy.save_pretrained(os.path.join(local, "policy_adapter"))
                 policy = copy.deepcopy(policy).merge_and_unload()
             save_model(policy, tok, os.path.join(local, "policy"))
-            save_model(unwrap(self.critic).model, tok, os.path.join(local, "critic"))
-            torch.save({"opt": self.opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-                        "version": self.version}, os.path.join(local, "optimizer.pt"))
-        return {"policy": locations.join(out_dir, "policy"),
-                "critic": locations.join(out_dir, "critic")}
+            state = {"opt": self.opt.state_dict(), "version": self.version}
+            if self.critic is not None:
+                critic = unwrap(self.critic)
+                save_model(critic.model, tok, os.path.join(local, "critic"))
+                with open(os.path.join(local, "critic", TokenValueModel.BIAS_FILE), "w") as f:
+                    json.dump({"value_bias": float(critic.value_bias)}, f)
+                state["critic_opt"] = self.critic_opt.state_dict()
+            torch.save(state, os.path.join(local, "optimizer.pt"))
+        out = {"policy": locations.join(out_dir, "policy")}
+        if self.critic is not None:
+            out["critic"] = locations.join(out_dir, "critic")
+        return out
+
+    def fold_reward_normalization(self, mean: float, std: float) -> None:
+        """The critic, started from the reward model, predicts normalized scores (every rank
+        alike, before the first step: DDP's copies stay equal). No critic: nothing to do."""
+        if self.critic is not None:
+            unwrap(self.critic).fold_normalization(mean, std)
 
     def close(self) -> None:
         if self._ddp and dist.is_initialized():

@@ -28,18 +28,19 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rlhf_ray.core.lm_ppo import AdaptiveKLController, FixedKLController, kl_controller_from_state
+from rlhf_ray.core.lm_ppo import kl_controller_from_state, make_kl_controller
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm import serve as serve_lm
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
 from rlhf_ray.llm.metrics import LLM, SAMPLER_KEYS
+from rlhf_ray.llm.normalization import ScoreNormalizer
 from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 from rlhf_ray.llm.sft import SFTTask
 from rlhf_ray.llm.stages import StartPoints, start_points
 from rlhf_ray.llm.workers import GenerationGroup, LearnerGroup
-from rlhf_ray.runtime.actors import remote_role, retry_call
+from rlhf_ray.runtime.actors import remote_role
 from rlhf_ray.runtime.controller import RunController
 from rlhf_ray.runtime.memory import MemorySampler, peak_memory, peak_rss_mb
 from rlhf_ray.runtime.metrics import PhaseTimer, clean
@@ -51,11 +52,9 @@ from rlhf_ray.storage.weights import WeightStore
 RM_KEYS = ("rm_val_accuracy", "rm_train_loss", "rm_train_s")
 
 
-def kl_controller(cfg):
-    k = cfg.ppo.kl
-    if k.controller == "adaptive":
-        return AdaptiveKLController(k.init_coef, k.target, k.horizon, k.min_coef)
-    return FixedKLController(k.init_coef)
+def kl_controller(k):
+    """beta's controller from the `ppo.kl` section."""
+    return make_kl_controller(k.controller, k.init_coef, k.target, k.horizon, k.min_coef)
 
 
 def rm_max_response_tokens(cfg) -> int:
@@ -89,8 +88,9 @@ class LLMController(RunController):
                  stop_event=None, **kwargs):
         super().__init__(cfg, run_dir, on_metrics, progress, stop_event, **kwargs)
         lm_data.check(cfg)
-        self.kl_ctl = kl_controller(cfg)
-        self.score_mean, self.score_std = 0.0, 1.0
+        self.kl_ctl = kl_controller(cfg.ppo.kl)
+        self.norm = ScoreNormalizer(cfg.ppo.normalize_reward, cfg.ppo.reward_clip)
+        self.queries_from_rollout = 0  # this iteration's ranking queries that were its groups
         self.sft_oracle = None
         self.stage_memory: dict[str, float] = {}  # peak MiB of roles gone before the end
         self.memory_sampler = MemorySampler()  # the machine's used memory over the run
@@ -213,11 +213,14 @@ class LLMController(RunController):
 
     def calibrate(self) -> None:
         """Reward normalization: the reward model's mean and std on SFT samples of the
-        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average);
-        fixed for the run. The same samples are the SFT model's held-out evaluation."""
-        s = self.held_out.judge_sft(self.generation, self.rm_handle)
-        if self.cfg.ppo.normalize_reward and len(s) > 1:
-            self.score_mean, self.score_std = float(s.mean()), float(max(s.std(), 1e-6))
+        held-out prompts (InstructGPT normalizes so that the SFT model scores 0 on average),
+        measured again for each new reward-model version (`ScoreNormalizer`). The same
+        samples are the SFT model's held-out evaluation."""
+        raw, samples, version = self.held_out.judge_sft(self.generation, self.rm_handle)
+        self.norm.calibrate([x["prompt"] for x in samples], [x["response"] for x in samples],
+                            [x["finished"] for x in samples], raw, version)
+        if self.cfg.ppo.normalize_reward and self.cfg.model.critic_init == "reward_model":
+            self.learner.fold_reward_normalization(self.norm.mean, self.norm.std)  # its values
         self.sft_oracle = self.held_out.sft.get("eval_score_mean")
 
     def ppo(self, online: bool) -> dict:
@@ -229,7 +232,7 @@ class LLMController(RunController):
                      "reward model's score (the training signal) and the KL only")
         self.t_start = time.time()  # time_s counts PPO's time
         last: dict = {}
-        batch = cfg.ppo.rollout_batch_size
+        batch, k = cfg.ppo.rollout_batch_size, cfg.ppo.samples_per_prompt
         pending = None  # async_generation: the next batch, sampled while the learner steps
         # the sampler's log-probs: PPO's old ones, or compared with the learner's (sampler_kl)
         with_lp = (cfg.ppo.old_logprobs == "generation" or cfg.generation.backend == "vllm"
@@ -242,21 +245,26 @@ class LLMController(RunController):
                      "(truncated importance sampling) or ppo.old_logprobs=generation")
         while self.iteration < cfg.run.iterations and not self.should_stop():
             timer = PhaseTimer()
+            self.queries_from_rollout = 0
             # 1. samples of policy v (generated while the last step ran, with async_generation)
             out = self.generation.collect(pending or self.generation.submit(
-                self.next_prompts(batch), logprobs=with_lp))
+                self.next_prompts(batch), n=k, logprobs=with_lp))
             pending = None
             timer.mark("generate")
-            # 2. scores from the reward model's deployment, normalized and clipped
-            scored = retry_call(lambda: self.rm_handle.score.remote(out["prompts"], out["texts"]))
+            # 2. scores from the reward model's deployment, normalized (on its version's
+            #    scores of SFT samples) and clipped
+            scored, scores = self.norm.score(self.rm_handle, out["prompts"], out["texts"],
+                                             out["finished"])
+            if cfg.ppo.missing_eos_penalty:  # in normalized units, after the clip
+                scores = scores - cfg.ppo.missing_eos_penalty * ~np.asarray(out["finished"])
             raw = np.asarray(scored["scores"], dtype=np.float64)
-            scores = (raw - self.score_mean) / self.score_std
-            if cfg.ppo.reward_clip:
-                scores = np.clip(scores, -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
+            if cfg.ppo.advantage_estimator != "gae":  # critic-free: less the group baseline
+                scores = shape_scores(cfg.ppo.advantage_estimator, scores, k)
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
-                pending = self.generation.submit(self.next_prompts(batch), logprobs=with_lp)
+                pending = self.generation.submit(self.next_prompts(batch), n=k,
+                                                 logprobs=with_lp)
             # 3. PPO on KL-penalized token rewards, then the KL controller
             beta = self.kl_ctl.beta
             stats = self.learner.step(out, scores, beta)
@@ -271,7 +279,11 @@ class LLMController(RunController):
             if online:
                 self.feedback.expire_overdue()
                 if cfg.labels.per_iteration:
-                    self.ask_for_labels(cfg.labels.per_iteration, block=False)
+                    # the rollout's groups, where they are as large as a ranking query
+                    same_k = k == cfg.labels.responses_per_query
+                    asked = self.ask_for_labels(cfg.labels.per_iteration, block=False,
+                                                groups=out if same_k else None)
+                    self.queries_from_rollout = asked if same_k else 0
                     self.feedback.feed()
             timer.mark("labeling")
             # 6. metrics (the yardstick on held-out prompts now and then), checkpoint
@@ -319,8 +331,10 @@ class LLMController(RunController):
             "sft_oracle_score_mean": clean(self.sft_oracle),
             "rm_score_mean": clean(s.raw.mean()),
             "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
+            "reward_norm_mean": clean(self.norm.mean), "reward_norm_std": clean(self.norm.std),
             "kl_coef_next": clean(self.kl_ctl.beta),
             "response_len_mean": clean(s.stats["response_len_mean"]),
+            "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
             "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
             "policy_version": int(s.version),
             "sample_policy_versions": sorted(set(s.out["versions"])),
@@ -329,8 +343,10 @@ class LLMController(RunController):
             "labeler_restarts": self.feedback.restarts, "rm_version": int(s.scored["version"]),
             **self.feedback.metrics(),
             "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
+            "kl_loss": clean(s.stats.get("kl_loss")),
+            "queries_from_rollout": self.queries_from_rollout,
             "approx_kl": clean(s.stats.get("approx_kl")),
-            "clipfrac": clean(s.stats.get("clipfrac")),
+            "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
             **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
             "generation_startup_s": clean(s.out.get("startup_s")),
             **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),
@@ -392,15 +408,23 @@ class LLMController(RunController):
             self.cursor += 1
         return out
 
-    def ask_for_labels(self, n_prompts: int, block: bool) -> int:
-        """K samples for each of n prompts from the current policy -> ranking queries."""
+    def ask_for_labels(self, n_prompts: int, block: bool, groups: dict | None = None) -> int:
+        """K samples for each of n prompts from the current policy -> ranking queries.
+        `groups`: a rollout sampled K per prompt (`ppo.samples_per_prompt` = K): its first n
+        groups are the queries, nothing is generated for them (group sampling done once for
+        the baseline and the labels)."""
         cfg = self.cfg
         n_prompts = min(n_prompts, cfg.labels.budget - self.feedback.requested)
         if n_prompts <= 0 or self.labeler is None:
             return 0
         k = cfg.labels.responses_per_query
-        prompts = self.next_prompts(n_prompts)
-        out = self.generation.generate(prompts, n=k)
+        if groups is not None:
+            n_prompts = min(n_prompts, len(groups["prompts"]) // k)
+            out = groups
+            prompts = [groups["prompts"][i * k] for i in range(n_prompts)]
+        else:
+            prompts = self.next_prompts(n_prompts)
+            out = self.generation.generate(prompts, n=k)
         responses = [out["texts"][i * k:(i + 1) * k] for i in range(n_prompts)]
         self.feedback.ask(n_prompts, prompts, responses, block=block)
         return n_prompts
@@ -415,8 +439,8 @@ class LLMController(RunController):
         ray.get(self.trainer.save.remote(locations.join(path, "reward_model")))
         return self.save_state(path, {
             "kl_controller": self.kl_ctl.state_dict(), "prompt_cursor": self.cursor,
-            "prompt_order": [int(i) for i in self.order], "score_mean": self.score_mean,
-            "score_std": self.score_std, "sft_oracle": self.sft_oracle,
+            "prompt_order": [int(i) for i in self.order], **self.norm.state(),
+            "sft_oracle": self.sft_oracle,
             **self.held_out.state(),
             "sft_path": str(self.sft_path), "kl_settings": self.cfg.ppo.kl.model_dump(mode="json")})
 
@@ -428,12 +452,22 @@ class LLMController(RunController):
         if override_kl or state.get("kl_settings", kl_now) != kl_now:
             # the KL settings changed since the checkpoint (a PBT mutation, an override on
             # resume): the controller starts from the new settings
-            self.kl_ctl = kl_controller(self.cfg)
+            self.kl_ctl = kl_controller(self.cfg.ppo.kl)
         self.cursor = int(state["prompt_cursor"])
         if state.get("prompt_order"):
             self.order = np.asarray(state["prompt_order"])
-        self.score_mean, self.score_std = float(state["score_mean"]), float(state["score_std"])
+        self.norm.restore(state, self.run_dir / "samples_sft.jsonl")
         self.sft_oracle = None if state["sft_oracle"] is None else float(state["sft_oracle"])
         self.held_out.restore(state, self.iteration)
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state
+
+
+def shape_scores(estimator: str, scores: np.ndarray, group_size: int) -> np.ndarray:
+    """A critic-free estimator's sequence-level half (`advantages.shape_scores`), here where
+    the whole batch's groups are (the learner ranks get rows, not groups)."""
+    import torch
+
+    from rlhf_ray.core.advantages import shape_scores as shape
+
+    return shape(estimator, torch.as_tensor(scores, dtype=torch.float64), group_size).numpy()

@@ -9,10 +9,18 @@ LLM_METRICS: dict[str, str] = {
     **SHARED,
     "oracle_score_mean": "charts", "sft_oracle_score_mean": "charts", "rm_score_mean": "charts",
     "response_len_mean": "charts", "tokens_per_s": "charts",
+    "truncated_frac": "charts",  # responses cut at generation.max_new_tokens, not ended
     "kl_coef_next": "losses", "pg_loss": "losses", "vf_loss": "losses", "approx_kl": "losses",
-    "clipfrac": "losses",
+    "kl_loss": "losses",  # ppo.kl.placement=loss: the KL term of the policy loss (before beta)
+    "clipfrac": "losses", "lr": "losses",  # the policy's learning rate (ppo.lr_schedule)
     "policy_version": "counters", "sample_policy_versions": "counters", "policy_lag": "counters",
     "generation_restarts": "counters",
+    # ranking queries made of this iteration's rollout groups (ppo.samples_per_prompt =
+    # labels.responses_per_query): sampled once for the group baseline and the labels
+    "queries_from_rollout": "counters",
+    # the reward normalization (raw - mean) / std in force: measured on SFT samples, again
+    # for each new reward-model version
+    "reward_norm_mean": "reward_model", "reward_norm_std": "reward_model",
     # the sampler against the learner on the same tokens (lm_ppo.sampler_correction), where
     # the sampler's log-probs are compared with the learner's (ppo.old_logprobs=learner)
     "sampler_kl": "losses", "sampler_is_weight_mean": "losses", "sampler_is_clipped_frac": "losses",

@@ -148,6 +148,22 @@ def with_lora(model, lora: dict | None, adapter_path: str | None = None,
         if keep else None))
 
 
+def disable_dropout(model):
+    """Every dropout of `model` off, in train mode too: `nn.Dropout` modules (LoRA's
+    included) and the attention's functional dropout (`attention_dropout`). PPO needs it: a
+    token's old log-prob and its new one in the first minibatch must come from one function,
+    or the ratio starts away from 1 (TRL turns dropout off in all four models too)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    for cfg in {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+                if c is not None and hasattr(c, "attention_dropout")}.values():
+        cfg.attention_dropout = 0.0
+    return model
+
+
 def adapter_state_cpu(model) -> dict[str, torch.Tensor]:
     """A LoRA policy's adapter weights (all a generation worker needs to follow it)."""
     from peft import get_peft_model_state_dict
@@ -199,8 +215,9 @@ class PromptFormat:
 
 
 def load_scalar_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """An LM backbone with a scalar head. From a causal-LM folder the head starts at zero
-    output scale (a fresh `score` layer); from a reward-model folder it is the trained head."""
+    """An LM backbone with a scalar head. From a causal-LM folder the head is a fresh
+    `score` layer, initialized as transformers does (weights from N(0, 0.02): small outputs,
+    not zero); from a reward-model folder it is the trained head."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -266,15 +283,32 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, prompt_len
 
 
 class TokenValueModel(torch.nn.Module):
-    """The critic as one module whose forward gives the scalar head at every position, so
-    DDP can wrap it (DDP syncs gradients only through its wrapped module's forward)."""
+    """The critic as one module whose forward gives the scalar head at every position, plus
+    a learned offset `value_bias` (a Llama score head has no bias), so DDP can wrap it (DDP
+    syncs gradients only through its wrapped module's forward)."""
 
-    def __init__(self, scalar_model):
+    BIAS_FILE = "value_bias.json"  # beside the critic's model folder in a checkpoint
+
+    def __init__(self, scalar_model, bias: float = 0.0):
         super().__init__()
         self.model = scalar_model
+        p = next(scalar_model.parameters())
+        self.value_bias = torch.nn.Parameter(torch.tensor(float(bias), device=p.device))
 
     def forward(self, input_ids, attention_mask, position_ids, inputs_embeds=None):
-        return token_scalars(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
+        return token_scalars(self.model, input_ids, attention_mask, position_ids,
+                             inputs_embeds) + self.value_bias.float()
+
+    @torch.no_grad()
+    def fold_normalization(self, mean: float, std: float) -> None:
+        """A critic that starts as the reward model predicts raw scores; PPO's returns are
+        normalized ones, (raw - mean) / std: make its head predict those (weights / std,
+        offset - mean / std), so its first values are not off by the mean and scale."""
+        head = scalar_head(self.model)
+        head.weight.div_(std)
+        if getattr(head, "bias", None) is not None:
+            head.bias.div_(std)
+        self.value_bias.copy_((self.value_bias - mean) / std)
 
 
 def response_values(critic, input_ids, attention_mask, position_ids, prompt_len: int,
@@ -353,16 +387,19 @@ def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
-                 max_response_tokens: int, fmt: PromptFormat | None = None) -> TokenBatch:
+                 max_response_tokens: int, fmt: PromptFormat | None = None,
+                 finished: list[bool] | None = None) -> TokenBatch:
     """Text (prompt, response) pairs -> a TokenBatch; responses end with EOS unless cut at
-    `max_response_tokens`. `fmt`: read
-    prompts as the policy does (chat template); default BOS + plain text."""
+    `max_response_tokens` or, per `finished`, the policy never ended them (cut at its
+    `generation.max_new_tokens`: a truncated answer must not read as a complete one).
+    `fmt`: read prompts as the policy does (chat template); default BOS + plain text."""
     fmt = fmt or PromptFormat(tokenizer, chat_template="off", max_prompt_tokens=max_prompt_tokens + 1)
     pids = [fmt.encode(p) for p in prompts]
     rids = []
-    for r in responses:  # a response cut at the limit gets no EOS (it did not end there)
+    for i, r in enumerate(responses):  # a response cut short gets no EOS: it did not end
         ids = tokenizer(r, add_special_tokens=False)["input_ids"]
-        rids.append(ids[:max_response_tokens] if len(ids) >= max_response_tokens
+        ended = finished is None or bool(finished[i])
+        rids.append(ids[:max_response_tokens] if len(ids) >= max_response_tokens or not ended
                     else ids + [tokenizer.eos_token_id])
     return make_batch(pids, rids, tokenizer.pad_token_id)
 

@@ -5,6 +5,8 @@ the version behind every score returned with it.
 
 Python callers use the handle: `handle.score.remote(prompts, responses)`. Outside callers POST
 JSON `{"prompts": [...], "responses": [...]}` to `<route>/score` and get `{"scores", "version"}`.
+Either may say which responses were cut at a length limit before they ended (`finished`, one
+boolean each; default all ended): those are scored without the EOS a finished one gets.
 """
 
 from __future__ import annotations
@@ -44,28 +46,34 @@ class LMRewardServer(VersionedScorer):
             raise ValueError(f"reward-model weights: unexpected {unexpected[:3]}, "
                              f"missing {missing[:3]}")
 
-    def forward(self, requests: list[tuple[list[str], list[str]]]) -> list[dict]:
-        prompts = [p for ps, _ in requests for p in ps]
-        responses = [r for _, rs in requests for r in rs]
+    def forward(self, requests: list[tuple[list[str], list[str], list[bool]]]) -> list[dict]:
+        prompts = [p for ps, _, _ in requests for p in ps]
+        responses = [r for _, rs, _ in requests for r in rs]
+        finished = [f for _, _, fs in requests for f in fs]
         b = encode_pairs(self.tok, prompts, responses, self.max_prompt,
-                         self.max_response).to(self.device)
+                         self.max_response, finished=finished).to(self.device)
         with torch.no_grad():
             scores = last_token_scores(self.model, b.input_ids, b.attention_mask,
                                        b.position_ids).cpu().numpy()
         out, start = [], 0
-        for ps, _ in requests:
+        for ps, _, _ in requests:
             out.append({"scores": scores[start:start + len(ps)], "version": self.version})
             start += len(ps)
         return out
 
     async def score(self, prompts: list[str], responses: list[str],
-                    version: int | None = None) -> dict:
-        """Scores of (prompt, response) pairs: {scores [n], version}; `version`: pin it."""
+                    version: int | None = None, finished: list[bool] | None = None) -> dict:
+        """Scores of (prompt, response) pairs: {scores [n], version}; `version`: pin it;
+        `finished`: whether each response ended (with EOS) or was cut at the policy's length
+        limit (None: all ended, as written text does)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if finished is not None and len(finished) != len(responses):
+            raise ValueError(f"{len(finished)} finished flags but {len(responses)} responses")
         if not prompts:
             return {"scores": [], "version": self.version}
-        return await self._score((list(prompts), list(responses)), version, len(prompts))
+        flags = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
+        return await self._score((list(prompts), list(responses), flags), version, len(prompts))
 
     async def __call__(self, request) -> dict:
         from starlette.responses import JSONResponse
@@ -81,9 +89,14 @@ class LMRewardServer(VersionedScorer):
                 raise ValueError("prompts and responses must be lists of strings")
             if len(prompts) != len(responses):
                 raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+            finished = body.get("finished")  # optional: which responses ended (EOS)
+            if finished is not None and not (isinstance(finished, list) and len(finished) ==
+                                             len(responses) and all(isinstance(f, bool)
+                                                                    for f in finished)):
+                raise ValueError("finished must be a list of booleans, one per response")
         except Exception as exc:  # malformed input: a client error, not a 500
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=422)
-        res = await self.score(prompts, responses)
+        res = await self.score(prompts, responses, finished=finished)
         return {"scores": [float(s) for s in res["scores"]], "version": res["version"]}
 
 

@@ -29,6 +29,16 @@ from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage import locations
 
 
+def trainable_policy(cfg: LLMConfig, src: str, device: str):
+    """The policy to fine-tune, in train mode: from_pretrained gives eval mode, where
+    transformers skips gradient checkpointing (`model.gradient_checkpointing`) and dropout."""
+    model = load_policy(src, cfg.model.dtype, device)
+    train_top_layers(model, cfg.model.train_top_layers)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
 def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False,
             device: str | None = None) -> str:
     """Supervised fine-tuning on (prompt, response) demonstrations: cross-entropy on the
@@ -52,10 +62,7 @@ def run_sft(cfg: LLMConfig, out_dir: str, progress: bool = False,
         src = assets.resolve(src)
     tok = load_tokenizer(src)
     device = actor_device(device, "SFT")
-    model = load_policy(src, cfg.model.dtype, device)
-    train_top_layers(model, cfg.model.train_top_layers)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = trainable_policy(cfg, src, device)
     fmt = PromptFormat(tok, cfg.data.instruction, cfg.data.chat_template, cfg.data.max_prompt_tokens)
     rows = lm_data.load_sft(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr)

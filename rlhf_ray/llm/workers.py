@@ -51,30 +51,33 @@ class GenerationGroup:
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
 
-    def generate(self, prompts: list[str], n: int = 1) -> dict:
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
         """n samples of each prompt, merged in the workers' order; each part records the
-        policy version that produced it (`versions`)."""
-        return self.collect(self.submit(prompts, n))
+        policy version that produced it (`versions`). `seed`: the sampling's (worker i's
+        part: seed + i), so that two calls with one seed share their random draws."""
+        return self.collect(self.submit(prompts, n, seed=seed))
 
-    def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False) -> tuple:
+    def submit(self, prompts: list[str], n: int = 1, logprobs: bool = False,
+               seed: int | None = None) -> tuple:
         """Start generating (every worker at once); `collect` waits for the samples. The
         workers sample with the weights they hold when they get to it. `logprobs`: with the
         sampling policy's token log-probs (both backends give them)."""
         k = len(self.workers)
         parts = [prompts[i::k] for i in range(k)]
-        refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
+        seeds = [None if seed is None else seed + i for i in range(k)]
+        refs = {i: w.generate.remote(parts[i], n, seed=seeds[i], logprobs=logprobs)
                 for i, w in enumerate(self.workers) if parts[i]}
-        return parts, n, refs, logprobs
+        return parts, n, refs, logprobs, seeds
 
     def collect(self, pending: tuple) -> dict:
         import ray
 
-        parts, n, refs, logprobs = pending
+        parts, n, refs, logprobs, seeds = pending
         k = len(self.workers)
         done: dict[int, dict] = {}
         for attempt in range(5):
             if attempt:
-                refs = {i: w.generate.remote(parts[i], n, logprobs=logprobs)
+                refs = {i: w.generate.remote(parts[i], n, seed=seeds[i], logprobs=logprobs)
                         for i, w in enumerate(self.workers) if parts[i] and i not in done}
             for i, ref in refs.items():
                 try:
@@ -88,7 +91,8 @@ class GenerationGroup:
             if all(i in done for i in range(k) if parts[i]):
                 break
         outs = [done[i] for i in sorted(done)]
-        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": []}
+        merged: dict = {"prompt_ids": [], "response_ids": [], "texts": [], "prompts": [],
+                        "finished": []}
         for o in outs:
             for key in merged:
                 merged[key] += o[key]
@@ -145,7 +149,8 @@ class LearnerGroup:
             torch_threads=cfg.run.torch_threads, dtype=cfg.model.dtype, pad_id=pad,
             ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
-            train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"])
+            train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"],
+            iterations=cfg.run.iterations, max_new_tokens=cfg.generation.max_new_tokens)
             for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])
@@ -166,6 +171,11 @@ class LearnerGroup:
             {**{to: out[k][r::n] for k, to in keys.items() if k in out},
              "scores": scores[r::n], "prompt_len": p_len, "response_len": r_len}, beta)
             for r, lr in enumerate(self.ranks)])[0]
+
+    def fold_reward_normalization(self, mean: float, std: float) -> None:
+        import ray
+
+        ray.get([r.fold_reward_normalization.remote(mean, std) for r in self.ranks])
 
     def policy_weights(self):
         """(version, ObjectRef of the state dict) of the policy (rank 0's: DDP keeps the

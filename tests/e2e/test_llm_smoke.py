@@ -121,18 +121,26 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
 
     # PPO with LoRA adapters (as the real-model presets train): the resume rebuilds the
     # learner's and the vLLM engine's policy from the final checkpoint's adapters; the
-    # learner's log-probs are compared with the engine's (sampler_kl)
+    # learner's log-probs are compared with the engine's (sampler_kl). Critic-free (RLOO,
+    # two responses per prompt): no critic in the checkpoints, and each iteration's ranking
+    # queries are its rollout's groups (pairs), not samples drawn again
     first = subprocess.run([*cli, "llm-tiny-smoke", "--run-dir", run, *TINY, "model.lora.r=4",
-                            "generation.backend=vllm", "ppo.old_logprobs=learner"], **job(1))
+                            "generation.backend=vllm", "ppo.old_logprobs=learner",
+                            "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2",
+                            "ppo.rollout_batch_size=8", "labels.responses_per_query=2"],
+                           **job(1))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:] + log_tail()
     assert_own_lines_only(first, run)
     assert f"run folder: {run}" in first.stderr and f"done: {run}" in first.stdout
     rows = read_metrics(run)
     stored = PreferenceStore(store_root).labels()
     assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
-    for sub in ("sft", "reward_model", "final/policy", "final/critic", "final/reward_model"):
+    for sub in ("sft", "reward_model", "final/policy", "final/reward_model"):
         assert locations.is_file(f"{run}/{sub}/model.safetensors"), sub
     assert locations.is_file(f"{run}/final/policy_adapter/adapter_config.json")
+    assert not locations.exists(f"{run}/final/critic")
+    assert all(r["vf_loss"] is None for r in rows)
+    assert [r["queries_from_rollout"] for r in rows] == [2, 2]
     assert os.listdir(tmp_path / "job1") == []
 
     again = subprocess.run([*cli, "--resume", run, "run.iterations=3"], **job(2))
@@ -150,6 +158,7 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     assert more[2]["sft_oracle_score_mean"] == rows[-1]["sft_oracle_score_mean"]
     # the resumed labeler opened the same store: every earlier ranking counts, new ones join
     assert more[2]["labels_total"] == rows[-1]["labels_total"] + 2
+    assert more[2]["queries_from_rollout"] == 2
     after = set(PreferenceStore(store_root).labels().column("query_id").to_pylist())
     assert set(stored.column("query_id").to_pylist()) < after
 
@@ -225,7 +234,10 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
         f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
         "ppo.async_generation=true", "ppo.old_logprobs=learner",
         "ppo.importance_sampling_cap=2", "run.iterations=3", "eval.every=2", "data.task=null",
-        "labeler.oracle=null", f"data.prompts_path={prompts}", "labels.per_iteration=0"])
+        "labeler.oracle=null", f"data.prompts_path={prompts}", "labels.per_iteration=0",
+        # GRPO (4 responses per prompt), its KL as a k3 loss term
+        "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.rollout_batch_size=4",
+        "ppo.kl.placement=loss", "ppo.kl.estimator=k3"])
     d = train(own, run_dir=str(tmp_path / "d"), stages="ppo", progress=False)
     rows = read_metrics(d)
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
@@ -233,6 +245,7 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     assert [r["policy_lag"] for r in rows] == [0, 1, 1]
     assert rows[0]["sampler_kl"] < 1e-4 < rows[1]["sampler_kl"]  # on-policy, then one behind
     assert all(0 < r["sampler_is_weight_mean"] <= 2 for r in rows)
+    assert all(r["kl_loss"] is not None and r["vf_loss"] is None for r in rows)
     assert all(r.get("oracle_score_mean") is None for r in rows)  # no judge it did not name
     evals = [r for r in rows if r.get("eval_rm_score_mean") is not None]
     assert [r["iteration"] for r in evals] == [2, 3]

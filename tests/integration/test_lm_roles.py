@@ -37,14 +37,21 @@ def _rollout(tiny_paths, n: int, seed: int = 0) -> dict:
     return out
 
 
-@pytest.mark.parametrize("lora_r,top,tokens", [(0, None, None), (4, 1, 14)])
+CRITIC_FREE = {"advantage_estimator": "reinforce_pp", "loss_agg": "seq-mean-token-mean",
+               "kl": {"placement": "loss", "estimator": "k3"}}
+
+
+@pytest.mark.parametrize("lora_r,top,tokens,extra", [(0, None, None, {}), (4, 1, 14, {}),
+                                                     (0, None, None, CRITIC_FREE)])
 def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, tiny_paths, lora_r,
-                                                                 top, tokens):
+                                                                 top, tokens, extra):
     """Global advantage whitening and global token normalization make DDP over 2 gloo
     ranks compute the gradients of the whole batch, though the ranks' token counts differ;
     also when the policy trains LoRA adapters (peft) on its top block, its reference is itself
     with adapters off, the frozen block's output is cached for the epochs, and micro batches
-    sized by tokens give the two ranks different numbers of forward passes."""
+    sized by tokens give the two ranks different numbers of forward passes; and with no
+    critic (REINFORCE++: returns whitened over both ranks), a per-response loss aggregation
+    (normalized by the responses of both ranks) and the KL as a loss term."""
     ray = ray_cluster
     from rlhf_ray.core.lm_ppo import micro_batches
     from rlhf_ray.llm.learner import PPOLearner
@@ -52,7 +59,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
 
     batch = _rollout(tiny_paths, 8)
     ppo = PPOConfig(rollout_batch_size=8, minibatch_size=8, micro_batch_size=2,
-                      micro_batch_tokens=tokens, entropy_coef=0.01).model_dump()
+                    micro_batch_tokens=tokens, entropy_coef=0.01, **extra).model_dump()
     if tokens:  # the ranks' plans differ in length: DDP must not need equal forward counts
         plans = [micro_batches(np.arange(4), *make_batch(
             [batch["prompt_ids"][i] for i in rows], [batch["response_ids"][i] for i in rows],
@@ -92,6 +99,7 @@ def test_two_learners_with_half_batches_match_one_with_the_whole(ray_cluster, ti
     assert any(np.abs(g).max() > 0 for g in full.values())
     policy = [n for n in full if n.startswith("policy.")]
     assert policy and all(("lora_" in n) == bool(lora_r) for n in policy)
+    assert any(n.startswith("critic.") for n in full) == (not extra)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +188,77 @@ def test_lm_reward_model_app_from_a_folder(ray_cluster, tiny_paths):
         assert res["version"] == 0 and len(res["scores"]) == 1
     finally:
         serve.delete("lmrm-folder")
+
+
+def test_held_out_evaluations_draw_the_same_samples_each_time(served_lm, tiny_paths, tmp_path):
+    """Every held-out evaluation samples with one seed, so the SFT model's and a policy's are
+    paired: the same weights evaluated twice, with training calls between, give the same
+    samples (and a training call draws others)."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.llm.evaluation import HeldOut
+    from rlhf_ray.llm.generation import HFGenerationWorker
+
+    _, _, handle, _ = served_lm
+    cfg = load_config("llm-tiny-smoke", ["eval.num_prompts=8"])
+    held = HeldOut(cfg, tmp_path)
+    gen = HFGenerationWorker(tiny_paths, {"max_new_tokens": 6}, seed=0)
+    first = [s["response"] for s in held.evaluate(gen, handle)[2]]
+    training = gen.generate(held.prompts)["texts"]
+    again = [s["response"] for s in held.evaluate(gen, handle)[2]]
+    assert again == first
+    assert training != first
+
+
+def test_reward_normalization_is_measured_again_for_a_new_reward_model(served_lm, tiny_paths):
+    """SFT samples' raw scores set the normalization; a batch scored by a newer reward model
+    has it measured again on that version (batch and SFT samples in one call), so the SFT
+    samples score 0 on average under every version."""
+    from rlhf_ray.llm.modeling import load_scalar_model, state_dict_cpu
+    from rlhf_ray.llm.normalization import ScoreNormalizer
+
+    ray, store, handle, _ = served_lm
+    sft_prompts = tiny.prompts(16, seed=5)
+    sft_texts = [f"good {p.split()[-1]} and bad" if i % 2 else "bad" for i, p in
+                 enumerate(sft_prompts)]
+    first = handle.score.remote(sft_prompts, sft_texts).result()
+    norm = ScoreNormalizer(enabled=True, clip=None)
+    norm.calibrate(sft_prompts, sft_texts, [True] * len(sft_texts), np.asarray(first["scores"]),
+                   first["version"])
+    batch_p, batch_t = tiny.prompts(4, seed=6), ["good", "bad", "fine", "good good"]
+    scored, scores = norm.score(handle, batch_p, batch_t)
+    assert norm.remeasured == 0 and scored["version"] == first["version"]
+    assert np.allclose(scores, (np.asarray(scored["scores"]) - norm.mean) / norm.std)
+
+    w = state_dict_cpu(load_scalar_model(tiny_paths))
+    key = [k for k in w if k.startswith("score")][0]
+    w[key] = w[key] * 3.0 + 0.5  # another offset and scale
+    new_version = first["version"] + 7
+    ray.get(store.publish.remote(new_version, w))
+    scored, scores = norm.score(handle, batch_p, batch_t)
+    assert norm.remeasured == 1 and norm.version == scored["version"] == new_version
+    sft_now = np.asarray(handle.score.remote(sft_prompts, sft_texts).result()["scores"])
+    assert norm.normalize(sft_now).mean() == pytest.approx(0.0, abs=1e-4)
+    assert np.allclose(scores, norm.normalize(np.asarray(scored["scores"])))
+
+
+def test_a_truncated_response_is_scored_as_unfinished(served_lm, serve_http):
+    """The same text scores differently when the policy never ended it (no EOS appended),
+    through the handle and over HTTP (`finished`), and a malformed flag list is refused."""
+    _, _, handle, app = served_lm
+    prompts, texts = tiny.prompts(2, seed=9), ["good fox", "good fox"]
+    both = handle.score.remote(prompts[:1] * 2, texts, finished=[True, False]).result()
+    assert both["scores"][0] != pytest.approx(both["scores"][1], abs=1e-6)
+    default = handle.score.remote(prompts[:1], texts[:1]).result()
+    assert default["scores"][0] == pytest.approx(both["scores"][0], abs=1e-5)
+    host, port = serve_http
+    url = f"http://{host}:{port}/{app}/score"
+    body = {"prompts": prompts[:1] * 2, "responses": texts, "finished": [True, False]}
+    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert np.allclose(json.loads(r.read())["scores"], both["scores"], atol=1e-5)
+    bad = urllib.request.Request(url, json.dumps({**body, "finished": [True]}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bad, timeout=60)
+    assert err.value.code == 422 and b"finished must be" in err.value.read()

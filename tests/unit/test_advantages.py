@@ -94,3 +94,35 @@ def test_kl_loss_is_k3_and_clamped():
     assert float(A.kl_loss(lp, ref, mask)) == pytest.approx((0 + 10) / 2)
     unclamped = float(A.kl_loss(lp, ref, mask, clamp=None))
     assert unclamped == pytest.approx((math.exp(31) - 1 - 31) / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("estimator", list(A.CRITIC_FREE))
+def test_the_two_halves_make_the_estimator(estimator):
+    """shape_scores (sequence level, where whole groups are) then token_advantages (per row,
+    any shard) equal the estimator's own function, KL in the reward included."""
+    torch.manual_seed(0)
+    scores, kl = torch.randn(8), -0.1 * torch.rand(8, 5)
+    mask = torch.ones(8, 5)
+    mask[1, 3:] = 0
+    mask[6, 1:] = 0
+    want = A.CRITIC_FREE[estimator](scores, kl, mask, group_size=4, gamma=0.9)
+    got = A.token_advantages(estimator, A.shape_scores(estimator, scores, 4), kl, mask, 0.9)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("mode", A.AGG_MODES)
+def test_aggregation_weights_split_over_micro_batches_and_ranks(mode):
+    """Summed over any split of a minibatch, each part weighted with the whole minibatch's
+    counts, the weights give agg_loss of the whole."""
+    torch.manual_seed(1)
+    terms = torch.randn(6, 4)
+    mask = (torch.arange(4)[None, :] < torch.tensor([4, 1, 3, 2, 4, 3])[:, None]).float()
+    whole = A.agg_loss(terms, mask, mode, norm_len=7)
+    n_seq, n_tok = float(len(mask)), float(mask.sum())
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    total = sum((terms[p] * A.agg_weights(mask[p], mode, n_seq, n_tok, 7)).sum() for p in parts)
+    assert float(total) == pytest.approx(float(whole), rel=1e-6)
+    assert A.default_agg("grpo") == "seq-mean-token-mean"
+    assert A.default_agg("dr_grpo") == "seq-mean-token-sum-norm"
+    assert A.default_agg("gae") == "token-mean"

@@ -162,3 +162,77 @@ def test_cached_frozen_trunk_gives_the_full_forwards_experience_gradients_and_st
     for k in ("old_lp", "ref_lp", "values"):
         torch.testing.assert_close(getattr(e_wrong, k)[mask], getattr(e_off, k)[mask], atol=1e-5,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["lora", "attention"])
+def test_dropout_is_off_so_the_first_ratio_is_one(tmp_path, where):
+    """With dropout in the model (LoRA's, or the attention's), old log-probs and the first
+    minibatch's new ones must still be one function: approx KL 0 and nothing clipped."""
+    import json
+
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+
+    path = tmp_path / "tiny"
+    tiny.build_model(path, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.5).model_dump() if where == "lora" else None
+    if where == "attention":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.5}))
+    ppo = PPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1,
+                    lr=5e-2).model_dump()
+    gen = HFGenerationWorker(str(path), {"max_new_tokens": 6}, seed=0)
+    out = gen.generate(tiny.prompts(4, seed=1), seed=3)
+    learner = PPOLearner(0, 1, str(path), str(path), ppo, pad_id=gen.tok.pad_token_id, lora=lora)
+    if where == "lora":  # fresh adapters have B = 0; move them so their dropout matters
+        with torch.no_grad():
+            for n, p in learner.policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    stats = learner.step({**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}, 0.1)
+    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0, stats
+
+
+def test_learning_rate_warms_up_and_decays_over_the_runs_iterations(tiny_path):
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+
+    ppo = PPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1,
+                    lr=1e-3, critic_lr=1e-2, lr_schedule="linear",
+                    lr_warmup_iterations=2).model_dump()
+    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 4}, seed=0)
+    out = gen.generate(tiny.prompts(4, seed=1), seed=3)
+    learner = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=gen.tok.pad_token_id,
+                         iterations=4)
+    shard = {**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+    got = [learner.step(shard, 0.1)["lr"] for _ in range(4)]
+    assert got == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warm-up 2, then 1 - (v - 2) / 2
+    assert learner.critic_opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_a_critic_from_the_reward_model_predicts_normalized_scores(tiny_path, tmp_path):
+    """The critic starts as the reward model (raw scores) but PPO's returns are normalized,
+    (raw - mean) / std: folding that into its head moves its values exactly so, and a
+    checkpoint keeps the offset (a Llama score head has no bias)."""
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+    from rlhf_ray.llm.modeling import make_batch, response_values
+
+    ppo = PPOConfig(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4).model_dump()
+    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 4}, seed=0)
+    out = gen.generate(tiny.prompts(4, seed=1), seed=3)
+    pad = gen.tok.pad_token_id
+    learner = PPOLearner(0, 1, tiny_path, tiny_path, ppo, pad_id=pad)
+    b = make_batch(out["prompt_ids"], out["response_ids"], pad)
+
+    def values(critic):
+        with torch.no_grad():
+            return response_values(critic, b.input_ids, b.attention_mask, b.position_ids,
+                                   b.prompt_len)
+
+    raw = values(learner.critic)
+    learner.fold_reward_normalization(mean=2.0, std=4.0)
+    assert torch.allclose(values(learner.critic), (raw - 2.0) / 4.0, atol=1e-5)
+    learner.save(str(tmp_path), tiny_path)
+    again = PPOLearner(0, 1, tiny_path, str(tmp_path / "critic"), ppo, pad_id=pad)
+    assert torch.allclose(values(again.critic), (raw - 2.0) / 4.0, atol=1e-5)

@@ -271,3 +271,95 @@ def test_checkpoint_of_another_format_is_refused_clearly(tmp_path):
     (ck / "controller.json").write_text("{truncated")
     with pytest.raises(ValueError, match="unreadable controller.json"):
         ctl.load_state(ck)
+
+
+def test_sft_trains_in_train_mode_so_gradient_checkpointing_recomputes(tiny_model):
+    """transformers checkpoints only in train mode: with `model.gradient_checkpointing` the
+    SFT model's blocks must run again in the backward pass."""
+    from rlhf_ray.llm.modeling import decoder_layers
+    from rlhf_ray.llm.sft import trainable_policy
+
+    cfg = load_config("llm-tiny-smoke", ["model.gradient_checkpointing=true"])
+    model = trainable_policy(cfg, tiny_model, "cpu")
+    assert model.training
+    calls = []
+    mlp = decoder_layers(model)[1][0].mlp
+    forward = mlp.forward
+
+    def counted(*a, **kw):  # (a recomputation runs no module hooks: count the calls)
+        calls.append(1)
+        return forward(*a, **kw)
+
+    mlp.forward = counted
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2, "the block ran once: nothing was recomputed in backward"
+
+
+def test_a_response_standing_as_eos_has_the_log_prob_of_eos():
+    """A first sampled token equal to the pad token leaves an empty response, which stands as
+    EOS: its old log-prob must be EOS's, not the pad's that was sampled."""
+    from rlhf_ray.llm.generation import response_logprobs_from_steps
+
+    pad, eos = 0, 2
+    step0 = torch.tensor([[3.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 4.0]])
+    step1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]])
+    resp = [[eos], [3, 1]]  # row 0 sampled the pad (logit 3) first, row 1 tokens 3 then 1
+    got = response_logprobs_from_steps([step0, step1], resp, temperature=2.0)
+    lsm0, lsm1 = (torch.log_softmax(x / 2.0, -1) for x in (step0, step1))
+    assert got[0] == pytest.approx([float(lsm0[0, eos])])
+    assert got[0][0] != pytest.approx(float(lsm0[0, pad]))
+    assert got[1] == pytest.approx([float(lsm0[1, 3]), float(lsm1[1, 1])])
+
+
+def test_a_response_cut_at_the_length_limit_gets_no_eos_for_the_reward_model(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    b = encode_pairs(tok, ["a b", "a b"], ["good fox", "good fox"], 8, 16,
+                     finished=[True, False])
+    ends = [b.input_ids[i, b.prompt_len:][b.response_mask[i].bool()].tolist() for i in range(2)]
+    assert ends[0][-1] == tok.eos_token_id and ends[1][-1] != tok.eos_token_id
+    assert ends[0][:-1] == ends[1]  # the same text, only the ending differs
+
+
+def test_a_critic_free_learner_builds_no_critic_and_at_beta_0_no_reference(tiny_model, tmp_path):
+    """GRPO (`ppo.advantage_estimator=grpo`) with beta fixed at 0: no critic (model,
+    optimizer, value loss, checkpoint folder) and no reference model; every token of a
+    response carries its score standardized within its group (K = 2 here), and a PPO step
+    moves the policy."""
+    from rlhf_ray.core.advantages import shape_scores
+    from rlhf_ray.llm.config import PPOConfig
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+
+    out = HFGenerationWorker(tiny_model, {"max_new_tokens": 5}, seed=0).generate(
+        tiny.prompts(4, seed=1), n=2, seed=0)
+    raw = torch.tensor([1.0, 3.0, 0.5, 0.5, -2.0, 2.0, 0.0, 4.0])
+    shard = {"prompt_ids": out["prompt_ids"], "response_ids": out["response_ids"],
+             "scores": shape_scores("grpo", raw, 2).numpy()}
+    free = PPOConfig(rollout_batch_size=4, samples_per_prompt=2, minibatch_size=8,
+                     advantage_estimator="grpo", kl={"controller": "fixed", "init_coef": 0.0})
+    lr = PPOLearner(0, 1, tiny_model, tiny_model, free.model_dump(), pad_id=0,
+                    max_new_tokens=5)
+    assert lr.critic is None and lr.critic_opt is None and lr.ref is None
+    assert lr.agg == "seq-mean-token-mean"
+    gae = PPOLearner(0, 1, tiny_model, tiny_model, PPOConfig().model_dump(), pad_id=0)
+    held = [sum(p.numel() for m in (x.policy, x.critic, x.ref) if m is not None
+                for p in m.parameters()) for x in (lr, gae)]
+    assert held[1] > 2.9 * held[0]  # the policy alone, against policy, critic and reference
+    b = lr._batch(shard)
+    exp = lr._experience(b, torch.as_tensor(shard["scores"]), 0.0)
+    mask = b.response_mask.bool()
+    want = torch.tensor([-1, 1, 0, 0, -1, 1, -1, 1]) / np.sqrt(2)  # (r - mean) / std, K = 2
+    for i in range(8):
+        assert torch.allclose(exp.adv[i][mask[i]], want[i].float(), atol=1e-4)
+    torch.testing.assert_close(exp.ref_lp, exp.old_lp)  # no reference: the KL is 0
+    before = {k: v.clone() for k, v in lr.policy.state_dict().items()}
+    stats = lr.step(shard, 0.0)
+    assert "vf_loss" not in stats and stats["kl_mean"] == 0 and stats["policy_version"] == 1
+    assert any(not torch.equal(before[k], v) for k, v in lr.policy.state_dict().items())
+    saved = lr.save(str(tmp_path / "ckpt"))
+    assert set(saved) == {"policy"} and not (tmp_path / "ckpt" / "critic").exists()
+    assert "critic_opt" not in torch.load(tmp_path / "ckpt" / "optimizer.pt")
+    again = PPOLearner(0, 1, tiny_model, tiny_model, free.model_dump(), pad_id=0,
+                       state_path=str(tmp_path / "ckpt" / "optimizer.pt"))
+    assert again.version == 1  # a critic-free checkpoint resumes

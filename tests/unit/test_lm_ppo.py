@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from rlhf_ray.core.bradley_terry import ranking_loss
 from rlhf_ray.core.lm_ppo import (
     AdaptiveKLController,
+    DoublingKLController,
     FixedKLController,
     gae,
     kl_controller_from_state,
     kl_estimate,
+    make_kl_controller,
     masked_mean,
     masked_whiten,
     micro_batches,
@@ -290,3 +292,18 @@ def test_whitening_over_ranks_is_whitening_of_the_whole_batch():
     torch.testing.assert_close(torch.cat([halves[0], halves[1]]), whole, rtol=0, atol=1e-12)
     alone = masked_whiten(x[:3], m[:3])  # a rank whitening its shard alone would differ
     assert (alone - whole[:3]).abs().max() > 1e-3
+
+
+def test_the_ppo_papers_doubling_kl_rule():
+    c = DoublingKLController(beta=0.1, target=6.0)
+    assert c.update(9.1, 16) == pytest.approx(0.2)  # over 1.5 x target: doubled
+    assert c.update(8.9, 16) == pytest.approx(0.2)  # within [target / 1.5, 1.5 x target]: kept
+    assert c.update(4.1, 16) == pytest.approx(0.2)
+    assert c.update(3.9, 16) == pytest.approx(0.1)  # under target / 1.5: halved
+    floored = DoublingKLController(beta=0.04, target=6.0, min_beta=0.025)
+    assert floored.update(0.0, 16) == 0.025
+    again = kl_controller_from_state(floored.state_dict())
+    assert again == floored and isinstance(again, DoublingKLController)
+    assert make_kl_controller("doubling", 0.1, 6.0, 500, 0.0) == DoublingKLController(0.1, 6.0)
+    with pytest.raises(ValueError, match="unknown KL controller 'pid'"):
+        make_kl_controller("pid", 0.1, 6.0, 500)
