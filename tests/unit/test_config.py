@@ -47,6 +47,13 @@ def test_bad_config_messages_name_field_and_value(override, fragment):
      "ppo.importance_sampling_cap=0.5: Input should be greater than 1"),
     ("generation.backend=sglang", "generation.backend='sglang'"),
     ("generation.vllm_kv_cache_gib=0", "generation.vllm_kv_cache_gib=0"),
+    ("ppo.advantage_estimator=grpo",
+     "ppo.advantage_estimator=grpo: needs ppo.samples_per_prompt >= 2"),
+    ("ppo.advantage_estimator=ppo", "ppo.advantage_estimator='ppo'"),
+    ("ppo.minibatch_size=48", "ppo.minibatch_size=48: must divide the responses per "
+     "iteration (64 = ppo.rollout_batch_size x ppo.samples_per_prompt)"),
+    ("ppo.loss_agg=mean", "ppo.loss_agg='mean'"),
+    ("ppo.kl.placement=advantage", "ppo.kl.placement='advantage'"),
 ])
 def test_bad_llm_config_messages_name_field_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
