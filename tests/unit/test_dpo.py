@@ -1,0 +1,54 @@
+"""DPO's and IPO's losses (core/dpo.py) on hand-derived numbers."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.core.dpo import dpo_loss
+
+
+def test_sigmoid_loss_by_hand():
+    # implicit rewards: chosen 0.1 * (-1 - -2) = 0.1, rejected 0.1 * (-3 - -2) = -0.1: h = 0.2
+    loss, stats = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                           torch.tensor([-2.0]), beta=0.1)
+    assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
+    assert stats["reward_accuracy"] == 1.0 and stats["reward_margin"] == pytest.approx(0.2)
+    assert stats["reward_chosen"] == pytest.approx(0.1)
+    assert stats["reward_rejected"] == pytest.approx(-0.1)
+
+
+def test_policy_equal_to_the_reference_gives_log_2_and_soft_labels_weigh_both_sides():
+    same = torch.tensor([-1.0, -2.0])
+    loss, stats = dpo_loss(same, same + 1, same, same + 1, beta=0.5)
+    assert float(loss) == pytest.approx(math.log(2)) and stats["reward_accuracy"] == 0.0
+    # mu = 0.5: the pair carries no preference, and the loss is symmetric in h
+    a, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([-1.0]), torch.zeros(1), torch.zeros(1),
+                    beta=1.0, mu=torch.tensor([0.5]))
+    b, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([0.0]), torch.zeros(1), torch.zeros(1),
+                    beta=1.0, mu=torch.tensor([0.5]))
+    assert float(a) == pytest.approx(float(b))
+
+
+def test_ipo_loss_is_zero_at_its_target_margin():
+    beta = 0.25  # target h / beta = 1 / (2 beta) = 2, i.e. h = 0.5
+    loss, _ = dpo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.zeros(1), torch.zeros(1),
+                       beta=beta, loss="ipo")
+    assert float(loss) == pytest.approx(0.0)
+    loss, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.zeros(1), torch.zeros(1),
+                       beta=beta, loss="ipo")
+    assert float(loss) == pytest.approx(4.0)  # (0 - 2)^2
+
+
+def test_the_gradient_raises_the_chosen_and_lowers_the_rejected():
+    pc, pr = torch.tensor([-1.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+    loss, _ = dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.0]), beta=0.1)
+    loss.backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+
+
+def test_bad_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown DPO loss 'hinge'"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), loss="hinge")
+    with pytest.raises(ValueError, match="dpo beta=0"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0)
