@@ -61,38 +61,47 @@ def workers(threads: int, max_new: int, dtype: str):
 
 
 def throughput(repeats: int, threads: int, dtypes: list[str]) -> dict:
-    return {(shape if dtype == "float32" else f"{shape} {dtype}"): row
-            for dtype in dtypes for shape, row in throughput_in(repeats, threads, dtype).items()}
+    """Each (dtype, shape) in a process of its own: vLLM engines share process-wide state
+    (its parallel groups), which one engine's teardown took from the next one's in a single
+    process ("pipeline model parallel group is not initialized")."""
+    out = {}
+    for dtype in dtypes:
+        for shape in SHAPES:
+            got = subprocess.run([sys.executable, __file__, "--one", shape, "--dtypes", dtype,
+                                  "--repeats", str(repeats), "--threads", str(threads)],
+                                 check=True, stdout=subprocess.PIPE, text=True)
+            row = json.loads(got.stdout.strip().splitlines()[-1])
+            out[shape if dtype == "float32" else f"{shape} {dtype}"] = row
+    return out
 
 
-def throughput_in(repeats: int, threads: int, dtype: str) -> dict:
+def throughput_one(shape: str, repeats: int, threads: int, dtype: str) -> dict:
+    """One shape in one dtype: each worker built, warmed up, then called in turns."""
     from rlhf_ray.llm.data import load_prompts
 
-    res = {}
-    for shape, (n, max_new) in SHAPES.items():
-        cfg, ws = workers(threads, max_new, dtype)
-        prompts = load_prompts(cfg, "eval")[:n]
-        for w in ws.values():
-            w.generate(prompts, seed=0)  # warm-up
-        rows = {name: [] for name in ws}
-        for r in range(repeats):
-            for name, w in ws.items():
-                load = os.getloadavg()[0]
-                out = w.generate(prompts, seed=100 + r)
-                rows[name].append({"tokens": out["tokens"], "seconds": out["generate_s"],
-                                   "tokens_per_s": out["tokens"] / out["generate_s"],
-                                   "load": load})
-        med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in rows.items()}
-        res[shape] = {"prompts": n, "max_new_tokens": max_new, "dtype": dtype, "repeats": rows,
-                      "startup_s": {k: round(w.built_s, 2) for k, w in ws.items()},
-                      "median_tokens_per_s": med, "vllm_over_hf": med["vllm"] / med["hf"],
-                      "vllm_compiled_over_hf": med["vllm_compiled"] / med["hf"]}
-        print(f"{shape:18s} {dtype:8s} " + " | ".join(
-            f"{k} {v:5.0f} tok/s (start-up {ws[k].built_s:.0f} s)" for k, v in med.items())
-            + f" | x{res[shape]['vllm_over_hf']:.2f}, compiled "
-              f"x{res[shape]['vllm_compiled_over_hf']:.2f}", flush=True)
-        del ws
-    return res
+    n, max_new = SHAPES[shape]
+    cfg, ws = workers(threads, max_new, dtype)
+    prompts = load_prompts(cfg, "eval")[:n]
+    for w in ws.values():
+        w.generate(prompts, seed=0)  # warm-up
+    rows = {name: [] for name in ws}
+    for r in range(repeats):
+        for name, w in ws.items():
+            load = os.getloadavg()[0]
+            out = w.generate(prompts, seed=100 + r)
+            rows[name].append({"tokens": out["tokens"], "seconds": out["generate_s"],
+                               "tokens_per_s": out["tokens"] / out["generate_s"],
+                               "load": load})
+    med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in rows.items()}
+    row = {"prompts": n, "max_new_tokens": max_new, "dtype": dtype, "repeats": rows,
+           "startup_s": {k: round(w.built_s, 2) for k, w in ws.items()},
+           "median_tokens_per_s": med, "vllm_over_hf": med["vllm"] / med["hf"],
+           "vllm_compiled_over_hf": med["vllm_compiled"] / med["hf"]}
+    print(f"{shape:18s} {dtype:8s} " + " | ".join(
+        f"{k} {v:5.0f} tok/s (start-up {ws[k].built_s:.0f} s)" for k, v in med.items())
+        + f" | x{row['vllm_over_hf']:.2f}, compiled x{row['vllm_compiled_over_hf']:.2f}",
+        file=sys.stderr, flush=True)
+    return row
 
 
 def ppo_iterations(iterations: int, src: Path, runs: Path, seed: int) -> dict:
@@ -165,7 +174,12 @@ def main() -> None:
                     "reward_model/) for --ppo")
     ap.add_argument("--runs", default="runs/bench")
     ap.add_argument("--out", default="docs/results/generation_backends.json")
+    ap.add_argument("--one", choices=SHAPES, help=argparse.SUPPRESS)  # a child's one shape
     args = ap.parse_args()
+    if args.one:  # the child: one (shape, dtype), its row as the last line of stdout
+        row = throughput_one(args.one, args.repeats, args.threads, args.dtypes[0])
+        print(json.dumps(row), flush=True)
+        return
     res = {"code": code_version(), "machine": machine(), "threads": args.threads,
            "dtypes": args.dtypes, "load_before": os.getloadavg()[0],
            "throughput": throughput(args.repeats, args.threads, args.dtypes)}
