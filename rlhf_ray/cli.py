@@ -250,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("rm", "rm", "LLM stage 2: reward model from rankings of SFT samples, or from "
              "data.preferences_path (writes RUN_DIR/reward_model)"),
             ("ppo", "ppo", "LLM stage 3: PPO against a fixed reward model "
-             "(model.sft_path, model.reward_path)")):
+             "(model.sft_path, model.reward_path)"),
+            ("dpo", "dpo", "LLM: direct preference optimization of the SFT model on "
+             "preference pairs, no reward model (writes RUN_DIR/dpo, then judges it against "
+             "the SFT model on held-out prompts)")):
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="preset name or path to a YAML file (workload: llm)")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. ppo.kl.target=3")

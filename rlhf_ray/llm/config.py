@@ -146,6 +146,22 @@ class SFTConfig(Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class DPOConfig(Strict):
+    """`rlhf-ray dpo`: direct preference optimization of the SFT model on preference pairs
+    (no reward model, no sampling): Rafailov et al. 2023, or IPO (Azar et al. 2023)."""
+
+    beta: float = Field(0.1, gt=0, description="the KL strength: implicit reward = beta x "
+                        "log(pi / pi_ref)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log sigmoid(margin), soft labels (mu) as "
+        "conservative DPO; ipo: IPO's squared loss on per-token mean log-probs")
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out to measure the "
+                                "implicit reward's accuracy")
+
+
 class RewardModelConfig(Strict):
     """An LM backbone with a scalar head, trained on rankings with InstructGPT's loss."""
 
@@ -327,6 +343,7 @@ class LLMConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)

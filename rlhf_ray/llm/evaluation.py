@@ -42,15 +42,20 @@ class HeldOut:
 
     def evaluate(self, generation, rm_handle) -> tuple[dict, np.ndarray, list[dict]]:
         """The policy on the held-out prompts: the yardstick's means (`eval_<key>_mean`) and
-        the reward model's, its raw scores, and the samples with their scores."""
+        the reward model's (none where `rm_handle` is None), its raw scores, and the samples
+        with their scores."""
         out = generation.generate(self.prompts, seed=self.seed)
-        res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"],
-                                                        finished=out["finished"]))
+        if rm_handle is None:  # no reward model (DPO): the yardstick only
+            res = {"scores": [float("nan")] * len(out["texts"])}
+        else:
+            res = retry_call(lambda: rm_handle.score.remote(out["prompts"], out["texts"],
+                                                            finished=out["finished"]))
         self.rm_version = res.get("version")
         judge = self.yardstick()
         judged = judge.score(out["prompts"], out["texts"]) if judge is not None else {}
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
-        ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
+        if rm_handle is not None:
+            ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
         samples = [{"prompt": p, "response": r, "rm_score": float(q),
                     "finished": out["finished"][i], **{k: float(v[i]) for k, v in judged.items()}}
                    for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],

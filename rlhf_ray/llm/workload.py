@@ -40,7 +40,7 @@ WORKLOAD = Workload(
     default_metric="oracle_score_mean",
     max_iterations=lambda cfg: cfg.run.iterations,
     trial_settings=lambda cfg: {"kl": cfg.ppo.kl.model_dump(mode="json")},
-    stages=("sft", "rm", "ppo"),
+    stages=("sft", "rm", "ppo", "dpo"),
     shared_stages=shared_stages,
     assets=packaged_assets,
 )

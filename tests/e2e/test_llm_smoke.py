@@ -186,6 +186,18 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
                    run_dir=str(tmp_path / "b"), stages="rm", progress=False)
     assert (rm_dir / "reward_model" / "model.safetensors").exists()
     assert not (rm_dir / "sft").exists()  # started from the given SFT model
+    # DPO from the same SFT model and pairs (`rlhf-ray dpo`): no reward model; the SFT and
+    # DPO models judged on the same held-out prompts with the same draws
+    dpo_dir = train(load_config("llm-tiny-smoke", base + [
+        f"model.sft_path={sft_path}", f"data.preferences_path={prefs}", "dpo.lr=0.001",
+        "eval.num_prompts=32"]), run_dir=str(tmp_path / "e"), stages="dpo", progress=False)
+    res = json.loads((dpo_dir / "dpo.json").read_text())
+    assert (dpo_dir / "dpo" / "model.safetensors").exists() and res["pairs"] > 0
+    assert 0 <= res["sft_eval_score_mean"] <= 1 and 0 <= res["dpo_eval_score_mean"] <= 1
+    assert "eval_rm_score_mean" not in res and not (dpo_dir / "reward_model").exists()
+    sft_samples, dpo_samples = ([json.loads(x) for x in (dpo_dir / f"samples_{t}.jsonl")
+                                 .read_text().splitlines()] for t in ("sft", "dpo"))
+    assert [x["prompt"] for x in sft_samples] == [x["prompt"] for x in dpo_samples]
     # the roles of this stage share one placement group (STRICT_PACK: one node), and the
     # generation worker (a vLLM engine) is killed (SIGKILL) after the first iteration: Ray
     # restarts it, the controller gives it the current policy and asks again

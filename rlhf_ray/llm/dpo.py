@@ -1,0 +1,154 @@
+"""Direct preference optimization as a stage (`rlhf-ray dpo`): the SFT model fitted to
+preference pairs with no reward model and no sampling (Rafailov et al. 2023), or with IPO's
+loss (Azar et al. 2023); the losses are `core/dpo.py`'s.
+
+The pairs are what the `rm` stage reads: `data.preferences_path` (chosen/rejected rows, or
+K-way rankings, each giving its C(K, 2) pairs with the better response first) or the reviews
+task's comparisons from human ratings; a pair's `mu` (the share preferring it) makes its label
+soft. The reference is the SFT model: a frozen copy, or under `model.lora` the policy itself
+with its adapters off (no second copy). Dropout is off in both, as TRL has it, so the first
+step's implicit rewards are 0. A held-out share of the pairs (`dpo.val_fraction`) measures the
+implicit reward's accuracy. The output is an ordinary Hugging Face folder (adapters merged).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from rlhf_ray.core.dpo import dpo_loss
+from rlhf_ray.llm import data as lm_data
+from rlhf_ray.llm.config import LLMConfig
+from rlhf_ray.llm.modeling import (
+    PromptFormat,
+    disable_dropout,
+    encode_pairs,
+    load_policy,
+    load_tokenizer,
+    lora_on,
+    response_logprobs,
+    save_model,
+    with_lora,
+)
+from rlhf_ray.llm.reward_trainer import rankings_to_comparisons
+from rlhf_ray.llm.sft import trainable_policy
+from rlhf_ray.runtime.actors import stage_threads
+from rlhf_ray.runtime.devices import actor_device
+from rlhf_ray.storage import locations
+
+
+def preference_pairs(cfg: LLMConfig) -> list[dict]:
+    """[{prompt, left (preferred), right, mu}] from the data the config names."""
+    given = lm_data.initial_preferences(cfg)
+    if given is None:
+        raise ValueError("dpo: no preference pairs: set data.preferences_path (chosen/rejected "
+                         "rows or rankings) or data.task=reviews")
+    return rankings_to_comparisons(given[0])
+
+
+def sequence_logprobs(model, batch, mean: bool = False):
+    """log pi(y | x) of each row of a TokenBatch: [B] (the mean per response token with
+    `mean`, as IPO takes it)."""
+    lp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                           batch.prompt_len)
+    mask = batch.response_mask.to(lp.dtype)
+    total = (lp * mask).sum(1)
+    return total / mask.sum(1).clamp_min(1.0) if mean else total
+
+
+def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
+            device: str | None = None) -> dict:
+    """DPO from `sft_path` into `out_dir` (a Hugging Face folder); returns the statistics
+    (also in `out_dir/dpo_stats.json`): the last epoch's loss and implicit-reward accuracy,
+    and the held-out pairs' accuracy before and after."""
+    import torch
+
+    torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
+    torch.manual_seed(cfg.seed)
+    d = cfg.dpo
+    device = actor_device(device, "DPO")
+    tok = load_tokenizer(sft_path)
+    fmt = PromptFormat(tok, cfg.data.instruction, cfg.data.chat_template,
+                       cfg.data.max_prompt_tokens)
+    lora = cfg.model.lora.model_dump() if lora_on(cfg.model.lora.model_dump()) else None
+    policy = trainable_policy(cfg, sft_path, device)
+    if lora:
+        policy = with_lora(policy, lora, top=cfg.model.train_top_layers)
+    ref = None if lora else load_policy(sft_path, cfg.model.dtype, device).eval() \
+        .requires_grad_(False)
+    for model in (policy, ref):
+        if model is not None:
+            disable_dropout(model)
+    pairs = preference_pairs(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(pairs))
+    n_val = int(round(d.val_fraction * len(pairs)))
+    val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    if not train:
+        raise ValueError(f"dpo: {len(pairs)} preference pairs leave none to train on after "
+                         f"dpo.val_fraction={d.val_fraction}")
+    mean = d.loss == "ipo"
+
+    def logps(rows: list[dict], model, side: str):
+        b = encode_pairs(tok, [r["prompt"] for r in rows], [r[side] for r in rows],
+                         cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens, fmt)
+        return sequence_logprobs(model, b.to(device), mean)
+
+    def reference(rows: list[dict], side: str):
+        with torch.no_grad():
+            if ref is not None:
+                return logps(rows, ref, side)
+            with policy.disable_adapter():
+                return logps(rows, policy, side)
+
+    def step(rows: list[dict], train_step: bool) -> dict:
+        mu = torch.tensor([r.get("mu", 1.0) for r in rows], device=device)
+        rc, rr = reference(rows, "left"), reference(rows, "right")
+        with torch.set_grad_enabled(train_step):
+            loss, stats = dpo_loss(logps(rows, policy, "left"), logps(rows, policy, "right"),
+                                   rc, rr, d.beta, d.loss, mu)
+        if train_step:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return {"loss": float(loss), **stats}
+
+    def evaluate() -> float | None:
+        if not val:
+            return None
+        policy.eval()
+        parts = [val[s:s + d.batch_size] for s in range(0, len(val), d.batch_size)]
+        acc = [step(part, False)["reward_accuracy"] * len(part) for part in parts]
+        policy.train()
+        return float(sum(acc) / len(val))
+
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=d.lr)
+    t0 = time.time()
+    val_before = evaluate()
+    epochs = []
+    for epoch in range(d.epochs):
+        perm = rng.permutation(len(train))
+        rows = [step([train[i] for i in perm[s:s + d.batch_size]], True)
+                for s in range(0, len(train), d.batch_size)]
+        epochs.append({k: float(np.mean([r[k] for r in rows])) for k in rows[0]})
+        if progress:
+            print(f"dpo epoch {epoch + 1}/{d.epochs} | loss {epochs[-1]['loss']:.4f} | "
+                  f"reward accuracy {epochs[-1]['reward_accuracy']:.3f} | margin "
+                  f"{epochs[-1]['reward_margin']:+.3f} | {time.time() - t0:.0f}s", flush=True)
+    stats = {"pairs": len(train), "val_pairs": len(val), "loss": d.loss, "beta": d.beta,
+             "epochs": epochs, "val_reward_accuracy_before": val_before,
+             "val_reward_accuracy": evaluate(), "seconds": time.time() - t0}
+    if lora:
+        policy = policy.merge_and_unload()
+    out = save_model(policy, tok, out_dir)
+    locations.write_text(locations.join(out, "dpo_stats.json"), json.dumps(stats, indent=1))
+    return stats
+
+
+class DPOTask:
+    """DPO as an actor, placed where the learner's resources are (a GPU node)."""
+
+    def run(self, cfg: LLMConfig, sft_path: str, out: str) -> dict:
+        return run_dpo(cfg, sft_path, out, progress=True, device=cfg.placement.devices()["sft"])
