@@ -20,14 +20,15 @@ The run folder, Ray, metrics rows, resuming and the labeler are the shared layer
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
+from rlhf_ray.core.advantages import shape_scores
 from rlhf_ray.core.lm_ppo import kl_controller_from_state, make_kl_controller
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
@@ -35,7 +36,7 @@ from rlhf_ray.llm import serve as serve_lm
 from rlhf_ray.llm.dpo import DPOTask
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
-from rlhf_ray.llm.metrics import LLM, SAMPLER_KEYS
+from rlhf_ray.llm.metrics import LLM, iteration_row, write_resources
 from rlhf_ray.llm.normalization import ScoreNormalizer
 from rlhf_ray.llm.reward_trainer import LMRewardTrainer, rankings_to_comparisons
 from rlhf_ray.llm.sft import SFTTask
@@ -43,8 +44,8 @@ from rlhf_ray.llm.stages import StartPoints, start_points
 from rlhf_ray.llm.workers import GenerationGroup, LearnerGroup
 from rlhf_ray.runtime.actors import remote_role
 from rlhf_ray.runtime.controller import RunController
-from rlhf_ray.runtime.memory import MemorySampler, peak_memory, peak_rss_mb
-from rlhf_ray.runtime.metrics import PhaseTimer, clean
+from rlhf_ray.runtime.memory import MemorySampler, peak_memory
+from rlhf_ray.runtime.metrics import PhaseTimer
 from rlhf_ray.runtime.serving import wait_running
 from rlhf_ray.storage import locations
 from rlhf_ray.storage.weights import WeightStore
@@ -292,8 +293,10 @@ class LLMController(RunController):
             if cfg.ppo.missing_eos_penalty:  # in normalized units, after the clip
                 scores = scores - cfg.ppo.missing_eos_penalty * ~np.asarray(out["finished"])
             raw = np.asarray(scored["scores"], dtype=np.float64)
-            if cfg.ppo.advantage_estimator != "gae":  # critic-free: less the group baseline
-                scores = shape_scores(cfg.ppo.advantage_estimator, scores, k)
+            if cfg.ppo.advantage_estimator != "gae":  # critic-free: less the group baseline,
+                # here where the whole batch's groups are (the learner ranks get rows)
+                scores = shape_scores(cfg.ppo.advantage_estimator,
+                                      torch.as_tensor(scores, dtype=torch.float64), k).numpy()
             timer.mark("score")
             if cfg.ppo.async_generation and self.iteration + 1 < cfg.run.iterations:
                 # still policy v: its log-probs make PPO's ratio against the sampler
@@ -322,7 +325,7 @@ class LLMController(RunController):
             timer.mark("labeling")
             # 6. metrics (the yardstick on held-out prompts now and then), checkpoint
             judged = None if judge is None else judge.score(out["prompts"], out["texts"])["score"]
-            row = self.metrics(Step(out, scored, raw, judged, stats, beta, version, timer))
+            row = iteration_row(self, Step(out, scored, raw, judged, stats, beta, version, timer))
             done = self.iteration >= cfg.run.iterations or self.should_stop()
             if (cfg.eval.every and self.iteration % cfg.eval.every == 0) or done:
                 row.update(self.held_out.row(self.iteration, done, self.generation,
@@ -333,58 +336,8 @@ class LLMController(RunController):
                 self.checkpoint()
         self.feedback.finish_round()
         self.checkpoint(final=self.iteration >= cfg.run.iterations)
-        self.write_resources()
+        write_resources(self)
         return last
-
-    def write_resources(self) -> None:
-        """`RUN/resources.json`: each role's peak resident memory (MiB) and the run's time,
-        for the report."""
-        roles = {f"generation_{i}": w for i, w in enumerate(self.generation.workers)}
-        roles.update({f"learner_{r}": lr for r, lr in enumerate(self.learner.ranks)})
-        roles.update(reward_trainer=self.trainer, labeler=self.labeler,
-                     weight_store=self.feedback.weight_store)
-        mem = peak_memory(roles)
-        try:
-            mem["reward_model_server"] = self.rm_handle.info.remote().result(
-                timeout_s=30)["peak_rss_mb"]
-        except Exception:  # noqa: BLE001 - a replica that is gone: nothing to report
-            pass
-        mem["controller"] = round(peak_rss_mb(), 1)
-        together = round(sum(mem.values()), 1)  # roles alive at once (an upper bound)
-        mem.update(self.stage_memory)
-        (self.run_dir / "resources.json").write_text(json.dumps(
-            {"peak_rss_mb": mem, "ppo_roles_peak_rss_sum_mb": together,
-             "machine_used_peak_mb": self.memory_sampler.peak_mb(),
-             "ppo_wall_s": self.elapsed_s(), "iterations": self.iteration}, indent=1))
-
-    def metrics(self, s: Step) -> dict:
-        t = s.timer.seconds()
-        return {
-            "iteration": self.iteration,
-            "oracle_score_mean": None if s.judged is None else clean(np.mean(s.judged)),
-            "sft_oracle_score_mean": clean(self.sft_oracle),
-            "rm_score_mean": clean(s.raw.mean()),
-            "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
-            "reward_norm_mean": clean(self.norm.mean), "reward_norm_std": clean(self.norm.std),
-            "kl_coef_next": clean(self.kl_ctl.beta),
-            "response_len_mean": clean(s.stats["response_len_mean"]),
-            "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
-            "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
-            "policy_version": int(s.version),
-            "sample_policy_versions": sorted(set(s.out["versions"])),
-            "policy_lag": int(s.version - 1 - min(s.out["versions"])),
-            "generation_restarts": self.generation.restarts,
-            "labeler_restarts": self.feedback.restarts, "rm_version": int(s.scored["version"]),
-            **self.feedback.metrics(),
-            "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
-            "kl_loss": clean(s.stats.get("kl_loss")),
-            "queries_from_rollout": self.queries_from_rollout,
-            "approx_kl": clean(s.stats.get("approx_kl")),
-            "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
-            **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
-            "generation_startup_s": clean(s.out.get("startup_s")),
-            **t, "iteration_s": round(s.timer.total_s, 3), "time_s": self.elapsed_s(),
-        }
 
     # ---------------------------------------------------------------- roles
     def start_reward_roles(self, rm_init_path: str, with_labeler: bool) -> None:
@@ -496,12 +449,3 @@ class LLMController(RunController):
         self.log(f"resuming from {ckpt} at iteration {self.iteration}")
         return state
 
-
-def shape_scores(estimator: str, scores: np.ndarray, group_size: int) -> np.ndarray:
-    """A critic-free estimator's sequence-level half (`advantages.shape_scores`), here where
-    the whole batch's groups are (the learner ranks get rows, not groups)."""
-    import torch
-
-    from rlhf_ray.core.advantages import shape_scores as shape
-
-    return shape(estimator, torch.as_tensor(scores, dtype=torch.float64), group_size).numpy()

@@ -1,9 +1,15 @@
 """The LLM workload's metrics: every key its rows carry, with its TensorBoard section (see
-`rlhf_ray.runtime.metrics`), and its progress line."""
+`rlhf_ray.runtime.metrics`), its progress line, and the two things the controller writes from
+them: an iteration's row and `resources.json`."""
 
 from __future__ import annotations
 
-from rlhf_ray.runtime.metrics import SHARED, MetricsTable
+import json
+
+import numpy as np
+
+from rlhf_ray.runtime.memory import peak_memory, peak_rss_mb
+from rlhf_ray.runtime.metrics import SHARED, MetricsTable, clean
 
 LLM_METRICS: dict[str, str] = {
     **SHARED,
@@ -62,3 +68,57 @@ LLM = MetricsTable(
               ("labels", "labels_total", "d"), ("v", "policy_version", "d")],
     progress_suffix=_held_out,
 )
+
+
+def write_resources(ctl) -> None:
+    """`RUN/resources.json`: each role's peak resident memory (MiB) and the run's time,
+    for the report (`ctl`: the LLM controller at the end of PPO)."""
+    roles = {f"generation_{i}": w for i, w in enumerate(ctl.generation.workers)}
+    roles.update({f"learner_{r}": lr for r, lr in enumerate(ctl.learner.ranks)})
+    roles.update(reward_trainer=ctl.trainer, labeler=ctl.labeler,
+                 weight_store=ctl.feedback.weight_store)
+    mem = peak_memory(roles)
+    try:
+        mem["reward_model_server"] = ctl.rm_handle.info.remote().result(
+            timeout_s=30)["peak_rss_mb"]
+    except Exception:  # noqa: BLE001 - a replica that is gone: nothing to report
+        pass
+    mem["controller"] = round(peak_rss_mb(), 1)
+    together = round(sum(mem.values()), 1)  # roles alive at once (an upper bound)
+    mem.update(ctl.stage_memory)
+    (ctl.run_dir / "resources.json").write_text(json.dumps(
+        {"peak_rss_mb": mem, "ppo_roles_peak_rss_sum_mb": together,
+         "machine_used_peak_mb": ctl.memory_sampler.peak_mb(),
+         "ppo_wall_s": ctl.elapsed_s(), "iterations": ctl.iteration}, indent=1))
+
+
+def iteration_row(ctl, s) -> dict:
+    """One PPO iteration's row of `metrics.jsonl` (`ctl`: the LLM controller; `s`: the
+    loop's `Step`)."""
+    t = s.timer.seconds()
+    return {
+        "iteration": ctl.iteration,
+        "oracle_score_mean": None if s.judged is None else clean(np.mean(s.judged)),
+        "sft_oracle_score_mean": clean(ctl.sft_oracle),
+        "rm_score_mean": clean(s.raw.mean()),
+        "kl_mean": clean(s.stats["kl_mean"]), "kl_coef": clean(s.beta),
+        "reward_norm_mean": clean(ctl.norm.mean), "reward_norm_std": clean(ctl.norm.std),
+        "kl_coef_next": clean(ctl.kl_ctl.beta),
+        "response_len_mean": clean(s.stats["response_len_mean"]),
+        "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
+        "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
+        "policy_version": int(s.version),
+        "sample_policy_versions": sorted(set(s.out["versions"])),
+        "policy_lag": int(s.version - 1 - min(s.out["versions"])),
+        "generation_restarts": ctl.generation.restarts,
+        "labeler_restarts": ctl.feedback.restarts, "rm_version": int(s.scored["version"]),
+        **ctl.feedback.metrics(),
+        "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
+        "kl_loss": clean(s.stats.get("kl_loss")),
+        "queries_from_rollout": ctl.queries_from_rollout,
+        "approx_kl": clean(s.stats.get("approx_kl")),
+        "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),
+        **{k: clean(s.stats.get(k)) for k in SAMPLER_KEYS if k in s.stats},
+        "generation_startup_s": clean(s.out.get("startup_s")),
+        **t, "iteration_s": round(s.timer.total_s, 3), "time_s": ctl.elapsed_s(),
+    }

@@ -134,7 +134,8 @@ def test_a_run_on_s3_resumed_by_another_job_sees_its_stored_labels(ray_cluster, 
     assert f"run folder: {run}" in first.stderr and f"done: {run}" in first.stdout
     rows = read_metrics(run)
     stored = PreferenceStore(store_root).labels()
-    assert len(set(stored.column("ranking_id").to_pylist())) == rows[-1]["labels_total"] > 0
+    # K = 2: every query is one pair (no ranking id), one label
+    assert len(set(stored.column("query_id").to_pylist())) == rows[-1]["labels_total"] > 0
     for sub in ("sft", "reward_model", "final/policy", "final/reward_model"):
         assert locations.is_file(f"{run}/{sub}/model.safetensors"), sub
     assert locations.is_file(f"{run}/final/policy_adapter/adapter_config.json")
