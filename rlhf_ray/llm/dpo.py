@@ -17,6 +17,7 @@ import json
 import time
 
 import numpy as np
+import ray
 
 from rlhf_ray.core.dpo import dpo_loss
 from rlhf_ray.llm import data as lm_data
@@ -34,7 +35,7 @@ from rlhf_ray.llm.modeling import (
 )
 from rlhf_ray.llm.reward_trainer import rankings_to_comparisons
 from rlhf_ray.llm.sft import trainable_policy
-from rlhf_ray.runtime.actors import stage_threads
+from rlhf_ray.runtime.actors import remote_role, stage_threads
 from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage import locations
 
@@ -152,3 +153,36 @@ class DPOTask:
 
     def run(self, cfg: LLMConfig, sft_path: str, out: str) -> dict:
         return run_dpo(cfg, sft_path, out, progress=True, device=cfg.placement.devices()["sft"])
+
+
+def dpo_stage(ctl) -> dict:
+    """The `dpo` stage of the LLM controller `ctl` (its SFT model made): DPO in an actor on
+    the learner's resources, then the yardstick on held-out prompts, the SFT model and the
+    DPO model each sampled with the same draws (a paired gain). Writes RUN/dpo (the model)
+    and RUN/dpo.json."""
+    cfg = ctl.cfg
+    out = ctl.folder.loc("dpo")
+    task = remote_role(DPOTask, cfg.placement.learner, ctl.bundle("learner"),
+                       pg=ctl.pg).remote()
+    ctl.actors.append(task)
+    ctl.log(f"DPO ({cfg.dpo.loss} loss, beta {cfg.dpo.beta}) of the SFT model on "
+            "preference pairs")
+    stats = ray.get(task.run.remote(cfg, ctl.sft_path, out))
+    ray.kill(task)
+    result = {"dpo_path": out, **stats}
+    if ctl.held_out.yardstick() is None:
+        ctl.log("no eval.yardstick or labeler.oracle: the DPO model is not judged")
+    else:
+        for tag, path in (("sft", ctl.sft_path), ("dpo", out)):
+            ctl.start_generation(path)
+            ev, _, samples = ctl.held_out.evaluate(ctl.generation, None)
+            ctl.held_out.write_samples(tag, samples)
+            result.update({f"{tag}_{k}": v for k, v in ev.items()})
+            for w in ctl.generation.workers:
+                ray.kill(w)
+        gain = result["dpo_eval_score_mean"] - result["sft_eval_score_mean"]
+        result["eval_score_gain"] = gain
+        ctl.log(f"held-out yardstick: SFT {result['sft_eval_score_mean']:.3f} -> DPO "
+                f"{result['dpo_eval_score_mean']:.3f} (gain {gain:+.3f})")
+    (ctl.run_dir / "dpo.json").write_text(json.dumps(result, indent=1, default=str))
+    return result

@@ -33,7 +33,7 @@ from rlhf_ray.core.lm_ppo import kl_controller_from_state, make_kl_controller
 from rlhf_ray.feedback.loop import Feedback, on_new_labels
 from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm import serve as serve_lm
-from rlhf_ray.llm.dpo import DPOTask
+from rlhf_ray.llm.dpo import dpo_stage
 from rlhf_ray.llm.evaluation import HeldOut
 from rlhf_ray.llm.labeling import query_kind
 from rlhf_ray.llm.metrics import LLM, iteration_row, write_resources
@@ -168,35 +168,8 @@ class LLMController(RunController):
         return path
 
     def dpo(self) -> dict:
-        """DPO of the SFT model (`llm/dpo.py`, an actor on the learner's resources), then the
-        yardstick on held-out prompts: the SFT model and the DPO model each sampled with the
-        same draws (a paired gain). Writes RUN/dpo (the model) and RUN/dpo.json."""
-        cfg = self.cfg
-        out = self.folder.loc("dpo")
-        task = remote_role(DPOTask, cfg.placement.learner, self.bundle("learner"),
-                           pg=self.pg).remote()
-        self.actors.append(task)
-        self.log(f"DPO ({cfg.dpo.loss} loss, beta {cfg.dpo.beta}) of the SFT model on "
-                 "preference pairs")
-        stats = ray.get(task.run.remote(cfg, self.sft_path, out))
-        ray.kill(task)
-        result = {"dpo_path": out, **stats}
-        if self.held_out.yardstick() is None:
-            self.log("no eval.yardstick or labeler.oracle: the DPO model is not judged")
-        else:
-            for tag, path in (("sft", self.sft_path), ("dpo", out)):
-                self.start_generation(path)
-                ev, _, samples = self.held_out.evaluate(self.generation, None)
-                self.held_out.write_samples(tag, samples)
-                result.update({f"{tag}_{k}": v for k, v in ev.items()})
-                for w in self.generation.workers:
-                    ray.kill(w)
-            gain = result["dpo_eval_score_mean"] - result["sft_eval_score_mean"]
-            result["eval_score_gain"] = gain
-            self.log(f"held-out yardstick: SFT {result['sft_eval_score_mean']:.3f} -> DPO "
-                     f"{result['dpo_eval_score_mean']:.3f} (gain {gain:+.3f})")
-        (self.run_dir / "dpo.json").write_text(json.dumps(result, indent=1, default=str))
-        return result
+        """DPO of the SFT model, then judged against it (`llm/dpo.py`'s `dpo_stage`)."""
+        return dpo_stage(self)
 
     def reward_model(self, start: StartPoints, state: dict | None) -> None:
         """Stage 2: the reward trainer (and the labeler where rankings are collected), then

@@ -56,9 +56,9 @@ def test_bad_settings_are_refused_in_one_line():
 
 @pytest.mark.parametrize("loss,lora_r", [("sigmoid", 0), ("ipo", 4)])
 def test_dpo_stage_fits_the_pairs_and_writes_a_model_folder(tmp_path, loss, lora_r):
-    """run_dpo on the tiny model and pairs the sentiment oracle orders: the implicit reward
-    ranks more held-out pairs right after than before (0.5 at the start: policy = reference),
-    and the output is a plain Hugging Face folder (LoRA merged)."""
+    """run_dpo on the tiny model and pairs the sentiment oracle orders: the loss falls, the
+    implicit reward comes to order the pairs, and the output is a plain Hugging Face folder
+    (LoRA merged)."""
     import json
 
     import numpy as np
@@ -86,7 +86,10 @@ def test_dpo_stage_fits_the_pairs_and_writes_a_model_folder(tmp_path, loss, lora
     stats = run_dpo(cfg, str(sft), str(tmp_path / "dpo"))
     assert stats["pairs"] == 72 and stats["val_pairs"] == 24
     assert stats["epochs"][-1]["loss"] < stats["epochs"][0]["loss"]
-    assert stats["val_reward_accuracy"] > stats["val_reward_accuracy_before"]
+    # the implicit reward orders the training pairs, and more held-out pairs than chance
+    # (0 before: the policy starts as the reference, every margin 0)
+    assert stats["epochs"][-1]["reward_accuracy"] >= 0.7 > stats["epochs"][0]["reward_accuracy"]
+    assert stats["val_reward_accuracy_before"] == 0 and stats["val_reward_accuracy"] > 0.5
     model = load_policy(str(tmp_path / "dpo"))  # an ordinary folder, no adapters in it
     assert not any("lora_" in k for k in model.state_dict())
     assert json.loads((tmp_path / "dpo" / "dpo_stats.json").read_text())["loss"] == loss
