@@ -194,7 +194,8 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
         "eval.num_prompts=32"]), run_dir=str(tmp_path / "e"), stages="dpo", progress=False)
     res = json.loads((dpo_dir / "dpo.json").read_text())
     assert (dpo_dir / "dpo" / "model.safetensors").exists() and res["pairs"] > 0
-    assert 0 <= res["sft_eval_score_mean"] <= 1 and 0 <= res["dpo_eval_score_mean"] <= 1
+    assert all(np.isfinite(res[f"{t}_eval_score_mean"]) for t in ("sft", "dpo"))
+    assert res["eval_score_gain"] == res["dpo_eval_score_mean"] - res["sft_eval_score_mean"]
     assert "eval_rm_score_mean" not in res and not (dpo_dir / "reward_model").exists()
     sft_samples, dpo_samples = ([json.loads(x) for x in (dpo_dir / f"samples_{t}.jsonl")
                                  .read_text().splitlines()] for t in ("sft", "dpo"))
