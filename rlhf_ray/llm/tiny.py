@@ -64,6 +64,20 @@ def demonstration(prompt: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+def preference_file(path: str | Path, n: int, seed: int) -> Path:
+    """A chosen/rejected JSONL file (what `data.preferences_path` reads) of n pairs of
+    demonstrations, each pair ordered by the oracle: data for the `rm` and `dpo` stages."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for p in prompts(n, seed):
+        a, b = demonstration(p, rng), demonstration(p, rng)
+        if sentiment_oracle(p, a) < sentiment_oracle(p, b):
+            a, b = b, a
+        lines.append(json.dumps({"prompt": p, "chosen": a, "rejected": b}))
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
 def sft_examples(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed + 1)
     return [{"prompt": p, "response": demonstration(p, rng)} for p in prompts(n, seed)]

@@ -173,15 +173,7 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     sft_dir = train(load_config("llm-tiny-smoke", base), run_dir=str(tmp_path / "a"),
                     stages="sft", progress=False)
     sft_path = str(sft_dir / "sft")
-    rng = np.random.default_rng(0)
-    lines = []
-    for p in tiny.prompts(48, seed=5):
-        a, b = tiny.demonstration(p, rng), tiny.demonstration(p, rng)
-        if tiny.sentiment_oracle(p, a) < tiny.sentiment_oracle(p, b):
-            a, b = b, a
-        lines.append(json.dumps({"prompt": p, "chosen": a, "rejected": b}))
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("\n".join(lines) + "\n")
+    prefs = tiny.preference_file(tmp_path / "prefs.jsonl", 48, seed=5)
     rm_dir = train(load_config("llm-tiny-smoke", base + [f"model.sft_path={sft_path}",
                                                          f"data.preferences_path={prefs}"]),
                    run_dir=str(tmp_path / "b"), stages="rm", progress=False)

@@ -61,8 +61,6 @@ def test_dpo_stage_fits_the_pairs_and_writes_a_model_folder(tmp_path, loss, lora
     (LoRA merged)."""
     import json
 
-    import numpy as np
-
     from rlhf_ray.config import load_config
     from rlhf_ray.llm import tiny
     from rlhf_ray.llm.dpo import preference_pairs, run_dpo
@@ -70,15 +68,7 @@ def test_dpo_stage_fits_the_pairs_and_writes_a_model_folder(tmp_path, loss, lora
 
     sft = tmp_path / "sft"
     tiny.build_model(sft, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    rng = np.random.default_rng(0)
-    rows = []
-    for p in tiny.prompts(96, seed=3):
-        a, b = tiny.demonstration(p, rng), tiny.demonstration(p, rng)
-        if tiny.sentiment_oracle(p, a) < tiny.sentiment_oracle(p, b):
-            a, b = b, a
-        rows.append(json.dumps({"prompt": p, "chosen": a, "rejected": b}))
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("\n".join(rows) + "\n")
+    prefs = tiny.preference_file(tmp_path / "prefs.jsonl", 96, seed=3)
     cfg = load_config("llm-tiny-smoke", [
         f"data.preferences_path={prefs}", "dpo.epochs=4", "dpo.lr=0.003", f"dpo.loss={loss}",
         "dpo.val_fraction=0.25", f"model.lora.r={lora_r}", "model.lora.alpha=8"])
