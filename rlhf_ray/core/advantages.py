@@ -75,30 +75,24 @@ def grpo(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Tensor, gro
          gamma: float = 1.0, eps: float = 1e-6, allreduce: Allreduce | None = None,
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO: each score standardized within its group (mean and unbiased std over K)."""
-    g = grouped(scores.float(), group_size)
-    if group_size < 2:
-        raise ValueError("grpo needs at least 2 responses per prompt (a group's std)")
-    shaped = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(-1)
-    return _from_scores(shaped.to(scores.dtype), kl_rewards, mask, gamma)
+    return token_advantages("grpo", shape_scores("grpo", scores, group_size, eps), kl_rewards,
+                            mask, gamma, allreduce)
 
 
 def dr_grpo(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Tensor,
             group_size: int, gamma: float = 1.0, allreduce: Allreduce | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dr. GRPO: each score minus its group's mean, no division by the std."""
-    g = grouped(scores, group_size)
-    return _from_scores((g - g.mean(1, keepdim=True)).reshape(-1), kl_rewards, mask, gamma)
+    return token_advantages("dr_grpo", shape_scores("dr_grpo", scores, group_size), kl_rewards,
+                            mask, gamma, allreduce)
 
 
 def rloo(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
          gamma: float = 1.0, allreduce: Allreduce | None = None,
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO: each score minus the mean of the other K - 1 scores of its group."""
-    if group_size < 2:
-        raise ValueError("rloo needs at least 2 responses per prompt (a leave-one-out baseline)")
-    g = grouped(scores, group_size)
-    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
-    return _from_scores((g - baseline).reshape(-1), kl_rewards, mask, gamma)
+    return token_advantages("rloo", shape_scores("rloo", scores, group_size), kl_rewards,
+                            mask, gamma, allreduce)
 
 
 def reinforce_pp(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Tensor,
@@ -106,8 +100,7 @@ def reinforce_pp(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Ten
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++: discounted returns of the token rewards, whitened over the batch (over
     every learner rank's shard with `allreduce`, as one batch)."""
-    _, ret = _from_scores(scores, kl_rewards, mask, gamma)
-    return masked_whiten(ret, mask, allreduce=allreduce), ret
+    return token_advantages("reinforce_pp", scores, kl_rewards, mask, gamma, allreduce)
 
 
 def reinforce_pp_baseline(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: torch.Tensor,
@@ -115,9 +108,9 @@ def reinforce_pp_baseline(scores: torch.Tensor, kl_rewards: torch.Tensor, mask: 
                           allreduce: Allreduce | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++-baseline: the group's mean score subtracted, then as `reinforce_pp`."""
-    g = grouped(scores, group_size)
-    return reinforce_pp((g - g.mean(1, keepdim=True)).reshape(-1), kl_rewards, mask,
-                        group_size, gamma, allreduce)
+    return token_advantages("reinforce_pp_baseline",
+                            shape_scores("reinforce_pp_baseline", scores, group_size),
+                            kl_rewards, mask, gamma, allreduce)
 
 
 CRITIC_FREE = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
@@ -129,22 +122,23 @@ GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need K >= 2 pe
 # Each critic-free estimator in two halves, so that a distributed learner never needs a whole
 # group on one rank: `shape_scores` (sequence level: the group baseline, on whoever holds the
 # whole batch) and `token_advantages` (per token, row by row, with the batch-wide whitening
-# of REINFORCE++ through `allreduce`). token_advantages(e, shape_scores(e, s, K), ...) is
-# exactly the estimator's function above (tested).
-def shape_scores(estimator: str, scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[B] -> [B]: the scores less their group baseline (scaled by the group's std for GRPO;
-    unchanged for REINFORCE++, whose baseline is the batch whitening)."""
+# of REINFORCE++ through `allreduce`). The estimators above are the two composed.
+def shape_scores(estimator: str, scores: torch.Tensor, group_size: int,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """[B] -> [B]: the scores less their group baseline (scaled by the group's std, plus
+    `eps`, for GRPO; unchanged for REINFORCE++, whose baseline is the batch whitening)."""
     if estimator not in CRITIC_FREE:
         raise ValueError(f"unknown critic-free estimator {estimator!r}: use one of "
                          f"{', '.join(CRITIC_FREE)}")
     if estimator == "reinforce_pp":
         return scores
-    if estimator in ("grpo", "rloo") and group_size < 2:
-        raise ValueError(f"{estimator} needs at least 2 responses per prompt")
     g = grouped(scores.float(), group_size)
+    if estimator in ("grpo", "rloo") and group_size < 2:
+        why = "a group's std" if estimator == "grpo" else "a leave-one-out baseline"
+        raise ValueError(f"{estimator} needs at least 2 responses per prompt ({why})")
     mean = g.mean(1, keepdim=True)
     if estimator == "grpo":
-        out = (g - mean) / (g.std(1, keepdim=True) + 1e-6)
+        out = (g - mean) / (g.std(1, keepdim=True) + eps)
     elif estimator == "rloo":
         out = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
     else:  # dr_grpo, reinforce_pp_baseline

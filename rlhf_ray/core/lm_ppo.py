@@ -114,8 +114,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     (`sampler_correction`), constants multiplying each token's term. `token_weights`: each
     token's share of the loss (`advantages.agg_weights`: another aggregation than the token
     mean, or a micro batch's share of a larger batch); the loss is then the weighted sum.
-    Returns (pg_loss, {approx_kl, clipfrac}) with approx_kl the k3 estimate of KL(old || new)
-    that CleanRL and TRL report.
+    Returns (pg_loss, {pg_loss_token_mean, approx_kl, clipfrac}): the terms' mean over real
+    tokens (the loss itself without `token_weights`), and approx_kl the k3 estimate of
+    KL(old || new) that CleanRL and TRL report.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -124,12 +125,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     terms = torch.maximum(unclipped, clipped)
     if weights is not None:
         terms = terms * weights
-    loss = masked_mean(terms, mask) if token_weights is None else \
+    token_mean = masked_mean(terms, mask)
+    loss = token_mean if token_weights is None else \
         (terms * token_weights * mask.to(terms.dtype)).sum()
     with torch.no_grad():
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
-    return loss, {"approx_kl": float(approx_kl), "clipfrac": float(clipfrac)}
+    return loss, {"pg_loss_token_mean": float(token_mean.detach()),
+                  "approx_kl": float(approx_kl), "clipfrac": float(clipfrac)}
 
 
 def sampler_correction(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,

@@ -8,11 +8,13 @@ task's comparisons from human ratings; a pair's `mu` (the share preferring it) m
 soft. The reference is the SFT model: a frozen copy, or under `model.lora` the policy itself
 with its adapters off (no second copy). Dropout is off in both, as TRL has it, so the first
 step's implicit rewards are 0. A held-out share of the pairs (`dpo.val_fraction`) measures the
-implicit reward's accuracy. The output is an ordinary Hugging Face folder (adapters merged).
+implicit reward's accuracy. The reference's log-probs are computed once per pair before
+training. The output is an ordinary Hugging Face folder (adapters merged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -97,16 +99,21 @@ def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
                          cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens, fmt)
         return sequence_logprobs(model, b.to(device), mean)
 
-    def reference(rows: list[dict], side: str):
-        with torch.no_grad():
-            if ref is not None:
-                return logps(rows, ref, side)
-            with policy.disable_adapter():
-                return logps(rows, policy, side)
+    # the reference's log-probs never change: computed once per pair, before training (as
+    # TRL's precompute_ref_log_probs), and then the frozen copy is let go
+    with torch.no_grad(), (policy.disable_adapter() if ref is None
+                           else contextlib.nullcontext()):
+        for s in range(0, len(pairs), d.batch_size):
+            part = pairs[s:s + d.batch_size]
+            for side in ("left", "right"):
+                for r, lp in zip(part, logps(part, policy if ref is None else ref, side).tolist()):
+                    r[f"ref_{side}"] = lp
+    del ref
 
     def step(rows: list[dict], train_step: bool) -> dict:
         mu = torch.tensor([r.get("mu", 1.0) for r in rows], device=device)
-        rc, rr = reference(rows, "left"), reference(rows, "right")
+        rc, rr = (torch.tensor([r[f"ref_{side}"] for r in rows], device=device)
+                  for side in ("left", "right"))
         with torch.set_grad_enabled(train_step):
             loss, stats = dpo_loss(logps(rows, policy, "left"), logps(rows, policy, "right"),
                                    rc, rr, d.beta, d.loss, mu)

@@ -219,12 +219,11 @@ class PPOLearner:
                                          self.norm_len) * self.world
         pg, pg_stats = lm_ppo.policy_loss(lp, old_lp, adv, mask, self.cfg.cliprange, is_w,
                                           token_weights=weights)
-        # this micro batch's loss as a token mean (for the rows); the other terms are token
-        # means over the whole minibatch, as the policy loss was before ppo.loss_agg
+        # the rows report this micro batch's token mean; the other terms are token means
+        # over the whole minibatch, as the policy loss was before ppo.loss_agg
         scale = float(mask.sum()) / tokens_global * self.world
         loss = pg
-        stats = {"pg_loss": float(lm_ppo.policy_loss(lp.detach(), old_lp, adv, mask,
-                                                     self.cfg.cliprange, is_w)[0]), **pg_stats}
+        stats = {"pg_loss": pg_stats.pop("pg_loss_token_mean"), **pg_stats}
         if self.critic is not None:
             values = self.forward.values(self.critic, m, trunk["critic"])
             vf, vf_stats = lm_ppo.value_loss(values, old_values, returns, mask,
