@@ -6,7 +6,8 @@ the same responses per iteration (PPO: `rollout` prompts x 1; the group estimato
 
 Reported per algorithm and seed: the yardstick's gain over the SFT model on held-out prompts
 (the yardstick is never the training signal: the preset's oracle, while PPO trains on the
-reward model), the final KL, the learner's median seconds per step and its peak memory; over
+reward model), the final KL, the learner's median seconds per step and its peak memory, and the
+reward-KL frontier (the KL and the yardstick at each evaluation); over
 seeds, each algorithm's mean gain with a t interval, and its paired difference from PPO's
 (same seed, same SFT and reward model) with a t interval. A finished run is read back from its
 run folder, so the script can be stopped and run again.
@@ -38,6 +39,7 @@ ALGORITHMS = {  # name: overrides (with the rollout's prompts set per run)
     "reinforce_pp": ["ppo.advantage_estimator=reinforce_pp"],
     "reinforce_pp_baseline": ["ppo.advantage_estimator=reinforce_pp_baseline",
                               f"ppo.samples_per_prompt={K}"],
+    "dpo": [],  # `rlhf-ray dpo` on the pairs the reward model was fitted to: no RM calls at all
 }
 
 
@@ -60,6 +62,11 @@ def stages(preset: str, seed: int, runs: Path, common: list[str]) -> Path:
 def ppo_run(preset: str, seed: int, algo: str, base: Path, runs: Path, rollout: int,
             common: list[str]) -> Path:
     run = runs / f"{preset}-s{seed}-{algo}"
+    if algo == "dpo":
+        if not (run / "dpo.json").exists():
+            sh(["rlhf-ray", "dpo", preset, f"seed={seed}", "--run-dir", str(run),
+                f"model.sft_path={base / 'sft'}", *common])
+        return run
     if (run / "final" / "controller.json").exists():
         return run
     k = K if f"ppo.samples_per_prompt={K}" in ALGORITHMS[algo] else 1
@@ -70,6 +77,12 @@ def ppo_run(preset: str, seed: int, algo: str, base: Path, runs: Path, rollout: 
 
 
 def summarize(run: Path) -> dict:
+    if (run / "dpo.json").exists():  # DPO: one evaluation, no sampling during training
+        d = json.loads((run / "dpo.json").read_text())
+        return {"run": str(run), "sft_score": d["sft_eval_score_mean"],
+                "final_score": d["dpo_eval_score_mean"], "gain": d["eval_score_gain"],
+                "dpo_seconds": d["seconds"], "dpo_val_reward_accuracy": d["val_reward_accuracy"],
+                "frontier": []}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [r for r in rows if r.get("eval_score_mean") is not None]
     res = json.loads((run / "resources.json").read_text())
@@ -80,7 +93,10 @@ def summarize(run: Path) -> dict:
             "gain": evals[-1]["eval_score_mean"] - evals[-1]["sft_eval_score_mean"],
             "kl_final": rows[-1]["kl_mean"], "learner_s_median": learner[len(learner) // 2],
             "learner_peak_rss_mb": res["peak_rss_mb"].get("learner_0"),
-            "ppo_wall_s": res["ppo_wall_s"]}
+            "ppo_wall_s": res["ppo_wall_s"],
+            # the reward-KL frontier: (the rollout's KL to the SFT model, the held-out
+            # yardstick) at each evaluation, as the DPO paper draws it
+            "frontier": [[r["iteration"], r["kl_mean"], r["eval_score_mean"]] for r in evals]}
 
 
 def main() -> int:
@@ -99,11 +115,16 @@ def main() -> int:
     for seed in args.seeds:
         base = stages(args.preset, seed, runs, common)
         for algo in args.algorithms:
-            fresh = not (runs / f"{args.preset}-s{seed}-{algo}" / "final").exists()
+            done = "dpo.json" if algo == "dpo" else "final"
+            fresh = not (runs / f"{args.preset}-s{seed}-{algo}" / done).exists()
             s = summarize(ppo_run(args.preset, seed, algo, base, runs, args.rollout, common))
             s.update(code=code_version() if fresh else "read back from its run folder",
                      machine=machine())
             rows[algo][seed] = s
+            if algo == "dpo":
+                print(f"{algo:22s} seed {seed}: gain {s['gain']:+.3f} | "
+                      f"{s['dpo_seconds']:.0f} s", flush=True)
+                continue
             print(f"{algo:22s} seed {seed}: gain {s['gain']:+.3f} | KL {s['kl_final']:.2f} | "
                   f"learner {s['learner_s_median']:.2f} s/step | learner peak "
                   f"{s['learner_peak_rss_mb']} MiB", flush=True)
@@ -112,11 +133,13 @@ def main() -> int:
     summary = {}
     for algo, per in rows.items():
         gains = [per[s]["gain"] for s in args.seeds]
-        entry = {"gain": mean_ci(gains) if len(gains) > 1 else {"mean": gains[0]},
-                 "learner_s_median": statistics.median(per[s]["learner_s_median"]
-                                                       for s in args.seeds),
-                 "learner_peak_rss_mb": statistics.median(per[s]["learner_peak_rss_mb"] or 0
-                                                          for s in args.seeds)}
+        entry = {"gain": mean_ci(gains) if len(gains) > 1 else {"mean": gains[0]}}
+        if algo != "dpo":
+            entry.update(
+                learner_s_median=statistics.median(per[s]["learner_s_median"]
+                                                   for s in args.seeds),
+                learner_peak_rss_mb=statistics.median(per[s]["learner_peak_rss_mb"] or 0
+                                                      for s in args.seeds))
         if algo != "ppo" and "ppo" in rows and len(args.seeds) > 1:
             entry["gain_minus_ppo"] = mean_ci([per[s]["gain"] - rows["ppo"][s]["gain"]
                                                for s in args.seeds])

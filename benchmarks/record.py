@@ -24,9 +24,12 @@ def code_version(src: Path = REPO) -> str:
 
 
 def machine() -> dict:
+    """The machine, and its load when asked (the 1, 5 and 15 minute load averages: a
+    figure measured beside other work says so)."""
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "node": platform.node()}
+            "python": platform.python_version(), "node": platform.node(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def versions(runs: list[dict]) -> dict:

@@ -38,6 +38,16 @@ def _stage(args: argparse.Namespace, stages: str) -> int:
     return _run(args, load_config(args.config, args.overrides), stages)
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The error an actor raised, where Ray wrapped it (a RayTaskError's first line names
+    only the actor)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
 def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
     """Either workload's loop. Ray's, RLlib's and Serve's own output goes to the run folder's
     driver.log unless --verbose; an error is one line here (its traceback in the log)."""
@@ -55,7 +65,9 @@ def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
     except (ConfigError, FileNotFoundError):
         raise
     except ValueError as exc:  # bad data files: one line naming what was wrong
-        print(f"rlhf-ray: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        exc = _cause(exc)
+        first = (str(exc).splitlines() or [repr(exc)])[0]  # (`!r` would quote the message)
+        print(f"rlhf-ray: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlhf-ray: interrupted; `rlhf-ray train --resume RUN_DIR` continues from the last "
@@ -64,6 +76,7 @@ def _run(args: argparse.Namespace, cfg, stages: str = "all") -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user, the rest in the log
         if verbose or console.last_log() is None:
             raise
+        exc = _cause(exc)
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"rlhf-ray: error: {type(exc).__name__}: {first} (traceback in "
               f"{console.last_log()})", file=sys.stderr)

@@ -104,3 +104,19 @@ def test_the_sampler_dtype_is_the_learners_unless_set():
         "bfloat16"
     with pytest.raises(ConfigError, match="generation.dtype='fp8'"):
         load_config("llm-tiny-smoke", ["generation.dtype=fp8"])
+
+
+def test_cli_error_an_actor_raised_is_its_own_one_line(monkeypatch, capsys):
+    """A ValueError raised in an actor reaches the CLI wrapped in Ray's RayTaskError, whose
+    first line names only the actor: the user sees the actor's message, unquoted."""
+    from ray.exceptions import RayTaskError
+
+    from rlhf_ray import cli, train
+
+    def fails(*a, **k):
+        raise RayTaskError("DPOTask.run", "traceback", ValueError("dpo: no preference pairs"),
+                           ).as_instanceof_cause()
+
+    monkeypatch.setattr(train, "train", fails)
+    assert cli.main(["dpo", "llm-tiny-smoke", "--run-dir", "/tmp/unused"]) == 2
+    assert capsys.readouterr().err.strip() == "rlhf-ray: dpo: no preference pairs"
