@@ -7,7 +7,9 @@ the same responses per iteration (PPO: `rollout` prompts x 1; the group estimato
 Reported per algorithm and seed: the yardstick's gain over the SFT model on held-out prompts
 (the yardstick is never the training signal: the preset's oracle, while PPO trains on the
 reward model), the final KL, the learner's median seconds per step and its peak memory, and the
-reward-KL frontier (the KL and the yardstick at each evaluation); over
+reward-KL frontier (the KL and the yardstick at each evaluation), and where the task has
+held-out human-written text the alignment tax (its perplexity under the final policy and under
+the SFT model: PPO against PPO-ptx); over
 seeds, each algorithm's mean gain with a t interval, and its paired difference from PPO's
 (same seed, same SFT and reward model) with a t interval. A finished run is read back from its
 run folder, so the script can be stopped and run again.
@@ -29,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import code_version, machine, versions  # noqa: E402
 
 K = 4  # responses per prompt for the group estimators
+PTX_COEF = 0.5  # PPO-ptx's gamma, on a token-mean NLL beside a token-mean policy loss
 ALGORITHMS = {  # name: overrides (with the rollout's prompts set per run)
     "ppo": ["ppo.advantage_estimator=gae"],
+    # InstructGPT's PPO-ptx: the pretraining NLL of the task's human-written text mixed in
+    "ppo_ptx": ["ppo.advantage_estimator=gae", f"ppo.ptx_coef={PTX_COEF}"],
     "grpo": ["ppo.advantage_estimator=grpo", f"ppo.samples_per_prompt={K}",
              "ppo.kl.placement=loss", "ppo.kl.estimator=k3"],
     "dr_grpo": ["ppo.advantage_estimator=dr_grpo", f"ppo.samples_per_prompt={K}",
@@ -94,6 +99,8 @@ def summarize(run: Path) -> dict:
             "kl_final": rows[-1]["kl_mean"], "learner_s_median": learner[len(learner) // 2],
             "learner_peak_rss_mb": res["peak_rss_mb"].get("learner_0"),
             "ppo_wall_s": res["ppo_wall_s"],
+            "text_ppl": evals[-1].get("eval_text_ppl"),
+            "sft_text_ppl": evals[-1].get("sft_eval_text_ppl"),
             # the reward-KL frontier: (the rollout's KL to the SFT model, the held-out
             # yardstick) at each evaluation, as the DPO paper draws it
             "frontier": [[r["iteration"], r["kl_mean"], r["eval_score_mean"]] for r in evals]}
@@ -134,6 +141,11 @@ def main() -> int:
     for algo, per in rows.items():
         gains = [per[s]["gain"] for s in args.seeds]
         entry = {"gain": mean_ci(gains) if len(gains) > 1 else {"mean": gains[0]}}
+        if all(per[s].get("text_ppl") for s in args.seeds):  # the alignment tax
+            entry["text_ppl_minus_sft"] = mean_ci([per[s]["text_ppl"] - per[s]["sft_text_ppl"]
+                                                   for s in args.seeds]) \
+                if len(args.seeds) > 1 else {"mean": per[args.seeds[0]]["text_ppl"]
+                                             - per[args.seeds[0]]["sft_text_ppl"]}
         if algo != "dpo":
             entry.update(
                 learner_s_median=statistics.median(per[s]["learner_s_median"]

@@ -110,6 +110,13 @@ class DataConfig(Strict):
         None, description="Parquet/JSONL: `prompt`, `chosen`, `rejected` (as hh-rlhf), or "
         "`prompt`, `responses` (K, best first) for rankings")
     max_prompt_tokens: int = Field(64, ge=1)
+    pretrain_path: str | None = Field(
+        None, description="human-written text (a .txt file, one text per line, or "
+        "Parquet/JSONL with a `text` column): PPO-ptx's pretraining mix (`ppo.ptx_coef`) and, "
+        "its last fifth held out, the alignment tax's yardstick (the perplexity of text no "
+        "stage trains on, under the SFT model and the policy). The reviews task has its own "
+        "(its sft split's snippets to mix in, its eval split's to measure)")
+    pretrain_max_tokens: int = Field(64, ge=2, description="tokens per pretraining text")
 
 
 class GenerationConfig(Strict):
@@ -243,6 +250,12 @@ class PPOConfig(Strict):
         "generation.max_new_tokens before it ended (TRL's missing_eos_penalty); the reward "
         "model sees such a response without an EOS either way. null: none")
     entropy_coef: float = Field(0.0, ge=0)
+    ptx_coef: float = Field(
+        0.0, ge=0, description="PPO-ptx (InstructGPT's gamma; OpenRLHF's ptx_coef): each "
+        "minibatch's loss adds this times the mean token NLL of ptx_batch_size texts of the "
+        "pretraining mix (data.pretrain_path), to pay less alignment tax. 0: plain PPO")
+    ptx_batch_size: int = Field(8, ge=1, description="pretraining texts per minibatch (over "
+                                "all learner ranks)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     kl: KLConfig = Field(default_factory=KLConfig)
     old_logprobs: Literal["generation", "learner"] = Field(
@@ -377,6 +390,9 @@ class LLMConfig(Strict):
             raise ValueError("ppo.importance_sampling_cap: needs ppo.old_logprobs=learner (with "
                              "the sampler's own log-probs as PPO's old ones the ratio is 1)")
         d, m, lab = self.data, self.model, self.labeler
+        if p.ptx_coef > 0 and d.pretrain_path is None and d.task != "reviews":
+            raise ValueError(f"ppo.ptx_coef={p.ptx_coef}: needs a pretraining mix: "
+                             "data.pretrain_path (human-written text) or data.task=reviews")
         if d.task is None and d.prompts_path is None:
             raise ValueError("data.prompts_path: required (Parquet/JSONL with a `prompt` "
                              "column), or data.task: sentiment | reviews for a built-in task")

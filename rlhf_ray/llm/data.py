@@ -65,6 +65,31 @@ def load_prompts(cfg: LLMConfig, split: str = "train") -> list[str]:
     return tiny.prompts(cfg.data.num_prompts, seed)
 
 
+def pretrain_texts(cfg: LLMConfig, split: str = "train") -> list[str] | None:
+    """Human-written text: PPO-ptx's pretraining mix (`train`) or the held-out part the
+    alignment tax is measured on (`eval`); None where the config has none. A file's last
+    fifth is held out; the reviews task mixes in its sft split's snippets and holds out its
+    eval split's (which no stage trains on)."""
+    path = cfg.data.pretrain_path
+    if path:
+        if Path(path).suffix == ".txt":
+            if not Path(path).is_file():
+                raise ValueError(f"data.pretrain_path {path!r}: no such file")
+            rows = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines()]
+            rows = [x for x in rows if x]
+        else:
+            rows = [str(r["text"]) for r in read_rows(path, ["text"], "data.pretrain_path")]
+        if len(rows) < 5:
+            raise ValueError(f"data.pretrain_path {path!r}: {len(rows)} texts; needs 5 or more "
+                             "(its last fifth is held out)")
+        cut = len(rows) - len(rows) // 5
+        return rows[:cut] if split == "train" else rows[cut:]
+    if cfg.data.task == "reviews":
+        part = task(cfg.data.reviews).parts["sft" if split == "train" else "eval"]
+        return [s.text for s in part]
+    return None
+
+
 def load_sft(cfg: LLMConfig) -> list[dict]:
     if cfg.data.sft_path:
         return read_rows(cfg.data.sft_path, ["prompt", "response"], "data.sft_path")
@@ -134,6 +159,8 @@ def check(cfg: LLMConfig) -> None:
                          cfg.data.max_prompt_tokens)
     if cfg.data.task == "reviews":
         task(cfg.data.reviews)
+    if cfg.data.pretrain_path:
+        pretrain_texts(cfg)
     if cfg.eval.yardstick:
         mod = cfg.eval.yardstick.partition(":")[0]
         try:

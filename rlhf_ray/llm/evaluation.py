@@ -3,6 +3,9 @@ labeler's oracle), never trained on and never the training signal, with the rewa
 score beside it. The SFT model is judged once before PPO (its samples also calibrate the
 reward normalization); the policy every `eval.every` iterations and at the end, with Gao et
 al. 2022's warning when the reward model's score keeps rising while the yardstick's does not.
+Where the config has held-out human-written text (`data.pretrain_path`, the reviews task),
+each evaluation also measures its perplexity under the policy (`eval_text_ppl`, the SFT
+model's as `sft_eval_text_ppl`): InstructGPT's alignment tax, which PPO-ptx pays less of.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class HeldOut:
         # between them is a paired difference, not two independent samples' noise
         self.seed = 2**31 + cfg.seed
         self.rm_version: int | None = None  # the reward model's that scored the last one
+        # () -> the policy's perplexity of held-out human text (the learner group's), or None
+        self.text_ppl = None
 
     def yardstick(self):
         """The judge, or None where the config names neither `eval.yardstick` nor
@@ -56,6 +61,9 @@ class HeldOut:
         ev = {f"eval_{k}_mean": float(np.mean(v)) for k, v in judged.items()}
         if rm_handle is not None:
             ev["eval_rm_score_mean"] = float(np.mean(res["scores"]))
+        ppl = self.text_ppl() if self.text_ppl is not None else None
+        if ppl is not None:
+            ev["eval_text_ppl"] = ppl
         samples = [{"prompt": p, "response": r, "rm_score": float(q),
                     "finished": out["finished"][i], **{k: float(v[i]) for k, v in judged.items()}}
                    for i, (p, r, q) in enumerate(zip(out["prompts"], out["texts"],

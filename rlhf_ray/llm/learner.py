@@ -67,7 +67,8 @@ class PPOLearner:
                  ref_path: str | None = None, state_path: str | None = None,
                  lora: dict | None = None, adapter_path: str | None = None,
                  gradient_checkpointing: bool = False, train_top_layers: int | None = None,
-                 iterations: int | None = None, max_new_tokens: int | None = None):
+                 iterations: int | None = None, max_new_tokens: int | None = None,
+                 ptx_ids: list[list[int]] | None = None):
         """policy_path: the policy to train (the SFT model, or a checkpoint's policy);
         ref_path: the frozen reference (always the SFT model; default policy_path);
         state_path: a checkpoint's optimizer.pt to continue from. With `lora` (the
@@ -75,7 +76,8 @@ class PPOLearner:
         adapters on it (`adapter_path`: a checkpoint's), and the reference is the same model
         with its adapters off: no second copy. `iterations`: the run's PPO iterations (the
         learning-rate schedule's length); `max_new_tokens`: the generation limit (Dr. GRPO's
-        constant loss normalizer)."""
+        constant loss normalizer); `ptx_ids`: the pretraining mix's token ids, with
+        `ppo.ptx_coef` > 0 (PPO-ptx)."""
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world = rank, world_size
@@ -122,6 +124,7 @@ class PPOLearner:
                         if train_top_layers and self.cfg.cache_frozen_blocks
                         else Forward(temperature))
         self.rng = np.random.default_rng(seed + 7919 * rank)
+        self.ptx_ids = ptx_ids if self.cfg.ptx_coef > 0 and ptx_ids else None
         self.version = 0
         self._ddp = False
         self._state_path = state_path
@@ -239,6 +242,48 @@ class PPOLearner:
             loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask) * scale
         return loss, stats
 
+    def _text_batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask of token-id rows."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.as_tensor(r)
+            mask[i, :len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _text_nll(self, model, rows: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """The summed negative log-likelihood of each row's tokens after its first (at
+        temperature 1: the language model itself), and how many tokens that is."""
+        ids, mask = self._text_batch(rows)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                target.reshape(-1), ignore_index=-100,
+                                                reduction="sum")
+        return nll, int((target != -100).sum())
+
+    def _ptx_backward(self) -> dict:
+        """PPO-ptx (InstructGPT): `ppo.ptx_coef` times the mean token NLL of a batch of the
+        pretraining mix, its gradient added to the minibatch's (each rank its share of
+        `ppo.ptx_batch_size` texts; DDP averages the ranks')."""
+        n = max(1, self.cfg.ptx_batch_size // self.world)
+        rows = [self.ptx_ids[i] for i in self.rng.integers(0, len(self.ptx_ids), n)]
+        nll, tokens = self._text_nll(self.policy, rows)
+        ptx = nll / max(tokens, 1)
+        (self.cfg.ptx_coef * ptx).backward()
+        return {"ptx_loss": float(ptx.detach())}
+
+    def text_nll(self, rows: list[list[int]], batch: int = 16) -> tuple[float, int]:
+        """(summed NLL, tokens) of held-out text under the policy as it is now: the
+        alignment tax's perplexity is exp(sum / tokens)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(rows), batch):
+                nll, n = self._text_nll(unwrap(self.policy), rows[s:s + batch])
+                total, count = total + float(nll), count + n
+        return total, count
+
     def _micro_batches(self, b: TokenBatch, idx: np.ndarray) -> list[np.ndarray]:
         """`ppo.micro_batch_size` rows at a time, or as many as `ppo.micro_batch_tokens`
         holds (lengths differ: memory follows tokens, see `lm_ppo.micro_batches`)."""
@@ -252,6 +297,16 @@ class PPOLearner:
                                                      float(len(idx)))
         micros = self._micro_batches(b, idx)
         stats = []
+        ptx = {}
+        if self.ptx_ids:  # gradients synced with the last micro batch's
+            ctx = [self.policy.no_sync()] if self._ddp else []
+            for c in ctx:
+                c.__enter__()
+            try:
+                ptx = self._ptx_backward()
+            finally:
+                for c in ctx:
+                    c.__exit__(None, None, None)
         for k, micro in enumerate(micros):
             last = k == len(micros) - 1
             ctx = [m.no_sync() for m in self._models()] if (self._ddp and not last) else []
@@ -263,7 +318,7 @@ class PPOLearner:
             finally:
                 for c in ctx:
                     c.__exit__(None, None, None)
-            stats.append(s)
+            stats.append({**s, **ptx})
         return stats
 
     def step(self, shard: dict, beta: float) -> dict:

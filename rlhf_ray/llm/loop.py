@@ -353,6 +353,7 @@ class LLMController(RunController):
         self.learner = LearnerGroup(self.cfg, start.policy, start.critic, self.sft_path,
                                     self.bundle, self.pg, start.optimizer, start.adapter)
         self.actors += self.learner.ranks
+        self.held_out.text_ppl = self.learner.text_perplexity  # the alignment tax
 
     @property
     def gens(self) -> list:

@@ -39,6 +39,8 @@ LLM_METRICS: dict[str, str] = {
     "eval_score_mean": "charts", "eval_vader_mean": "charts", "eval_rm_score_mean": "charts",
     "sft_eval_score_mean": "charts", "sft_eval_vader_mean": "charts",
     "sft_eval_rm_score_mean": "charts", "rm_judge_diverging": "charts",
+    # the alignment tax: held-out human text's perplexity under the policy and the SFT model
+    "eval_text_ppl": "charts", "sft_eval_text_ppl": "charts", "ptx_loss": "losses",
 }
 
 
@@ -50,6 +52,9 @@ def _held_out(m: dict) -> str:
     elif m.get("eval_rm_score_mean") is not None:  # no yardstick: the reward model's score
         line += (f" | held-out rm {m['eval_rm_score_mean']:.3f} "
                  f"(sft {m.get('sft_eval_rm_score_mean') or 0:.3f})")
+    if m.get("eval_text_ppl") is not None:  # the alignment tax
+        line += (f" | text ppl {m['eval_text_ppl']:.2f} "
+                 f"(sft {m.get('sft_eval_text_ppl') or 0:.2f})")
     if m.get("rm_judge_diverging"):
         line += " | WARNING rm rising, yardstick not"
     return line
@@ -114,7 +119,7 @@ def iteration_row(ctl, s) -> dict:
         "labeler_restarts": ctl.feedback.restarts, "rm_version": int(s.scored["version"]),
         **ctl.feedback.metrics(),
         "pg_loss": clean(s.stats.get("pg_loss")), "vf_loss": clean(s.stats.get("vf_loss")),
-        "kl_loss": clean(s.stats.get("kl_loss")),
+        "kl_loss": clean(s.stats.get("kl_loss")), "ptx_loss": clean(s.stats.get("ptx_loss")),
         "queries_from_rollout": ctl.queries_from_rollout,
         "approx_kl": clean(s.stats.get("approx_kl")),
         "clipfrac": clean(s.stats.get("clipfrac")), "lr": clean(s.stats.get("lr")),

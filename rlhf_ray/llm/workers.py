@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from rlhf_ray.llm import data as lm_data
 from rlhf_ray.llm.generation import HFGenerationWorker
 from rlhf_ray.llm.learner import PPOLearner
 from rlhf_ray.llm.modeling import PromptFormat, load_tokenizer
@@ -141,7 +142,20 @@ class LearnerGroup:
         import ray
 
         place = cfg.placement
-        pad = load_tokenizer(policy_path).pad_token_id
+        tok = load_tokenizer(policy_path)
+        pad = tok.pad_token_id
+
+        def ids(split: str) -> list[list[int]] | None:
+            texts = lm_data.pretrain_texts(cfg, split)
+            if texts is None:
+                return None
+            rows = tok(texts, add_special_tokens=True, truncation=True,
+                       max_length=cfg.data.pretrain_max_tokens)["input_ids"]
+            return [r for r in rows if len(r) >= 2]
+
+        # the alignment tax's held-out text, and PPO-ptx's mix (sent only where it is used)
+        self.held_out_text = ids("eval")
+        ptx = ids("train") if cfg.ppo.ptx_coef > 0 else None
         n = place.num_learners
         self.ranks = [remote_role(PPOLearner, place.learner, bundle("learner", r), pg=pg).remote(
             r, n, policy_path, critic_path, cfg.ppo.model_dump(),
@@ -150,8 +164,8 @@ class LearnerGroup:
             ref_path=ref_path, state_path=state_path, lora=cfg.model.lora.model_dump(),
             adapter_path=adapter_path, gradient_checkpointing=cfg.model.gradient_checkpointing,
             train_top_layers=cfg.model.train_top_layers, device=place.devices()["learner"],
-            iterations=cfg.run.iterations, max_new_tokens=cfg.generation.max_new_tokens)
-            for r in range(n)]
+            iterations=cfg.run.iterations, max_new_tokens=cfg.generation.max_new_tokens,
+            ptx_ids=ptx) for r in range(n)]
         addr, port = ray.get(self.ranks[0].address.remote())
         ray.get([lr.init_group.remote(addr, port, place.backend) for lr in self.ranks])
 
@@ -189,6 +203,17 @@ class LearnerGroup:
         import ray
 
         return ray.get(self.ranks[0].get_version.remote())
+
+    def text_perplexity(self) -> float | None:
+        """The policy's perplexity of the held-out human-written text (`data.pretrain_path`'s
+        last fifth, or the reviews task's eval snippets): the alignment tax, beside the SFT
+        model's; None where the config has no such text."""
+        import ray
+
+        if not self.held_out_text:
+            return None
+        nll, n = ray.get(self.ranks[0].text_nll.remote(self.held_out_text))
+        return float(np.exp(nll / max(n, 1)))
 
     def save(self, out_dir: str, tokenizer_path: str | None) -> None:
         import ray

@@ -236,6 +236,8 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     # of the toy task it did not ask for)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny.prompts(40, 7)))
+    corpus = tmp_path / "corpus.txt"  # its own text: PPO-ptx's mix and the alignment tax's
+    corpus.write_text("\n".join(tiny.prompts(50, 11)) + "\n")
     own = load_config("llm-tiny-smoke", base + [
         f"model.sft_path={sft_path}", f"model.reward_path={rm_dir / 'reward_model'}",
         "ppo.async_generation=true", "ppo.old_logprobs=learner",
@@ -243,7 +245,8 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
         "labeler.oracle=null", f"data.prompts_path={prompts}", "labels.per_iteration=0",
         # GRPO (4 responses per prompt), its KL as a k3 loss term
         "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.rollout_batch_size=4",
-        "ppo.kl.placement=loss", "ppo.kl.estimator=k3"])
+        "ppo.kl.placement=loss", "ppo.kl.estimator=k3",
+        f"data.pretrain_path={corpus}", "ppo.ptx_coef=0.5"])
     d = train(own, run_dir=str(tmp_path / "d"), stages="ppo", progress=False)
     rows = read_metrics(d)
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
@@ -256,6 +259,9 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
     evals = [r for r in rows if r.get("eval_rm_score_mean") is not None]
     assert [r["iteration"] for r in evals] == [2, 3]
     assert all(r.get("eval_score_mean") is None for r in evals)
+    assert all(r["ptx_loss"] > 0 for r in rows)  # PPO-ptx, and the alignment tax measured
+    assert all(r["eval_text_ppl"] > 1 and r["sft_eval_text_ppl"] > 1 for r in evals)
+    assert evals[-1]["eval_text_ppl"] != evals[-1]["sft_eval_text_ppl"]
     assert Path(report(str(d))).stat().st_size > 10_000
 
 

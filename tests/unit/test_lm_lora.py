@@ -236,3 +236,38 @@ def test_a_critic_from_the_reward_model_predicts_normalized_scores(tiny_path, tm
     learner.save(str(tmp_path), tiny_path)
     again = PPOLearner(0, 1, tiny_path, str(tmp_path / "critic"), ppo, pad_id=pad)
     assert torch.allclose(values(again.critic), (raw - 2.0) / 4.0, atol=1e-5)
+
+
+def test_ppo_ptx_adds_gamma_times_the_pretraining_nll_gradient(tiny_path):
+    """PPO-ptx (InstructGPT): the minibatch's gradient is PPO's plus ptx_coef times the
+    gradient of the pretraining text's mean token NLL; and the held-out text's NLL is the
+    model's own language-model loss, whatever the padding beside it."""
+    from rlhf_ray.llm.generation import HFGenerationWorker
+    from rlhf_ray.llm.learner import PPOLearner
+    from rlhf_ray.llm.modeling import load_policy
+
+    gen = HFGenerationWorker(tiny_path, {"max_new_tokens": 4}, seed=0)
+    tok, pad = gen.tok, gen.tok.pad_token_id
+    text = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    short = tok("a fox")["input_ids"]
+    out = gen.generate(tiny.prompts(4, seed=1), seed=3)
+    shard = {**out, "scores": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+    base = dict(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1)
+    plain = PPOLearner(0, 1, tiny_path, tiny_path, PPOConfig(**base).model_dump(), pad_id=pad)
+    ptx = PPOLearner(0, 1, tiny_path, tiny_path, PPOConfig(**base, ptx_coef=2.5).model_dump(),
+                     pad_id=pad, ptx_ids=[text])  # one text: every sampled row is it
+    g0, g1 = plain.gradients(shard, 0.1), ptx.gradients(shard, 0.1)
+    model = load_policy(tiny_path, "float32", "cpu")
+    ids = torch.tensor([text])
+    model(input_ids=ids, labels=ids).loss.backward()  # the mean token NLL, HF's own
+    for name, p in model.named_parameters():
+        diff = g1["policy." + name] - g0["policy." + name]
+        assert np.allclose(diff, 2.5 * p.grad.numpy(), atol=1e-5), name
+    assert all(np.array_equal(g1[k], g0[k]) for k in g0 if k.startswith("critic."))
+    with torch.no_grad():
+        want = [float(model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss)
+                * (len(r) - 1) for r in (text, short)]
+    nll, n = ptx.text_nll([text, short])  # one padded batch
+    assert n == len(text) + len(short) - 2 and nll == pytest.approx(sum(want), rel=1e-5)
+    assert ptx.step(shard, 0.1)["ptx_loss"] == pytest.approx(want[0] / (len(text) - 1),
+                                                             rel=1e-4)

@@ -251,6 +251,29 @@ def test_llm_config_errors_name_the_field():
         load_config("llm-tiny", ["placement.num_learners=3"])
 
 
+def test_pretraining_text_is_split_and_ptx_without_it_is_refused(tmp_path):
+    from rlhf_ray.llm.data import pretrain_texts
+
+    with pytest.raises(ConfigError, match="ppo.ptx_coef=0.5: needs a pretraining mix"):
+        load_config("llm-tiny", ["ppo.ptx_coef=0.5"])
+    assert pretrain_texts(load_config("llm-tiny")) is None  # no text: no alignment tax
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n".join(f"text number {i}" for i in range(10)) + "\n\n")
+    cfg = load_config("llm-tiny", [f"data.pretrain_path={txt}", "ppo.ptx_coef=0.5"])
+    assert pretrain_texts(cfg) == [f"text number {i}" for i in range(8)]
+    assert pretrain_texts(cfg, "eval") == ["text number 8", "text number 9"]  # held out
+    rows = tmp_path / "corpus.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match="3 texts; needs 5 or more"):
+        pretrain_texts(load_config("llm-tiny", [f"data.pretrain_path={rows}"]))
+    reviews = load_config("smollm2-reviews-smoke")  # its sft split mixed in, eval held out
+    from rlhf_ray.llm.reviews import task
+
+    t = task(reviews.data.reviews)
+    assert set(pretrain_texts(reviews, "eval")) == {s.text for s in t.parts["eval"]}
+    assert not set(pretrain_texts(reviews)) & set(pretrain_texts(reviews, "eval"))
+
+
 def test_stage_commands_reject_a_control_config(capsys):
     from rlhf_ray.cli import main
 
