@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("ppo", "ppo", "LLM stage 3: PPO against a fixed reward model "
              "(model.sft_path, model.reward_path)"),
             ("dpo", "dpo", "LLM: direct preference optimization of the SFT model on "
-             "preference pairs, no reward model (writes RUN_DIR/dpo, then judges it against "
-             "the SFT model on held-out prompts)")):
+             "preference pairs (data.preferences_path, or rankings of SFT samples the labeler "
+             "collects into the run's store), no reward model (writes RUN_DIR/dpo, then judges "
+             "it against the SFT model on held-out prompts; `train` with mode=dpo: SFT first)")):
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="preset name or path to a YAML file (workload: llm)")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. ppo.kl.target=3")

@@ -351,6 +351,11 @@ class LLMConfig(Strict):
     name: str = "custom"
     description: str = ""
     workload: Literal["llm"] = "llm"
+    mode: Literal["ppo", "dpo"] = Field(
+        "ppo", description="what `rlhf-ray train` runs after SFT: ppo (a reward model from "
+        "rankings, then PPO or a critic-free estimator against it, online) or dpo (DPO of the "
+        "SFT model on the preference data: data.preferences_path, the reviews task's, or "
+        "rankings the labeler collects into the run's store; `rlhf-ray dpo` alone)")
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -399,8 +404,9 @@ class LLMConfig(Strict):
         if d.task is None and d.sft_path is None and m.sft_path is None:
             raise ValueError("data.sft_path: required for SFT (Parquet/JSONL with `prompt`, "
                              "`response`), or model.sft_path: an SFT model to start from")
-        asks = self.labels.per_iteration > 0 or not (
-            m.reward_path or d.preferences_path or d.task == "reviews")
+        given = d.preferences_path or d.task == "reviews"  # preference data not asked for
+        asks = (not given) if self.mode == "dpo" else (
+            self.labels.per_iteration > 0 or not (m.reward_path or given))
         if lab.oracle is None and (lab.source == "mixed" or (lab.source == "oracle" and asks)):
             what = ("the oracle answers what people leave" if lab.source == "mixed" else
                     f"the run asks it for labels (labels.per_iteration={self.labels.per_iteration}"

@@ -4,8 +4,11 @@ loss (Azar et al. 2023); the losses are `core/dpo.py`'s.
 
 The pairs are what the `rm` stage reads: `data.preferences_path` (chosen/rejected rows, or
 K-way rankings, each giving its C(K, 2) pairs with the better response first) or the reviews
-task's comparisons from human ratings; a pair's `mu` (the share preferring it) makes its label
-soft. The reference is the SFT model: a frozen copy, or under `model.lora` the policy itself
+task's comparisons from human ratings; where the config names neither, the run's own
+preference store: `labels.initial` rankings of SFT samples, asked of people on the labeling
+page or of the oracle (`labeler.source`), those already stored counting (a resumed run asks
+only for the rest; no label is lost). A pair's `mu` (the share preferring it) makes its label
+soft; a ranking's pairs stay on one side of the held-out split. The reference is the SFT model: a frozen copy, or under `model.lora` the policy itself
 with its adapters off (no second copy). Dropout is off in both, as TRL has it, so the first
 step's implicit rewards are 0. A held-out share of the pairs (`dpo.val_fraction`) measures the
 implicit reward's accuracy. The reference's log-probs are computed once per pair before
@@ -42,13 +45,39 @@ from rlhf_ray.runtime.devices import actor_device
 from rlhf_ray.storage import locations
 
 
-def preference_pairs(cfg: LLMConfig) -> list[dict]:
-    """[{prompt, left (preferred), right, mu}] from the data the config names."""
+def preference_pairs(cfg: LLMConfig) -> list[dict] | None:
+    """[{prompt, left (preferred), right, mu, ranking_id}] from the data the config names;
+    None where it names none (the run's preference store is then asked)."""
     given = lm_data.initial_preferences(cfg)
-    if given is None:
-        raise ValueError("dpo: no preference pairs: set data.preferences_path (chosen/rejected "
-                         "rows or rankings) or data.task=reviews")
-    return rankings_to_comparisons(given[0])
+    return None if given is None else rankings_to_comparisons(given[0])
+
+
+def store_pairs(ctl) -> list[dict]:
+    """The run's own preference data (`ctl`: the LLM controller, its SFT model made): the
+    labeler and its page started, `labels.initial` rankings of SFT samples asked for less
+    those the store already holds, waited for (people) or answered at once (the oracle),
+    then every stored comparison read back from the store."""
+    cfg = ctl.cfg
+    if ctl.labeler is None:
+        ctl.feedback.start()
+    stats = ray.get(ctl.labeler.stats.remote())
+    ctl.feedback.requested = have = stats["labels_total"] + stats["labels_pending"]
+    want = max(0, cfg.labels.initial - have)
+    ctl.log(f"DPO from the run's preference store: {have} stored and {want} new rankings of "
+            f"SFT samples ({cfg.labeler.source})")
+    if want:
+        ctl.start_generation(ctl.sft_path)
+        ctl.ask_for_labels(want, block=True)
+        for w in ctl.generation.workers:
+            ray.kill(w)
+    if cfg.labeler.source != "oracle":
+        ctl.feedback.wait_for_labels(cfg.labels.initial)
+    ctl.feedback.settle()
+    pairs = [c for page in ctl.feedback._stored_pages() for c in ray.get(page)]
+    if not pairs:
+        raise ValueError("dpo: the run's preference store holds no comparisons (every answer "
+                         "a tie or \"can't tell\"?): set data.preferences_path or label more")
+    return pairs
 
 
 def sequence_logprobs(model, batch, mean: bool = False):
@@ -62,12 +91,17 @@ def sequence_logprobs(model, batch, mean: bool = False):
 
 
 def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
-            device: str | None = None) -> dict:
-    """DPO from `sft_path` into `out_dir` (a Hugging Face folder); returns the statistics
-    (also in `out_dir/dpo_stats.json`): the last epoch's loss and implicit-reward accuracy,
-    and the held-out pairs' accuracy before and after."""
+            device: str | None = None, pairs: list[dict] | None = None) -> dict:
+    """DPO from `sft_path` into `out_dir` (a Hugging Face folder) on `pairs` (default: the
+    config's `preference_pairs`); returns the statistics (also in `out_dir/dpo_stats.json`):
+    the last epoch's loss and implicit-reward accuracy, and the held-out pairs' accuracy
+    before and after."""
     import torch
 
+    pairs = preference_pairs(cfg) if pairs is None else pairs
+    if not pairs:
+        raise ValueError("dpo: no preference pairs: set data.preferences_path (chosen/rejected "
+                         "rows or rankings) or data.task=reviews, or label rankings in the run")
     torch.set_num_threads(stage_threads(cfg.run.stage_threads, cfg.run.torch_threads))
     torch.manual_seed(cfg.seed)
     d = cfg.dpo
@@ -84,11 +118,16 @@ def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
     for model in (policy, ref):
         if model is not None:
             disable_dropout(model)
-    pairs = preference_pairs(cfg)
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(pairs))
-    n_val = int(round(d.val_fraction * len(pairs)))
-    val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    # held out by ranking (a prompt's pairs all on one side), a share of the pairs
+    groups: dict = {}
+    for i, r in enumerate(pairs):
+        groups.setdefault(r.get("ranking_id") or f"pair-{i}", []).append(r)
+    keys = list(groups)
+    val, train = [], []
+    for j in rng.permutation(len(keys)):
+        side = val if len(val) < d.val_fraction * len(pairs) else train
+        side += groups[keys[j]]
     if not train:
         raise ValueError(f"dpo: {len(pairs)} preference pairs leave none to train on after "
                          f"dpo.val_fraction={d.val_fraction}")
@@ -158,8 +197,9 @@ def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
 class DPOTask:
     """DPO as an actor, placed where the learner's resources are (a GPU node)."""
 
-    def run(self, cfg: LLMConfig, sft_path: str, out: str) -> dict:
-        return run_dpo(cfg, sft_path, out, progress=True, device=cfg.placement.devices()["sft"])
+    def run(self, cfg: LLMConfig, sft_path: str, out: str, pairs: list[dict] | None) -> dict:
+        return run_dpo(cfg, sft_path, out, progress=True, device=cfg.placement.devices()["sft"],
+                       pairs=pairs)
 
 
 def dpo_stage(ctl) -> dict:
@@ -169,12 +209,15 @@ def dpo_stage(ctl) -> dict:
     and RUN/dpo.json."""
     cfg = ctl.cfg
     out = ctl.folder.loc("dpo")
+    pairs = preference_pairs(cfg)
+    if pairs is None:  # the run's own preference store
+        pairs = store_pairs(ctl)
     task = remote_role(DPOTask, cfg.placement.learner, ctl.bundle("learner"),
                        pg=ctl.pg).remote()
     ctl.actors.append(task)
     ctl.log(f"DPO ({cfg.dpo.loss} loss, beta {cfg.dpo.beta}) of the SFT model on "
             "preference pairs")
-    stats = ray.get(task.run.remote(cfg, ctl.sft_path, out))
+    stats = ray.get(task.run.remote(cfg, ctl.sft_path, out, pairs))
     ray.kill(task)
     result = {"dpo_path": out, **stats}
     if ctl.held_out.yardstick() is None:

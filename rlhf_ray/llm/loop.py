@@ -117,8 +117,9 @@ class LLMController(RunController):
     # ---------------------------------------------------------------- the whole loop
     def run(self, stages: str = "all", resume_from: str | Path | None = None,
             override_kl: bool = False) -> dict:
-        """stages: `all` (SFT -> RM -> online PPO), `sft`, `rm` (SFT model -> RM), `ppo` (SFT
-        model + RM -> PPO against a fixed reward model). `resume_from`: a checkpoint folder
+        """stages: `all` (SFT -> RM -> online PPO, or with `mode: dpo` SFT -> DPO), `sft`,
+        `rm` (SFT model -> RM), `ppo` (SFT model + RM -> PPO against a fixed reward model),
+        `dpo` (SFT model -> DPO). `resume_from`: a checkpoint folder
         to continue the online loop from; `override_kl`: take beta and the KL target from
         this config (a PBT trial handed a donor's checkpoint with mutated settings)."""
         cfg = self.cfg
@@ -132,7 +133,7 @@ class LLMController(RunController):
             self.sft_path = state["sft_path"] if state else self.sft()
             if stages == "sft":
                 return {"sft_path": self.sft_path}
-            if stages == "dpo":
+            if stages == "dpo" or (stages == "all" and cfg.mode == "dpo"):
                 return self.dpo()
             start = start_points(cfg, stages, self.sft_path, self.folder.loc("reward_model"),
                                  ckpt)

@@ -179,12 +179,19 @@ def test_stages_run_alone_from_files(ray_cluster, tmp_path):
                    run_dir=str(tmp_path / "b"), stages="rm", progress=False)
     assert (rm_dir / "reward_model" / "model.safetensors").exists()
     assert not (rm_dir / "sft").exists()  # started from the given SFT model
-    # DPO from the same SFT model and pairs (`rlhf-ray dpo`): no reward model; the SFT and
-    # DPO models judged on the same held-out prompts with the same draws
-    dpo_dir = train(load_config("llm-tiny-smoke", base + [
-        f"model.sft_path={sft_path}", f"data.preferences_path={prefs}", "dpo.lr=0.001",
-        "eval.num_prompts=32"]), run_dir=str(tmp_path / "e"), stages="dpo", progress=False)
+    # DPO from the same SFT model (`train` with mode=dpo): no reward model; no preference
+    # file, so the labeler (the oracle) ranks SFT samples into the run's store, and DPO
+    # fits those; the SFT and DPO models judged on the same held-out prompts with the same
+    # draws
+    dpo_cfg = load_config("llm-tiny-smoke", base + [
+        f"model.sft_path={sft_path}", "mode=dpo", "labels.initial=24", "dpo.lr=0.001",
+        "eval.num_prompts=32"])
+    dpo_dir = train(dpo_cfg, run_dir=str(tmp_path / "e"), progress=False)
     res = json.loads((dpo_dir / "dpo.json").read_text())
+    k = dpo_cfg.labels.responses_per_query
+    stored = PreferenceStore(str(dpo_dir / "preferences")).labels()
+    assert len(set(stored.column("ranking_id").to_pylist())) == 24  # rankings of K
+    assert res["pairs"] + res["val_pairs"] == len(stored) == 24 * k * (k - 1) // 2
     assert (dpo_dir / "dpo" / "model.safetensors").exists() and res["pairs"] > 0
     assert all(np.isfinite(res[f"{t}_eval_score_mean"]) for t in ("sft", "dpo"))
     assert res["eval_score_gain"] == res["dpo_eval_score_mean"] - res["sft_eval_score_mean"]

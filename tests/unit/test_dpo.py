@@ -87,7 +87,14 @@ def test_dpo_stage_fits_the_pairs_and_writes_a_model_folder(tmp_path, loss, lora
 
 def test_dpo_without_pairs_says_what_to_set():
     from rlhf_ray.config import load_config
-    from rlhf_ray.llm.dpo import preference_pairs
+    from rlhf_ray.errors import ConfigError
+    from rlhf_ray.llm.dpo import preference_pairs, run_dpo
 
-    with pytest.raises(ValueError, match="data.preferences_path"):
-        preference_pairs(load_config("llm-tiny-smoke"))
+    cfg = load_config("llm-tiny-smoke")
+    assert preference_pairs(cfg) is None  # no file: the run's store is asked (the labeler)
+    with pytest.raises(ValueError, match="no preference pairs: set data.preferences_path"):
+        run_dpo(cfg, "unused", "unused", pairs=[])
+    # nothing to ask either: refused with the config, before anything starts
+    with pytest.raises(ConfigError, match="labeler.oracle: none"):
+        load_config("llm-tiny-smoke", ["mode=dpo", "labeler.oracle=null",
+                                       "model.reward_path=/x", "labels.per_iteration=0"])
