@@ -37,7 +37,8 @@ class Query:
     item_ids: list[str]
     created_at: float
     rm_version: int
-    payload: Any = None  # clip: the two segments (a SegmentBatch); text: (prompt, responses)
+    payload: Any = None  # clip: the two segments (a SegmentBatch); text: (prompt,
+    # responses, finished: whether the policy ended each)
     ready: bool = False  # its items can be shown (a clip pair: both clips rendered)
     rendering_since: float | None = None
     lease_holder: str | None = None
@@ -207,30 +208,40 @@ class TextRankings(QueryKind):
         self._teacher = load_text_oracle(self.oracle, self.data) if self.oracle else None
 
     def new_queries(self, store, items, rm_version, new_id):
-        prompts, responses = _two_lists(items, "text: submit(prompts, responses)", "prompts",
-                                        "response lists")
-        ids, ps, rs, out = [], [], [], []
+        """items: (prompts, response lists) or (prompts, response lists, finished lists:
+        whether the policy ended each response or it was cut at the length limit; kept with
+        the text so the reward model reads a cut one without an EOS)."""
+        finished = items[2] if len(items) == 3 else None
+        prompts, responses = _two_lists(items[:2] if finished is not None else items,
+                                        "text: submit(prompts, responses[, finished])",
+                                        "prompts", "response lists")
+        if finished is not None and [len(f) for f in finished] != [len(r) for r in responses]:
+            raise ValueError("finished: one list of flags per prompt, one flag per response")
+        ids, ps, rs, fs, out = [], [], [], [], []
         now = time.time()
-        for prompt, resp in zip(prompts, responses):
+        for n, (prompt, resp) in enumerate(zip(prompts, responses)):
             if not 2 <= len(resp) <= 9:
                 raise ValueError(f"{len(resp)} responses for a prompt: must be 2 to 9")
+            ended = [True] * len(resp) if finished is None else [bool(f) for f in finished[n]]
             tids = [new_id() for _ in resp]
             ids += tids
             ps += [prompt] * len(resp)
             rs += list(resp)
+            fs += ended
             out.append(Query(new_id(), "text" if len(resp) == 2 else "ranking", tids, now,
-                             rm_version, payload=(prompt, list(resp)), ready=True))
-        store.write_texts(ids, ps, rs)
+                             rm_version, payload=(prompt, list(resp), ended), ready=True))
+        store.write_texts(ids, ps, rs, fs)
         return out
 
     def reopen(self, store, records):
         texts = store.texts([i for q in records for i in q.item_ids]) if records else {}
         return [Query(q.query_id, q.kind, list(q.item_ids), q.created_at, q.rm_version,
-                      payload=(texts[q.item_ids[0]][0], [texts[i][1] for i in q.item_ids]),
+                      payload=(texts[q.item_ids[0]][0], [texts[i][1] for i in q.item_ids],
+                               [texts[i][2] for i in q.item_ids]),
                       ready=True) for q in records]
 
     def view(self, q):
-        prompt, responses = q.payload
+        prompt, responses = q.payload[:2]
         pair = q.kind == "text"  # a comparison: the two responses side by side
         return {"prompt": prompt, "responses": list(responses),
                 "left": responses[0] if pair else None, "right": responses[1] if pair else None}
@@ -243,7 +254,7 @@ class TextRankings(QueryKind):
             return []
         out: list[tuple[str, Answer]] = []
         for q in queries:
-            prompt, responses = q.payload
+            prompt, responses = q.payload[:2]
             s = np.array([float(self._teacher(prompt, r)) for r in responses])
             if q.kind == "text":
                 out.append((q.query_id, "equal" if s[0] == s[1] else ("left" if s[0] > s[1]
@@ -257,10 +268,11 @@ class TextRankings(QueryKind):
         for lab, q in answered:
             if MU[lab.label] is None:
                 continue
-            prompt, responses = q.payload
+            prompt, responses, ended = q.payload
             i, j = q.item_ids.index(lab.left_id), q.item_ids.index(lab.right_id)
             out.append({"prompt": prompt, "left": responses[i], "right": responses[j],
-                        "mu": MU[lab.label], "ranking_id": lab.ranking_id})
+                        "mu": MU[lab.label], "ranking_id": lab.ranking_id,
+                        "left_finished": ended[i], "right_finished": ended[j]})
         return out
 
     def stored_pages(self, store, page_labels):
@@ -268,7 +280,9 @@ class TextRankings(QueryKind):
         texts = store.texts(sorted({i for r in rows for i in (r["left_id"], r["right_id"])}))
         out = []
         for r in rows:
-            prompt, left = texts[r["left_id"]]
-            out.append({"prompt": prompt, "left": left, "right": texts[r["right_id"]][1],
-                        "mu": MU[r["label"]], "ranking_id": r.get("ranking_id") or r["query_id"]})
+            prompt, left, left_ended = texts[r["left_id"]]
+            _, right, right_ended = texts[r["right_id"]]
+            out.append({"prompt": prompt, "left": left, "right": right,
+                        "mu": MU[r["label"]], "ranking_id": r.get("ranking_id") or r["query_id"],
+                        "left_finished": left_ended, "right_finished": right_ended})
         yield out  # one page: a ranking's pairs train together, and text is small

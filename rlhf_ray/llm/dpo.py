@@ -8,8 +8,9 @@ task's comparisons from human ratings; where the config names neither, the run's
 preference store: `labels.initial` rankings of SFT samples, asked of people on the labeling
 page or of the oracle (`labeler.source`), those already stored counting (a resumed run asks
 only for the rest; no label is lost). A pair's `mu` (the share preferring it) makes its label
-soft; a ranking's pairs stay on one side of the held-out split. The reference is the SFT model: a frozen copy, or under `model.lora` the policy itself
-with its adapters off (no second copy). Dropout is off in both, as TRL has it, so the first
+soft; a ranking's pairs stay on one side of the held-out split. The reference is the SFT
+model: a frozen copy, or under `model.lora` the policy itself with its adapters off (no
+second copy). Dropout is off in both, as TRL has it, so the first
 step's implicit rewards are 0. A held-out share of the pairs (`dpo.val_fraction`) measures the
 implicit reward's accuracy. The reference's log-probs are computed once per pair before
 training. The output is an ordinary Hugging Face folder (adapters merged).

@@ -388,7 +388,8 @@ class LLMController(RunController):
             prompts = self.next_prompts(n_prompts)
             out = self.generation.generate(prompts, n=k)
         responses = [out["texts"][i * k:(i + 1) * k] for i in range(n_prompts)]
-        self.feedback.ask(n_prompts, prompts, responses, block=block)
+        ended = [list(out["finished"][i * k:(i + 1) * k]) for i in range(n_prompts)]
+        self.feedback.ask(n_prompts, prompts, responses, ended, block=block)
         return n_prompts
 
     # ---------------------------------------------------------------- checkpoints

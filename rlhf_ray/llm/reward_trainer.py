@@ -79,10 +79,11 @@ class LMRewardTrainer(Publishes):
                 g = self.groups[gid] = {"prompt": c["prompt"], "responses": [], "pairs": [],
                                         "val": bool(self.rng.random() < self.cfg.val_fraction)}
             idx = []
-            for text in (c["left"], c["right"]):
-                if text not in g["responses"]:
-                    g["responses"].append(text)
-                idx.append(g["responses"].index(text))
+            for side in ("left", "right"):  # a response is (its text, whether it ended)
+                resp = (c[side], bool(c.get(f"{side}_finished", True)))
+                if resp not in g["responses"]:
+                    g["responses"].append(resp)
+                idx.append(g["responses"].index(resp))
             g["pairs"].append((idx[0], idx[1], float(c["mu"])))
         if self.groups and all(g["val"] for g in self.groups.values()):
             next(iter(self.groups.values()))["val"] = False  # always something to train on
@@ -104,14 +105,15 @@ class LMRewardTrainer(Publishes):
         for n, g in enumerate(groups):
             base = len(responses)
             prompts += [g["prompt"]] * len(g["responses"])
-            responses += g["responses"]
+            responses += g["responses"]  # (text, ended): a cut one gets no EOS
             for i, j, m in g["pairs"]:
                 left.append(base + i)
                 right.append(base + j)
                 mu.append(m)
                 gidx.append(n)
-        batch = encode_pairs(self.tok, prompts, responses, self.max_prompt,
-                             self.max_response).to(self.device)
+        batch = encode_pairs(self.tok, prompts, [r[0] for r in responses], self.max_prompt,
+                             self.max_response, finished=[r[1] for r in responses]
+                             ).to(self.device)
         scores = last_token_scores(self.model, batch.input_ids, batch.attention_mask,
                                    batch.position_ids)
         t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731

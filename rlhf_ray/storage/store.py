@@ -64,6 +64,9 @@ TEXT_SCHEMA = pa.schema([
     ("text_id", pa.string()),
     ("prompt", pa.string()),
     ("response", pa.string()),
+    # whether the policy ended the response (EOS) or it was cut at the length limit; stores
+    # written before the column existed read as ended
+    ("finished", pa.bool_()),
 ])
 MU = {"left": 1.0, "right": 0.0, "equal": 0.5, "skip": None}
 
@@ -195,11 +198,14 @@ class PreferenceStore:
         return self._write("queries", pa.Table.from_pylist([q.row() for q in queries],
                                                            schema=QUERY_SCHEMA))
 
-    def write_texts(self, ids: list[str], prompts: list[str], responses: list[str]) -> str | None:
+    def write_texts(self, ids: list[str], prompts: list[str], responses: list[str],
+                    finished: list[bool] | None = None) -> str | None:
         if not ids:
             return None
+        ended = [True] * len(ids) if finished is None else [bool(f) for f in finished]
         return self._write("texts", pa.table({"text_id": ids, "prompt": prompts,
-                                              "response": responses}, schema=TEXT_SCHEMA))
+                                              "response": responses, "finished": ended},
+                                             schema=TEXT_SCHEMA))
 
     def clip_path(self, segment_id: str, ext: str = "webm") -> str:
         if not segment_id.replace("-", "").isalnum():
@@ -285,13 +291,14 @@ class PreferenceStore:
                             r["rm_version"])
                 for r in self.queries().to_pylist() if r["query_id"] not in done]
 
-    def texts(self, ids: list[str]) -> dict[str, tuple[str, str]]:
-        """text id -> (prompt, response) for the ids asked."""
+    def texts(self, ids: list[str]) -> dict[str, tuple[str, str, bool]]:
+        """text id -> (prompt, response, finished) for the ids asked."""
         want, found = set(ids), {}
         for _, table in self._tables("texts"):
             for r in table.to_pylist():
                 if r["text_id"] in want:
-                    found[r["text_id"]] = (r["prompt"], r["response"])
+                    ended = r.get("finished")
+                    found[r["text_id"]] = (r["prompt"], r["response"], ended is None or ended)
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"{self.root}: {len(missing)} text(s) missing, e.g. {missing[0]}")

@@ -64,7 +64,7 @@ def test_smollm2_reviews_smoke_runs_the_three_stages_on_the_real_model(ray_clust
     labels = store.labels()
     assert len(labels) == last["labels_total"] >= 1  # K = 2: pairs, one label each
     asked = store.texts(labels.column("left_id").to_pylist())
-    assert {p for p, _ in asked.values()} <= set(load_prompts(cfg, "train"))
+    assert {v[0] for v in asked.values()} <= set(load_prompts(cfg, "train"))
     # the saved policy is an ordinary HF folder with the real tokenizer and chat template
     pol = run / "final" / "policy"
     assert (pol / "model.safetensors").exists() and (pol / "chat_template.jinja").exists()

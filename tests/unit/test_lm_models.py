@@ -205,6 +205,61 @@ def test_reward_trainer_learns_oracle_rankings(tiny_model):
     assert stats["rm_val_accuracy"] > 0.75 and stats["rm_val_accuracy"] > before + 0.1
 
 
+def test_ranked_responses_cut_at_the_limit_stay_cut_for_the_reward_trainer(tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """A ranking's responses keep whether the policy ended them: in the store, after a
+    reopen, in the comparisons the trainer gets live or from the store, and in what it
+    encodes (no EOS after a cut one). A store written before the flag existed reads as
+    ended, and compaction keeps its rows."""
+    import itertools
+
+    import pyarrow as pa
+
+    from rlhf_ray.feedback.queries import TextRankings
+    from rlhf_ray.llm import reward_trainer as rt
+    from rlhf_ray.llm.config import RewardModelConfig
+    from rlhf_ray.storage.store import Label, PreferenceStore, QueryRecord
+
+    store = PreferenceStore(str(tmp_path / "store"))
+    kind = TextRankings()
+    ids = (f"id{i}" for i in itertools.count())
+    (q,) = kind.new_queries(store, (["the fox"], [["is good", "is bad and", "sad"]],
+                                    [[True, False, True]]), 0, lambda: next(ids))
+    assert store.texts(q.item_ids)[q.item_ids[1]] == ("the fox", "is bad and", False)
+    (again,) = kind.reopen(store, [q])
+    assert again.payload == q.payload == ("the fox", ["is good", "is bad and", "sad"],
+                                          [True, False, True])
+    with pytest.raises(ValueError, match="one flag per response"):
+        kind.new_queries(store, (["x"], [["a", "b"]], [[True]]), 0, lambda: next(ids))
+    store._write("texts", pa.table({"text_id": ["old"], "prompt": ["p"], "response": ["r"]}))
+    assert store.texts(["old"])["old"] == ("p", "r", True)  # written before the column
+    store.compact(min_age_s=0)
+    assert store.texts(["old", q.item_ids[1]]) == {"old": ("p", "r", True),
+                                                   q.item_ids[1]: ("the fox", "is bad and",
+                                                                   False)}
+    # the ranking answered (best first: 0, 2, 1): live and from the store, the same pairs
+    a, b, c = q.item_ids
+    labels = [Label(f"{q.query_id}-{n}", x, y, "left", "human:a", 0.0, 1.0, 0, q.query_id)
+              for n, (x, y) in enumerate([(a, c), (a, b), (c, b)])]
+    store.write_queries([QueryRecord(q.query_id, "ranking", list(q.item_ids), 0.0, 0)])
+    store.append_labels(labels)
+    (pairs,) = list(kind.stored_pages(store, 100))
+    live = kind.comparisons([(lab, q) for lab in labels])
+    assert [(x["left_finished"], x["right_finished"]) for x in pairs] == \
+        [(True, True), (True, False), (True, False)]
+    assert [{k: x[k] for k in ("left", "right", "left_finished", "right_finished")}
+            for x in live] == [{k: x[k] for k in ("left", "right", "left_finished",
+                                                  "right_finished")} for x in pairs]
+    seen = []
+    real = rt.encode_pairs
+    monkeypatch.setattr(rt, "encode_pairs", lambda *a, **k: seen.append(k["finished"])
+                        or real(*a, **k))
+    t = rt.LMRewardTrainer(tiny_model, RewardModelConfig(val_fraction=0.0))
+    t.add(pairs)
+    t.accuracy(val=False)
+    assert seen and seen[-1] == [True, True, False]  # is good, sad, is bad and (cut: no EOS)
+
+
 def test_soft_labels_count_by_the_side_they_favour(tiny_model):
     """Accuracy with soft labels (the raters' agreement, e.g. mu = 0.9) is the accuracy of
     the side each favours: the same as with hard labels (it once compared pred == mu and
