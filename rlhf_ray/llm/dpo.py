@@ -140,7 +140,8 @@ def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
         return sequence_logprobs(model, b.to(device), mean)
 
     # the reference's log-probs never change: computed once per pair, before training (as
-    # TRL's precompute_ref_log_probs), and then the frozen copy is let go
+    # TRL's precompute_ref_log_probs), and then the frozen copy is let go; `seconds` counts it
+    t0 = time.time()
     with torch.no_grad(), (policy.disable_adapter() if ref is None
                            else contextlib.nullcontext()):
         for s in range(0, len(pairs), d.batch_size):
@@ -173,7 +174,6 @@ def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,
         return float(sum(acc) / len(val))
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=d.lr)
-    t0 = time.time()
     val_before = evaluate()
     epochs = []
     for epoch in range(d.epochs):
