@@ -30,7 +30,9 @@ SmolLM2's pad is its EOS `<|im_end|>`, which its chat template also puts inside 
 TRL is given `<|endoftext|>` as its pad token so that it reads the prompts right (this
 project masks by lengths and needs no such change).
 
-Needs the `bench` extra (TRL 1.12.0, the last release with its PPO trainer).
+Needs TRL 1.12.0, the last release with its PPO trainer: not the `bench` extra's 1.16.0
+(its GRPO, RLOO and DPO trainers: `benchmarks/llm_vs_trl_algorithms.py`), so an environment of
+its own, `pip install -e . trl==1.12.0`.
 """
 
 from __future__ import annotations
