@@ -145,7 +145,9 @@ def trl_child(spec: dict) -> None:
     common = dict(output_dir=str(out / "trainer"), seed=spec["seed"], learning_rate=p.lr,
                   lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                  disable_dropout=True)
+                  disable_dropout=True,
+                  # TRL turns it on by default (memory for time); ours is off in the preset
+                  gradient_checkpointing=cfg.model.gradient_checkpointing)
     import datasets
 
     if algo == "dpo":
