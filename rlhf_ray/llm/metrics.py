@@ -110,7 +110,8 @@ def iteration_row(ctl, s) -> dict:
         "reward_norm_mean": clean(ctl.norm.mean), "reward_norm_std": clean(ctl.norm.std),
         "kl_coef_next": clean(ctl.kl_ctl.beta),
         "response_len_mean": clean(s.stats["response_len_mean"]),
-        "truncated_frac": clean(1.0 - np.mean(s.out["finished"])),
+        "truncated_frac": clean(np.mean(s.out.get("truncated") or
+                                        [not f for f in s.out["finished"]])),
         "tokens_per_s": clean(s.out["tokens"] / s.timer.total_s),
         "policy_version": int(s.version),
         "sample_policy_versions": sorted(set(s.out["versions"])),

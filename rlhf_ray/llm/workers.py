@@ -36,6 +36,15 @@ def sampler_dtype(cfg) -> str:
     return cfg.model.dtype if cfg.generation.dtype == "model" else cfg.generation.dtype
 
 
+def end_flags(ended: list[bool], fixed_length: bool) -> tuple[list[bool], list[bool]]:
+    """(finished, truncated) of responses of which `ended` say which the policy ended with
+    EOS: the rest the length limit cut (`truncated`, always). `finished` is what the reward
+    model, the labeler and the missing-EOS penalty read: with `generation.fixed_length` the
+    limit is where an answer ends, so every response counts as finished."""
+    truncated = [not e for e in ended]
+    return ([True] * len(ended) if fixed_length else list(ended)), truncated
+
+
 class GenerationGroup:
     def __init__(self, cfg, policy_path: str, bundle: Bundle, pg=None,
                  adapter_path: str | None = None):
@@ -51,6 +60,7 @@ class GenerationGroup:
             for i in range(place.num_generation_workers)]
         self.restarts = 0  # worker restarts seen
         self._synced = None  # (version, weights ref) last pushed
+        self.fixed_length = cfg.generation.fixed_length
 
     def generate(self, prompts: list[str], n: int = 1, seed: int | None = None) -> dict:
         """n samples of each prompt, merged in the workers' order; each part records the
@@ -99,6 +109,8 @@ class GenerationGroup:
                 merged[key] += o[key]
         if outs and all("logprobs" in o for o in outs):
             merged["logprobs"] = [x for o in outs for x in o["logprobs"]]
+        merged["finished"], merged["truncated"] = end_flags(merged["finished"],
+                                                            self.fixed_length)
         merged["versions"] = [o["version"] for o in outs]
         merged["tokens"] = sum(o["tokens"] for o in outs)
         merged["generate_s"] = max(o["generate_s"] for o in outs)

@@ -260,6 +260,17 @@ def test_ranked_responses_cut_at_the_limit_stay_cut_for_the_reward_trainer(tiny_
     assert seen and seen[-1] == [True, True, False]  # is good, sad, is bad and (cut: no EOS)
 
 
+def test_fixed_length_answers_count_as_finished_and_truncation_is_still_counted():
+    from rlhf_ray.llm.workers import end_flags
+
+    assert end_flags([True, False, False], False) == ([True, False, False], [False, True, True])
+    assert end_flags([True, False, False], True) == ([True, True, True], [False, True, True])
+    with pytest.raises(ConfigError, match="ppo.missing_eos_penalty: no response misses"):
+        load_config("smollm2-reviews", ["ppo.missing_eos_penalty=1"])
+    assert load_config("smollm2-reviews").generation.fixed_length  # Ziegler's continuations
+    assert not load_config("llm-tiny").generation.fixed_length
+
+
 def test_soft_labels_count_by_the_side_they_favour(tiny_model):
     """Accuracy with soft labels (the raters' agreement, e.g. mu = 0.9) is the accuracy of
     the side each favours: the same as with hard labels (it once compared pred == mu and
