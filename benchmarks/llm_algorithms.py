@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import code_version, machine, versions  # noqa: E402
+from record import code_version, machine, versions, write  # noqa: E402
 
 K = 4  # responses per prompt for the group estimators
 PTX_COEF = 0.5  # PPO-ptx's gamma, on a token-mean NLL beside a token-mean policy loss
@@ -168,9 +168,7 @@ def main() -> int:
            "note": "gain: the yardstick (the preset's oracle, never the training signal) on "
                    "held-out prompts, final policy minus SFT; t intervals over seeds; "
                    "gain_minus_ppo paired by seed (same SFT and first reward model)"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write(out, args.out)
     return 0
 
 

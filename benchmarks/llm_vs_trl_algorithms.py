@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_algorithms import stages  # noqa: E402
-from record import code_version, machine, versions  # noqa: E402
+from record import code_version, machine, versions, write  # noqa: E402
 
 K = 4
 BETA = {"grpo": 0.04, "rloo": 0.05}  # TRL's documented GRPO beta before 0.19; RLOO's default
@@ -358,9 +358,7 @@ def main() -> int:
                    "first left out; DPO: the whole fit); gain: the yardstick on held-out "
                    "prompts, final policy minus SFT, both judged by the same function with "
                    "the same draws; t intervals over seeds"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write(out, args.out)
     return 0
 
 

@@ -40,3 +40,12 @@ def versions(runs: list[dict]) -> dict:
         v = r.get("code") or UNKNOWN
         seen[v] = seen.get(v, 0) + 1
     return {"code_versions": seen, "mixed_code_versions": len(seen) > 1}
+
+
+def write(out: dict, path: str | Path) -> None:
+    """A benchmark's record, as JSON at `path` (its folder made)."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
