@@ -143,7 +143,8 @@ def trl_child(spec: dict) -> None:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.time() - self.t0)
 
-    common = dict(output_dir=str(out / "trainer"), seed=spec["seed"], learning_rate=p.lr,
+    common = dict(output_dir=str(out / "trainer"), seed=spec["seed"],
+                  learning_rate=cfg.dpo.lr if algo == "dpo" else p.lr,
                   lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                   disable_dropout=True,
