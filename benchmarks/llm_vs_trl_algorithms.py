@@ -74,6 +74,7 @@ def ours(preset: str, algo: str, seed: int, base: Path, run: Path, iterations: i
     if algo == "dpo":
         if not (run / "dpo.json").exists():
             sh(["rlhf-ray", "dpo", preset, *common, "dpo.val_fraction=0"])
+            ran_with(run)
         d = json.loads((run / "dpo.json").read_text())
         return {"model": str(run / "dpo"), "seconds": d["seconds"], "pairs": d["pairs"]}
     if not (run / "final" / "controller.json").exists():
@@ -82,6 +83,7 @@ def ours(preset: str, algo: str, seed: int, base: Path, run: Path, iterations: i
                     "eval.every=0", "run.checkpoint_every=0",
                     f"ppo.rollout_batch_size={rollout(preset) // K}", *OURS[algo]])
         (run / "wall_s.txt").write_text(f"{total}\n")
+        ran_with(run)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     per = [r["iteration_s"] for r in rows[1:]] or [rows[0]["iteration_s"]]
     return {"model": str(run / "final" / "policy"), "iteration_s": statistics.median(per),
@@ -229,9 +231,19 @@ def trl(spec: dict) -> dict:
     out = Path(spec["out"])
     if not (out / "trl.json").exists():
         out.mkdir(parents=True, exist_ok=True)
+        ran_with(out)
         (out / "spec.json").write_text(json.dumps(spec, indent=1))
         sh([sys.executable, __file__, "--child", str(out / "spec.json")])
     return {"model": str(out / "model"), **json.loads((out / "trl.json").read_text())}
+
+
+def ran_with(run: Path) -> str:
+    """The code version a run folder was made with (recorded when it was made: a run read
+    back later keeps its own)."""
+    f = run / "code_version.txt"
+    if not f.exists():
+        f.write_text(code_version() + "\n")
+    return f.read_text().strip()
 
 
 # ---------------------------------------------------------------- the same judge for both
@@ -334,7 +346,8 @@ def main() -> int:
                 entry[side]["gain"] = judge(args.preset, seed, entry[side]["model"]) - sft
             key = "seconds" if algo == "dpo" else "iteration_s"
             entry["time_ratio"] = entry["ours"][key] / entry["trl"][key]
-            entry.update(sft_score=sft, code=code_version(), machine=machine())
+            entry.update(sft_score=sft, machine=machine(),
+                         code={side: ran_with(runs / f"{tag}-{side}") for side in ("ours", "trl")})
             rows[algo][seed] = entry
             print(f"{algo} seed {seed}: time ours/TRL {entry['time_ratio']:.2f} | gain ours "
                   f"{entry['ours']['gain']:+.3f} TRL {entry['trl']['gain']:+.3f}", flush=True)
@@ -354,7 +367,9 @@ def main() -> int:
     out = {"preset": args.preset, "iterations": n, "group_size": K, "beta": BETA,
            "trl": trl_pkg.__version__, "runs": {a: {str(s): v for s, v in per.items()}
                                                 for a, per in rows.items()},
-           "summary": summary, **versions([v for per in rows.values() for v in per.values()]),
+           "summary": summary,
+           **versions([{"code": v["code"][side]} for per in rows.values() for v in per.values()
+                       for side in ("ours", "trl")]),
            "note": "time_ratio: ours / TRL's (GRPO, RLOO: median seconds per iteration, the "
                    "first left out; DPO: the whole fit); gain: the yardstick on held-out "
                    "prompts, final policy minus SFT, both judged by the same function with "
