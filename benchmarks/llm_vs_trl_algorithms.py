@@ -326,12 +326,19 @@ def main() -> int:
             tag = f"{args.preset}-s{seed}-vs-trl-{algo}" + ("" if algo == "dpo" else f"-{n}")
             entry: dict = {"load_avg_before": {}}
 
+            def load(side: str) -> list[float]:
+                """The load average before the side's run, kept beside its folder."""
+                f = runs / f"{tag}-{side}.load.json"
+                if not f.exists():
+                    f.write_text(json.dumps(os.getloadavg()))
+                return json.loads(f.read_text())
+
             def run_ours():
-                entry["load_avg_before"]["ours"] = os.getloadavg()
+                entry["load_avg_before"]["ours"] = load("ours")
                 entry["ours"] = ours(args.preset, algo, seed, base, runs / f"{tag}-ours", n)
 
             def run_trl():
-                entry["load_avg_before"]["trl"] = os.getloadavg()
+                entry["load_avg_before"]["trl"] = load("trl")
                 entry["trl"] = trl({"algo": algo, "seed": seed, "preset": args.preset,
                                     "sft": str(base / "sft"),
                                     "reward_model": str(base / "reward_model"),
