@@ -152,6 +152,11 @@ class Feedback:
         return self.labeler.stored.options(num_returns="streaming").remote(
             clear_undrained=clear_undrained)
 
+    def stored_comparisons(self) -> list[dict]:
+        """Every trainable comparison in the store, in this process (what DPO fits: text
+        pairs are small; the reward trainer gets pages instead, `load_stored`)."""
+        return [c for page in self._stored_pages() for c in ray.get(page)]
+
     def load_stored(self) -> int:
         """Give the trainer every label already in the store (a reopened run: its labels
         count, none is asked for twice); returns how many queries they answer (the trainer

@@ -74,7 +74,7 @@ def store_pairs(ctl) -> list[dict]:
     if cfg.labeler.source != "oracle":
         ctl.feedback.wait_for_labels(cfg.labels.initial)
     ctl.feedback.settle()
-    pairs = [c for page in ctl.feedback._stored_pages() for c in ray.get(page)]
+    pairs = ctl.feedback.stored_comparisons()
     if not pairs:
         raise ValueError("dpo: the run's preference store holds no comparisons (every answer "
                          "a tie or \"can't tell\"?): set data.preferences_path or label more")
