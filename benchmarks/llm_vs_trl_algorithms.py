@@ -128,7 +128,7 @@ def trl_child(spec: dict) -> None:
                        cfg.data.max_prompt_tokens)
     # SmolLM2's pad is its EOS <|im_end|>, which its chat template puts inside every prompt;
     # TRL finds completion ends by the EOS id, so it gets <|endoftext|> as its pad
-    tok.pad_token = "<|endoftext|>"
+    sft_pad, tok.pad_token = tok.pad_token, "<|endoftext|>"
     policy = AutoModelForCausalLM.from_pretrained(spec["sft"], dtype=torch.float32)
     m = cfg.model
     lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
@@ -177,7 +177,7 @@ def trl_child(spec: dict) -> None:
         rm = load_scalar_model(spec["reward_model"], "float32", "cpu").eval()
         rm_tok = load_tokenizer(spec["reward_model"])
         mean, std = spec["reward_norm"]
-        eos = load_tokenizer(spec["sft"]).eos_token_id
+        eos = tok.eos_token_id
         max_resp = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens + 1
 
         def reward(prompts, completions, completion_ids, **kw):
@@ -215,7 +215,7 @@ def trl_child(spec: dict) -> None:
     trainer.train()
     seconds = time.time() - t0
     merged = trainer.model.merge_and_unload()
-    tok.pad_token = load_tokenizer(spec["sft"]).pad_token  # the SFT model's, as ours saves
+    tok.pad_token = sft_pad  # the SFT model's, as ours saves
     merged.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     res = {"seconds": seconds, "step_s": times,

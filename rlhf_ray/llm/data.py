@@ -52,13 +52,19 @@ def read_rows(path: str, need: list[str], what: str) -> list[dict]:
     return rows
 
 
+def last_fifth_held_out(rows: list, split: str) -> list:
+    """A file's rows for `train` (all but the last fifth) or `eval` (the last fifth; none
+    under 5 rows)."""
+    cut = len(rows) - len(rows) // 5
+    return rows[:cut] if split == "train" else rows[cut:]
+
+
 def load_prompts(cfg: LLMConfig, split: str = "train") -> list[str]:
     """PPO's prompts (`train`) or the held-out ones (`eval`). A prompts file is split: its
     last fifth is held out (when it has 5 rows or more)."""
     if cfg.data.prompts_path:
         rows = [r["prompt"] for r in read_rows(cfg.data.prompts_path, ["prompt"], "data.prompts_path")]
-        cut = len(rows) - len(rows) // 5 if len(rows) >= 5 else len(rows)
-        return rows[:cut] if split == "train" else (rows[cut:] or rows)
+        return last_fifth_held_out(rows, split) or rows
     if cfg.data.task == "reviews":
         return task(cfg.data.reviews).prompts("ppo" if split == "train" else "eval")
     seed = cfg.seed if split == "train" else cfg.seed + 10_000
@@ -82,8 +88,7 @@ def pretrain_texts(cfg: LLMConfig, split: str = "train") -> list[str] | None:
         if len(rows) < 5:
             raise ValueError(f"data.pretrain_path {path!r}: {len(rows)} texts; needs 5 or more "
                              "(its last fifth is held out)")
-        cut = len(rows) - len(rows) // 5
-        return rows[:cut] if split == "train" else rows[cut:]
+        return last_fifth_held_out(rows, split)
     if cfg.data.task == "reviews":
         part = task(cfg.data.reviews).parts["sft" if split == "train" else "eval"]
         return [s.text for s in part]

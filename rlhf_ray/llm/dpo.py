@@ -35,8 +35,8 @@ from rlhf_ray.llm.modeling import (
     load_policy,
     load_tokenizer,
     lora_on,
-    response_logprobs,
     save_model,
+    sequence_logprobs,
     with_lora,
 )
 from rlhf_ray.llm.reward_trainer import rankings_to_comparisons
@@ -79,16 +79,6 @@ def store_pairs(ctl) -> list[dict]:
         raise ValueError("dpo: the run's preference store holds no comparisons (every answer "
                          "a tie or \"can't tell\"?): set data.preferences_path or label more")
     return pairs
-
-
-def sequence_logprobs(model, batch, mean: bool = False):
-    """log pi(y | x) of each row of a TokenBatch: [B] (the mean per response token with
-    `mean`, as IPO takes it)."""
-    lp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
-                           batch.prompt_len)
-    mask = batch.response_mask.to(lp.dtype)
-    total = (lp * mask).sum(1)
-    return total / mask.sum(1).clamp_min(1.0) if mean else total
 
 
 def run_dpo(cfg: LLMConfig, sft_path: str, out_dir: str, progress: bool = False,

@@ -20,6 +20,7 @@ across ranks (DDP's gradient average then gives the global token mean).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -51,6 +52,7 @@ from rlhf_ray.llm.modeling import (
     lora_on,
     make_batch,
     save_model,
+    sequence_logprobs,
     state_dict_cpu,
     with_lora,
 )
@@ -242,26 +244,12 @@ class PPOLearner:
             loss = loss - self.cfg.entropy_coef * lm_ppo.masked_mean(ent, mask) * scale
         return loss, stats
 
-    def _text_batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids and attention mask of token-id rows."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            mask[i, :len(r)] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     def _text_nll(self, model, rows: list[list[int]]) -> tuple[torch.Tensor, int]:
         """The summed negative log-likelihood of each row's tokens after its first (at
-        temperature 1: the language model itself), and how many tokens that is."""
-        ids, mask = self._text_batch(rows)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                target.reshape(-1), ignore_index=-100,
-                                                reduction="sum")
-        return nll, int((target != -100).sum())
+        temperature 1: the language model itself), and how many tokens that is: each row
+        laid out as a one-token prompt and the rest as its response."""
+        b = make_batch([r[:1] for r in rows], [r[1:] for r in rows], self.pad_id)
+        return -sequence_logprobs(model, b.to(self.device)).sum(), sum(len(r) - 1 for r in rows)
 
     def _ptx_backward(self) -> dict:
         """PPO-ptx (InstructGPT): `ppo.ptx_coef` times the mean token NLL of a batch of the
@@ -299,27 +287,22 @@ class PPOLearner:
         stats = []
         ptx = {}
         if self.ptx_ids:  # gradients synced with the last micro batch's
-            ctx = [self.policy.no_sync()] if self._ddp else []
-            for c in ctx:
-                c.__enter__()
-            try:
+            with self._no_sync([self.policy]):
                 ptx = self._ptx_backward()
-            finally:
-                for c in ctx:
-                    c.__exit__(None, None, None)
         for k, micro in enumerate(micros):
             last = k == len(micros) - 1
-            ctx = [m.no_sync() for m in self._models()] if (self._ddp and not last) else []
-            for c in ctx:
-                c.__enter__()
-            try:
+            with self._no_sync([] if last else self._models()):
                 loss, s = self._minibatch_loss(b, exp, micro, tokens_global, seqs_global, beta)
                 loss.backward()
-            finally:
-                for c in ctx:
-                    c.__exit__(None, None, None)
             stats.append({**s, **ptx})
         return stats
+
+    def _no_sync(self, models: list) -> contextlib.ExitStack:
+        """Gradients accumulate locally for `models` (DDP's no_sync; nothing without DDP)."""
+        stack = contextlib.ExitStack()
+        for m in models if self._ddp else []:
+            stack.enter_context(m.no_sync())
+        return stack
 
     def step(self, shard: dict, beta: float) -> dict:
         """One PPO iteration on this rank's shard: {prompt_ids, response_ids, scores

@@ -364,6 +364,16 @@ class TokenBatch:
                           self.prompt_len)
 
 
+def sequence_logprobs(model, batch, mean: bool = False):
+    """log pi(y | x) of each row of a TokenBatch: [B] (the mean per response token with
+    `mean`, as IPO takes it)."""
+    lp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                           batch.prompt_len)
+    mask = batch.response_mask.to(lp.dtype)
+    total = (lp * mask).sum(1)
+    return total / mask.sum(1).clamp_min(1.0) if mean else total
+
+
 def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
                prompt_len: int | None = None, response_len: int | None = None) -> TokenBatch:
     """Lay out token lists as [left-padded prompt | right-padded response]. Every response
